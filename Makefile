@@ -1,0 +1,33 @@
+# Developer entry points. `make test` and `make demo` set the environment up on first use.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+# torch is pinned as 2.13.0+cpu: only the CPU wheel on local disk matches, so pip can never
+# pull a multi-GB CUDA build from the registry.
+$(STAMP): requirements/test.txt requirements/nodeps.txt
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (the host runs 3.10/3.11); found " + sys.version' 
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -r requirements/test.txt
+	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/nodeps.txt
+	touch $(STAMP)
+
+lint: setup
+	$(VPY) -m ruff check .
+
+test: setup lint
+	$(VPY) -m pytest -q
+
+demo: setup
+	$(VPY) -m lib_mos demo --out outputs
+
+bench: setup
+	$(VPY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,106 @@
+"""Crash-safe file writing shared by everything that saves models.
+
+A checkpoint that is half written (power loss, Ctrl-C, a full disk) looks like a valid file to the
+host's model list and fails only when somebody selects it, so every write goes to a temporary file
+in the target folder first and is renamed into place only once it is complete and on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+__all__ = ["atomic_save_safetensors"]
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename on POSIX; directories cannot be opened this way on Windows, so skip there."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create_temp(folder: Path, name: str) -> Path:
+    """Create an empty hidden temp file next to the target with umask-governed permissions.
+
+    tempfile.mkstemp would give mode 0600, and the renamed checkpoint would then be unreadable
+    for a WebUI running as another user.
+    """
+    for _ in range(100):
+        tmp = folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file in {folder}")
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move a finished temp file to `path`; without `overwrite` never clobber a file that appeared meanwhile."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        # A hard link fails atomically when the target exists, closing the check-then-rename race.
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"refusing to overwrite existing file: {path}") from None
+    except OSError:
+        # Filesystem without hard links (FAT, some network mounts): best-effort check, then rename.
+        if path.exists():
+            raise FileExistsError(f"refusing to overwrite existing file: {path}") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `tensors` as a .safetensors file that either appears complete or not at all.
+
+    Raises FileExistsError (naming the path) when the file exists and `overwrite` is False; the
+    temporary file is removed on every failure, including KeyboardInterrupt.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"refusing to overwrite existing file: {path}")
+    if metadata is not None:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad}")
+    prepared: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if tensor.device.type == "meta":
+            raise ValueError(f"cannot save {path}: tensor {key!r} is on the meta device (no data)")
+        prepared[key] = tensor.detach().contiguous()
+
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = _create_temp(folder, path.name)
+    try:
+        save_file(prepared, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        _publish(tmp, path, overwrite)
+        _fsync_dir(folder)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path

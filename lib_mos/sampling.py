@@ -1,0 +1,128 @@
+"""A seeded Euler sampler with classifier-free guidance for eps-prediction SD1 UNets.
+
+Used where the host is not: the demo, the fusion CLI's spatial stage, tests. It follows the
+k-diffusion "Euler" sampler the host runs by default on the discrete SD1 schedule, so results are
+comparable, and it is deterministic: noise comes from one torch.Generator per image seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lib_mos.sd1 import SD1Model
+
+LATENT_CHANNELS = 4
+LATENT_FACTOR = 8
+# SD1 latent -> RGB linear map (the host's "Approx cheap" live preview); the tiny model has no VAE.
+LATENT_RGB = torch.tensor([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264],
+                           [-0.184, -0.271, -0.473]])
+
+
+def discrete_sigmas(alphas_cumprod: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` sigmas evenly spaced in timestep from 999 to 0 (interpolated in log sigma), then 0."""
+    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log()
+    t = torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64)
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    sigmas = ((1 - w) * log_sigmas[low].double() + w * log_sigmas[high].double()).exp()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """Fractional timestep of `sigma` on the discrete schedule (inverse of the interpolation above)."""
+    ls = sigma.log()
+    low = (ls[None] >= log_sigmas[:, None]).sum(0).sub(1).clamp(0, len(log_sigmas) - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = ((lo - ls) / (lo - hi)).clamp(0, 1)
+    return low + w
+
+
+@contextlib.contextmanager
+def any_multiple_of_8() -> Iterator[None]:
+    """ldm's UNet needs sizes divisible by 64 because skip connections are concatenated as is; the
+    host patches that cat to resize (sd_hijack_unet). Do the same for the duration of a call."""
+    import ldm.modules.diffusionmodules.openaimodel as openaimodel
+
+    class _Torch:
+        def __getattr__(self, item: str):
+            return getattr(torch, item)
+
+        @staticmethod
+        def cat(tensors, *args, **kwargs):
+            if len(tensors) == 2 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+                tensors = (torch.nn.functional.interpolate(tensors[0], tensors[1].shape[-2:], mode="nearest"),
+                           tensors[1])
+            return torch.cat(tensors, *args, **kwargs)
+
+    saved = openaimodel.th
+    openaimodel.th = _Torch() if saved is torch else saved
+    try:
+        yield
+    finally:
+        openaimodel.th = saved
+
+
+def initial_noise(seeds: list[int], height: int, width: int) -> torch.Tensor:
+    """One N(0, 1) latent per seed, independent of batch composition."""
+    if height % LATENT_FACTOR or width % LATENT_FACTOR:
+        raise ValueError(f"width and height must be multiples of {LATENT_FACTOR}, got {width}x{height}")
+    shape = (LATENT_CHANNELS, height // LATENT_FACTOR, width // LATENT_FACTOR)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+StepCallback = Callable[[int, torch.Tensor], None]
+
+
+@torch.no_grad()
+def sample_euler(
+    model: SD1Model,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    *,
+    seeds: list[int],
+    height: int,
+    width: int,
+    steps: int = 20,
+    cfg_scale: float = 7.5,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Latents [B, 4, H/8, W/8]. `cond`/`uncond` are [B, T, D] (uncond None or cfg 1: no guidance).
+
+    cond and uncond go through the UNet as one batch (cond rows first), like the host's default.
+    """
+    if cond.shape[0] != len(seeds):
+        raise ValueError(f"{cond.shape[0]} conditionings for {len(seeds)} seeds")
+    device = cond.device
+    ac = model.alphas_cumprod.to(device)
+    log_sigmas = (((1 - ac) / ac) ** 0.5).log()
+    sigmas = discrete_sigmas(model.alphas_cumprod, steps).to(device)
+    x = initial_noise(seeds, height, width).to(device) * sigmas[0]
+    guided = uncond is not None and cfg_scale != 1.0
+    context = torch.cat([cond, uncond]) if guided else cond
+    with any_multiple_of_8():
+        for i in range(steps):
+            sigma = sigmas[i]
+            c_in = 1 / (sigma**2 + 1) ** 0.5
+            x_in = torch.cat([x, x]) if guided else x
+            t = sigma_to_t(sigma.reshape(1), log_sigmas).expand(x_in.shape[0])
+            eps = model.unet(x_in * c_in, t, context=context)
+            if guided:
+                eps_c, eps_u = eps.chunk(2)
+                eps = eps_u + cfg_scale * (eps_c - eps_u)
+            if callback is not None:
+                callback(i, x)
+            # Euler step in sigma space: x0 = x - sigma * eps, d = (x - x0) / sigma = eps
+            x = x + eps * (sigmas[i + 1] - sigma)
+    return x
+
+
+def latents_to_images(latents: torch.Tensor) -> list[Image.Image]:
+    """Preview decode (linear latent->RGB, nearest x8): the tiny model has no VAE."""
+    rgb = torch.einsum("bchw,cr->brhw", latents.float().cpu(), LATENT_RGB)
+    rgb = torch.nn.functional.interpolate(rgb, scale_factor=LATENT_FACTOR, mode="nearest")
+    rgb = ((rgb + 1) / 2).clamp(0, 1)
+    return [Image.fromarray((255 * np.moveaxis(x.numpy(), 0, 2)).round().astype(np.uint8)) for x in rgb]

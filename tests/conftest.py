@@ -1,0 +1,50 @@
+"""Test setup: the A1111 host double (tests/host/modules) on sys.path, a tiny SD1 checkpoint,
+and a fresh host state per test."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = Path(__file__).resolve().parent / "host"
+for path in (str(ROOT), str(HOST)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tiny models gain nothing from intra-op threads, and on a 2-core machine torch's spinning
+    worker threads turn a 30 ms forward into seconds whenever another process is busy."""
+    import torch
+
+    torch.set_num_threads(1)
+    # the built CLIP tokenizer stays out of the user's home
+    os.environ.setdefault("MOS_CACHE_DIR", str(Path(tempfile.gettempdir()) / "mos-test-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny random-weight SD1 model saved once per session in the host's checkpoint layout."""
+    from lib_mos import sd1
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors"
+    sd1.save_checkpoint(sd1.build_tiny_sd1(seed=0), path)
+    return path
+
+
+@pytest.fixture
+def host(tmp_path, tiny_checkpoint):
+    """A host with the tiny checkpoint loaded, default settings, empty caches and no callbacks."""
+    from host_harness import HostHarness
+
+    harness = HostHarness(tmp_path, tiny_checkpoint)
+    try:
+        yield harness
+    finally:
+        harness.close()

@@ -1,0 +1,272 @@
+"""Scripts (modules/scripts.py): the Script base class, loading `scripts/*.py` of an extension
+as top-level modules, the script runner with its dropdown and argument layout.
+
+As in the host, `process`, `process_batch`, `before_hr`, `postprocess`... reach AlwaysVisible
+scripts only; a dropdown script gets `ui` and `run`, and an error in a hook is reported, not raised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import traceback
+from collections import namedtuple
+
+from modules import paths
+
+AlwaysVisible = object()
+
+
+class PostprocessBatchListArgs:
+    def __init__(self, images):
+        self.images = images
+
+
+class Script:
+    name = None
+    section = None
+    filename = None
+    args_from = None
+    args_to = None
+    alwayson = False
+    is_txt2img = False
+    is_img2img = False
+    tabname = None
+    group = None
+    create_group = True
+    infotext_fields = None
+    paste_field_names = None
+    api_info = None
+    setup_for_ui_only = False
+    controls = None
+
+    def title(self):
+        raise NotImplementedError()
+
+    def ui(self, is_img2img):
+        pass
+
+    def show(self, is_img2img):
+        return True
+
+    def run(self, p, *args):
+        pass
+
+    def setup(self, p, *args):
+        pass
+
+    def before_process(self, p, *args):
+        pass
+
+    def process(self, p, *args):
+        pass
+
+    def before_process_batch(self, p, *args, **kwargs):
+        pass
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        pass
+
+    def process_batch(self, p, *args, **kwargs):
+        pass
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        pass
+
+    def postprocess(self, p, processed, *args):
+        pass
+
+    def before_hr(self, p, *args):
+        pass
+
+    def elem_id(self, item_id):
+        title = "".join(c if c.isalnum() else "_" for c in self.title().lower())
+        tab = "img2img" if self.is_img2img else "txt2img"
+        return f"script_{tab}_{title}_{item_id}"
+
+
+current_basedir = paths.script_path
+
+
+def basedir():
+    """The extension folder of the script being loaded (only meaningful at import time)."""
+    return current_basedir
+
+
+ScriptFile = namedtuple("ScriptFile", ["basedir", "filename", "path"])
+ScriptClassData = namedtuple("ScriptClassData", ["script_class", "path", "basedir", "module"])
+scripts_data: list[ScriptClassData] = []
+reported_errors: list[str] = []
+
+
+def report(message: str) -> None:
+    text = f"{message}\n{traceback.format_exc()}"
+    reported_errors.append(text)
+    print(text, file=sys.stderr)
+
+
+def load_scripts(extension_dirs: list[str]) -> None:
+    """Import every `scripts/*.py` of the given extensions, each as a top-level module named after
+    the file, with the extension folder first on sys.path, as the host does."""
+    global current_basedir
+    scripts_data.clear()
+    for ext_dir in extension_dirs:
+        folder = os.path.join(ext_dir, "scripts")
+        for filename in sorted(os.listdir(folder)):
+            path = os.path.join(folder, filename)
+            if not filename.endswith(".py") or not os.path.isfile(path):
+                continue
+            if ext_dir not in sys.path:
+                sys.path.insert(0, ext_dir)
+            current_basedir = ext_dir
+            try:
+                spec = importlib.util.spec_from_file_location(os.path.splitext(filename)[0], path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                for obj in vars(module).values():
+                    if isinstance(obj, type) and issubclass(obj, Script) and obj is not Script:
+                        scripts_data.append(ScriptClassData(obj, path, ext_dir, module))
+            except Exception:
+                report(f"Error loading script: {filename}")
+            finally:
+                current_basedir = paths.script_path
+
+
+class ScriptRunner:
+    def __init__(self):
+        self.scripts: list[Script] = []
+        self.selectable_scripts: list[Script] = []
+        self.alwayson_scripts: list[Script] = []
+        self.titles: list[str] = []
+        self.title_map: dict[str, Script] = {}
+        self.infotext_fields: list = []
+        self.paste_field_names: list = []
+        self.inputs: list = [None]
+
+    def initialize_scripts(self, is_img2img: bool) -> None:
+        self.scripts.clear()
+        self.alwayson_scripts.clear()
+        self.selectable_scripts.clear()
+        for data in scripts_data:
+            script = data.script_class()
+            script.filename = data.path
+            script.is_txt2img = not is_img2img
+            script.is_img2img = is_img2img
+            script.tabname = "img2img" if is_img2img else "txt2img"
+            visibility = script.show(script.is_img2img)
+            if visibility is AlwaysVisible:
+                self.scripts.append(script)
+                self.alwayson_scripts.append(script)
+                script.alwayson = True
+            elif visibility:
+                self.scripts.append(script)
+                self.selectable_scripts.append(script)
+
+    def create_script_ui(self, script: Script) -> None:
+        script.args_from = len(self.inputs)
+        script.args_to = len(self.inputs)
+        try:
+            controls = script.ui(script.is_img2img)
+        except Exception:
+            report(f"Error creating UI for {script.filename}: ")
+            return
+        script.controls = controls
+        if controls is None:
+            return
+        script.name = script.title().lower()
+        if script.infotext_fields is not None:
+            self.infotext_fields += script.infotext_fields
+        if script.paste_field_names is not None:
+            self.paste_field_names += script.paste_field_names
+        self.inputs += controls
+        script.args_to = len(self.inputs)
+
+    def setup_ui(self) -> list:
+        """Build every script's UI inside the caller's gradio Blocks; inputs[0] is the dropdown."""
+        import gradio as gr
+
+        self.inputs = [None]
+        self.title_map = {s.title().lower(): s for s in self.scripts}
+        self.titles = [s.title() for s in self.selectable_scripts]
+        for script in self.alwayson_scripts:
+            with gr.Group(visible=True) as group:
+                self.create_script_ui(script)
+            script.group = group
+        self.inputs[0] = gr.Dropdown(label="Script", elem_id="script_list", choices=["None", *self.titles],
+                                     value="None", type="index")
+        for script in self.selectable_scripts:
+            with gr.Group(visible=False) as group:
+                self.create_script_ui(script)
+            script.group = group
+        self.infotext_fields.append((self.inputs[0], lambda x: gr.update(value=x.get("Script", "None"))))
+        return self.inputs
+
+    def script(self, title: str) -> Script | None:
+        return self.title_map.get(title.lower())
+
+    def default_args(self) -> list:
+        """What the UI submits with every control at its initial value and no script selected."""
+        return [0] + [getattr(c, "value", None) for c in self.inputs[1:]]
+
+    def run(self, p, *args):
+        script_index = args[0]
+        if script_index == 0 or script_index is None:
+            return None
+        script = self.selectable_scripts[script_index - 1]
+        return script.run(p, *args[script.args_from:script.args_to])
+
+    def _each(self, method: str, p, *extra, **kwargs) -> None:
+        for script in self.alwayson_scripts:
+            if getattr(type(script), method) is getattr(Script, method):
+                continue
+            try:
+                getattr(script, method)(p, *extra, *p.script_args[script.args_from:script.args_to], **kwargs)
+            except Exception:
+                report(f"Error running {method}: {script.filename}")
+
+    def setup_scrips(self, p, *, is_ui=True):
+        for script in self.alwayson_scripts:
+            if not is_ui and script.setup_for_ui_only:
+                continue
+            if type(script).setup is Script.setup:
+                continue
+            try:
+                script.setup(p, *p.script_args[script.args_from:script.args_to])
+            except Exception:
+                report(f"Error running setup: {script.filename}")
+
+    def before_process(self, p):
+        self._each("before_process", p)
+
+    def process(self, p):
+        self._each("process", p)
+
+    def before_process_batch(self, p, **kwargs):
+        self._each("before_process_batch", p, **kwargs)
+
+    def process_batch(self, p, **kwargs):
+        self._each("process_batch", p, **kwargs)
+
+    def process_before_every_sampling(self, p, **kwargs):
+        self._each("process_before_every_sampling", p, **kwargs)
+
+    def postprocess_batch(self, p, images, **kwargs):
+        self._each("postprocess_batch", p, **kwargs, images=images)
+
+    def postprocess(self, p, processed):
+        self._each("postprocess", p, processed)
+
+    def before_hr(self, p):
+        self._each("before_hr", p)
+
+
+scripts_txt2img: ScriptRunner | None = None
+
+
+def create_script_runners() -> None:
+    global scripts_txt2img
+    scripts_txt2img = ScriptRunner()
+    scripts_txt2img.initialize_scripts(is_img2img=False)
+
+

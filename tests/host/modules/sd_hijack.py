@@ -1,0 +1,69 @@
+"""The host's model hijack (modules/sd_hijack.py): prompt encoder wrapper, embedding fixes,
+and attention replaced at class level by the selected optimisation."""
+
+from __future__ import annotations
+
+import torch
+
+from modules import devices
+from modules.textual_inversion.textual_inversion import EmbeddingDatabase
+
+
+class EmbeddingsWithFixes(torch.nn.Module):
+    """Replaces input-embedding rows at the positions the prompt tokenizer marked (`fixes`)."""
+
+    def __init__(self, wrapped, embeddings, textual_inversion_key="clip_l"):
+        super().__init__()
+        self.wrapped = wrapped
+        self.embeddings = embeddings
+        self.textual_inversion_key = textual_inversion_key
+
+    def forward(self, input_ids):
+        batch_fixes = self.embeddings.fixes
+        self.embeddings.fixes = None
+        inputs_embeds = self.wrapped(input_ids)
+        if not batch_fixes or max(len(x) for x in batch_fixes) == 0:
+            return inputs_embeds
+        rows = []
+        for fixes, tensor in zip(batch_fixes, inputs_embeds):
+            for offset, embedding in fixes:
+                emb = devices.cond_cast_unet(embedding.vec)
+                n = min(tensor.shape[0] - offset - 1, emb.shape[0])
+                tensor = torch.cat([tensor[0:offset + 1], emb[0:n], tensor[offset + 1 + n:]]).to(inputs_embeds.dtype)
+            rows.append(tensor)
+        return torch.stack(rows)
+
+
+class StableDiffusionModelHijack:
+    def __init__(self) -> None:
+        self.fixes = None
+        self.layers = None
+        self.circular_enabled = False
+        self.clip = None
+        self.comments: list[str] = []
+        self.extra_generation_params: dict = {}
+        self.embedding_db = EmbeddingDatabase()
+
+    def hijack(self, m) -> None:
+        from modules import sd_hijack_clip, sd_hijack_optimizations, sd_hijack_unet
+
+        embeddings = m.cond_stage_model.transformer.text_model.embeddings
+        embeddings.token_embedding = EmbeddingsWithFixes(embeddings.token_embedding, self)
+        m.cond_stage_model = sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords(m.cond_stage_model, self)
+        self.clip = m.cond_stage_model
+        sd_hijack_optimizations.apply()
+        sd_hijack_unet.apply()
+
+    def apply_circular(self, enable: bool) -> None:
+        self.circular_enabled = enable
+
+    def clear_comments(self) -> None:
+        self.comments = []
+        self.extra_generation_params = {}
+
+    def get_prompt_lengths(self, text: str) -> tuple[int, int]:
+        _, token_count = self.clip.process_texts([text])
+        return token_count, self.clip.get_target_prompt_token_count(token_count)
+
+
+model_hijack = StableDiffusionModelHijack()

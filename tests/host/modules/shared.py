@@ -1,0 +1,174 @@
+"""Global state of the host: options, job state, command-line options and the loaded model."""
+
+from __future__ import annotations
+
+import os
+import threading
+import types
+from typing import Any
+
+from modules import paths
+
+_DEFAULTS: dict[str, Any] = {
+    # sampling / CFG batching (shared_options.py)
+    "batch_cond_uncond": True,
+    "pad_cond_uncond": False,
+    "pad_cond_uncond_v0": False,
+    "skip_early_cond": 0.0,
+    "s_min_uncond": 0.0,
+    "s_min_uncond_all": False,
+    "s_churn": 0.0,
+    "s_tmin": 0.0,
+    "s_tmax": 0.0,
+    "s_noise": 1.0,
+    # prompts
+    "CLIP_stop_at_last_layers": 1,
+    "emphasis": "Original",
+    "comma_padding_backtrack": 20,
+    "persistent_cond_cache": True,
+    "hires_fix_use_firstpass_conds": False,
+    "textual_inversion_add_hashes_to_infotext": True,
+    "use_old_scheduling": False,
+    # checkpoints
+    "sd_model_checkpoint": None,
+    "sd_checkpoint_hash": "",
+    # output
+    "samples_save": False,
+    "enable_pnginfo": True,
+    "live_preview_content": "Prompt",
+}
+
+
+class Options:
+    """Settings object: known keys read their value or default; unknown keys raise AttributeError."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "data", {})
+        object.__setattr__(self, "data_labels", dict(_DEFAULTS))
+
+    def __getattr__(self, item: str) -> Any:
+        data = object.__getattribute__(self, "data")
+        if item in data:
+            return data[item]
+        labels = object.__getattribute__(self, "data_labels")
+        if item in labels:
+            return labels[item]
+        raise AttributeError(f"'Options' object has no attribute '{item}'")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in self.data or key in self.data_labels:
+            self.data[key] = value
+            return
+        object.__setattr__(self, key, value)
+
+    def get_default(self, key: str) -> Any:
+        return self.data_labels.get(key)
+
+    def set(self, key: str, value: Any, is_api: bool = False, run_callbacks: bool = True) -> bool:
+        if key not in self.data_labels:
+            return False
+        self.data[key] = value
+        return True
+
+    def add_option(self, key: str, info: Any) -> None:
+        """Extensions add settings from on_ui_settings; the double keeps the default."""
+        self.data_labels[key] = getattr(info, "default", info)
+
+    def reset(self) -> None:
+        self.data.clear()
+
+
+class OptionInfo:
+    def __init__(self, default: Any = None, label: str = "", component: Any = None, component_args: Any = None,
+                 onchange: Any = None, section: Any = None, **kwargs: Any) -> None:
+        self.default = default
+        self.label = label
+        self.section = section
+
+    def info(self, text: str) -> OptionInfo:
+        return self
+
+    def needs_reload_ui(self) -> OptionInfo:
+        return self
+
+
+class State:
+    """Job progress and interrupt flags (shared_state.State)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.skipped = False
+        self.interrupted = False
+        self.stopping_generation = False
+        self.job = ""
+        self.job_no = 0
+        self.job_count = 0
+        self.processing_has_refined_job_count = False
+        self.sampling_step = 0
+        self.sampling_steps = 0
+        self.textinfo: str | None = None
+        self.current_latent = None
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+
+    def skip(self) -> None:
+        self.skipped = True
+
+    def nextjob(self) -> None:
+        self.job_no += 1
+        self.sampling_step = 0
+
+    def begin(self, job: str = "(unknown)") -> None:
+        self.reset()
+        self.job = job
+
+    def end(self) -> None:
+        self.job = ""
+        self.job_count = 0
+
+
+class _TotalTqdm:
+    def updateTotal(self, new_total: int) -> None:
+        pass
+
+    def update(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+class _PromptStyles:
+    def apply_styles_to_prompt(self, prompt: str, styles: list[str]) -> str:
+        return prompt
+
+    def apply_negative_styles_to_prompt(self, prompt: str, styles: list[str]) -> str:
+        return prompt
+
+
+opts = Options()
+state = State()
+cmd_opts = types.SimpleNamespace(
+    data_dir=paths.data_path,
+    ckpt_dir=None,
+    embeddings_dir=os.path.join(paths.data_path, "embeddings"),
+    lora_dir=os.path.join(paths.models_path, "Lora"),
+    no_prompt_history=True,
+    freeze_settings=False,
+    api=False,
+    skip_install=False,
+)
+sd_model = None
+device = None
+total_tqdm = _TotalTqdm()
+prompt_styles = _PromptStyles()
+latent_upscale_default_mode = "Latent"
+latent_upscale_modes = {
+    "Latent": {"mode": "bilinear", "antialias": False},
+    "Latent (nearest)": {"mode": "nearest", "antialias": False},
+}
+sd_upscalers: list = []

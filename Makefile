@@ -27,7 +27,7 @@ demo: setup
 	$(VPY) -m lib_mos demo --out outputs
 
 bench: setup
-	$(VPY) bench/run_all.py
+	for b in bench/*.py; do $(VPY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

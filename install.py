@@ -1,0 +1,40 @@
+"""Run by the WebUI at every launch (as `python install.py`, with the webui folder on PYTHONPATH).
+
+Installs only what the host lacks, from requirements.txt. Everything we need ships with
+A1111 v1.10.1, so normally this only looks at installed package metadata and returns at once:
+it never imports torch or anything heavy.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
+
+
+def required_packages(path: Path = REQUIREMENTS) -> list[tuple[str, str]]:
+    """(distribution name, requirement line) for every requirement in `path`."""
+    out = []
+    for raw in path.read_text(encoding="utf8").splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            name = re.split(r"[<>=!~;\[ ]", line, maxsplit=1)[0]
+            out.append((name, line))
+    return out
+
+
+def install_missing(launch) -> list[str]:
+    """Install every requirement `launch.is_installed` does not find; returns what was installed."""
+    installed = []
+    for name, requirement in required_packages():
+        if not launch.is_installed(name):
+            launch.run_pip(f'install "{requirement}"', f"{requirement} for Mix-of-Show")
+            installed.append(requirement)
+    return installed
+
+
+if __name__ == "__main__":
+    import launch  # the host's module, importable because the host puts its folder on PYTHONPATH
+
+    install_missing(launch)

@@ -1,0 +1,64 @@
+"""install.py: quick when nothing is missing, installs exactly what is missing."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fake_launch(tmp_path: Path, missing: set[str]) -> Path:
+    """A `launch` module like the host's: is_installed by distribution metadata, run_pip logged."""
+    folder = tmp_path / "webui"
+    folder.mkdir()
+    (folder / "launch.py").write_text(textwrap.dedent(f'''
+        import importlib.metadata
+        MISSING = {sorted(missing)!r}
+        def is_installed(package):
+            if package in MISSING:
+                return False
+            try:
+                importlib.metadata.distribution(package)
+                return True
+            except importlib.metadata.PackageNotFoundError:
+                return False
+        def run_pip(command, desc=None, live=False):
+            with open({str(tmp_path / "pip.log")!r}, "a") as f:
+                f.write(command + "\\n")
+    '''))
+    return folder
+
+
+def _run(tmp_path: Path, missing: set[str]) -> tuple[float, str]:
+    webui = _fake_launch(tmp_path, missing)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "install.py")], env={"PYTHONPATH": str(webui)},
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    log = tmp_path / "pip.log"
+    return elapsed, log.read_text() if log.exists() else ""
+
+
+def test_nothing_missing_is_quick_and_installs_nothing(tmp_path):
+    elapsed, log = _run(tmp_path, set())
+    assert log == ""
+    assert elapsed < 1.0, f"install.py took {elapsed:.2f} s with nothing to install"
+
+
+def test_missing_requirement_is_installed(tmp_path):
+    _, log = _run(tmp_path, {"safetensors"})
+    assert log.splitlines() == ['install "safetensors"']
+
+
+def test_every_requirement_is_in_the_test_stack():
+    sys.path.insert(0, str(ROOT))
+    import install
+
+    for name, _ in install.required_packages():
+        importlib.metadata.distribution(name)  # raises if the pinned stack lacks it

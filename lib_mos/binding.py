@@ -1,34 +1,137 @@
-"""Prompts -> UNet conditioning outside the host (demo, CLI, tests).
+"""Prompts -> UNet conditioning, with layer-wise concept binding (ED-LoRA).
 
-SD1 encodes 77 tokens: BOS, up to 75 prompt tokens, EOS, then EOS padding (SD1's pad id is EOS),
-as the host does for a prompt that fits one chunk.
+A prompt that mentions concept tokens is encoded once per cross-attention layer: in copy l every
+user token's input embedding is that token's layer-l row. The result is one context per attn2
+layer, [B, L, 77, D]; attn2 layer l attends to slice l. A prompt with no concept tokens costs one
+encoder pass and is expanded (a view, no copy) to all layers.
+
+This module serves the demo, the CLI, fusion and tests (one 77-token chunk, like SD1's own
+pipeline). Inside the WebUI the host's own prompt encoding is reused instead (chunks, emphasis,
+BREAK) with the same rows registered as temporary embeddings: see `scripts/`.
 """
 
 from __future__ import annotations
 
-import torch
+import re
+from collections.abc import Sequence
+from contextlib import contextmanager
 
-from lib_mos.sd1 import SD1Model
+import torch
+from torch import nn
+
+from lib_mos.concepts import Concept, ConceptError
+from lib_mos.sd1 import ATTN2_NAMES, SD1Model
 
 CHUNK_TOKENS = 75
 
 
 def tokenize(model: SD1Model, prompts: list[str]) -> torch.Tensor:
     """Token ids [B, 77]; a prompt longer than 75 tokens is an error, not silently truncated."""
+    return torch.tensor([_chunk(model, _ids(model, p), p) for p in prompts], dtype=torch.long)
+
+
+def _ids(model: SD1Model, text: str) -> list[int]:
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer (meta skeleton?)")
+    return model.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"] if text else []
+
+
+def _chunk(model: SD1Model, ids: list[int], prompt: str) -> list[int]:
     tok = model.tokenizer
-    rows = []
-    for prompt in prompts:
-        ids = tok(prompt, add_special_tokens=False, truncation=False)["input_ids"]
-        if len(ids) > CHUNK_TOKENS:
-            raise ValueError(f"prompt has {len(ids)} tokens, more than {CHUNK_TOKENS}: {prompt[:60]!r}...")
-        rows.append([tok.bos_token_id, *ids] + [tok.eos_token_id] * (CHUNK_TOKENS + 1 - len(ids)))
-    return torch.tensor(rows, dtype=torch.long)
+    if len(ids) > CHUNK_TOKENS:
+        raise ValueError(f"prompt has {len(ids)} tokens, more than {CHUNK_TOKENS}: {prompt[:60]!r}...")
+    return [tok.bos_token_id, *ids] + [tok.eos_token_id] * (CHUNK_TOKENS + 1 - len(ids))
 
 
 @torch.no_grad()
 def encode_prompts(model: SD1Model, prompts: list[str]) -> torch.Tensor:
-    """Last hidden state of the text encoder, [B, 77, D]."""
+    """Plain encoding (no concept tokens): last hidden state of the text encoder, [B, 77, D]."""
     ids = tokenize(model, prompts).to(next(model.text_encoder.parameters()).device)
     return model.text_encoder(input_ids=ids).last_hidden_state
+
+
+@contextmanager
+def _rows_injected(text_encoder: nn.Module, mask: torch.Tensor, rows: torch.Tensor):
+    """While active, the token embedding returns `rows` at the positions where `mask` is True
+    (per instance; removed in `finally`)."""
+    emb = text_encoder.get_input_embeddings()
+
+    def forward(input_ids: torch.Tensor) -> torch.Tensor:
+        out = type(emb).forward(emb, input_ids)
+        return out.masked_scatter(mask.unsqueeze(-1).to(out.device), rows.to(out.dtype))
+
+    emb.forward = forward
+    try:
+        yield
+    finally:
+        del emb.forward
+
+
+class PromptBinder:
+    """Binds prompts for one set of concepts; encodings are cached for the binder's lifetime (make
+    one per generation)."""
+
+    def __init__(self, model: SD1Model, concepts: Sequence[Concept] = ()) -> None:
+        self.model = model
+        self.rows: dict[str, torch.Tensor] = {}
+        for c in concepts:
+            for token in c.tokens:
+                if token in self.rows:
+                    raise ConceptError(f"token {token!r} is defined by more than one concept")
+                self.rows[token] = c.token_rows(token)
+        layers = {r.shape[0] for r in self.rows.values()}
+        if len(layers) > 1:
+            raise ConceptError(f"concepts have different layer counts: {sorted(layers)}")
+        self.layers = layers.pop() if layers else len(ATTN2_NAMES)
+        names = sorted(self.rows, key=len, reverse=True)  # longest first: no prefix captures a longer token
+        self._pattern = re.compile("|".join(map(re.escape, names))) if names else None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def concept_tokens_in(self, prompt: str) -> list[str]:
+        return self._pattern.findall(prompt) if self._pattern else []
+
+    def _tokenize_bound(self, prompt: str) -> tuple[list[int], list[tuple[int, str]]]:
+        """Ids with one placeholder position per concept token, and (position, token) slots."""
+        ids: list[int] = []
+        slots: list[tuple[int, str]] = []
+        last = 0
+        for m in self._pattern.finditer(prompt):
+            ids += _ids(self.model, prompt[last:m.start()])
+            slots.append((len(ids) + 1, m.group(0)))  # +1: BOS comes first
+            ids.append(self.model.tokenizer.unk_token_id)
+            last = m.end()
+        ids += _ids(self.model, prompt[last:])
+        return _chunk(self.model, ids, prompt), slots
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, L, 77, D]: layer l of a prompt with concept tokens has their layer-l rows injected."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        plain = [p for p in todo if not self.concept_tokens_in(p)]
+        bound = [p for p in todo if p not in plain]
+        device = next(self.model.text_encoder.parameters()).device
+        if plain:
+            for p, z in zip(plain, encode_prompts(self.model, plain)):
+                self._cache[p] = z.unsqueeze(0).expand(self.layers, -1, -1)
+        if bound:
+            L = self.layers
+            tokenized = [self._tokenize_bound(p) for p in bound]
+            ids = torch.tensor([t[0] for t in tokenized], dtype=torch.long, device=device)
+            ids = ids.repeat_interleave(L, dim=0)  # row b*L + l: prompt b, layer l
+            mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+            rows = []
+            for b, (_, slots) in enumerate(tokenized):
+                for layer in range(L):
+                    # slots are in position order, the order in which masked_scatter fills
+                    mask[b * L + layer, [pos for pos, _ in slots]] = True
+                    rows += [self.rows[token][layer] for _, token in slots]
+            with _rows_injected(self.model.text_encoder, mask, torch.stack(rows)):
+                z = self.model.text_encoder(input_ids=ids).last_hidden_state
+            for b, p in enumerate(bound):
+                self._cache[p] = z[b * L:(b + 1) * L]
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+def bind_prompts(model: SD1Model, prompts: Sequence[str], concepts: Sequence[Concept] = ()) -> torch.Tensor:
+    """One-shot `PromptBinder(model, concepts).encode(prompts)`."""
+    return PromptBinder(model, concepts).encode(prompts)

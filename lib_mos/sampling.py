@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lib_mos.attention import LayerwiseContext, attn2_processor
 from lib_mos.sd1 import SD1Model
 
 LATENT_CHANNELS = 4
@@ -90,7 +91,8 @@ def sample_euler(
     cfg_scale: float = 7.5,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Latents [B, 4, H/8, W/8]. `cond`/`uncond` are [B, T, D] (uncond None or cfg 1: no guidance).
+    """Latents [B, 4, H/8, W/8]. `cond`/`uncond` are [B, T, D], or layer-wise [B, L, T, D] (bound
+    concept prompts; see `binding`). uncond None or cfg 1: no guidance.
 
     cond and uncond go through the UNet as one batch (cond rows first), like the host's default.
     """
@@ -102,8 +104,12 @@ def sample_euler(
     sigmas = discrete_sigmas(model.alphas_cumprod, steps).to(device)
     x = initial_noise(seeds, height, width).to(device) * sigmas[0]
     guided = uncond is not None and cfg_scale != 1.0
+    if guided and uncond.dim() != cond.dim():  # one side layer-wise: give the other side all layers
+        layers = (cond if cond.dim() == 4 else uncond).shape[1]
+        cond, uncond = (c if c.dim() == 4 else c.unsqueeze(1).expand(-1, layers, -1, -1) for c in (cond, uncond))
     context = torch.cat([cond, uncond]) if guided else cond
-    with any_multiple_of_8():
+    layerwise = attn2_processor(model.unet, LayerwiseContext()) if context.dim() == 4 else contextlib.nullcontext()
+    with any_multiple_of_8(), layerwise:
         for i in range(steps):
             sigma = sigmas[i]
             c_in = 1 / (sigma**2 + 1) ** 0.5

@@ -135,3 +135,38 @@ class PromptBinder:
 def bind_prompts(model: SD1Model, prompts: Sequence[str], concepts: Sequence[Concept] = ()) -> torch.Tensor:
     """One-shot `PromptBinder(model, concepts).encode(prompts)`."""
     return PromptBinder(model, concepts).encode(prompts)
+
+
+def _letters(n: int) -> str:
+    """0 -> 'a', 25 -> 'z', 26 -> 'ba': digits-free, so BPE never merges it with a neighbour number."""
+    out = ""
+    while True:
+        out = chr(ord("a") + n % 26) + out
+        n //= 26
+        if n == 0:
+            return out
+
+
+def alias(layer: int, token_index: int) -> str:
+    """A one-word stand-in for (layer, concept token) that no real prompt contains."""
+    return f"mosbind{_letters(layer)}x{_letters(token_index)}"
+
+
+def aliased_prompts(binder: PromptBinder, prompts: Sequence[str]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """For a host that inserts embeddings by name (A1111's textual inversion): the prompts with
+    every concept token replaced by its per-layer alias, ordered prompt-major ([b * L + l]), and
+    alias -> the [D] row to register under that name. Prompts without concept tokens appear once
+    per layer too, so the result always reshapes to [B, L, ...]."""
+    index = {token: i for i, token in enumerate(binder.rows)}
+    rows: dict[str, torch.Tensor] = {}
+    out = []
+    for prompt in prompts:
+        used = binder.concept_tokens_in(prompt)
+        for layer in range(binder.layers):
+            if not used:
+                out.append(prompt)
+                continue
+            for token in used:
+                rows[alias(layer, index[token])] = binder.rows[token][layer]
+            out.append(binder._pattern.sub(lambda m, layer=layer: alias(layer, index[m.group(0)]), prompt))
+    return out, rows

@@ -119,3 +119,27 @@ def test_infotext_quotes_values_with_commas_and_parses_back(host):
     value = '{"regions": [{"prompt": "a, b: c"}]}'
     text = f"a cat\nSteps: 1, Sampler: Euler, Regions: {infotext_utils.quote(value)}"
     assert infotext_utils.parse_generation_parameters(text)["Regions"] == value
+
+
+def test_extension_folder_leaves_sys_path_after_import(host_with_extension):
+    import sys
+
+    _, ext = host_with_extension
+    assert str(ext) not in sys.path
+
+
+def test_this_extension_loads_in_the_host(tmp_path, tiny_checkpoint):
+    """The repository itself, loaded as an extension: every scripts/*.py imports cleanly with the
+    host's sys.path rules."""
+    from pathlib import Path
+
+    from host_harness import HostHarness
+
+    from modules import scripts
+
+    root = Path(__file__).resolve().parents[1]
+    harness = HostHarness(tmp_path, tiny_checkpoint, extensions=[str(root)])
+    try:
+        assert scripts.reported_errors == []
+    finally:
+        harness.close()

@@ -108,7 +108,7 @@ def report(message: str) -> None:
 
 def load_scripts(extension_dirs: list[str]) -> None:
     """Import every `scripts/*.py` of the given extensions, each as a top-level module named after
-    the file, with the extension folder first on sys.path, as the host does."""
+    the file, with the extension folder first on sys.path during the import, as the host does."""
     global current_basedir
     scripts_data.clear()
     for ext_dir in extension_dirs:
@@ -117,8 +117,8 @@ def load_scripts(extension_dirs: list[str]) -> None:
             path = os.path.join(folder, filename)
             if not filename.endswith(".py") or not os.path.isfile(path):
                 continue
-            if ext_dir not in sys.path:
-                sys.path.insert(0, ext_dir)
+            saved_path = sys.path
+            sys.path = [ext_dir, *sys.path]
             current_basedir = ext_dir
             try:
                 spec = importlib.util.spec_from_file_location(os.path.splitext(filename)[0], path)
@@ -130,6 +130,9 @@ def load_scripts(extension_dirs: list[str]) -> None:
             except Exception:
                 report(f"Error loading script: {filename}")
             finally:
+                # as in the host, the extension folder is on sys.path only while its file imports:
+                # a package imported lazily later (inside a function) is not found
+                sys.path = saved_path
                 current_basedir = paths.script_path
 
 

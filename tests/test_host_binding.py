@@ -1,0 +1,49 @@
+"""Binding inside the host double through the host's own prompt encoder equals lib_mos's binding,
+and keeps the host's chunking, emphasis and BREAK."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from lib_mos import binding, sd1
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import mos_host_binding
+from test_binding import make_concept
+
+
+def test_host_binding_equals_lib_binding(host):
+    from modules.sd_hijack import model_hijack
+
+    model = sd1.load_checkpoint(host.model.sd_checkpoint_info.filename)
+    concept = make_concept(model)
+    binder = binding.PromptBinder(model, [concept])
+    prompts = ["a photo of <cat1> <cat2> on a sofa", "a dog"]
+    ours = binder.encode(prompts)
+    theirs = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, prompts)
+    assert theirs.shape == (2, 16, 77, 32)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert not model_hijack.embedding_db.word_embeddings  # temporary embeddings are gone
+
+
+def test_host_binding_keeps_chunks_emphasis_and_break(host):
+    from modules.sd_hijack import model_hijack
+
+    model = sd1.load_checkpoint(host.model.sd_checkpoint_info.filename)
+    binder = binding.PromptBinder(model, [make_concept(model)])
+    z = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder,
+                                      ["a (photo:1.3) of <cat1> <cat2> BREAK on a sofa"])
+    assert z.shape == (1, 16, 154, 32)
+    assert not torch.allclose(z[0, 0], z[0, 15])
+
+
+def test_aliases_are_single_words_the_tokenizer_keeps_apart(host):
+    aliases = {binding.alias(layer, i) for layer in range(16) for i in range(30)}
+    assert len(aliases) == 480
+    tok = host.model.cond_stage_model.tokenizer
+    ids = {tuple(tok(a, add_special_tokens=False)["input_ids"]) for a in aliases}
+    assert len(ids) == 480

@@ -13,13 +13,57 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded tiny model")
     demo.add_argument("--out", type=Path, default=Path("outputs"), help="folder for what the demo writes")
     demo.add_argument("--seed", type=int, default=0)
+    convert = sub.add_parser(
+        "convert",
+        help="convert an ED-LoRA .pth (or a kohya LoRA + embedding) into a Mix-of-Show concept .safetensors",
+    )
+    convert.add_argument("input", type=Path, metavar="IN", help="the authors' .pth, our .safetensors, or a kohya LoRA")
+    convert.add_argument("output", type=Path, metavar="OUT", help="the .safetensors file to write")
+    convert.add_argument("--embedding", type=Path, help="textual-inversion embedding that goes with a kohya LoRA")
+    convert.add_argument("--name", help="concept name (default: the file stem; names the tokens of an --embedding)")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from lib_mos.demo import run_demo
 
         run_demo(args.out, seed=args.seed)
+    elif args.command == "convert":
+        return _convert(args.input, args.output, embedding=args.embedding, name=args.name, overwrite=args.overwrite)
     return 0
+
+
+def _convert(src: Path, dst: Path, *, embedding: Path | None, name: str | None, overwrite: bool) -> int:
+    """Read, validate, write; a bad input is one line on stderr and no output file, because this
+    runs in scripts and batch jobs where a traceback hides which of many files was at fault."""
+    from lib_mos.concept_files import read_concept, write_concept
+    from lib_mos.concepts import ConceptError
+
+    try:
+        if dst.exists() and not overwrite:
+            raise ConceptError(f"{dst}: already exists (pass --overwrite to replace it)")
+        if dst.resolve() == src.resolve():
+            raise ConceptError(f"{dst}: the output would replace the input")
+        concept = read_concept(src, embedding=embedding, name=name)
+        written = write_concept(concept, dst, overwrite=overwrite)
+    except ConceptError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"{dst}: {exc}")
+    except Exception as exc:  # still one line naming the file: the promise holds for bugs too
+        return _fail(f"{src}: unexpected {type(exc).__name__}: {exc}")
+    print(
+        f"wrote {written}: concept {concept.name!r}, tokens {' '.join(concept.tokens)}, {concept.layers} layers, "
+        f"width {concept.dim}, rank {concept.rank if concept.rank is not None else 'mixed'}, "
+        f"{len(concept.unet_lora) + len(concept.text_lora)} LoRA targets "
+        f"({len(concept.unet_lora)} UNet, {len(concept.text_lora)} text encoder)"
+    )
+    return 0
+
+
+def _fail(message: str) -> int:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

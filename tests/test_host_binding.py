@@ -47,3 +47,20 @@ def test_aliases_are_single_words_the_tokenizer_keeps_apart(host):
     tok = host.model.cond_stage_model.tokenizer
     ids = {tuple(tok(a, add_special_tokens=False)["input_ids"]) for a in aliases}
     assert len(ids) == 480
+
+
+def test_host_binding_cache_encodes_each_prompt_once(host):
+    from modules.sd_hijack import model_hijack
+
+    model = sd1.load_checkpoint(host.model.sd_checkpoint_info.filename)
+    binder = binding.PromptBinder(model, [make_concept(model)])
+    calls = []
+    original = host.model.get_learned_conditioning
+    host.model.get_learned_conditioning = lambda texts: calls.append(len(texts)) or original(texts)
+    try:
+        cache: dict = {}
+        a = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, ["<cat1> x", "y"], cache)
+        b = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, ["y", "<cat1> x"], cache)
+    finally:
+        del host.model.get_learned_conditioning
+    assert calls == [1, 16] and torch.equal(a[0], b[1])  # a prompt without concept tokens: one pass

@@ -10,6 +10,7 @@ import torch
 from lib_mos import binding, sampling, sd1
 from lib_mos.attention import LayerwiseContext, attn2_processor
 from lib_mos.concepts import Concept, ConceptError, LoraFactor, applied, check_fits
+from lib_mos.synthetic import random_concept
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +19,7 @@ def tiny() -> sd1.SD1Model:
 
 
 def make_concept(model: sd1.SD1Model, tokens=("<cat1>", "<cat2>"), seed: int = 1, rank: int = 4) -> Concept:
-    g = torch.Generator().manual_seed(seed)
-    d = model.config.context_dim
-    emb = torch.randn(len(tokens), 16, d, generator=g) * 0.3
-
-    def factor(lin) -> LoraFactor:
-        return LoraFactor(torch.randn(rank, lin.in_features, generator=g) * 0.1,
-                          torch.randn(lin.out_features, rank, generator=g) * 0.1)
-
-    unet = {n: factor(model.unet.get_submodule(n)) for n in sd1.unet_attention_linear_names()}
-    text = {n: factor(model.text_encoder.get_submodule(n)) for n in sd1.text_attention_linear_names()}
-    return Concept(name="cat", tokens=tuple(tokens), embeddings=emb, unet_lora=unet, text_lora=text)
+    return random_concept(model, tuple(tokens), seed=seed, rank=rank, name="cat")
 
 
 def injected_encoding(model, prompt_with_placeholder: str, rows: list[torch.Tensor]) -> torch.Tensor:

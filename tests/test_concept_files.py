@@ -4,6 +4,7 @@ refusal of code-carrying pickles, fuzzing of the readers, and the `convert` comm
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lib_mos import sd1
+from lib_mos import sd1, synthetic
 from lib_mos.concept_files import (
     EMBEDDING_PREFIX,
     METADATA_KEY,
@@ -35,7 +36,8 @@ from lib_mos.concept_files import (
     sha256_file,
     write_concept,
 )
-from lib_mos.concepts import Concept, ConceptError, LoraFactor, unet_ldm_to_diffusers
+from lib_mos.concepts import Concept, ConceptError, unet_ldm_to_diffusers
+from lib_mos.synthetic import random_concept
 
 REPO = Path(__file__).resolve().parents[1]
 RANK = 4
@@ -49,36 +51,12 @@ def tiny() -> sd1.SD1Model:
 
 
 # ------------------------------------------------------------------------------ building test files
-def _factor(lin: nn.Linear, g: torch.Generator, rank: int = RANK) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.randn(rank, lin.in_features, generator=g) * 0.1,
-            torch.randn(lin.out_features, rank, generator=g) * 0.1)
-
-
-def _lora_keys(module: str, down: torch.Tensor, up: torch.Tensor, spelling: str) -> Tensors:
-    """The authors' parameter names: `main` LoRALinearLayer has lora_down/lora_up children, the
-    `research_branch` one is registered as `<module>_lora` with down/up children."""
-    if spelling == "main":
-        return {f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up}
-    return {f"{module}_lora.down.weight": down, f"{module}_lora.up.weight": up}
-
-
 def authors_params(model: sd1.SD1Model, spelling: str = "main", seed: int = 1,
                    tokens: tuple[str, ...] = ("<cat1>", "<cat2>"), unet_names: list[str] | None = None,
                    text_names: list[str] | None = None) -> dict[str, Any]:
-    """Exactly the authors' delta_state_dict layout: {'params': {'new_concept_embedding': {token:
-    [16, D]}, 'text_encoder': {...}, 'unet': {...}}}, keys relative to each model, no prefixes."""
-    g = torch.Generator().manual_seed(seed)
-    d = model.config.context_dim
-    emb = {t: torch.randn(LAYERS, d, generator=g) * 0.3 for t in tokens}
-    unet: Tensors = {}
-    for ldm in sd1.unet_attention_linear_names() if unet_names is None else unet_names:
-        down, up = _factor(model.unet.get_submodule(ldm), g)
-        unet.update(_lora_keys(unet_ldm_to_diffusers(ldm), down, up, spelling))
-    text: Tensors = {}
-    for name in sd1.text_attention_linear_names() if text_names is None else text_names:
-        down, up = _factor(model.text_encoder.get_submodule(name), g)
-        text.update(_lora_keys(name, down, up, spelling))
-    return {"params": {"new_concept_embedding": emb, "text_encoder": text, "unet": unet}}
+    """Exactly the authors' delta_state_dict layout (see `lib_mos.synthetic.authors_params`)."""
+    concept = random_concept(model, tokens, seed=seed, rank=RANK, unet_names=unet_names, text_names=text_names)
+    return synthetic.authors_params(concept, "main" if spelling == "main" else "research_branch")
 
 
 def save_pth(obj: Any, path: Path) -> Path:
@@ -88,14 +66,8 @@ def save_pth(obj: Any, path: Path) -> Path:
 
 def make_concept(model: sd1.SD1Model, tokens: tuple[str, ...] = ("<dog1>", "<dog2>"), seed: int = 2,
                  scale: float = 1.0) -> Concept:
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(len(tokens), LAYERS, model.config.context_dim, generator=g)
-    unet = {n: LoraFactor(*_factor(model.unet.get_submodule(n), g), scale=scale)
-            for n in sd1.unet_attention_linear_names()}
-    text = {n: LoraFactor(*_factor(model.text_encoder.get_submodule(n), g), scale=scale)
-            for n in sd1.text_attention_linear_names()}
-    return Concept(name="dog", tokens=tokens, embeddings=emb, unet_lora=unet, text_lora=text,
-                   class_word="dog", base_model_hash="abc123", source_sha256="f" * 64)
+    concept = random_concept(model, tokens, seed=seed, rank=RANK, scale=scale, name="dog")
+    return dataclasses.replace(concept, class_word="dog", base_model_hash="abc123", source_sha256="f" * 64)
 
 
 def kohya_tensors(concept: Concept, *, alpha: float | None = 8.0, ldm_spelling: bool = False) -> Tensors:

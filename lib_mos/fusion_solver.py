@@ -1,0 +1,508 @@
+"""Gradient fusion, solved exactly from streamed statistics.
+
+For one linear layer the fused weight minimises sum_i ||W X_i - W_i X_i||_F^2 (W_i = W0 + dW_i is
+concept i's weight, X_i the layer's inputs while concept i's own model runs). The objective is
+quadratic in W, so its minimiser solves the normal equations W G = R with G = sum_i X_i X_i^T and
+R = sum_i W_i X_i X_i^T. The authors instead store every activation and run 500 LBFGS iterations
+per layer; G and R can be accumulated while activations stream past a forward hook, so memory does
+not grow with the number of concepts or sampling steps, and one Cholesky solve replaces the
+optimiser.
+
+Conventions: activations are passed as rows, x [..., in] (the transpose of X_i above), exactly
+what a forward hook on nn.Linear sees. All statistics are float64 so fp16/bf16 activations lose
+nothing while they are summed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ConceptStats",
+    "LayerStats",
+    "objective",
+    "relative_errors",
+    "solve_exact",
+    "solve_lbfgs",
+    "weight_average",
+]
+
+_F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class ConceptStats:
+    """What the per-concept report needs from one concept, in the smallest exact form we found.
+
+    `factor` F [k, in] satisfies F^T F = X_i X_i^T with k = min(rows, in): the raw activation rows
+    while the concept has at most `in` of them (exact, in the dtype they arrived in — fp16 rows
+    stay fp16 without loss — and smaller than a Gram), otherwise the
+    Cholesky factor of the concept's Gram (eigen-factor with zero directions dropped when the Gram
+    is singular). `projected_delta` Q = dW_i F^T [out, k]. Then ||(W - W_i) X_i||^2 =
+    ||(W - W0) F^T - Q||^2 for every W, with no cancellation and without keeping W_i itself:
+    k (in + out) numbers instead of in^2 + out * in. A streaming QR of the rows would give the same
+    k but costs more per chunk than the Gram we accumulate anyway, and the solve only ever sees Gram
+    precision.
+    """
+
+    rows: int
+    factor: Tensor
+    projected_delta: Tensor
+
+
+def _psd_factor(gram: Tensor) -> Tensor:
+    """F with F^T F = gram for a positive semi-definite float64 Gram; F has rank(gram) rows at most."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0 and bool(torch.isfinite(chol).all()):
+        return chol.mT.contiguous()
+    # Singular (e.g. repeated rows): keep only the directions the concept actually populated.
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > evals.abs().max() * gram.shape[0] * torch.finfo(_F64).eps
+    return (evals[keep].sqrt().unsqueeze(1) * evecs[:, keep].mT).contiguous()
+
+
+class LayerStats:
+    """Streaming fusion statistics of one linear layer, fed by `begin_concept`/`add`/`end_concept`.
+
+    The solve needs G = sum_i X_i X_i^T [in, in], S = sum_i dW_i G_i [out, in] (float64; the
+    normal equations' R = sum_i W_i G_i = S + W0 G is the `rhs` property — S is kept instead
+    because it is exactly zero for a concept that changes nothing and does not cancel against the
+    much larger W0 G) and, for the objective, the scalar sum_i ||dW_i X_i||^2.
+
+    Storage is whichever form is smaller, so memory never grows past O(in^2 + out * in):
+    - A concept with at most `in` rows is kept as its row factor (F, Q) = (X_i^T, dW_i X_i): the
+      text-encoder and to_k/to_v stages see ~176 and 6 rows per concept, far below a Gram's size.
+      Without `keep_per_concept` such factors are folded into dense G and S once they add up to
+      more than `in` rows; with it (float64) they double as the per-concept report statistics and
+      G, S are assembled from them at solve time, so nothing is stored twice.
+    - A concept with more rows (spatial layers: thousands per sampling step) is accumulated as its
+      own Gram while it streams and then folded into dense G and S (or, kept per concept, into a
+      factor of its Gram: see `ConceptStats`).
+    Also held: a copy of W0 and the float32 sum of the deltas (for the weight-average baseline).
+    While a concept is open: its dW_i and either its raw rows (up to `in`) or its Gram, never both.
+    Without `keep_per_concept` that is at most about 3 in^2 + 4 out * in float64 numbers whatever
+    the number of concepts or rows; `nbytes()` reports the actual figure.
+    """
+
+    def __init__(self, w0: Tensor, *, device: torch.device | str | None = None,
+                 keep_per_concept: bool = True, per_concept_dtype: torch.dtype = _F64) -> None:
+        if w0.dim() != 2:
+            raise ValueError(f"w0 must be a 2-D [out, in] weight, got shape {tuple(w0.shape)}")
+        if not w0.is_floating_point():
+            raise TypeError(f"w0 must be a float tensor, got {w0.dtype}")
+        self.device = torch.device(device) if device is not None else w0.device
+        self.out_features, self.in_features = (int(s) for s in w0.shape)
+        self.keep_per_concept = keep_per_concept
+        self.per_concept_dtype = per_concept_dtype
+        # A copy: the caller may swap LoRAs into the live weight in place while we stream.
+        self.w0 = w0.detach().to(device=self.device, copy=True)
+        self.rows: list[int] = []
+        self.concepts: list[ConceptStats] = []
+        self.delta_energy = torch.zeros((), dtype=_F64, device=self.device)
+        # per-concept float64 factors are the solve's statistics too: no dense copy needed
+        self._factors_are_stats = keep_per_concept and per_concept_dtype == _F64
+        self._gram: Tensor | None = None  # dense parts, created on first need
+        self._delta_rhs: Tensor | None = None
+        self._pending: list[tuple[Tensor, Tensor]] = []  # row factors not yet folded into the dense parts
+        self._pending_rows = 0
+        self._delta_sum = torch.zeros(self.out_features, self.in_features, dtype=torch.float32,
+                                      device=self.device)
+        self._delta: Tensor | None = None
+        self._buffer: list[Tensor] | None = None
+        self._buffer_rows = 0
+        self._concept_gram: Tensor | None = None
+        self._concept_rows = 0
+
+    # ------------------------------------------------------------------------------- accessors
+    @property
+    def concept_count(self) -> int:
+        return len(self.rows)
+
+    @property
+    def is_open(self) -> bool:
+        return self._delta is not None
+
+    @property
+    def gram(self) -> Tensor:
+        """G = sum_i X_i X_i^T (float64, assembled on each access)."""
+        return self._assemble()[0]
+
+    @property
+    def delta_rhs(self) -> Tensor:
+        """S = sum_i dW_i G_i (float64, assembled on each access)."""
+        return self._assemble()[1]
+
+    @property
+    def rhs(self) -> Tensor:
+        """R = sum_i W_i G_i = S + W0 G, the right-hand side of the normal equations W G = R."""
+        gram, delta_rhs = self._assemble()
+        return delta_rhs + self.w0.to(_F64) @ gram
+
+    def _assemble(self) -> tuple[Tensor, Tensor]:
+        """Dense (G, S) from the dense parts plus the factors not folded into them."""
+        self._require_closed("LayerStats statistics")
+        shape_g, shape_s = (self.in_features, self.in_features), (self.out_features, self.in_features)
+        gram = self._gram.clone() if self._gram is not None else torch.zeros(
+            shape_g, dtype=_F64, device=self.device)
+        delta_rhs = self._delta_rhs.clone() if self._delta_rhs is not None else torch.zeros(
+            shape_s, dtype=_F64, device=self.device)
+        for factor, projected in self._row_factors():
+            factor = factor.to(_F64)
+            gram.addmm_(factor.mT, factor)
+            delta_rhs.addmm_(projected.to(_F64), factor)
+        return gram, delta_rhs
+
+    def _row_factors(self) -> list[tuple[Tensor, Tensor]]:
+        """The (F, Q) pairs not contained in the dense parts."""
+        if self._factors_are_stats:
+            return [(c.factor, c.projected_delta) for c in self.concepts]
+        return self._pending
+
+    def _dense(self) -> tuple[Tensor, Tensor]:
+        if self._gram is None or self._delta_rhs is None:
+            self._gram = torch.zeros(self.in_features, self.in_features, dtype=_F64, device=self.device)
+            self._delta_rhs = torch.zeros(self.out_features, self.in_features, dtype=_F64,
+                                          device=self.device)
+        return self._gram, self._delta_rhs
+
+    # ------------------------------------------------------------------------------- streaming
+    def begin_concept(self, target: Tensor | None = None, *, delta: Tensor | None = None) -> None:
+        """Start a concept whose activations follow: `target` is its full weight W_i = W0 + dW_i, or
+        pass `delta` = dW_i instead (exact when the LoRA product is at hand, no W0 + dW rounding)."""
+        if self._delta is not None:
+            raise RuntimeError("begin_concept() called while another concept is open; call end_concept()")
+        if (target is None) == (delta is None):
+            raise ValueError("begin_concept() takes exactly one of target= and delta=")
+        given = target if target is not None else delta
+        assert given is not None
+        if tuple(given.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{'target' if target is not None else 'delta'} shape {tuple(given.shape)} "
+                             f"does not match w0 {(self.out_features, self.in_features)}")
+        given = given.detach().to(device=self.device, dtype=_F64, copy=True)
+        self._delta = given - self.w0.to(_F64) if target is not None else given
+        self._buffer = []
+        self._buffer_rows = 0
+        self._concept_gram = None
+        self._concept_rows = 0
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate input rows x [..., in] of the open concept (any float dtype, any device)."""
+        if self._delta is None:
+            raise RuntimeError("add() called outside begin_concept()/end_concept()")
+        if not x.is_floating_point():
+            raise TypeError(f"activations must be floating point, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"activations must end in {self.in_features} features, got shape {tuple(x.shape)}")
+        with torch.no_grad():
+            rows = x.detach().reshape(-1, self.in_features)
+            n = rows.shape[0]
+            if n == 0:
+                return
+            self._concept_rows += n
+            if self._buffer is not None and self._buffer_rows + n <= self.in_features:
+                # Few rows so far: keep them as they came (an exact factor, smaller than a Gram, and
+                # fp16 rows stay fp16 losslessly). copy=True so a caller reusing its activation
+                # buffer cannot change what we hold.
+                self._buffer.append(rows.to(device=self.device, copy=True))
+                self._buffer_rows += n
+                return
+            if self._concept_gram is None:
+                self._concept_gram = torch.zeros(self.in_features, self.in_features, dtype=_F64,
+                                                 device=self.device)
+            if self._buffer:
+                held = torch.cat([b.to(_F64) for b in self._buffer])
+                self._concept_gram.addmm_(held.mT, held)
+            self._buffer = None
+            rows = rows.to(device=self.device, dtype=_F64)
+            self._concept_gram.addmm_(rows.mT, rows)
+
+    def end_concept(self) -> None:
+        """Close the open concept: store it in the smaller of row-factor and dense form."""
+        delta = self._delta
+        if delta is None:
+            raise RuntimeError("end_concept() called without begin_concept()")
+        with torch.no_grad():
+            if self._buffer is not None:
+                dtype = _F64
+                if self._buffer:
+                    dtype = self._buffer[0].dtype
+                    for b in self._buffer[1:]:
+                        dtype = torch.promote_types(dtype, b.dtype)
+                factor = (torch.cat([b.to(dtype) for b in self._buffer]) if self._buffer
+                          else torch.zeros(0, self.in_features, dtype=dtype, device=self.device))
+                projected = delta @ factor.to(_F64).mT  # dW_i X_i, [out, n]
+                self.delta_energy += projected.square().sum()
+                if not self._factors_are_stats:
+                    self._pending.append((factor, projected))
+                    self._pending_rows += factor.shape[0]
+                    if self._pending_rows > self.in_features:
+                        self._fold_pending()
+            else:
+                gram_i = self._concept_gram
+                assert gram_i is not None
+                factor = projected = None
+                if self.keep_per_concept:
+                    factor = _psd_factor(gram_i)
+                    projected = delta @ factor.mT
+                    self.delta_energy += projected.square().sum()
+                if not self._factors_are_stats:
+                    gram, delta_rhs = self._dense()
+                    weighted = delta @ gram_i  # dW_i G_i
+                    gram += gram_i
+                    delta_rhs += weighted
+                    if projected is None:
+                        self.delta_energy += (weighted * delta).sum()
+                    del weighted
+            if self.keep_per_concept:
+                assert factor is not None and projected is not None
+                dtype = self.per_concept_dtype
+                if self._buffer is None:  # a Gram factor; raw rows stay in their own (exact) dtype
+                    factor = factor.to(dtype)
+                self.concepts.append(ConceptStats(self._concept_rows, factor, projected.to(dtype)))
+            self._delta_sum += delta.to(torch.float32)
+            self.rows.append(self._concept_rows)
+        self._delta = None
+        self._buffer = None
+        self._buffer_rows = 0
+        self._concept_gram = None
+        self._concept_rows = 0
+
+    def _fold_pending(self) -> None:
+        """Row factors now outweigh a dense Gram: sum them into G and S and drop them."""
+        gram, delta_rhs = self._dense()
+        for factor, projected in self._pending:
+            factor = factor.to(_F64)
+            gram.addmm_(factor.mT, factor)
+            delta_rhs.addmm_(projected, factor)
+        self._pending = []
+        self._pending_rows = 0
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data held right now (for the memory test and the benchmark)."""
+        tensors = [self.w0, self.delta_energy, self._delta_sum]
+        tensors += [t for t in (self._gram, self._delta_rhs, self._delta, self._concept_gram) if t is not None]
+        tensors += self._buffer or []
+        for factor, projected in self._pending:
+            tensors += [factor, projected]
+        for c in self.concepts:
+            tensors += [c.factor, c.projected_delta]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _require_closed(self, what: str) -> None:
+        if self._delta is not None:
+            raise RuntimeError(f"{what}: a concept is still open; call end_concept() first")
+
+    def _require_per_concept(self, what: str) -> None:
+        if not self.keep_per_concept:
+            raise ValueError(f"{what} needs per-concept statistics; build LayerStats(keep_per_concept=True)")
+
+
+# ------------------------------------------------------------------------------------ solvers
+def solve_exact(stats: LayerStats, ridge: float = 1e-6, *, refine: int = 2) -> Tensor:
+    """The least-squares fused weight (float32), i.e. the W solving W G = R closest to W0.
+
+    The increment D = W - W0 solves D (G + lam I) = S = sum_i dW_i G_i (= R - W0 G) with
+    lam = ridge * mean(diag G), a ridge toward W0: float64 Cholesky, one batched solve for all
+    output rows. Directions outside the data's span (null(G), e.g. fewer rows than inputs) keep W0
+    exactly, and the ridge keeps the factorisation safe when G is rank deficient. `refine` steps
+    of iterated Tikhonov reuse the factor to remove the ridge's shrinkage where G is well
+    determined (bias (lam / (e + lam))^(refine + 1) per eigenvalue e), so the answer matches the
+    minimum-change least-squares solution. If the factorisation fails anyway (ridge 0 with a
+    singular G, or rounding), the same filter is applied in G's eigenbasis with a pseudo-inverse
+    cut-off.
+    """
+    stats._require_closed("solve_exact")
+    if ridge < 0 or not math.isfinite(ridge):
+        raise ValueError(f"ridge must be a finite non-negative number, got {ridge}")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0, got {refine}")
+    w0 = stats.w0.to(_F64)
+    delta = _solve_in_row_space(stats, ridge, refine)
+    if delta is not None:
+        return (w0 + delta).to(torch.float32)
+    gram, rhs = stats._assemble()  # rhs = S = R - W0 G: zero on null(G) because every G_i is PSD
+    if not math.isfinite(float(gram.sum() + rhs.sum())):  # one reduction: any NaN/inf shows up
+        raise ValueError("fusion statistics are not finite (NaN/inf in the activations or targets)")
+    scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
+    if scale <= 0.0:
+        return w0.to(torch.float32)  # no activations: nothing constrains W
+    lam = ridge * scale
+    system = gram.clone()
+    system.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(system)
+    if int(info) == 0 and lam > 0:
+        def apply_inverse(b: Tensor) -> Tensor:
+            return torch.cholesky_solve(b.mT, chol).mT
+
+        # iterated Tikhonov D_{k+1} = D_k + (S - D_k G)(G + lam)^-1 = D_0 + lam D_k (G + lam)^-1
+        first = apply_inverse(rhs)
+        delta = first
+        for _ in range(refine):
+            delta = first + lam * apply_inverse(delta)
+    else:
+        evals, evecs = torch.linalg.eigh(gram)
+        evals = evals.clamp_min(0.0)
+        cut = evals.max() * gram.shape[0] * torch.finfo(_F64).eps
+        safe = torch.where(evals > cut, evals, torch.ones_like(evals))
+        shrink = (lam / (safe + lam)) ** (refine + 1) if lam > 0 else torch.zeros_like(evals)
+        gain = torch.where(evals > cut, (1.0 - shrink) / safe, torch.zeros_like(evals))
+        delta = ((rhs @ evecs) * gain) @ evecs.mT
+    if not bool(torch.isfinite(delta).all()):
+        raise FloatingPointError("exact fusion solve produced non-finite weights")
+    return (w0 + delta).to(torch.float32)
+
+
+def _solve_in_row_space(stats: LayerStats, ridge: float, refine: int) -> Tensor | None:
+    """D for the same filter as `solve_exact`, when all data is still N < in raw rows F [N, in].
+
+    Push-through identity: (F^T F + lam I)^-1 F^T = F^T (F F^T + lam I)^-1, so D = A F with
+    A = Q (K + lam I)^-1 and K = F F^T [N, N]: an N x N Cholesky instead of in x in (text encoder
+    with few concepts, every to_k/to_v), and D lies in the rows' span by construction.
+    None when the statistics are dense, there are too many rows, or ridge is 0.
+    """
+    if stats._gram is not None or ridge <= 0:
+        return None
+    pairs = stats._row_factors()
+    count = sum(f.shape[0] for f, _ in pairs)
+    if count == 0 or count >= stats.in_features:
+        return None
+    rows = torch.cat([f.to(_F64) for f, _ in pairs])
+    projected = torch.cat([q.to(_F64) for _, q in pairs], dim=1)
+    if not math.isfinite(float(rows.sum() + projected.sum())):
+        raise ValueError("fusion statistics are not finite (NaN/inf in the activations or targets)")
+    kernel = rows @ rows.mT
+    lam = ridge * float(kernel.diagonal().sum()) / stats.in_features  # = ridge * mean(diag G)
+    if lam <= 0:
+        return None
+    kernel.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(kernel)
+    if int(info) != 0:
+        return None
+    first = torch.cholesky_solve(projected.mT, chol).mT
+    coeff = first
+    for _ in range(refine):  # A_{k+1} = A_0 + lam A_k (K + lam I)^-1, the row-space image of D_k
+        coeff = first + lam * torch.cholesky_solve(coeff.mT, chol).mT
+    return coeff @ rows
+
+
+def solve_lbfgs(
+    stats_or_activations: LayerStats | Sequence[Tensor],
+    w0: Tensor | None = None,
+    targets: Sequence[Tensor] | None = None,
+    *,
+    iterations: int = 500,
+    history: int = 25,
+    lr: float = 1.0,
+    trace: list[float] | None = None,
+) -> Tensor:
+    """The authors' optimiser, kept as the reference the exact solve is measured against.
+
+    As in their gradient_fusion.py: all concepts' rows stacked, loss = mean squared error over all
+    rows x outputs (sum_i ||W X_i - W_i X_i||^2 / (N * out)), one `torch.optim.LBFGS.step` with
+    lr 1, max_iter = `iterations`, the default max_eval = iterations * 5 // 4 closure calls, history
+    25, strong-Wolfe line search, tolerances 1e-16, float32, started at W0, and the returned weight
+    is the best one any closure call saw. `stats_or_activations` is either a list of activation
+    tensors [..., in] (one per concept, with `targets` the concepts' full weights W_i and `w0`) or a
+    LayerStats with per-concept statistics (its factors stand in for the rows: same objective, fewer
+    rows). `trace`, if given, receives the loss of every closure call.
+    """
+    if iterations <= 0:
+        raise ValueError(f"iterations must be positive, got {iterations}")
+    if isinstance(stats_or_activations, LayerStats):
+        stats = stats_or_activations
+        stats._require_closed("solve_lbfgs")
+        stats._require_per_concept("solve_lbfgs on LayerStats")
+        start = stats.w0 if w0 is None else w0
+        base = stats.w0.to(_F64)
+        inputs = [c.factor.to(torch.float32) for c in stats.concepts]
+        outputs = [(c.factor.to(_F64) @ base.mT + c.projected_delta.to(_F64).mT).to(torch.float32)
+                   for c in stats.concepts]
+        total_rows = sum(stats.rows)
+    else:
+        activations = list(stats_or_activations)
+        if w0 is None or targets is None or len(targets) != len(activations):
+            raise ValueError("solve_lbfgs on activations needs w0 and one target weight per activation tensor")
+        start = w0
+        width = w0.shape[1]
+        inputs = [x.detach().reshape(-1, width).to(torch.float32) for x in activations]
+        outputs = [x @ t.detach().to(torch.float32).mT for x, t in zip(inputs, targets)]
+        total_rows = sum(x.shape[0] for x in inputs)
+    weight = start.detach().to(torch.float32).clone()
+    if total_rows == 0 or not inputs:
+        return weight
+    rows = torch.cat(inputs)
+    wanted = torch.cat(outputs)
+    denominator = float(total_rows * weight.shape[0])
+
+    weight.requires_grad_(True)
+    best_loss = math.inf
+    best = weight.detach().clone()
+    optimizer = torch.optim.LBFGS([weight], lr=lr, max_iter=iterations, history_size=history,
+                                  line_search_fn="strong_wolfe", tolerance_grad=1e-16,
+                                  tolerance_change=1e-16)
+
+    def closure() -> Tensor:
+        nonlocal best_loss, best
+        optimizer.zero_grad()
+        loss = F.mse_loss(F.linear(rows, weight), wanted, reduction="sum") / denominator
+        value = float(loss.detach())
+        if trace is not None:
+            trace.append(value)
+        if value < best_loss:
+            best_loss = value
+            best = weight.detach().clone()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return best
+
+
+# ------------------------------------------------------------------------------------ measures
+def objective(w: Tensor, stats: LayerStats) -> float:
+    """sum_i ||(W - W_i) X_i||_F^2, from the per-concept factors when kept (no cancellation), else
+    from the aggregates as tr(D G D^T) - 2 tr(D S^T) + sum_i ||dW_i X_i||^2 with D = W - W0."""
+    stats._require_closed("objective")
+    change = w.detach().to(device=stats.device, dtype=_F64) - stats.w0.to(_F64)
+    if stats.keep_per_concept:
+        total = torch.zeros((), dtype=_F64, device=stats.device)
+        for c in stats.concepts:
+            total += (change @ c.factor.to(_F64).mT - c.projected_delta.to(_F64)).square().sum()
+        return float(total)
+    gram, delta_rhs = stats._assemble()
+    value = (change @ gram * change).sum() - 2.0 * (change * delta_rhs).sum() + stats.delta_energy
+    return max(float(value), 0.0)
+
+
+def relative_errors(w: Tensor, stats: LayerStats) -> list[float]:
+    """Per concept ||W X_i - W_i X_i|| / ||dW_i X_i||: how much of concept i's own change the fused
+    weight loses (0 = kept exactly, 1 = as if the concept's LoRA were dropped). 0/0 reports 0.0."""
+    stats._require_closed("relative_errors")
+    stats._require_per_concept("relative_errors")
+    change = w.detach().to(device=stats.device, dtype=_F64) - stats.w0.to(_F64)
+    out = []
+    for c in stats.concepts:
+        projected = c.projected_delta.to(_F64)
+        num = float(torch.linalg.vector_norm(change @ c.factor.to(_F64).mT - projected))
+        den = float(torch.linalg.vector_norm(projected))
+        if den == 0.0:
+            out.append(0.0 if num == 0.0 else math.inf)
+        else:
+            out.append(num / den)
+    return out
+
+
+def weight_average(stats: LayerStats) -> Tensor:
+    """The naive baseline W0 + mean_i dW_i (float32) that the report compares fusion against."""
+    stats._require_closed("weight_average")
+    w0 = stats.w0.to(torch.float32)
+    if stats.concept_count == 0:
+        return w0.clone()
+    return w0 + stats._delta_sum / stats.concept_count

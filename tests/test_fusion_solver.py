@@ -1,0 +1,331 @@
+"""The exact gradient-fusion solve against dense least squares, the authors' LBFGS and weight
+averaging, plus the streaming/memory properties the hooks rely on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lib_mos.fusion_solver import (
+    LayerStats,
+    objective,
+    relative_errors,
+    solve_exact,
+    solve_lbfgs,
+    weight_average,
+)
+
+OUT, IN = 24, 32
+
+
+def _problem(rows: list[int], seed: int = 0, out: int = OUT, width: int = IN, rank: int = 4,
+             duplicate_last: bool = False, row_rank: int | None = None,
+             ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """W0, per-concept activations [n_i, in] (float64, of rank `row_rank` if given) and full target
+    weights W0 + low-rank dW_i."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out, width, generator=gen, dtype=torch.float64) / math.sqrt(width)
+    xs, targets = [], []
+    for n in rows:
+        if row_rank is None:
+            xs.append(torch.randn(n, width, generator=gen, dtype=torch.float64))
+        else:
+            xs.append(torch.randn(n, row_rank, generator=gen, dtype=torch.float64)
+                      @ torch.randn(row_rank, width, generator=gen, dtype=torch.float64))
+        up = torch.randn(out, rank, generator=gen, dtype=torch.float64) * 0.1
+        down = torch.randn(rank, width, generator=gen, dtype=torch.float64) / math.sqrt(width)
+        targets.append(w0 + up @ down)
+    if duplicate_last:
+        xs.append(xs[-1].clone())
+        targets.append(targets[-1].clone())
+    return w0, xs, targets
+
+
+def _stats(w0: torch.Tensor, xs: list[torch.Tensor], targets: list[torch.Tensor], chunk: int | None = None,
+           **kwargs) -> LayerStats:
+    stats = LayerStats(w0, **kwargs)
+    for x, target in zip(xs, targets):
+        stats.begin_concept(target)
+        for part in (x.split(chunk) if chunk else (x,)):
+            stats.add(part)
+        stats.end_concept()
+    return stats
+
+
+def _lstsq_reference(w0: torch.Tensor, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Dense minimum-norm least squares for D = W - W0 on the stacked activations (float64)."""
+    x = torch.cat(xs)
+    y = torch.cat([xi @ (t - w0).mT for xi, t in zip(xs, targets)])
+    return w0 + torch.linalg.lstsq(x, y, driver="gelsd").solution.mT
+
+
+def _objective_dense(w: torch.Tensor, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    w = w.to(torch.float64)
+    return float(sum(((w - t) @ x.mT).square().sum() for x, t in zip(xs, targets)))
+
+
+@pytest.mark.parametrize(("rows", "duplicate", "row_rank"), [
+    ([200, 150, 90], False, None),  # more rows than inputs: G full rank (dense Gram path)
+    ([10, 7, 5], False, None),      # 22 < 32 rows in all: G rank deficient (row-space path)
+    ([12, 40], True, None),         # a concept given twice
+    ([3], False, None),             # one concept, a handful of rows
+    ([60, 80], False, 5),           # many rows, each concept of rank 5: dense and rank deficient
+])
+@pytest.mark.parametrize("ridge", [1e-6, 0.0])
+def test_exact_matches_dense_least_squares(rows: list[int], duplicate: bool, row_rank: int | None,
+                                           ridge: float) -> None:
+    w0, xs, targets = _problem(rows, seed=len(rows), duplicate_last=duplicate, row_rank=row_rank)
+    stats = _stats(w0, xs, targets)
+    fused = solve_exact(stats, ridge=ridge)
+    reference = _lstsq_reference(w0, xs, targets)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused.double(), reference, rtol=0, atol=2e-6)
+    # Rows of W restricted to null(G) stay at W0: the fusion never invents changes off the data.
+    x = torch.cat(xs)
+    _, sv, vh = torch.linalg.svd(x, full_matrices=True)
+    null = vh[int((sv > sv.max() * 1e-10).sum()):]
+    if null.numel():
+        assert float(((fused.double() - w0) @ null.mT).abs().max()) < 1e-6
+
+
+def test_chunked_streaming_equals_one_shot() -> None:
+    w0, xs, targets = _problem([100, 5, 33, 64], seed=3)
+    whole = _stats(w0, xs, targets)
+    # chunks of 7 cross the "more rows than inputs" switch mid-concept
+    chunked = _stats(w0, xs, targets, chunk=7)
+    torch.testing.assert_close(chunked.gram, whole.gram, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(chunked.rhs, whole.rhs, rtol=1e-12, atol=1e-10)
+    assert chunked.rows == whole.rows == [100, 5, 33, 64]
+    torch.testing.assert_close(solve_exact(chunked), solve_exact(whole), rtol=0, atol=1e-6)
+    # leading dimensions are flattened like a hook's [batch, tokens, in] input
+    shaped = LayerStats(w0)
+    for x, t in zip(xs, targets):
+        shaped.begin_concept(t)
+        shaped.add(x[: (len(x) // 4) * 4].reshape(4, -1, IN))
+        shaped.add(x[(len(x) // 4) * 4:])
+        shaped.end_concept()
+    torch.testing.assert_close(shaped.gram, whole.gram, rtol=1e-12, atol=1e-10)
+
+
+def test_delta_instead_of_target() -> None:
+    """Passing dW_i directly gives the same statistics as W0 + dW_i, and a zero delta is exactly 0."""
+    w0, xs, targets = _problem([40, 9], seed=4)
+    by_target = _stats(w0, xs, targets)
+    by_delta = LayerStats(w0)
+    for x, t in zip(xs, targets):
+        by_delta.begin_concept(delta=t - w0)
+        by_delta.add(x)
+        by_delta.end_concept()
+    torch.testing.assert_close(by_delta.delta_rhs, by_target.delta_rhs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(by_delta.rhs, torch.stack(
+        [t @ x.mT @ x for x, t in zip(xs, targets)]).sum(0), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="exactly one"):
+        by_delta.begin_concept(targets[0], delta=targets[0] - w0)
+    unchanged = LayerStats(w0.float())
+    unchanged.begin_concept(delta=torch.zeros_like(w0))
+    unchanged.add(xs[0])
+    unchanged.end_concept()
+    assert torch.equal(solve_exact(unchanged), w0.float())
+
+
+def test_exact_objective_beats_lbfgs_and_weight_averaging() -> None:
+    w0, xs, targets = _problem([60, 20, 45], seed=5)
+    stats = _stats(w0, xs, targets)
+    fused = solve_exact(stats)
+    trace: list[float] = []
+    lbfgs = solve_lbfgs([x.float() for x in xs], w0.float(), [t.float() for t in targets],
+                        iterations=200, trace=trace)
+    assert 0 < len(trace) <= 200 * 5 // 4
+    averaged = weight_average(stats)
+    exact_obj, lbfgs_obj, avg_obj = (objective(w, stats) for w in (fused, lbfgs, averaged))
+    assert exact_obj <= lbfgs_obj * (1 + 1e-9)
+    assert exact_obj < avg_obj
+    # the objective from Grams is the dense objective
+    assert exact_obj == pytest.approx(_objective_dense(fused, xs, targets), rel=1e-9)
+    assert lbfgs_obj == pytest.approx(_objective_dense(lbfgs, xs, targets), rel=1e-9)
+    # LBFGS reads the same objective from the per-concept factors
+    from_stats = solve_lbfgs(stats, iterations=200)
+    assert objective(from_stats, stats) == pytest.approx(lbfgs_obj, rel=1e-3)
+
+
+def test_authors_loss_normalisation_and_best_iterate() -> None:
+    """The first closure call is at W0 and reports the mean over all rows x outputs."""
+    w0, xs, targets = _problem([9, 4], seed=6)
+    trace: list[float] = []
+    solve_lbfgs(xs, w0, targets, iterations=3, trace=trace)
+    rows = sum(len(x) for x in xs)
+    assert trace[0] == pytest.approx(_objective_dense(w0, xs, targets) / (rows * OUT), rel=1e-5)
+    assert len(trace) <= 3 * 5 // 4
+
+
+def test_relative_errors_fused_below_averaging_for_every_concept() -> None:
+    """Concepts whose activations live in different subspaces (as real concepts do) keep their own
+    behaviour under fusion; weight averaging dilutes each to about 1/n."""
+    gen = torch.Generator().manual_seed(11)
+    out, width, n_concepts, sub = 48, 64, 4, 12
+    w0 = torch.randn(out, width, generator=gen, dtype=torch.float64) / math.sqrt(width)
+    basis = torch.linalg.qr(torch.randn(width, width, generator=gen, dtype=torch.float64)).Q
+    shared = basis[:, n_concepts * sub:n_concepts * sub + 8]  # e.g. "photo of a": every concept sees it
+    xs, targets = [], []
+    for i in range(n_concepts):
+        own = basis[:, i * sub:(i + 1) * sub]
+        coeff = torch.randn(150, sub, generator=gen, dtype=torch.float64)
+        common = torch.randn(150, 8, generator=gen, dtype=torch.float64)
+        noise = torch.randn(150, width, generator=gen, dtype=torch.float64) * 0.05
+        xs.append(coeff @ own.mT + common @ shared.mT + noise)
+        up = torch.randn(out, 4, generator=gen, dtype=torch.float64) * 0.2
+        targets.append(w0 + up @ own[:, :4].mT)
+    stats = _stats(w0, xs, targets, chunk=64)
+    fused_err = relative_errors(solve_exact(stats), stats)
+    avg_err = relative_errors(weight_average(stats), stats)
+    assert len(fused_err) == n_concepts
+    for fused, averaged in zip(fused_err, avg_err):
+        assert fused < averaged
+        assert fused < 0.2
+        assert averaged > 0.5
+    # the starting point loses each concept's change entirely
+    assert relative_errors(w0, stats) == pytest.approx([1.0] * n_concepts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_activations_accumulate_in_float64(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    # values around 100: x^T x over 400 rows reaches ~4e6, far past float16's 65504
+    x = (torch.randn(400, IN, generator=gen) * 100).to(dtype)
+    w0 = torch.zeros(OUT, IN, dtype=dtype)
+    stats = LayerStats(w0)
+    stats.begin_concept(torch.ones(OUT, IN))
+    for part in x.split(50):
+        stats.add(part)
+    stats.end_concept()
+    assert stats.gram.dtype == stats.rhs.dtype == torch.float64
+    exact = x.double().mT @ x.double()
+    torch.testing.assert_close(stats.gram, exact, rtol=1e-13, atol=0)
+    assert bool(torch.isfinite(stats.gram).all())
+
+
+@pytest.mark.parametrize("rows", [50, 10])  # more rows than inputs (dense Gram) / fewer (row factors)
+def test_memory_is_flat_in_the_number_of_concepts(rows: int) -> None:
+    out, width = 40, 32
+    # dense G and S, at most `in` rows of unfolded factors, the open concept's rows or Gram and its
+    # delta, the W0 copy and the delta sum (float32): documented as ~3 in^2 + 4 out*in float64
+    bound = 8 * (3 * width * width + 4 * out * width) + 64
+
+    def run(n_concepts: int) -> tuple[int, int]:
+        w0, xs, targets = _problem([rows] * n_concepts, seed=n_concepts, out=out, width=width)
+        stats = LayerStats(w0.float(), keep_per_concept=False)
+        peak = stats.nbytes()
+        for x, t in zip(xs, targets):
+            stats.begin_concept(t)
+            for part in x.split(10):
+                stats.add(part)
+                peak = max(peak, stats.nbytes())
+            stats.end_concept()
+            peak = max(peak, stats.nbytes())
+        assert stats.concepts == []
+        return stats.nbytes(), peak
+
+    results = {n: run(n) for n in (1, 2, 12, 40)}
+    assert all(peak <= bound for _, peak in results.values())
+    assert results[12] == results[40]  # once dense, nothing grows
+    if rows > width:
+        assert results[2] == results[12]
+
+
+def test_few_rows_are_stored_once() -> None:
+    """With per-concept statistics and few rows (text encoder, to_k/to_v) the row factors are the
+    only copy: no dense in x in Gram is allocated at all."""
+    w0, xs, targets = _problem([6, 6, 6], seed=13)
+    stats = _stats(w0.float(), xs, targets)
+    factors = sum(c.factor.numel() + c.projected_delta.numel() for c in stats.concepts) * 8
+    fixed = OUT * IN * 4 * 2 + 8  # W0 copy, float32 delta sum, energy scalar
+    assert stats.nbytes() == factors + fixed
+    torch.testing.assert_close(stats.gram, sum(x.mT @ x for x in xs))
+
+
+def test_per_concept_statistics_are_no_larger_than_the_rows() -> None:
+    w0, xs, targets = _problem([6, 500], seed=8)
+    stats = _stats(w0, xs, targets, chunk=100)
+    few, many = stats.concepts
+    assert tuple(few.factor.shape) == (6, IN) and tuple(few.projected_delta.shape) == (OUT, 6)
+    assert tuple(many.factor.shape) == (IN, IN) and tuple(many.projected_delta.shape) == (OUT, IN)
+    # a concept with repeated rows keeps only the directions it populated
+    w0, xs, targets = _problem([3], seed=9)
+    repeated = xs[0].repeat(20, 1)  # 60 rows > 32 inputs, rank 3
+    stats = _stats(w0, [repeated], targets)
+    assert stats.concepts[0].factor.shape[0] <= IN
+    torch.testing.assert_close(stats.concepts[0].factor.mT @ stats.concepts[0].factor,
+                               repeated.mT @ repeated, rtol=1e-9, atol=1e-8)
+
+
+def test_aggregate_objective_matches_per_concept_objective() -> None:
+    w0, xs, targets = _problem([70, 10], seed=10)
+    kept = _stats(w0, xs, targets)
+    lean = _stats(w0, xs, targets, keep_per_concept=False)
+    for w in (solve_exact(kept), weight_average(kept), w0):
+        assert objective(w, lean) == pytest.approx(objective(w, kept), rel=1e-9)
+    torch.testing.assert_close(solve_exact(lean), solve_exact(kept))
+    with pytest.raises(ValueError, match="keep_per_concept"):
+        relative_errors(w0, lean)
+
+
+def test_weight_average_and_degenerate_concepts() -> None:
+    w0, xs, targets = _problem([5, 5, 5], seed=12)
+    w0 = w0.float().double()  # a float32 base, as in a real model: the float32 result can equal it
+    stats = _stats(w0, xs, targets)
+    expected = w0 + sum(t - w0 for t in targets) / 3
+    torch.testing.assert_close(weight_average(stats).double(), expected, rtol=0, atol=1e-6)
+    # no activations at all: nothing constrains W
+    empty = LayerStats(w0)
+    empty.begin_concept(targets[0])
+    empty.end_concept()
+    assert empty.rows == [0]
+    torch.testing.assert_close(solve_exact(empty), w0.float())
+    assert relative_errors(w0, empty) == [0.0]
+    # a concept that changes nothing and is kept exactly reports 0, not nan
+    same = _stats(w0, xs[:1], [w0])
+    fused = solve_exact(same)
+    assert relative_errors(fused, same) == [0.0]
+    assert relative_errors(fused + 1, same) == [math.inf]
+
+
+def test_misuse_is_reported() -> None:
+    w0 = torch.zeros(OUT, IN)
+    stats = LayerStats(w0)
+    with pytest.raises(RuntimeError, match="begin_concept"):
+        stats.add(torch.zeros(3, IN))
+    with pytest.raises(ValueError, match="target shape"):
+        stats.begin_concept(torch.zeros(IN, OUT))
+    stats.begin_concept(w0)
+    with pytest.raises(ValueError, match="features"):
+        stats.add(torch.zeros(3, IN + 1))
+    with pytest.raises(RuntimeError, match="still open"):
+        solve_exact(stats)
+    with pytest.raises(RuntimeError, match="another concept"):
+        stats.begin_concept(w0)
+    stats.add(torch.full((2, IN), float("nan")))
+    stats.end_concept()
+    with pytest.raises(ValueError, match="not finite"):
+        solve_exact(stats)
+
+
+def test_streaming_under_inference_mode() -> None:
+    """Hosts sample under torch.inference_mode/no_grad; the statistics must still solve (and feed
+    the autograd-based LBFGS reference) outside it."""
+    w0, xs, targets = _problem([20, 50], seed=14)
+    stats = LayerStats(w0)
+    with torch.inference_mode():
+        for x, t in zip(xs, targets):
+            stats.begin_concept(t)
+            for part in x.split(16):
+                stats.add(part.clone())
+            stats.end_concept()
+    reference = _stats(w0, xs, targets)
+    torch.testing.assert_close(solve_exact(stats), solve_exact(reference))
+    assert objective(solve_lbfgs(stats, iterations=5), stats) < objective(w0, stats)
+    stats.begin_concept(targets[0])
+    stats.add(xs[0])
+    stats.end_concept()
+    assert stats.rows == [20, 50, 20]

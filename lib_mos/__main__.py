@@ -22,6 +22,21 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--embedding", type=Path, help="textual-inversion embedding that goes with a kohya LoRA")
     convert.add_argument("--name", help="concept name (default: the file stem; names the tokens of an --embedding)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    fuse = sub.add_parser("fuse", help="gradient fusion: merge concepts into one checkpoint")
+    fuse.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="base SD1 checkpoint")
+    fuse.add_argument("--concept", action="append", required=True, metavar="FILE[:<new1>+<new2>]",
+                      help="concept file, optionally with new token names; repeat for each concept")
+    fuse.add_argument("--out", type=Path, required=True, metavar="FUSED.safetensors")
+    fuse.add_argument("--device", default="cpu")
+    fuse.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the saved weights")
+    fuse.add_argument("--solver", choices=("exact", "lbfgs"), default="exact")
+    fuse.add_argument("--spatial-steps", type=int, default=20)
+    fuse.add_argument("--spatial-size", type=int, default=512)
+    fuse.add_argument("--seed", type=int, default=0)
+    fuse.add_argument("--skip-stage", action="append", choices=("te", "kv", "spatial"), default=[])
+    fuse.add_argument("--unet-weight", type=float, default=1.0, help="LoRA weight of every concept in the UNet")
+    fuse.add_argument("--text-weight", type=float, default=1.0, help="LoRA weight in the text encoder")
+    fuse.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -30,6 +45,39 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.out, seed=args.seed)
     elif args.command == "convert":
         return _convert(args.input, args.output, embedding=args.embedding, name=args.name, overwrite=args.overwrite)
+    elif args.command == "fuse":
+        return _fuse(args)
+    return 0
+
+
+def _fuse(args: argparse.Namespace) -> int:
+    """Fuse with a progress line on stderr; bad input is one line naming the file, and no file."""
+    import time
+
+    import torch
+
+    from lib_mos import fusion
+    from lib_mos.concepts import ConceptError
+
+    def progress(what: str, done: int, total: int) -> None:
+        print(f"\r{what}: {done}/{total}   ", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        settings = fusion.FusionSettings(solver=args.solver, spatial_steps=args.spatial_steps,
+                                         spatial_size=args.spatial_size, seed=args.seed,
+                                         skip=frozenset(args.skip_stage))
+        specs = [fusion.parse_concept_spec(c, args.unet_weight, args.text_weight) for c in args.concept]
+        path, result = fusion.fuse_checkpoint(args.base, specs, args.out, settings,
+                                              dtype=torch.float16 if args.dtype == "fp16" else torch.float32,
+                                              overwrite=args.overwrite, device=args.device, progress=progress)
+    except (ConceptError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail(f"{args.out}: interrupted; nothing was written")
+    print(fusion.format_report(result.report))
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    print(f"wrote {path} ({len(result.concepts)} concepts; {stages}; total {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

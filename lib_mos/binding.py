@@ -90,7 +90,7 @@ class PromptBinder:
     def concept_tokens_in(self, prompt: str) -> list[str]:
         return self._pattern.findall(prompt) if self._pattern else []
 
-    def _tokenize_bound(self, prompt: str) -> tuple[list[int], list[tuple[int, str]]]:
+    def tokenize_bound(self, prompt: str) -> tuple[list[int], list[tuple[int, str]]]:
         """Ids with one placeholder position per concept token, and (position, token) slots."""
         ids: list[int] = []
         slots: list[tuple[int, str]] = []
@@ -115,7 +115,7 @@ class PromptBinder:
                 self._cache[p] = z.unsqueeze(0).expand(self.layers, -1, -1)
         if bound:
             L = self.layers
-            tokenized = [self._tokenize_bound(p) for p in bound]
+            tokenized = [self.tokenize_bound(p) for p in bound]
             ids = torch.tensor([t[0] for t in tokenized], dtype=torch.long, device=device)
             ids = ids.repeat_interleave(L, dim=0)  # row b*L + l: prompt b, layer l
             mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)

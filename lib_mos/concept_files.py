@@ -664,3 +664,28 @@ def check_against_model(concept: Concept, model: sd1.SD1Model) -> None:
             f"{what}: embeddings have {concept.layers} layer rows per token, the model has "
             f"{len(sd1.ATTN2_NAMES)} cross-attention layers")
     check_fits(concept, model.unet, model.text_encoder)
+
+
+def find_concept_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Concept files under `folder` (e.g. the WebUI's models/Lora): our `.safetensors` (recognised by
+    their metadata, so plain LoRAs are not listed) and the authors' `.pth`/`.pt`. Cheap: headers only."""
+    from safetensors import safe_open
+
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.rglob("*")):
+        suffix = path.suffix.lower()
+        if not path.is_file():
+            continue
+        if suffix in (".pth", ".pt"):
+            found.append(path)
+        elif suffix == ".safetensors":
+            try:
+                with safe_open(str(path), "pt") as f:
+                    if METADATA_KEY in (f.metadata() or {}):
+                        found.append(path)
+            except Exception:  # unreadable files are simply not offered
+                continue
+    return found

@@ -1,7 +1,11 @@
 """`make demo`: the product's main job end to end on the tiny random-weight SD1 model.
 
-Writes under the output folder and prints every file it wrote. Later features add their steps
-here (concept conversion, fusion, regional sampling).
+1. build the tiny SD1 model and save it in the host's checkpoint layout;
+2. write two concepts in the authors' ED-LoRA `.pth` layout (both key spellings) and convert
+   them to our `.safetensors` concept format;
+3. fuse both concepts into one checkpoint (gradient fusion) and print the fusion report;
+4. sample with the fused checkpoint, binding both concepts' tokens in one prompt.
+Every file written is printed. Later features add their steps here.
 """
 
 from __future__ import annotations
@@ -9,18 +13,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from lib_mos import binding, sampling, sd1
+import torch
+
+from lib_mos import binding, fusion, sampling, sd1, synthetic
+from lib_mos.concept_files import read_concept, write_concept
 
 
 def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     t0 = time.perf_counter()
+
+    def wrote(path: Path, what: str) -> None:
+        written.append(Path(path))
+        print(f"{what}: {path}")
+
     model = sd1.build_tiny_sd1(seed=seed)
-    ckpt = sd1.save_checkpoint(model, out / "tiny-sd1.safetensors", overwrite=True)
-    written.append(Path(ckpt))
-    print(f"built the tiny SD1 model (16 attn2 layers, context {model.config.context_dim}) "
-          f"and saved it in the host's checkpoint layout: {ckpt}")
+    base = sd1.save_checkpoint(model, out / "tiny-sd1.safetensors", overwrite=True)
+    wrote(base, f"tiny SD1 model (16 attn2 layers, context {model.config.context_dim}), host checkpoint layout")
 
     prompts = ["a photo of a cat", "a photo of a dog"]
     cond = binding.encode_prompts(model, prompts)
@@ -30,7 +40,34 @@ def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> li
     for prompt, image in zip(prompts, sampling.latents_to_images(latents)):
         path = out / f"txt2img-{prompt.replace(' ', '-')}.png"
         image.save(path)
-        written.append(path)
-        print(f"sampled {prompt!r} ({steps} Euler steps, CFG 7.5, {size}x{size}): {path}")
+        wrote(path, f"sampled {prompt!r} ({steps} Euler steps, CFG 7.5, {size}x{size})")
+
+    concept_dir = out / "concepts"
+    concept_dir.mkdir(exist_ok=True)
+    specs = []
+    for k, (tokens, spelling) in enumerate(((("<cat1>", "<cat2>"), "main"), (("<dog1>", "<dog2>"), "research_branch"))):
+        concept = synthetic.random_concept(model, tokens, seed=seed + 10 + k)
+        pth = concept_dir / f"{concept.name}-edlora-{spelling}.pth"
+        torch.save(synthetic.authors_params(concept, spelling), pth)
+        wrote(pth, f"concept {' '.join(tokens)} in the authors' ED-LoRA layout ({spelling} spelling)")
+        ours = write_concept(read_concept(pth, name=concept.name), concept_dir / f"{concept.name}.safetensors", overwrite=True)
+        wrote(ours, "  converted to our concept format (also a kohya LoRA for the WebUI)")
+        specs.append(fusion.ConceptSpec(str(ours)))
+
+    fused_path = out / "fused-cat-dog.safetensors"
+    settings = fusion.FusionSettings(spatial_steps=steps, spatial_size=size, seed=seed)
+    path, result = fusion.fuse_checkpoint(base, specs, fused_path, settings, dtype=torch.float32, overwrite=True)
+    print("gradient fusion report (relative output error per concept and stage; lower is better):")
+    print("  " + fusion.format_report(result.report).replace("\n", "\n  "))
+    wrote(path, "fused checkpoint (" + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()) + ")")
+
+    fused = sd1.load_checkpoint(path)
+    binder = binding.PromptBinder(fused, fusion.read_fused_concepts(path))
+    prompt = "a photo of <cat1> <cat2> and <dog1> <dog2>"
+    latents = sampling.sample_euler(fused, binder.encode([prompt]), binding.encode_prompts(fused, ["blurry"]),
+                                    seeds=[seed], height=size, width=size, steps=steps, cfg_scale=7.5)
+    image_path = out / "fused-cat-and-dog.png"
+    sampling.latents_to_images(latents)[0].save(image_path)
+    wrote(image_path, f"sampled {prompt!r} with the fused checkpoint (layer-wise binding)")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; wrote {len(written)} files under {out}/")
     return written

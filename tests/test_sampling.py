@@ -3,6 +3,7 @@ demo runs end to end."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +54,17 @@ def test_prompt_longer_than_one_chunk_is_refused():
 
 def test_demo_runs_and_says_what_it_wrote(tmp_path):
     out = tmp_path / "outputs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend on 2 cores
     proc = subprocess.run([sys.executable, "-m", "lib_mos", "demo", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
-    written = sorted(p.name for p in out.iterdir())
-    assert written == ["tiny-sd1.safetensors", "txt2img-a-photo-of-a-cat.png", "txt2img-a-photo-of-a-dog.png"]
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["concepts/cat1-edlora-main.pth", "concepts/cat1.safetensors",
+                       "concepts/dog1-edlora-research_branch.pth", "concepts/dog1.safetensors",
+                       "fused-cat-and-dog.png", "fused-cat-dog.safetensors", "tiny-sd1.safetensors",
+                       "txt2img-a-photo-of-a-cat.png", "txt2img-a-photo-of-a-dog.png"]
     for name in written:
         assert str(out / name) in proc.stdout
+    assert "gradient fusion report" in proc.stdout
     loaded = sd1.load_checkpoint(out / "tiny-sd1.safetensors")
     assert len(sd1.attn2_modules(loaded.unet)) == 16

@@ -124,6 +124,7 @@ class State:
 
     def begin(self, job: str = "(unknown)") -> None:
         self.reset()
+        self.job_count = -1
         self.job = job
 
     def end(self) -> None:

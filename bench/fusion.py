@@ -25,6 +25,7 @@ import math
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,11 @@ def _worker_exact(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict
     layers = [_Layer(args.seed, stage_id, i, stage.shapes[i]) for i in layer_ids]
     w0s = [_base_weight(args.seed, stage_id, i, stage.shapes[i]) for i in layer_ids]
     rss_base = _peak_rss_mb()
-    stats = [LayerStats(w0, keep_per_concept=not args.lean) for w0 in w0s]
+    # as lib_mos.fusion runs it: dense float64 G and S for the solve, float32 per-concept report
+    # statistics spilled to a temporary folder after each concept (or none with --lean)
+    spill = tempfile.TemporaryDirectory(prefix="mos-bench-")
+    stats = [LayerStats(w0, keep_per_concept=not args.lean, per_concept_dtype=torch.float32, dense=True)
+             for w0 in w0s]
     accumulate_s = 0.0
     for c in range(args.concepts):
         for layer, layer_stats in zip(layers, stats):
@@ -159,15 +164,21 @@ def _worker_exact(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict
             for x in chunks:
                 layer_stats.add(x)
             layer_stats.end_concept()
+            if not args.lean:
+                layer_stats.spill(Path(spill.name))
             accumulate_s += time.perf_counter() - t0
     stats_mb = sum(s.nbytes() for s in stats) / 2**20
     t0 = time.perf_counter()
     fused = [solve_exact(s) for s in stats]
     solve_s = time.perf_counter() - t0
-    del fused
+    t0 = time.perf_counter()
+    report = [relative_errors(w, s) for w, s in zip(fused, stats)] if not args.lean else []
+    report_s = time.perf_counter() - t0
+    del fused, report
+    spill.cleanup()
     n = len(stats)
     return {"layers": n, "layers_full": len(stage.shapes), "exact_s": accumulate_s + solve_s,
-            "exact_accumulate_s": accumulate_s, "exact_solve_s": solve_s,
+            "exact_accumulate_s": accumulate_s, "exact_solve_s": solve_s, "report_s": report_s,
             "exact_s_per_layer": (accumulate_s + solve_s) / n, "stats_mb": round(stats_mb, 1),
             "keep_per_concept": not args.lean, "rss_base_mb": round(rss_base, 1),
             "peak_rss_mb_exact": round(_peak_rss_mb(), 1)}

@@ -142,10 +142,28 @@ def _recording(root: nn.Module, stats: dict[str, LayerStats],
             h.remove()
 
 
-def _target(w0: torch.Tensor, concept: Concept, lora: str, name: str, weight: float) -> torch.Tensor:
-    factors = concept.unet_lora if lora == "unet" else concept.text_lora
-    f = factors.get(name)
-    return w0 if f is None or weight == 0 else w0 + weight * f.delta(torch.float32).to(w0.device)
+def _delta(st: LayerStats, concept: Concept, lora: str, name: str, weight: float) -> torch.Tensor:
+    """dW_i of one layer at the concept's merge weight (zero where the concept has no LoRA)."""
+    f = (concept.unet_lora if lora == "unet" else concept.text_lora).get(name)
+    if f is None or weight == 0:
+        return torch.zeros_like(st.w0, dtype=torch.float64)
+    return weight * f.delta(torch.float64).to(st.w0.device)
+
+
+def _new_stats(root: nn.Module, names: Sequence[str], device: torch.device) -> dict[str, LayerStats]:
+    """Per-layer statistics whose memory does not depend on the number of concepts: dense float64
+    G and S for the solve, float32 per-concept report factors that are spilled to disk."""
+    return {n: LayerStats(root.get_submodule(n).weight.data.float(), device=device,
+                          per_concept_dtype=torch.float32, dense=True) for n in names}
+
+
+def _end_concept(stats: dict[str, LayerStats], spill_dir: str) -> None:
+    """Close the concept in every layer and move its report statistics out of memory."""
+    from pathlib import Path
+
+    for st in stats.values():
+        st.end_concept()
+        st.spill(Path(spill_dir))
 
 
 def _solve(stage: str, stats: dict[str, LayerStats], settings: FusionSettings, progress: Progress | None,
@@ -181,12 +199,20 @@ def _first_eos_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
     return (is_eos.cumsum(1) - is_eos.long()) == 0
 
 
-@torch.no_grad()
 def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettings | None = None, *,
          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> FusionResult:
     """Fuse `inputs` into `model`'s weights; returns the fused weights of every layer a concept
-    changes (float32, CPU) and the report. `model` is unchanged afterwards."""
-    settings = settings or FusionSettings()
+    changes (float32, CPU) and the report. `model` is unchanged afterwards. The per-concept report
+    statistics wait in a temporary folder, so memory does not grow with the number of concepts."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mos-fusion-") as spill_dir:
+        return _fuse(model, inputs, settings or FusionSettings(), progress, should_stop, spill_dir)
+
+
+@torch.no_grad()
+def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettings, progress: Progress | None,
+          should_stop: Callable[[], bool] | None, spill_dir: str) -> FusionResult:
     check_inputs(model, inputs)
     te, unet = model.text_encoder, model.unet
     device = next(unet.parameters()).device
@@ -201,7 +227,7 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
     text_names = sorted({n for i in inputs for n in i.concept.text_lora})
     if "te" not in settings.skip and text_names:
         t0 = time.perf_counter()
-        stats = {n: LayerStats(te.get_submodule(n).weight.data.float(), device=device) for n in text_names}
+        stats = _new_stats(te, text_names, device)
         mask: list[torch.Tensor] = []
 
         def remember_mask(module, args, kwargs):
@@ -210,7 +236,7 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
         for k, item in enumerate(inputs):
             stop_check("text encoder")
             for n, st in stats.items():
-                st.begin_concept(_target(st.w0, item.concept, "text", n, item.text_weight))
+                st.begin_concept(delta=_delta(st, item.concept, "text", n, item.text_weight))
             handle = te.register_forward_pre_hook(remember_mask, with_kwargs=True)
             try:
                 with applied([(item.concept, 0.0, item.text_weight)], unet, te), \
@@ -218,8 +244,7 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
                     PromptBinder(model, [item.concept]).encode(prompts_for(item.concept))
             finally:
                 handle.remove()
-            for st in stats.values():
-                st.end_concept()
+            _end_concept(stats, spill_dir)
             if progress:
                 progress("te: recording", k + 1, len(inputs))
         result.text_weights = _solve("te", stats, settings, progress, should_stop)
@@ -232,7 +257,7 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
     kv_names = [n for n in kv_names if any(n in i.concept.unet_lora for i in inputs)]
     if "kv" not in settings.skip and kv_names:
         t0 = time.perf_counter()
-        stats = {n: LayerStats(unet.get_submodule(n).weight.data.float(), device=device) for n in kv_names}
+        stats = _new_stats(unet, kv_names, device)
         with _weights(te, result.text_weights):
             for k, item in enumerate(inputs):
                 stop_check("cross-attention k/v")
@@ -247,9 +272,9 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
                 feats = torch.cat(rows, dim=1)
                 for n, st in stats.items():
                     layer = ATTN2_NAMES.index(n.rsplit(".", 1)[0])
-                    st.begin_concept(_target(st.w0, item.concept, "unet", n, item.unet_weight))
+                    st.begin_concept(delta=_delta(st, item.concept, "unet", n, item.unet_weight))
                     st.add(feats[layer])
-                    st.end_concept()
+                _end_concept(stats, spill_dir)
                 if progress:
                     progress("kv: recording", k + 1, len(inputs))
         result.unet_weights.update(_solve("kv", stats, settings, progress, should_stop))
@@ -262,7 +287,7 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
     spatial_names = sorted({n for i in inputs for n in i.concept.unet_lora if n not in kv_set})
     if "spatial" not in settings.skip and spatial_names:
         t0 = time.perf_counter()
-        stats = {n: LayerStats(unet.get_submodule(n).weight.data.float(), device=device) for n in spatial_names}
+        stats = _new_stats(unet, spatial_names, device)
         fused_kv = {n: w for n, w in result.unet_weights.items() if n in kv_set}
         with _weights(te, result.text_weights), _weights(unet, fused_kv):
             for k, item in enumerate(inputs):
@@ -271,7 +296,7 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
                     item.concept, text_lora={},
                     unet_lora={n: f for n, f in item.concept.unet_lora.items() if n not in kv_set})
                 for n, st in stats.items():
-                    st.begin_concept(_target(st.w0, item.concept, "unet", n, item.unet_weight))
+                    st.begin_concept(delta=_delta(st, item.concept, "unet", n, item.unet_weight))
                 cond = PromptBinder(model, [item.concept]).encode(prompts_for(item.concept)[:1])
 
                 def on_step(step: int, x: torch.Tensor, _k=k) -> None:
@@ -283,8 +308,7 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
                     sampling.sample_euler(model, cond.to(device), None, seeds=[settings.seed],
                                           height=settings.spatial_size, width=settings.spatial_size,
                                           steps=settings.spatial_steps, cfg_scale=1.0, callback=on_step)
-                for st in stats.values():
-                    st.end_concept()
+                _end_concept(stats, spill_dir)
         result.unet_weights.update(_solve("spatial", stats, settings, progress, should_stop))
         result.report += _report("spatial", inputs, stats, {n: result.unet_weights[n] for n in stats})
         result.seconds["spatial"] = time.perf_counter() - t0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import Tensor
 __all__ = [
     "ConceptStats",
     "LayerStats",
+    "SpilledConceptStats",
     "objective",
     "relative_errors",
     "solve_exact",
@@ -54,6 +56,34 @@ class ConceptStats:
     rows: int
     factor: Tensor
     projected_delta: Tensor
+
+
+class SpilledConceptStats:
+    """A finished concept's report statistics kept in a file and read back on access, so memory
+    stays flat in the number of concepts (the solve itself only needs the dense G and S)."""
+
+    def __init__(self, stats: ConceptStats, path: Path, device: torch.device) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"factor": stats.factor.contiguous().cpu(),
+                   "projected_delta": stats.projected_delta.contiguous().cpu()}, str(path))
+        self.rows = stats.rows
+        self.path = path
+        self.device = device
+
+    def _get(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_tensor(name).to(self.device)
+
+    @property
+    def factor(self) -> Tensor:
+        return self._get("factor")
+
+    @property
+    def projected_delta(self) -> Tensor:
+        return self._get("projected_delta")
 
 
 def _psd_factor(gram: Tensor) -> Tensor:
@@ -91,7 +121,8 @@ class LayerStats:
     """
 
     def __init__(self, w0: Tensor, *, device: torch.device | str | None = None,
-                 keep_per_concept: bool = True, per_concept_dtype: torch.dtype = _F64) -> None:
+                 keep_per_concept: bool = True, per_concept_dtype: torch.dtype = _F64,
+                 dense: bool = False) -> None:
         if w0.dim() != 2:
             raise ValueError(f"w0 must be a 2-D [out, in] weight, got shape {tuple(w0.shape)}")
         if not w0.is_floating_point():
@@ -99,11 +130,14 @@ class LayerStats:
         self.device = torch.device(device) if device is not None else w0.device
         self.out_features, self.in_features = (int(s) for s in w0.shape)
         self.keep_per_concept = keep_per_concept
+        # dense: fold every concept into G and S at once, so memory is the same for 1 or 100
+        # concepts (raw rows are smaller while few, but grow with every concept up to `in` rows)
+        self.dense = dense
         self.per_concept_dtype = per_concept_dtype
         # A copy: the caller may swap LoRAs into the live weight in place while we stream.
         self.w0 = w0.detach().to(device=self.device, copy=True)
         self.rows: list[int] = []
-        self.concepts: list[ConceptStats] = []
+        self.concepts: list[ConceptStats | SpilledConceptStats] = []
         self.delta_energy = torch.zeros((), dtype=_F64, device=self.device)
         # per-concept float64 factors are the solve's statistics too: no dense copy needed
         self._factors_are_stats = keep_per_concept and per_concept_dtype == _F64
@@ -241,7 +275,7 @@ class LayerStats:
                 if not self._factors_are_stats:
                     self._pending.append((factor, projected))
                     self._pending_rows += factor.shape[0]
-                    if self._pending_rows > self.in_features:
+                    if self.dense or self._pending_rows > self.in_features:
                         self._fold_pending()
             else:
                 gram_i = self._concept_gram
@@ -273,6 +307,17 @@ class LayerStats:
         self._concept_gram = None
         self._concept_rows = 0
 
+    def spill(self, folder: Path) -> None:
+        """Move every finished concept's report statistics into files under `folder` (which must
+        outlive this object's use). Only when the solve does not read them (float64 per-concept
+        factors double as the solve's statistics: use `per_concept_dtype=torch.float32`)."""
+        if self._factors_are_stats:
+            raise RuntimeError("spill() needs per_concept_dtype other than float64 (the solve reads those factors)")
+        for i, c in enumerate(self.concepts):
+            if isinstance(c, ConceptStats):
+                self.concepts[i] = SpilledConceptStats(c, Path(folder) / f"layer{id(self):x}-concept{i}.safetensors",
+                                                       self.device)
+
     def _fold_pending(self) -> None:
         """Row factors now outweigh a dense Gram: sum them into G and S and drop them."""
         gram, delta_rhs = self._dense()
@@ -291,7 +336,8 @@ class LayerStats:
         for factor, projected in self._pending:
             tensors += [factor, projected]
         for c in self.concepts:
-            tensors += [c.factor, c.projected_delta]
+            if isinstance(c, ConceptStats):
+                tensors += [c.factor, c.projected_delta]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _require_closed(self, what: str) -> None:

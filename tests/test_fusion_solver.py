@@ -329,3 +329,42 @@ def test_streaming_under_inference_mode() -> None:
     stats.add(xs[0])
     stats.end_concept()
     assert stats.rows == [20, 50, 20]
+
+
+@pytest.mark.parametrize("rows", [[10, 7, 5], [200, 150, 90]])
+def test_spilled_report_statistics_match_and_leave_memory(tmp_path, rows: list[int]) -> None:
+    """Report statistics spilled to files give the same solve and report as kept ones, and the
+    memory held no longer grows with the number of concepts."""
+    w0, xs, targets = _problem(rows, seed=5)
+    kept = _stats(w0, xs, targets, per_concept_dtype=torch.float32)
+    spilled = LayerStats(w0, per_concept_dtype=torch.float32)
+    held = []
+    for x, target in zip(xs, targets):
+        spilled.begin_concept(target)
+        spilled.add(x)
+        spilled.end_concept()
+        spilled.spill(tmp_path)
+        held.append(spilled.nbytes())
+    assert len(list(tmp_path.iterdir())) == len(rows)
+    w = solve_exact(spilled)
+    torch.testing.assert_close(w, solve_exact(kept))
+    torch.testing.assert_close(torch.tensor(relative_errors(w, spilled)), torch.tensor(relative_errors(w, kept)))
+    assert spilled.nbytes() < kept.nbytes()
+    assert max(held) <= (3 * IN * IN + 4 * OUT * IN) * 8  # bounded whatever the number of concepts
+    with pytest.raises(RuntimeError, match="float64"):
+        _stats(w0, xs, targets).spill(tmp_path)
+
+
+def test_dense_statistics_are_the_same_size_for_any_number_of_concepts(tmp_path) -> None:
+    sizes = []
+    for n in (2, 8):
+        w0, xs, targets = _problem([10] * n, seed=n)
+        stats = LayerStats(w0, per_concept_dtype=torch.float32, dense=True)
+        for x, target in zip(xs, targets):
+            stats.begin_concept(target)
+            stats.add(x)
+            stats.end_concept()
+            stats.spill(tmp_path)
+        sizes.append(stats.nbytes())
+        torch.testing.assert_close(solve_exact(stats), _lstsq_reference(w0, xs, targets).float(), rtol=1e-4, atol=1e-4)
+    assert sizes[0] == sizes[1]

@@ -149,11 +149,11 @@ def _worker_exact(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict
     layers = [_Layer(args.seed, stage_id, i, stage.shapes[i]) for i in layer_ids]
     w0s = [_base_weight(args.seed, stage_id, i, stage.shapes[i]) for i in layer_ids]
     rss_base = _peak_rss_mb()
-    # as lib_mos.fusion runs it: dense float64 G and S for the solve, float32 per-concept report
-    # statistics spilled to a temporary folder after each concept (or none with --lean)
+    # as lib_mos.fusion runs it: dense float64 G and S for the solve (raw rows for k/v, 6 per
+    # concept), float32 per-concept report statistics spilled after each concept (none: --lean)
     spill = tempfile.TemporaryDirectory(prefix="mos-bench-")
-    stats = [LayerStats(w0, keep_per_concept=not args.lean, per_concept_dtype=torch.float32, dense=True)
-             for w0 in w0s]
+    stats = [LayerStats(w0, keep_per_concept=not args.lean, per_concept_dtype=torch.float32,
+                        dense=stage.name != "kv") for w0 in w0s]
     accumulate_s = 0.0
     for c in range(args.concepts):
         for layer, layer_stats in zip(layers, stats):

@@ -150,11 +150,14 @@ def _delta(st: LayerStats, concept: Concept, lora: str, name: str, weight: float
     return weight * f.delta(torch.float64).to(st.w0.device)
 
 
-def _new_stats(root: nn.Module, names: Sequence[str], device: torch.device) -> dict[str, LayerStats]:
-    """Per-layer statistics whose memory does not depend on the number of concepts: dense float64
-    G and S for the solve, float32 per-concept report factors that are spilled to disk."""
+def _new_stats(root: nn.Module, names: Sequence[str], device: torch.device, *, dense: bool = True
+               ) -> dict[str, LayerStats]:
+    """Per-layer statistics: float32 per-concept report factors are spilled to disk; the solve's
+    G and S are dense float64 (memory independent of the concept count) or, for layers that see a
+    handful of rows per concept (attn2 k/v: 6), raw rows until they outgrow a dense Gram (smaller
+    and faster there, and bounded by the dense size)."""
     return {n: LayerStats(root.get_submodule(n).weight.data.float(), device=device,
-                          per_concept_dtype=torch.float32, dense=True) for n in names}
+                          per_concept_dtype=torch.float32, dense=dense) for n in names}
 
 
 def _end_concept(stats: dict[str, LayerStats], spill_dir: str) -> None:
@@ -257,7 +260,7 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
     kv_names = [n for n in kv_names if any(n in i.concept.unet_lora for i in inputs)]
     if "kv" not in settings.skip and kv_names:
         t0 = time.perf_counter()
-        stats = _new_stats(unet, kv_names, device)
+        stats = _new_stats(unet, kv_names, device, dense=False)
         with _weights(te, result.text_weights):
             for k, item in enumerate(inputs):
                 stop_check("cross-attention k/v")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib_mos.attention import LayerwiseContext, attn2_processor
+from lib_mos.attention import Attn2Processor, LayerwiseContext, attn2_processor
 from lib_mos.sd1 import SD1Model
 
 LATENT_CHANNELS = 4
@@ -90,11 +90,13 @@ def sample_euler(
     steps: int = 20,
     cfg_scale: float = 7.5,
     callback: StepCallback | None = None,
+    processor: Attn2Processor | None = None,
 ) -> torch.Tensor:
     """Latents [B, 4, H/8, W/8]. `cond`/`uncond` are [B, T, D], or layer-wise [B, L, T, D] (bound
     concept prompts; see `binding`). uncond None or cfg 1: no guidance.
 
     cond and uncond go through the UNet as one batch (cond rows first), like the host's default.
+    `processor` replaces the attn2 behaviour (e.g. `RegionalContext` with rows set for that batch).
     """
     if cond.shape[0] != len(seeds):
         raise ValueError(f"{cond.shape[0]} conditionings for {len(seeds)} seeds")
@@ -108,7 +110,12 @@ def sample_euler(
         layers = (cond if cond.dim() == 4 else uncond).shape[1]
         cond, uncond = (c if c.dim() == 4 else c.unsqueeze(1).expand(-1, layers, -1, -1) for c in (cond, uncond))
     context = torch.cat([cond, uncond]) if guided else cond
-    layerwise = attn2_processor(model.unet, LayerwiseContext()) if context.dim() == 4 else contextlib.nullcontext()
+    if processor is not None:
+        layerwise = attn2_processor(model.unet, processor)
+    elif context.dim() == 4:
+        layerwise = attn2_processor(model.unet, LayerwiseContext())
+    else:
+        layerwise = contextlib.nullcontext()
     with any_multiple_of_8(), layerwise:
         for i in range(steps):
             sigma = sigmas[i]

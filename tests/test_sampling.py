@@ -61,10 +61,29 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == ["concepts/cat1-edlora-main.pth", "concepts/cat1.safetensors",
                        "concepts/dog1-edlora-research_branch.pth", "concepts/dog1.safetensors",
-                       "fused-cat-and-dog.png", "fused-cat-dog.safetensors", "tiny-sd1.safetensors",
+                       "fused-cat-and-dog.png", "fused-cat-dog.safetensors", "regional-cat-left-dog-right.png",
+                       "tiny-sd1.safetensors",
                        "txt2img-a-photo-of-a-cat.png", "txt2img-a-photo-of-a-dog.png"]
     for name in written:
         assert str(out / name) in proc.stdout
     assert "gradient fusion report" in proc.stdout
     loaded = sd1.load_checkpoint(out / "tiny-sd1.safetensors")
     assert len(sd1.attn2_modules(loaded.unet)) == 16
+
+
+def test_regional_sampling_whole_image_region_equals_its_prompt_alone():
+    from lib_mos.attention import RegionalContext
+    from lib_mos.regions import Region, RegionSpec, layer_masks
+
+    model = sd1.build_tiny_sd1(0)
+    spec = RegionSpec(regions=(Region("a dog", negative="dark", box=(0.0, 0.0, 1.0, 1.0), units="fraction"),))
+    cond, uncond = binding.encode_prompts(model, ["a cat"]), binding.encode_prompts(model, ["blurry"])
+    region_rows = torch.stack([binding.encode_prompts(model, ["a dog"]), binding.encode_prompts(model, ["dark"])])
+    processor = RegionalContext()
+    processor.set_rows(region_rows, layer_masks(spec, 64, 64))  # [2 rows, 1 region, 77, D]
+    kwargs = dict(seeds=[3], height=64, width=64, steps=3, cfg_scale=7.5)
+    regional = sampling.sample_euler(model, cond, uncond, processor=processor, **kwargs)
+    alone = sampling.sample_euler(model, binding.encode_prompts(model, ["a dog"]),
+                                  binding.encode_prompts(model, ["dark"]), **kwargs)
+    torch.testing.assert_close(regional, alone, rtol=1e-3, atol=1e-3)  # SDPA vs ldm einsum, CFG 7.5
+    assert all("forward" not in m.__dict__ for _, m in sd1.attn2_modules(model.unet))

@@ -222,3 +222,48 @@ class RegionalContext:
         return regional_attention(
             module, x, context.to(x.device, x.dtype), region_context.to(x.device, x.dtype), w.to(x.device)
         )
+
+
+class SteppedRegionalContext:
+    """`RegionalContext` for hosts that spread one denoising step's rows over several UNet calls.
+
+    The caller gives the plan for ALL rows of a step, in the host's order (A1111: every cond row,
+    then every uncond row); each UNet call takes the next rows of the step, as many as it has.
+    This holds in every batching mode of the host (one call; chunks of batch_size; cond chunks
+    then an uncond call when token lengths differ; uncond rows dropped by NGMS or skip-early-CFG),
+    because all of them process the rows as contiguous slices in that order. A new call is
+    recognised at attn2 layer 0, which every UNet call passes exactly once.
+    """
+
+    def __init__(self) -> None:
+        self.inner = RegionalContext()
+        self._step: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None] | None = None
+        self._cursor = 0
+        self.error: BaseException | None = None  # raised at the next call (hosts swallow callback errors)
+
+    def set_step(self, region_context: torch.Tensor, weights: Sequence[torch.Tensor],
+                 context: torch.Tensor | None = None) -> None:
+        """Rows of the whole step: region_context [R, (L,) K, Tr, D], weights per layer [R, K, N_l]
+        or [K, N_l], optional context [R, (L,) T, D] replacing the call's own."""
+        self._step = (region_context, list(weights), context)
+        self._cursor = 0
+
+    def clear(self) -> None:
+        self._step = None
+        self._cursor = 0
+        self.inner.clear_rows()
+
+    def __call__(self, module: nn.Module, layer: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        if self.error is not None:
+            raise self.error
+        if layer == 0:
+            if self._step is None:
+                raise RuntimeError("SteppedRegionalContext: no plan for this denoising step")
+            region_context, weights, override = self._step
+            a, b = self._cursor, self._cursor + x.shape[0]
+            if b > region_context.shape[0]:
+                raise RuntimeError(f"the UNet call needs rows {a}:{b} but the step has {region_context.shape[0]}")
+            self._cursor = b
+            self.inner.set_rows(region_context[a:b], [w[a:b] if w.dim() == 3 else w for w in weights],
+                                None if override is None else override[a:b])
+        return self.inner(module, layer, x, context)

@@ -572,6 +572,8 @@ def masks_for_layers(latent_masks: torch.Tensor, sizes: Sequence[tuple[int, int]
     if latent_masks.dim() != 3:
         raise ValueError(f"latent masks must be [K, h, w], got {tuple(latent_masks.shape)}")
     k, h0, w0 = latent_masks.shape
+    if k == 0:  # no regions: empty masks of the right sizes (pooling cannot take 0 channels)
+        return [latent_masks.new_zeros(0, h * w) for h, w in sizes]
     cache: dict[tuple[int, int], torch.Tensor] = {}
     out = []
     for h, w in sizes:

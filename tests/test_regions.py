@@ -310,3 +310,10 @@ def test_hires_maps_the_first_pass_spec_to_the_new_size():
     b = regions.region_masks(soft, 128, 96, base_size=(64, 48))
     # the feather radius scales with the latent: the 2x image blurs over twice the cells
     assert ((b > 0.01) & (b < 0.99)).sum() > 3 * ((a > 0.01) & (a < 0.99)).sum()
+
+
+def test_no_regions_gives_empty_masks_of_every_layer_size():
+    from lib_mos.regions import RegionSpec, attention_sizes, layer_masks
+
+    masks = layer_masks(RegionSpec(()), 64, 72)
+    assert [tuple(m.shape) for m in masks] == [(0, h * w) for h, w in attention_sizes(64, 72)]

@@ -107,6 +107,7 @@ class RegionalJob:
         self.processor = SteppedRegionalContext()
         self.cache: dict[str, torch.Tensor] = {}
         self.masks: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.plans: dict[tuple, tuple] = {}  # per row layout, size and prompts: built once, reused each step
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """[n, L, T, D] through the host's encoder (binding concept tokens), cached."""
@@ -125,12 +126,25 @@ class RegionalJob:
         p = self.p
         n_cond, n_uncond = params.text_cond.shape[0], params.text_uncond.shape[0]
         height, width = params.x.shape[-2] * 8, params.x.shape[-1] * 8
+        prompts = p.hr_prompts if getattr(p, "is_hr_pass", False) else p.prompts
+        key = (n_cond, n_uncond, width, height, tuple(prompts))
+        if key not in self.plans:
+            self.plans = {key: self._build_plan(params, n_cond, n_uncond, width, height, prompts)}
+        region, weights, cond = self.plans[key]
+        context = None
+        if cond is not None:  # the uncond may change between steps (prompt editing): joined every step
+            uncond = params.text_uncond.unsqueeze(1).expand(-1, self.binder.layers, -1, -1)
+            t = max(cond.shape[-2], uncond.shape[-2])
+            context = torch.cat([_pad_tokens(cond.to(uncond.dtype), t), _pad_tokens(uncond, t)]).to(region.device)
+        self.processor.set_step(region, weights, context)
+
+    def _build_plan(self, params, n_cond: int, n_uncond: int, width: int, height: int, prompts) -> tuple:
+        p = self.p
         if (width, height) not in self.masks:
             self.masks[(width, height)] = (
                 layer_masks(self.spec, width, height, base_size=(p.width, p.height)) if self.spec.regions
                 else [torch.zeros(1, h * w) for h, w in attention_sizes(width, height)])
         masks = self.masks[(width, height)]
-        layers = self.binder.layers
         k = len(self.spec.regions)
         rows = n_cond + n_uncond
         device = params.x.device
@@ -141,20 +155,15 @@ class RegionalJob:
             pos, neg = _pad_tokens(pos, t), _pad_tokens(neg, t)
             region = torch.cat([pos.transpose(0, 1).unsqueeze(0).expand(n_cond, -1, -1, -1, -1),
                                 neg.transpose(0, 1).unsqueeze(0).expand(n_uncond, -1, -1, -1, -1)])
-            weights = [m.to(device) for m in masks]
         else:  # binding only: no region, all-zero weights make every layer plain attention
             region = params.text_uncond.new_zeros(rows, 1, 1, params.text_uncond.shape[-1])
-            weights = [m.to(device) for m in masks]
-        prompts = p.hr_prompts if getattr(p, "is_hr_pass", False) else p.prompts
-        context = None
+        weights = [m.to(device) for m in masks]
+        cond = None
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in prompts):
             if n_cond != len(prompts):
                 raise ConceptError("concept tokens cannot be combined with AND in the prompt")
-            cond = self.encode(list(prompts))  # [B, L, T, D]
-            uncond = params.text_uncond.unsqueeze(1).expand(-1, layers, -1, -1)
-            t = max(cond.shape[-2], uncond.shape[-2])
-            context = torch.cat([_pad_tokens(cond.to(uncond.dtype), t), _pad_tokens(uncond, t)]).to(device)
-        self.processor.set_step(region.to(device), weights, context)
+            cond = self.encode(list(prompts)).to(device)  # [B, L, T, D]
+        return region.to(device), weights, cond
 
 
 _active: list[RegionalJob] = []

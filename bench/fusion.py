@@ -38,6 +38,7 @@ from lib_mos.fusion_solver import (
     LayerStats,
     objective,
     relative_errors,
+    relative_errors_many,
     solve_exact,
     solve_lbfgs,
     weight_average,
@@ -172,7 +173,8 @@ def _worker_exact(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict
     fused = [solve_exact(s) for s in stats]
     solve_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    report = [relative_errors(w, s) for w, s in zip(fused, stats)] if not args.lean else []
+    # the engine's report: fused and weight-averaged errors per concept, one read of each concept
+    report = [relative_errors_many([w, weight_average(s)], s) for w, s in zip(fused, stats)] if not args.lean else []
     report_s = time.perf_counter() - t0
     del fused, report
     spill.cleanup()

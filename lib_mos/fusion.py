@@ -31,7 +31,7 @@ from torch import nn
 from lib_mos import sampling
 from lib_mos.binding import PromptBinder
 from lib_mos.concepts import Concept, ConceptError, applied, check_fits
-from lib_mos.fusion_solver import LayerStats, relative_errors, solve_exact, solve_lbfgs, weight_average
+from lib_mos.fusion_solver import LayerStats, relative_errors_many, solve_exact, solve_lbfgs, weight_average
 from lib_mos.sd1 import ATTN2_NAMES, SD1Model
 
 STAGES = ("te", "kv", "spatial")
@@ -189,8 +189,9 @@ def _report(stage: str, inputs: Sequence[FusionInput], stats: dict[str, LayerSta
     """Per concept: mean over the stage's layers of the relative output error, fused vs averaged."""
     if not stats:
         return []
-    fused_err = torch.tensor([relative_errors(fused[n], st) for n, st in stats.items()], dtype=torch.float64)
-    avg_err = torch.tensor([relative_errors(weight_average(st), st) for st in stats.values()], dtype=torch.float64)
+    both = [relative_errors_many([fused[n], weight_average(st)], st) for n, st in stats.items()]
+    fused_err = torch.tensor([b[0] for b in both], dtype=torch.float64)
+    avg_err = torch.tensor([b[1] for b in both], dtype=torch.float64)
     return [{"concept": item.concept.name, "stage": stage, "layers": len(stats),
              "fused": float(fused_err[:, i].mean()), "average": float(avg_err[:, i].mean())}
             for i, item in enumerate(inputs)]

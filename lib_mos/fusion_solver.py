@@ -30,6 +30,7 @@ __all__ = [
     "SpilledConceptStats",
     "objective",
     "relative_errors",
+    "relative_errors_many",
     "solve_exact",
     "solve_lbfgs",
     "weight_average",
@@ -57,6 +58,9 @@ class ConceptStats:
     factor: Tensor
     projected_delta: Tensor
 
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return self.factor, self.projected_delta
+
 
 class SpilledConceptStats:
     """A finished concept's report statistics kept in a file and read back on access, so memory
@@ -71,19 +75,20 @@ class SpilledConceptStats:
         self.path = path
         self.device = device
 
-    def _get(self, name: str) -> Tensor:
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """(factor, projected_delta) in one read of the file."""
         from safetensors import safe_open
 
         with safe_open(str(self.path), "pt") as f:
-            return f.get_tensor(name).to(self.device)
+            return f.get_tensor("factor").to(self.device), f.get_tensor("projected_delta").to(self.device)
 
     @property
     def factor(self) -> Tensor:
-        return self._get("factor")
+        return self.tensors()[0]
 
     @property
     def projected_delta(self) -> Tensor:
-        return self._get("projected_delta")
+        return self.tensors()[1]
 
 
 def _psd_factor(gram: Tensor) -> Tensor:
@@ -530,18 +535,25 @@ def objective(w: Tensor, stats: LayerStats) -> float:
 def relative_errors(w: Tensor, stats: LayerStats) -> list[float]:
     """Per concept ||W X_i - W_i X_i|| / ||dW_i X_i||: how much of concept i's own change the fused
     weight loses (0 = kept exactly, 1 = as if the concept's LoRA were dropped). 0/0 reports 0.0."""
+    return relative_errors_many([w], stats)[0]
+
+
+def relative_errors_many(weights: Sequence[Tensor], stats: LayerStats) -> list[list[float]]:
+    """`relative_errors` of several weights (e.g. fused and averaged), reading each concept's
+    statistics once (they may be spilled to disk)."""
     stats._require_closed("relative_errors")
     stats._require_per_concept("relative_errors")
-    change = w.detach().to(device=stats.device, dtype=_F64) - stats.w0.to(_F64)
-    out = []
+    changes = [w.detach().to(device=stats.device, dtype=_F64) - stats.w0.to(_F64) for w in weights]
+    out: list[list[float]] = [[] for _ in weights]
     for c in stats.concepts:
-        projected = c.projected_delta.to(_F64)
-        num = float(torch.linalg.vector_norm(change @ c.factor.to(_F64).mT - projected))
+        factor, projected = (t.to(_F64) for t in c.tensors())
         den = float(torch.linalg.vector_norm(projected))
-        if den == 0.0:
-            out.append(0.0 if num == 0.0 else math.inf)
-        else:
-            out.append(num / den)
+        for errors, change in zip(out, changes):
+            num = float(torch.linalg.vector_norm(change @ factor.mT - projected))
+            if den == 0.0:
+                errors.append(0.0 if num == 0.0 else math.inf)
+            else:
+                errors.append(num / den)
     return out
 
 

@@ -44,13 +44,18 @@ def _problem(rows: list[int], seed: int = 0, out: int = OUT, width: int = IN, ra
 
 
 def _stats(w0: torch.Tensor, xs: list[torch.Tensor], targets: list[torch.Tensor], chunk: int | None = None,
-           **kwargs) -> LayerStats:
+           spill_to=None, held: list[int] | None = None, **kwargs) -> LayerStats:
+    """Stream the concepts in; optionally spill after each one and record the bytes then held."""
     stats = LayerStats(w0, **kwargs)
     for x, target in zip(xs, targets):
         stats.begin_concept(target)
         for part in (x.split(chunk) if chunk else (x,)):
             stats.add(part)
         stats.end_concept()
+        if spill_to is not None:
+            stats.spill(spill_to)
+        if held is not None:
+            held.append(stats.nbytes())
     return stats
 
 
@@ -337,14 +342,8 @@ def test_spilled_report_statistics_match_and_leave_memory(tmp_path, rows: list[i
     memory held no longer grows with the number of concepts."""
     w0, xs, targets = _problem(rows, seed=5)
     kept = _stats(w0, xs, targets, per_concept_dtype=torch.float32)
-    spilled = LayerStats(w0, per_concept_dtype=torch.float32)
-    held = []
-    for x, target in zip(xs, targets):
-        spilled.begin_concept(target)
-        spilled.add(x)
-        spilled.end_concept()
-        spilled.spill(tmp_path)
-        held.append(spilled.nbytes())
+    held: list[int] = []
+    spilled = _stats(w0, xs, targets, spill_to=tmp_path, held=held, per_concept_dtype=torch.float32)
     assert len(list(tmp_path.iterdir())) == len(rows)
     w = solve_exact(spilled)
     torch.testing.assert_close(w, solve_exact(kept))
@@ -359,12 +358,7 @@ def test_dense_statistics_are_the_same_size_for_any_number_of_concepts(tmp_path)
     sizes = []
     for n in (2, 8):
         w0, xs, targets = _problem([10] * n, seed=n)
-        stats = LayerStats(w0, per_concept_dtype=torch.float32, dense=True)
-        for x, target in zip(xs, targets):
-            stats.begin_concept(target)
-            stats.add(x)
-            stats.end_concept()
-            stats.spill(tmp_path)
+        stats = _stats(w0, xs, targets, spill_to=tmp_path, per_concept_dtype=torch.float32, dense=True)
         sizes.append(stats.nbytes())
         torch.testing.assert_close(solve_exact(stats), _lstsq_reference(w0, xs, targets).float(), rtol=1e-4, atol=1e-4)
     assert sizes[0] == sizes[1]

@@ -9,9 +9,11 @@ restored from what was saved with it:
 
 - `box` is [top, left, bottom, right] as in the authors' scripts, in output pixels ("units":
   "px", the default) or in fractions of the image ("units": "fraction").
-- `color` names one colour ("#rrggbb") of `mask_image`, a painted PNG (base64 or a data URL) of
-  exactly the generation's size: one region per distinct non-black colour. Pixels of any colour
-  no region names, black pixels and transparent pixels (alpha < 128) belong to no region.
+- `color` names one colour ("#rrggbb") of `mask_image`, a painted PNG (base64 or a data URL):
+  one region per distinct non-black colour. Pixels of any colour no region names, black pixels
+  and transparent pixels (alpha < 128) belong to no region. The mask covers the whole image at
+  any resolution (nearest resampling; another aspect ratio stretches it), so a mask painted at
+  512x512 still fits after the size sliders move, as fraction boxes do.
 - Each region has exactly one of box / color. At most MAX_REGIONS regions; no regions at all
   means plain sampling with the global prompt.
 - `feather` (latent pixels at the first pass's full latent resolution; 0 = hard edges as the
@@ -29,9 +31,9 @@ may vanish at a coarse layer (it then simply has no effect there) but must cover
 latent cell. Painted and feathered masks are built at the latent resolution and area-averaged
 down to each layer (`masks_for_layers`), giving fractional weights at coarse edges.
 
-Hires fix: px boxes and the painted mask refer to the first-pass size. Pass it as `base_size`
-when building masks for another size: boxes keep their fraction of the image, the painted mask is
-resampled (nearest) and the feather radius is scaled with the latent.
+Hires fix: px boxes refer to the first-pass size. Pass it as `base_size` when building masks
+for another size: boxes keep their fraction of the image and the feather radius is scaled with
+the latent (the painted mask always covers the whole image).
 """
 
 from __future__ import annotations
@@ -389,14 +391,9 @@ def decode_mask_image(text: str):  # -> PIL.Image.Image (PIL imported lazily wit
         raise RegionError(f"field 'mask_image' is not a readable PNG: {exc}") from None
 
 
-def _mask_pixels(text: str, size: tuple[int, int] | None = None) -> np.ndarray:
+def _mask_pixels(text: str) -> np.ndarray:
     """[H, W] int32 0xRRGGBB per pixel; transparent (alpha < 128) pixels become black."""
     image = decode_mask_image(text)
-    if size is not None and image.size != size:
-        raise RegionError(
-            f"field 'mask_image' is {image.size[0]}x{image.size[1]} but the image is {size[0]}x{size[1]}; "
-            f"paint the mask at the generation's size"
-        )
     try:
         rgba = np.asarray(image.convert("RGBA"), dtype=np.int32)
     except Exception as exc:
@@ -530,7 +527,7 @@ def _hard_masks(spec: RegionSpec, width: int, height: int, base_width: int, base
                 )
         else:
             if pixels is None:
-                pixels = _nearest(_mask_pixels(spec.mask_image, (base_width, base_height)), h0, w0)
+                pixels = _nearest(_mask_pixels(spec.mask_image), h0, w0)
             masks[i] = torch.from_numpy(pixels == int(region.color[1:], 16)).float()
             if not masks[i].any():
                 raise RegionError(f"{_where(i, 'color')} {region.color} covers no cell of the {w0}x{h0} latent")
@@ -542,8 +539,8 @@ def region_masks(
 ) -> torch.Tensor:
     """[K, H/8, W/8] float masks in [0, 1] at the latent resolution, feathered as the spec says.
 
-    base_size (width, height) is the first-pass size px boxes and the painted mask refer to
-    (hires fix); default: this size.
+    base_size (width, height) is the first-pass size px boxes refer to (hires fix); default: this
+    size.
     """
     base_width, base_height = _sizes(width, height, base_size)
     masks = _hard_masks(spec, width, height, base_width, base_height)

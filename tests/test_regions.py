@@ -159,8 +159,8 @@ def test_masks_are_checked_against_the_image():
         regions.attention_sizes(64, 0)
     painted = RegionSpec([Region("a", color="#ff0000"), Region("b", color="#00ff00")],
                          mask_image=png_b64(64, 64, [((0, 0, 32, 64), "#ff0000"), ((32, 0, 36, 64), "#00ff00")]))
-    with pytest.raises(RegionError, match="field 'mask_image' is 64x64 but the image is 128x64"):
-        regions.region_masks(painted, 128, 64)
+    stretched = regions.region_masks(RegionSpec(painted.regions[:1], mask_image=painted.mask_image), 128, 64)
+    assert stretched.shape == (1, 8, 16) and stretched[0, :, :8].all() and not stretched[0, :, 8:].any()
     with pytest.raises(RegionError, match="region 1: field 'color' #00ff00 covers no cell"):
         regions.region_masks(painted, 64, 64)  # a 4 px stroke: no latent cell centre falls on it
 
@@ -301,8 +301,8 @@ def test_hires_maps_the_first_pass_spec_to_the_new_size():
     second = regions.region_masks(spec, 128, 96, base_size=(64, 48))
     assert second.shape == (2, 12, 16)
     assert torch.equal(second, first.repeat_interleave(2, 1).repeat_interleave(2, 2))  # same place, twice the cells
-    with pytest.raises(RegionError, match="field 'mask_image' is 64x48 but the image is 128x96"):
-        regions.region_masks(spec, 128, 96)  # without base_size the mask must match the size
+    # the painted mask covers the whole image at any size; only px boxes need the first-pass size
+    assert torch.equal(regions.region_masks(RegionSpec(spec.regions[1:], mask_image=mask), 128, 96), second[1:])
     layers = regions.layer_masks(spec, 128, 96, base_size=(64, 48))
     assert [m.shape[1] for m in layers] == [h * w for h, w in regions.attention_sizes(128, 96)]
     soft = RegionSpec(spec.regions, mask_image=mask, feather=1.0)

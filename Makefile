@@ -3,14 +3,21 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup test lint demo bench clean
 
 setup: $(STAMP)
 
+# Debian's chromium for the browser tests: Playwright drives this one and never downloads a browser.
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
 # torch is pinned as 2.13.0+cpu: only the CPU wheel on local disk matches, so pip can never
 # pull a multi-GB CUDA build from the registry.
-$(STAMP): requirements/test.txt requirements/nodeps.txt
+$(STAMP): requirements/test.txt requirements/nodeps.txt | $(CHROMIUM)
 	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (the host runs 3.10/3.11); found " + sys.version' 
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check -r requirements/test.txt

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+# gradio reads this when a Blocks is made and when it launches: no version check, no telemetry
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
 ROOT = Path(__file__).resolve().parent.parent
 HOST = Path(__file__).resolve().parent / "host"
 for path in (str(ROOT), str(HOST)):
     if path not in sys.path:
         sys.path.insert(0, path)
-
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,3 +50,18 @@ def host(tmp_path, tiny_checkpoint):
         yield harness
     finally:
         harness.close()
+
+
+@pytest.fixture
+def browser_page():
+    """A fresh headless Debian Chromium (/usr/bin/chromium) with an empty profile: yields the
+    `browser.Browser`, whose `page` is open and whose `errors` collects console and page errors.
+    Fails when Chromium is missing (`make setup` installs it)."""
+    from browser import Browser, ChromiumMissing, require_chromium
+
+    try:
+        require_chromium()
+    except ChromiumMissing as e:
+        pytest.fail(str(e), pytrace=False)
+    with Browser() as browser:
+        yield browser

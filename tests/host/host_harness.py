@@ -38,22 +38,67 @@ class HostHarness:
         self._clear_cond_caches()
         model_hijack.embedding_db.clear_embedding_dirs()
         model_hijack.embedding_db.add_embedding_dir(shared.cmd_opts.embeddings_dir)
-        if extensions:
-            scripts.load_scripts(extensions)
+        self.extensions = [os.path.abspath(e) for e in extensions or []]
+        scripts.load_scripts(self.extensions)
         sd_models.list_models()
         self.model = sd_models.load_model()
         scripts.create_script_runners()
         self.scripts = scripts.scripts_txt2img
+        self.url: str | None = None
         self.blocks = self._build_ui()
 
     def _build_ui(self):
-        """The host builds every script's UI at start; the inputs decide the script_args layout."""
-        import gradio as gr
+        """The host builds the whole page, every script's UI included, at start; the scripts' inputs
+        decide the script_args layout."""
+        from modules import ui
 
-        with gr.Blocks() as blocks:
-            self.scripts.setup_ui()
-            self.ui_tabs = script_callbacks.ui_tabs_callback()
+        blocks = ui.create_ui()
+        shared.demo = blocks
+        self.ui_tabs = list(ui.extension_tabs)
         return blocks
+
+    def serve(self) -> str:
+        """Serve the page as webui.py does (javascript and css injected, queue on, CORS middleware
+        removed, `app_started` fired) on a free local port; returns its URL."""
+        import socket
+
+        from modules import ui_gradio_extensions
+
+        ui_gradio_extensions.reload_javascript()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.blocks.queue(64)
+        app, url, _ = self.blocks.launch(
+            server_name="127.0.0.1", server_port=port, quiet=True, prevent_thread_lock=True,
+            allowed_paths=[*self.extensions, paths.script_path],
+        )
+        # gradio 3.41's queue websocket handler only ends once the server has closed the socket, so
+        # a browser that leaves while an event runs leaves it waiting for ever and uvicorn's
+        # shutdown with it; stop after a bounded wait instead (see also `wait_idle`)
+        self.blocks.server.config.timeout_graceful_shutdown = 3
+        app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "CORSMiddleware"]
+        script_callbacks.app_started_callback(self.blocks, app)
+        self.url = url
+        return url
+
+    def wait_idle(self, quiet: float = 0.3, timeout: float = 10.0) -> None:
+        """Wait until the served page's queue has had no event waiting or running for `quiet`
+        seconds (events the page fires by itself, like a `change` after a paste, included)."""
+        import time
+
+        queue = self.blocks._queue
+        deadline = time.monotonic() + timeout
+        idle_since = None
+        while time.monotonic() < deadline:
+            if queue.event_queue or any(queue.active_jobs):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= quiet:
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"the page's queue is still busy after {timeout} s")
 
     def script_args(self, title: str | None = None, *values) -> list:
         """script_args as the UI submits them: every control at its default, `title` selected in the
@@ -84,6 +129,13 @@ class HostHarness:
         return txt2img.txt2img(prompt, negative_prompt, **fields)
 
     def close(self) -> None:
+        if self.url is not None:
+            from modules import ui_gradio_extensions
+
+            self.blocks.close(verbose=False)
+            ui_gradio_extensions.undo()
+            self.url = None
+        shared.demo = None
         script_callbacks.clear_callbacks()
         self._clear_cond_caches()
         shared.sd_model = None

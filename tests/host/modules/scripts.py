@@ -3,6 +3,9 @@ as top-level modules, the script runner with its dropdown and argument layout.
 
 As in the host, `process`, `process_batch`, `before_hr`, `postprocess`... reach AlwaysVisible
 scripts only; a dropdown script gets `ui` and `run`, and an error in a hook is reported, not raised.
+In the UI, the Script dropdown shows the chosen script's group, and an infotext's `Script` key
+selects it when pasted. `list_scripts` / `list_files_with_name` find the files the page links
+(`javascript/*.js`, `style.css`) in the host root and the loaded extensions.
 """
 
 from __future__ import annotations
@@ -106,13 +109,45 @@ def report(message: str) -> None:
     print(text, file=sys.stderr)
 
 
+extension_paths: list[str] = []
+"""The extension folders of the last `load_scripts`, in order (the host's `extensions.active()`)."""
+
+
+def list_scripts(scriptdirname: str, extension: str) -> list[ScriptFile]:
+    """Files `scriptdirname/*<extension>` of the host root, then of each extension, each folder sorted
+    by file name (the host's order when no extension declares dependencies in metadata.ini)."""
+    found = []
+    for base in [paths.script_path, *extension_paths]:
+        folder = os.path.join(base, scriptdirname)
+        if not os.path.isdir(folder):
+            continue
+        for filename in sorted(os.listdir(folder)):
+            path = os.path.join(folder, filename)
+            if os.path.splitext(filename)[1].lower() == extension and os.path.isfile(path):
+                found.append(ScriptFile(base, filename, path))
+    return found
+
+
+def list_files_with_name(filename: str) -> list[str]:
+    """`filename` in the host root and in each extension folder, where it exists."""
+    found = []
+    for base in [paths.script_path, *extension_paths]:
+        path = os.path.join(base, filename)
+        if os.path.isdir(base) and os.path.isfile(path):
+            found.append(path)
+    return found
+
+
 def load_scripts(extension_dirs: list[str]) -> None:
     """Import every `scripts/*.py` of the given extensions, each as a top-level module named after
     the file, with the extension folder first on sys.path during the import, as the host does."""
     global current_basedir
     scripts_data.clear()
+    extension_paths[:] = [os.path.abspath(d) for d in extension_dirs]
     for ext_dir in extension_dirs:
         folder = os.path.join(ext_dir, "scripts")
+        if not os.path.isdir(folder):
+            continue
         for filename in sorted(os.listdir(folder)):
             path = os.path.join(folder, filename)
             if not filename.endswith(".py") or not os.path.isfile(path):
@@ -185,24 +220,77 @@ class ScriptRunner:
         self.inputs += controls
         script.args_to = len(self.inputs)
 
+    def prepare_ui(self) -> None:
+        self.inputs = [None]
+
+    def setup_ui_for_section(self, section, scriptlist: list[Script] | None = None) -> None:
+        import gradio as gr
+
+        if scriptlist is None:
+            scriptlist = self.alwayson_scripts
+        for script in scriptlist:
+            if script.alwayson and script.section != section:
+                continue
+            if script.create_group:
+                with gr.Group(visible=script.alwayson) as group:
+                    self.create_script_ui(script)
+                script.group = group
+            else:
+                self.create_script_ui(script)
+
     def setup_ui(self) -> list:
-        """Build every script's UI inside the caller's gradio Blocks; inputs[0] is the dropdown."""
+        """Build every script's UI inside the caller's gradio Blocks; inputs[0] is the dropdown.
+
+        As in the host: choosing a script in the dropdown shows its group and hides the others, and
+        pasting an infotext selects the script named by its `Script` key."""
         import gradio as gr
 
         self.inputs = [None]
         self.title_map = {s.title().lower(): s for s in self.scripts}
         self.titles = [s.title() for s in self.selectable_scripts]
-        for script in self.alwayson_scripts:
-            with gr.Group(visible=True) as group:
-                self.create_script_ui(script)
-            script.group = group
-        self.inputs[0] = gr.Dropdown(label="Script", elem_id="script_list", choices=["None", *self.titles],
-                                     value="None", type="index")
-        for script in self.selectable_scripts:
-            with gr.Group(visible=False) as group:
-                self.create_script_ui(script)
-            script.group = group
-        self.infotext_fields.append((self.inputs[0], lambda x: gr.update(value=x.get("Script", "None"))))
+        self.setup_ui_for_section(None)
+        dropdown = gr.Dropdown(label="Script", elem_id="script_list", choices=["None", *self.titles],
+                               value="None", type="index")
+        self.inputs[0] = dropdown
+        self.setup_ui_for_section(None, self.selectable_scripts)
+
+        def select_script(script_index):
+            chosen = self.selectable_scripts[script_index - 1] if script_index else None
+            updates = [gr.update(visible=s is chosen) for s in self.selectable_scripts]
+            # The host always has its three built-in dropdown scripts, so this event has several
+            # outputs; gradio takes a function's result for a single output as that output's value,
+            # so with one dropdown script (only possible here) its update goes alone.
+            return updates[0] if len(updates) == 1 else updates
+
+        def init_field(title):
+            """a value from ui-config.json shows that script's group at start"""
+            if title != "None":
+                self.selectable_scripts[self.titles.index(title)].group.visible = True
+
+        dropdown.init_field = init_field
+        dropdown.change(fn=select_script, inputs=[dropdown],
+                        outputs=[s.group for s in self.selectable_scripts])
+
+        # the host walks the dropdown scripts' groups in order with one counter shared by all
+        # pastes: the group whose position equals the counter is shown, then the counter moves on
+        self.script_load_ctr = 0
+
+        def onload_script_visibility(params):
+            title = params.get("Script", None)
+            if not title:
+                return gr.update(visible=False)
+            if title not in self.titles:
+                params["Script"] = None
+                message = f'Cannot find Script: "{title}"'
+                print(message)
+                gr.Warning(message)
+                return gr.update(visible=False)
+            shown = self.titles.index(title) == self.script_load_ctr
+            self.script_load_ctr = (self.script_load_ctr + 1) % len(self.titles)
+            return gr.update(visible=shown)
+
+        self.infotext_fields.append((dropdown, lambda x: gr.update(value=x.get("Script", "None"))))
+        self.infotext_fields.extend((s.group, onload_script_visibility) for s in self.selectable_scripts)
         return self.inputs
 
     def script(self, title: str) -> Script | None:

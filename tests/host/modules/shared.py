@@ -159,11 +159,14 @@ cmd_opts = types.SimpleNamespace(
     embeddings_dir=os.path.join(paths.data_path, "embeddings"),
     lora_dir=os.path.join(paths.models_path, "Lora"),
     no_prompt_history=True,
+    hide_ui_dir_config=False,
     freeze_settings=False,
     api=False,
     skip_install=False,
 )
 sd_model = None
+demo = None
+gradio_theme = None
 device = None
 total_tqdm = _TotalTqdm()
 prompt_styles = _PromptStyles()

@@ -10,6 +10,7 @@ installed for exactly this generation and removed in `finally`.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
 import re
@@ -178,6 +179,12 @@ def _on_cfg_denoiser(params) -> None:
 script_callbacks.on_cfg_denoiser(_on_cfg_denoiser, name="mix_of_show_regions")
 
 
+def canvas_html(regions_id: str, tab: str) -> str:
+    """Where the canvas mounts: it finds the JSON textbox and the tab's size sliders by id."""
+    return (f'<div class="mos-canvas" data-regions="{html.escape(regions_id)}" data-tab="{html.escape(tab)}">'
+            "<p>The region canvas needs the extension's javascript; the JSON below works without it.</p></div>")
+
+
 class MixOfShowScript(scripts.Script):
     def title(self) -> str:
         return TITLE
@@ -186,7 +193,11 @@ class MixOfShowScript(scripts.Script):
         return not is_img2img
 
     def ui(self, is_img2img: bool):
-        regions = gr.Textbox(label="Regions (JSON)", lines=4, elem_id=self.elem_id("regions"),
+        """The region canvas (javascript/mix_of_show.js) above the JSON it reads and writes; the
+        JSON textbox is the one input, so infotext, the API and "Send to txt2img" need no canvas."""
+        regions_id = self.elem_id("regions")
+        gr.HTML(canvas_html(regions_id, "img2img" if is_img2img else "txt2img"), elem_id=self.elem_id("canvas"))
+        regions = gr.Textbox(label="Regions (JSON)", lines=2, max_lines=6, elem_id=regions_id,
                              placeholder='{"regions": [{"prompt": "a photo of <cat1> <cat2>", "box": [0, 0, 1, 0.5], '
                                          '"units": "fraction"}]}')
         self.infotext_fields = [(regions, INFOTEXT_KEY)]

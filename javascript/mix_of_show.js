@@ -342,21 +342,16 @@
             const ctx = c.getContext("2d");
             const img = ctx.createImageData(W, H);
             const colorOf = new Map(this.regions.map(r => [r.id, hexToInt(r.color)]));
+            const labels = this.resampledLabels(W, H);
             const d = img.data;
-            for (let y = 0; y < H; y++) {
-                const sy = this.labels ? Math.floor(((2 * y + 1) * this.labelH) / (2 * H)) : 0;
-                for (let x = 0; x < W; x++) {
-                    const o = 4 * (y * W + x);
-                    d[o + 3] = 255;
-                    if (!this.labels) continue;
-                    const sx = Math.floor(((2 * x + 1) * this.labelW) / (2 * W));
-                    const v = colorOf.get(this.labels[sy * this.labelW + sx]);
-                    if (v !== undefined) {
-                        d[o] = v >> 16;
-                        d[o + 1] = (v >> 8) & 255;
-                        d[o + 2] = v & 255;
-                    }
+            for (let i = 0; i < W * H; i++) {
+                const v = labels ? colorOf.get(labels[i]) : undefined;
+                if (v !== undefined) {
+                    d[4 * i] = v >> 16;
+                    d[4 * i + 1] = (v >> 8) & 255;
+                    d[4 * i + 2] = v & 255;
                 }
+                d[4 * i + 3] = 255;
             }
             ctx.putImageData(img, 0, 0);
             for (const r of this.regions) {
@@ -474,19 +469,20 @@
         }
 
         undo() {
-            if (!this.undoStack.length) return this.status("Nothing to undo");
-            this.redoStack.push(this.snapshot());
-            this.restore(this.undoStack.pop());
-            this.afterChange(true);
-            this.status("Undone");
+            this.travel(this.undoStack, this.redoStack, "Undone", "Nothing to undo");
         }
 
         redo() {
-            if (!this.redoStack.length) return this.status("Nothing to redo");
-            this.undoStack.push(this.snapshot());
-            this.restore(this.redoStack.pop());
+            this.travel(this.redoStack, this.undoStack, "Redone", "Nothing to redo");
+        }
+
+        /** Restore the newest state of `from`, keeping the current one on `to`. */
+        travel(from, to, done, none) {
+            if (!from.length) return this.status(none);
+            to.push(this.snapshot());
+            this.restore(from.pop());
             this.afterChange(true);
-            this.status("Redone");
+            this.status(done);
         }
 
         /** Redraw everything; `persist` writes the JSON (false when the JSON is where it came from). */
@@ -530,6 +526,17 @@
             this.render();
         }
 
+        /** The label map at W x H (nearest, pixel centres: lib_mos.regions' rule); null without paint. */
+        resampledLabels(W, H) {
+            if (!this.labels || (this.labelW === W && this.labelH === H)) return this.labels;
+            const out = new Uint8Array(W * H);
+            for (let y = 0; y < H; y++) {
+                const row = Math.floor(((2 * y + 1) * this.labelH) / (2 * H)) * this.labelW;
+                for (let x = 0; x < W; x++) out[y * W + x] = this.labels[row + Math.floor(((2 * x + 1) * this.labelW) / (2 * W))];
+            }
+            return out;
+        }
+
         ownLabels() {
             const [W, H] = this.size;
             if (!this.labels) {
@@ -538,15 +545,7 @@
                 this.labelW = W;
                 this.labelH = H;
             } else if (this.labelW !== W || this.labelH !== H) { // paint at the current size
-                const old = this.labels;
-                const next = new Uint8Array(W * H);
-                for (let y = 0; y < H; y++) {
-                    const sy = Math.floor(((2 * y + 1) * this.labelH) / (2 * H));
-                    for (let x = 0; x < W; x++) {
-                        next[y * W + x] = old[sy * this.labelW + Math.floor(((2 * x + 1) * this.labelW) / (2 * W))];
-                    }
-                }
-                this.labels = next;
+                this.labels = this.resampledLabels(W, H);
                 this.labelW = W;
                 this.labelH = H;
             } else if (this.labelsShared) {

@@ -90,3 +90,21 @@ class Browser:
             if self._profile is not None:
                 shutil.rmtree(self._profile, ignore_errors=True)
                 self._profile = None
+
+
+def choose_script(page, title: str) -> None:
+    """Pick `title` in txt2img's Script dropdown (gradio 3.41's list of options)."""
+    page.click("#script_list input")
+    page.click(f"#script_list ul.options li[data-value='{title}']")
+
+
+def send_to_txt2img(page, infotext: str) -> None:
+    """PNG Info -> "Send to txt2img" with `infotext` as the image's parameters."""
+    page.click("#tabs > .tab-nav > button:has-text('PNG Info')")
+    page.wait_for_function("get_uiCurrentTab().textContent.trim() === 'PNG Info'")
+    page.evaluate("""text => {
+        const box = gradioApp().querySelector('#pnginfo_generation_info textarea');
+        box.value = text;
+        updateInput(box);
+    }""", infotext)
+    page.click("#txt2img_tab")

@@ -8,6 +8,7 @@ import textwrap
 import urllib.request
 
 import pytest
+from browser import choose_script, send_to_txt2img
 
 EXTENSION_SCRIPT = textwrap.dedent('''
     import gradio as gr
@@ -250,25 +251,14 @@ def test_page_in_a_browser(ui_host, browser_page):
     assert page.evaluate("get_uiCurrentTab().textContent.trim()") == "txt2img"
     x_group = "#script_txt2img_x_script_word"
 
-    def choose(title):
-        page.click("#script_list input")
-        page.click(f"#script_list ul.options li[data-value='{title}']")
-
     assert page.is_hidden(x_group)
-    choose("X script")
+    choose_script(page, "X script")
     page.wait_for_selector(x_group, state="visible")
     assert page.is_editable(f"{x_group} textarea")
-    choose("None")
+    choose_script(page, "None")
     page.wait_for_selector(x_group, state="hidden")
 
-    page.click("#tabs > .tab-nav > button:has-text('PNG Info')")
-    page.wait_for_function("get_uiCurrentTab().textContent.trim() === 'PNG Info'")
-    page.evaluate("""text => {
-        const box = gradioApp().querySelector('#pnginfo_generation_info textarea');
-        box.value = text;
-        updateInput(box);
-    }""", INFOTEXT)
-    page.click("#txt2img_tab")
+    send_to_txt2img(page, INFOTEXT)  # waits for the PNG Info tab before pasting
     page.wait_for_function("gradioApp().querySelector('#txt2img_width input[type=number]').value === '768'")
     page.wait_for_selector(x_group, state="visible")
     state = page.evaluate("""() => {

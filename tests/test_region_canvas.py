@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import choose_script, send_to_txt2img
 from PIL import Image, ImageDraw
 
 from lib_mos.regions import RegionSpec, layer_masks, region_masks
@@ -120,8 +121,7 @@ def open_script(page, harness) -> None:
     page.set_default_timeout(15_000)
     page.goto(harness.url)
     page.wait_for_selector("#script_list input")
-    page.click("#script_list input")
-    page.click("#script_list ul.options li[data-value='Mix-of-Show']")
+    choose_script(page, "Mix-of-Show")
     page.wait_for_selector(CANVAS, state="visible")
     page.locator(CANVAS).scroll_into_view_if_needed()
 
@@ -269,13 +269,7 @@ def test_json_edits_paste_and_tabs_redraw_the_canvas(served, browser_page, tmp_p
     pasted = {"regions": [{"prompt": "a <dog1> <dog2>", "box": [0, 0.5, 1, 1], "units": "fraction"}]}
     infotext = (f"a living room\nNegative prompt: blurry\nSteps: 20, Size: 768x512, Script: Mix-of-Show, "
                 f"Mix-of-Show regions: {quote(json.dumps(pasted))}")
-    page.click("#tabs > .tab-nav > button:has-text('PNG Info')")
-    page.evaluate("""text => {
-        const box = gradioApp().querySelector('#pnginfo_generation_info textarea');
-        box.value = text;
-        updateInput(box);
-    }""", infotext)
-    page.click("#txt2img_tab")
+    send_to_txt2img(page, infotext)
     page.wait_for_function("gradioApp().querySelectorAll('.mos-region').length === 1")
     box = canvas.box()
     assert abs(box["width"] / box["height"] - 1.5) < 0.01

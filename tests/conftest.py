@@ -26,6 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+    # Every test runs as inside the host: importing the double's `modules.paths` installs its
+    # `torch.load` guard (modules/safe.py) for the whole process, as the real host does at start.
+    import modules.paths  # noqa: F401
     # the built CLIP tokenizer stays out of the user's home
     os.environ.setdefault("MOS_CACHE_DIR", str(Path(tempfile.gettempdir()) / "mos-test-cache"))
 

@@ -104,7 +104,10 @@ def test_create_ui_builds_the_host_page(ui_host):
         slider = component(blocks, elem_id)
         assert (slider.minimum, slider.maximum, slider.step, slider.value) == (64, 2048, 8, 512)
     container = component(blocks, "txt2img_script_container")
-    dropdown = component(blocks, "script_list")
+    # as in the host, txt2img and img2img each have a Script dropdown with this id
+    dropdowns = [b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "script_list"]
+    assert len(dropdowns) == 2 and harness.scripts.inputs[0] in dropdowns
+    dropdown = harness.scripts.inputs[0]
     assert dropdown.choices == ["None", "X script", "Y script"]
     inside = descendants(container)
     x, y = harness.scripts.selectable_scripts

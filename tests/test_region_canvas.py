@@ -22,7 +22,7 @@ from lib_mos.regions import RegionSpec, layer_masks, region_masks
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"
-JSON_BOX = "#script_txt2img_mix_of_show_regions textarea"
+JSON_BOX = "#script_mixofshow_regions textarea"
 CANVAS = ".mos-canvas canvas.mos-surface"
 BACKGROUND = (31, 31, 36)  # the canvas' empty colour (#1f1f24)
 BOX_ALPHA, BOX_SELECTED_ALPHA = 0.3, 0.45

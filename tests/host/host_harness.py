@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from modules import (
+    errors,
     extra_networks,
     paths,
     processing,
@@ -18,6 +20,9 @@ from modules import (
     shared,
 )
 from modules.sd_hijack import model_hijack
+
+BUILTIN_EXTENSIONS = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "extensions-builtin", "Lora")]
+"""The host's built-in extensions the double has (only Lora), loaded before any other extension."""
 
 
 class HostHarness:
@@ -31,21 +36,39 @@ class HostHarness:
         shutil.copy(checkpoint, os.path.join(sd_models.model_path, checkpoint.name))
         shared.opts.reset()
         shared.state.reset()
+        script_callbacks.script_unloaded_callback()  # a harness left open: its patches undone first
         script_callbacks.clear_callbacks()
         script_callbacks.reported_errors.clear()
         scripts.reported_errors.clear()
+        errors.reported.clear()
         extra_networks.activations.clear()
         self._clear_cond_caches()
         model_hijack.embedding_db.clear_embedding_dirs()
         model_hijack.embedding_db.add_embedding_dir(shared.cmd_opts.embeddings_dir)
+        shared.sd_model = None
         self.extensions = [os.path.abspath(e) for e in extensions or []]
-        scripts.load_scripts(self.extensions)
+        self._forget_builtin_modules()
+        # as webui.py: scripts (built-in extensions first), checkpoints, the model, extra networks,
+        # before_ui callbacks, then the page with each tab's script runner
+        scripts.load_scripts([*BUILTIN_EXTENSIONS, *self.extensions])
         sd_models.list_models()
         self.model = sd_models.load_model()
+        extra_networks.initialize()
+        extra_networks.register_default_extra_networks()
+        script_callbacks.before_ui_callback()
         scripts.create_script_runners()
         self.scripts = scripts.scripts_txt2img
         self.url: str | None = None
         self.blocks = self._build_ui()
+
+    @staticmethod
+    def _forget_builtin_modules() -> None:
+        """The built-in extensions' own modules (`networks`, `network_lora`, ...) are imported afresh
+        for each harness, as in a fresh WebUI process."""
+        roots = tuple(os.path.join(d, "") for d in BUILTIN_EXTENSIONS)
+        for name, module in list(sys.modules.items()):
+            if (getattr(module, "__file__", None) or "").startswith(roots):
+                del sys.modules[name]
 
     def _build_ui(self):
         """The host builds the whole page, every script's UI included, at start; the scripts' inputs
@@ -100,13 +123,15 @@ class HostHarness:
             time.sleep(0.02)
         raise TimeoutError(f"the page's queue is still busy after {timeout} s")
 
-    def script_args(self, title: str | None = None, *values) -> list:
+    def script_args(self, title: str | None = None, *values, is_img2img: bool = False) -> list:
         """script_args as the UI submits them: every control at its default, `title` selected in the
-        dropdown with its own controls set to `values` (as many as given)."""
-        args = self.scripts.default_args()
+        dropdown with its own controls set to `values` (as many as given); txt2img's layout, or
+        img2img's with `is_img2img`."""
+        runner = scripts.scripts_img2img if is_img2img else self.scripts
+        args = runner.default_args()
         if title is not None:
-            script = self.scripts.script(title)
-            args[0] = self.scripts.selectable_scripts.index(script) + 1
+            script = runner.script(title)
+            args[0] = runner.selectable_scripts.index(script) + 1
             args[script.args_from:script.args_from + len(values)] = values
         return args
 
@@ -128,6 +153,27 @@ class HostHarness:
         fields.setdefault("script_args", self.script_args())
         return txt2img.txt2img(prompt, negative_prompt, **fields)
 
+    def img2img(self, prompt: str = "", negative_prompt: str = "", init_img=None, **fields):
+        """Plain img2img of `init_img` (a PIL image; by default a 64x64 mid-grey) with the double's
+        defaults as `txt2img`; `is_api=True` takes the API's path (`init_images`)."""
+        from PIL import Image
+
+        from modules import img2img
+
+        if init_img is None and fields.get("init_images") is None:
+            init_img = Image.new("RGB", (64, 64), (128, 128, 128))
+        if fields.get("is_api"):
+            fields.setdefault("init_images", [init_img])
+        else:
+            fields["init_img"] = init_img
+        fields.setdefault("width", 64)
+        fields.setdefault("height", 64)
+        fields.setdefault("steps", 4)
+        fields.setdefault("seed", 1)
+        fields.setdefault("sampler_name", "Euler")
+        fields.setdefault("script_args", self.script_args(is_img2img=True))
+        return img2img.img2img(prompt, negative_prompt, **fields)
+
     def close(self) -> None:
         if self.url is not None:
             from modules import ui_gradio_extensions
@@ -136,6 +182,7 @@ class HostHarness:
             ui_gradio_extensions.undo()
             self.url = None
         shared.demo = None
+        script_callbacks.script_unloaded_callback()  # the built-in Lora's class patches undone
         script_callbacks.clear_callbacks()
         self._clear_cond_caches()
         shared.sd_model = None

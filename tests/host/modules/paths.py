@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+import modules.safe  # noqa: F401  # as in the host: torch.load is the pickle guard from here on
+
 script_path = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 data_path = tempfile.mkdtemp(prefix="a1111-double-")
 models_path = os.path.join(data_path, "models")
@@ -18,6 +20,7 @@ def set_data_path(path: str) -> None:
     shared.cmd_opts.data_dir = path
     shared.cmd_opts.embeddings_dir = os.path.join(path, "embeddings")
     shared.cmd_opts.lora_dir = os.path.join(models_path, "Lora")
+    shared.cmd_opts.lyco_dir_backcompat = os.path.join(models_path, "LyCORIS")
     shared.cmd_opts.ckpt_dir = None
     from modules import sd_models
 

@@ -1,6 +1,6 @@
-"""Image generation (modules/processing.py): the txt2img processing object and `process_images`,
-with the host's order of script hooks, extra-network activation, cond caching, sampling and
-the hires-fix second pass."""
+"""Image generation (modules/processing.py): the txt2img and (plain) img2img processing objects and
+`process_images`, with the host's override settings and checkpoint switch, order of script hooks,
+extra-network activation, cond caching, sampling and the hires-fix second pass."""
 
 from __future__ import annotations
 
@@ -13,7 +13,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules import extra_networks, infotext_utils, prompt_parser, sd_samplers, shared
+from modules import (
+    extra_networks,
+    images,
+    infotext_utils,
+    prompt_parser,
+    scripts,
+    sd_models,
+    sd_samplers,
+    sd_samplers_common,
+    shared,
+)
 from modules.sd_hijack import model_hijack
 from modules.shared import opts, state
 
@@ -133,6 +143,7 @@ class StableDiffusionProcessing:
     sd_model_name: str = field(default=None, init=False)
     sd_model_hash: str = field(default=None, init=False)
     is_api: bool = field(default=False, init=False)
+    color_corrections: list = field(default=None, init=False)
 
     def __post_init__(self):
         self.comments = {}
@@ -223,6 +234,11 @@ class StableDiffusionProcessing:
                 shared.sd_model.sd_checkpoint_info, extra_network_data, self.width, self.height, opts.emphasis)
 
     def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
+        if opts.use_old_scheduling:
+            old = prompt_parser.get_learned_conditioning_prompt_schedules(required_prompts, steps, hires_steps, False)
+            new = prompt_parser.get_learned_conditioning_prompt_schedules(required_prompts, steps, hires_steps, True)
+            if old != new:
+                self.extra_generation_params["Old prompt editing timelines"] = True
         params = self.cached_params(required_prompts, steps, extra_network_data, hires_steps, opts.use_old_scheduling)
         for cache in caches:
             if cache[0] is not None and params == cache[0]:
@@ -317,6 +333,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         if not self.enable_hr:
             return
         self.extra_generation_params["Denoising strength"] = self.denoising_strength
+        if self.hr_checkpoint_name and self.hr_checkpoint_name != "Use same checkpoint":
+            raise NotImplementedError("the test double has no checkpoint switch for the hires pass")
         if self.hr_sampler_name is not None and self.hr_sampler_name != self.sampler_name:
             self.extra_generation_params["Hires sampler"] = self.hr_sampler_name
         name = self.hr_upscaler if self.hr_upscaler is not None else shared.latent_upscale_default_mode
@@ -431,6 +449,107 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             self.hr_prompts, self.hr_extra_network_data = extra_networks.parse_prompts(self.hr_prompts)
 
 
+@dataclass(repr=False)
+class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
+    """Plain img2img: init images resized and encoded (the double's least-squares inverse of its
+    latent->RGB map, see sd_samplers_common.images_tensor_to_samples), noised to the step the
+    denoising strength enters the schedule at. Masks (inpainting), color correction and the
+    "latent upscale" resize with a latent mask are refused."""
+
+    init_images: list = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float = None
+    mask: Any = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float = None
+    latent_mask: Any = None
+    force_task_id: str = None
+
+    image_mask: Any = field(default=None, init=False)
+    nmask: torch.Tensor = field(default=None, init=False)
+    image_conditioning: torch.Tensor = field(default=None, init=False)
+    init_img_hash: str = field(default=None, init=False)
+    mask_for_overlay: Any = field(default=None, init=False)
+    init_latent: torch.Tensor = field(default=None, init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.image_mask = self.mask
+        self.mask = None
+        if self.initial_noise_multiplier is None:
+            self.initial_noise_multiplier = opts.initial_noise_multiplier
+
+    @property
+    def mask_blur(self):
+        if self.mask_blur_x == self.mask_blur_y:
+            return self.mask_blur_x
+        return None
+
+    @mask_blur.setter
+    def mask_blur(self, value):
+        if isinstance(value, int):
+            self.mask_blur_x = value
+            self.mask_blur_y = value
+
+    def img2img_image_conditioning(self, source_image, latent_image, image_mask=None, round_image_mask=True):
+        """An SD1 "crossattn" model gets the host's dummy zero conditioning."""
+        return latent_image.new_zeros(latent_image.shape[0], 5, 1, 1)
+
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        self.extra_generation_params["Denoising strength"] = self.denoising_strength
+        self.image_cfg_scale = None  # only for instruct-pix2pix ("edit") models
+        self.sampler = sd_samplers.create_sampler(self.sampler_name, self.sd_model)
+        if self.image_mask is not None or self.latent_mask is not None:
+            raise NotImplementedError("the test double has no inpainting (img2img masks)")
+        if opts.img2img_color_correction:
+            raise NotImplementedError("the test double has no img2img color correction")
+
+        imgs = []
+        for img in self.init_images:
+            image = images.flatten(img, opts.img2img_background_color)
+            if self.resize_mode != 3:
+                image = images.resize_image(self.resize_mode, image, self.width, self.height)
+            imgs.append(np.moveaxis(np.array(image).astype(np.float32) / 255.0, 2, 0))
+
+        if len(imgs) == 1:
+            batch_images = np.expand_dims(imgs[0], axis=0).repeat(self.batch_size, axis=0)
+        elif len(imgs) <= self.batch_size:
+            self.batch_size = len(imgs)
+            batch_images = np.array(imgs)
+        else:
+            raise RuntimeError(f"bad number of images passed: {len(imgs)}; expecting {self.batch_size} or less")
+
+        image = torch.from_numpy(batch_images)
+        if opts.sd_vae_encode_method != "Full":
+            self.extra_generation_params["VAE Encoder"] = opts.sd_vae_encode_method
+        self.init_latent = sd_samplers_common.images_tensor_to_samples(
+            image, sd_samplers_common.approximation_indexes.get(opts.sd_vae_encode_method), self.sd_model)
+        if self.resize_mode == 3:
+            self.init_latent = torch.nn.functional.interpolate(
+                self.init_latent, size=(self.height // opt_f, self.width // opt_f), mode="bilinear")
+        self.image_conditioning = self.img2img_image_conditioning(image * 2 - 1, self.init_latent, None,
+                                                                  self.mask_round)
+
+    def sample(self, conditioning, unconditional_conditioning, seeds, subseeds, subseed_strength, prompts):
+        x = self.rng.next()
+        if self.initial_noise_multiplier != 1.0:
+            self.extra_generation_params["Noise multiplier"] = self.initial_noise_multiplier
+            x *= self.initial_noise_multiplier
+        if self.scripts is not None:
+            self.scripts.process_before_every_sampling(p=self, x=self.init_latent, noise=x, c=conditioning,
+                                                       uc=unconditional_conditioning)
+        return self.sampler.sample_img2img(self, self.init_latent, x, conditioning, unconditional_conditioning,
+                                           image_conditioning=self.image_conditioning)
+
+
 class Processed:
     def __init__(self, p, images_list, seed=-1, info="", subseed=None, all_prompts=None, all_negative_prompts=None,
                  all_seeds=None, all_subseeds=None, index_of_first_image=0, infotexts=None, comments=""):
@@ -498,12 +617,22 @@ def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iter
 
 
 def process_images(p: StableDiffusionProcessing) -> Processed:
+    """Override settings applied for the run; a `sd_model_checkpoint` override that names a known
+    checkpoint loads it (else it is dropped and the settings' checkpoint is (re)loaded). Afterwards
+    only the settings that were in `opts.data` before are restored, and restoring the checkpoint
+    setting does not reload the model: the next `process_images` does."""
     if p.scripts is not None:
         p.scripts.before_process(p)
-    stored_opts = {k: opts.data.get(k, opts.get_default(k)) for k in p.override_settings if k in opts.data_labels}
+    stored_opts = {k: opts.data[k] if k in opts.data else opts.get_default(k) for k in p.override_settings
+                   if k in opts.data}
     try:
+        if sd_models.checkpoint_aliases.get(p.override_settings.get("sd_model_checkpoint")) is None:
+            p.override_settings.pop("sd_model_checkpoint", None)
+            sd_models.reload_model_weights()
         for k, v in p.override_settings.items():
             opts.set(k, v, is_api=True, run_callbacks=False)
+            if k == "sd_model_checkpoint":
+                sd_models.reload_model_weights()
         sd_samplers.fix_p_invalid_sampler_and_scheduler(p)
         res = process_images_inner(p)
     finally:
@@ -541,6 +670,7 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
                 state.skipped = False
             if state.interrupted or state.stopping_generation:
                 break
+            sd_models.reload_model_weights()  # as in the host: the settings' checkpoint, each batch
             sl = slice(n * p.batch_size, (n + 1) * p.batch_size)
             p.prompts = p.all_prompts[sl]
             p.negative_prompts = p.all_negative_prompts[sl]
@@ -558,6 +688,8 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
                 p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds, subseeds=p.subseeds)
             p.setup_conds()
             p.extra_generation_params.update(model_hijack.extra_generation_params)
+            for comment in model_hijack.comments:
+                p.comment(comment)
             samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds, subseeds=p.subseeds,
                                subseed_strength=p.subseed_strength, prompts=p.prompts)
             if not torch.isfinite(samples).all():
@@ -567,13 +699,22 @@ def process_images_inner(p: StableDiffusionProcessing) -> Processed:
             state.nextjob()
             if p.scripts is not None:
                 p.scripts.postprocess_batch(p, x_samples, batch_number=n)
+                # as in the host: the infotexts get the prompts as written (extra-network tags included)
+                p.prompts = p.all_prompts[sl]
+                p.negative_prompts = p.all_negative_prompts[sl]
+                batch_params = scripts.PostprocessBatchListArgs(list(x_samples))
+                p.scripts.postprocess_batch_list(p, batch_params, batch_number=n)
+                x_samples = batch_params.images
             for i, x_sample in enumerate(x_samples):
                 image = Image.fromarray((255.0 * np.moveaxis(x_sample.cpu().numpy(), 0, 2)).astype(np.uint8))
-                image.latent = samples[i].detach().clone()  # the double exposes the final latent to tests
+                if i < len(samples):
+                    image.latent = samples[i].detach().clone()  # the double exposes the final latent to tests
                 infotexts.append(create_infotext(p, p.prompts, p.seeds, p.subseeds, index=i,
                                                  all_negative_prompts=p.negative_prompts))
                 output_images.append(image)
     p.color_corrections = None
+    if not p.disable_extra_networks and p.extra_network_data:
+        extra_networks.deactivate(p, p.extra_network_data)
     res = Processed(p, images_list=output_images, seed=p.all_seeds[0], info=infotexts[0] if infotexts else "",
                     subseed=p.all_subseeds[0], index_of_first_image=0, infotexts=infotexts)
     if p.scripts is not None:

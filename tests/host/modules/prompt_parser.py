@@ -1,7 +1,9 @@
-"""Prompt parsing of the host (modules/prompt_parser.py): emphasis, BREAK, AND, cond batches.
+"""Prompt parsing of the host (modules/prompt_parser.py): emphasis, BREAK, AND, cond batches, and
+prompt editing / alternation (`[a:b:5]`, `[a:0.5]`, `[a::5]`, `[a|b]`) scheduled per sampling step.
 
-Prompt editing and alternation (`[a:b:5]`, `[a|b]`) are not reproduced: such text is encoded
-as written (see tests/host/README.md).
+The schedule is parsed with the host's own lark grammar (lark 1.1.2, as the host pins it), so
+ambiguous or unbalanced brackets resolve exactly as they do there; the step arithmetic (integer =
+step, number with a `.` = fraction, hires offsets, `use_old_scheduling`) follows v1.10.1.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import namedtuple
 
+import lark
 import torch
 
 ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at_step", "cond"])
@@ -79,16 +82,98 @@ def parse_prompt_attention(text: str) -> list[list]:
     return merged
 
 
+# --- prompt editing and alternation ----------------------------------------------------------------
+# The host's grammar, verbatim: it is the specification of which text is an edit, an alternation or
+# plain text (a prompt lark cannot parse is used as written for every step).
+_SCHEDULE_GRAMMAR = r"""
+!start: (prompt | /[][():]/+)*
+prompt: (emphasized | scheduled | alternate | plain | WHITESPACE)*
+!emphasized: "(" prompt ")"
+        | "(" prompt ":" prompt ")"
+        | "[" prompt "]"
+scheduled: "[" [prompt ":"] prompt ":" [WHITESPACE] NUMBER [WHITESPACE] "]"
+alternate: "[" prompt ("|" [prompt])+ "]"
+WHITESPACE: /\s+/
+plain: /([^\\\[\]():|]|\\.)+/
+%import common.SIGNED_NUMBER -> NUMBER
+"""
+_schedule_parser = lark.Lark(_SCHEDULE_GRAMMAR)
+
+
+def _switch_step(number: str, steps: int, use_old_scheduling: bool, int_offset: int, flt_offset: float) -> int:
+    """The step after which an edit `[a:b:number]` shows `b`, capped at `steps`.
+
+    New timelines: a number written with a `.` is a fraction of the steps (in the hires pass, of the
+    range 1..2), otherwise an absolute step (in the hires pass, counted from the end of the first
+    pass). Old timelines: below 1 a fraction, else a step, with no hires offsets."""
+    value = float(number)
+    if use_old_scheduling:
+        value = value * steps if value < 1 else value
+    elif "." in number:
+        value = (value - flt_offset) * steps
+    else:
+        value = value - int_offset
+    return min(steps, int(value))
+
+
+def _schedule_of(prompt: str, steps: int, use_old_scheduling: bool, int_offset: int, flt_offset: float) -> list:
+    try:
+        tree = _schedule_parser.parse(prompt)
+    except lark.exceptions.LarkError:
+        return [[steps, prompt]]
+
+    switch_at: dict[int, int] = {}
+    boundaries = {steps}
+    for node in tree.iter_subtrees():
+        if node.data == "scheduled":
+            when = _switch_step(node.children[-2], steps, use_old_scheduling, int_offset, flt_offset)
+            switch_at[id(node)] = when
+            if when >= 1:
+                boundaries.add(when)
+        elif node.data == "alternate":
+            boundaries.update(range(1, steps + 1))
+
+    def text_at(node, step: int) -> str:
+        if node is None:
+            return ""
+        if isinstance(node, lark.Token):
+            return str(node)
+        if node.data == "plain":
+            return node.children[0].value
+        if node.data == "scheduled":
+            before, after = node.children[0], node.children[1]
+            return text_at(before if step <= switch_at[id(node)] else after, step)
+        if node.data == "alternate":
+            return text_at(node.children[(step - 1) % len(node.children)], step)
+        return "".join(text_at(child, step) for child in node.children)
+
+    return [[step, text_at(tree, step)] for step in sorted(boundaries)]
+
+
+def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=None, use_old_scheduling=False):
+    """Per prompt, `[[end_at_step, text], ...]`: the text used up to and including each end step."""
+    if hires_steps is None or use_old_scheduling:
+        steps, int_offset, flt_offset = base_steps, 0, 0.0
+    else:
+        steps, int_offset, flt_offset = hires_steps, base_steps, 1.0
+    schedules = {prompt: _schedule_of(prompt, steps, use_old_scheduling, int_offset, flt_offset)
+                 for prompt in set(prompts)}
+    return [schedules[prompt] for prompt in prompts]
+
+
 # --- learned conditioning -------------------------------------------------------------------------
 def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
-    """One schedule (a single entry ending at `steps`) per prompt; equal prompts share one encoding."""
+    """Per prompt, its schedule as ScheduledPromptConditioning entries; the texts of one prompt's
+    schedule are encoded together in one batch (so they share one token length); equal prompts share
+    one encoding."""
+    schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
     cache: dict[str, list] = {}
     res = []
-    for prompt in prompts:
+    for prompt, schedule in zip(prompts, schedules):
         if prompt not in cache:
-            texts = SdConditioning([prompt], copy_from=prompts)
+            texts = SdConditioning([text for _, text in schedule], copy_from=prompts)
             conds = model.get_learned_conditioning(texts)
-            cache[prompt] = [ScheduledPromptConditioning(steps, conds[0])]
+            cache[prompt] = [ScheduledPromptConditioning(end, conds[i]) for i, (end, _) in enumerate(schedule)]
         res.append(cache[prompt])
     return res
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 import traceback
 from collections import namedtuple
@@ -77,16 +78,25 @@ class Script:
     def postprocess_batch(self, p, *args, **kwargs):
         pass
 
+    def postprocess_batch_list(self, p, pp, *args, **kwargs):
+        pass
+
     def postprocess(self, p, processed, *args):
         pass
 
     def before_hr(self, p, *args):
         pass
 
+    def after_extra_networks_activate(self, p, *args, **kwargs):
+        pass
+
     def elem_id(self, item_id):
-        title = "".join(c if c.isalnum() else "_" for c in self.title().lower())
-        tab = "img2img" if self.is_img2img else "txt2img"
-        return f"script_{tab}_{title}_{item_id}"
+        """As the host builds it: the tab name only for a script shown on both tabs (or neither), the
+        title lower-cased with whitespace as `_` and everything but `[a-z_0-9]` dropped."""
+        need_tabname = self.show(True) == self.show(False)
+        tabname = ("img2img_" if self.is_img2img else "txt2img_") if need_tabname else ""
+        title = re.sub(r"[^a-z_0-9]", "", re.sub(r"\s", "_", self.title().lower()))
+        return f"script_{tabname}{title}_{item_id}"
 
 
 current_basedir = paths.script_path
@@ -156,7 +166,8 @@ def load_scripts(extension_dirs: list[str]) -> None:
             sys.path = [ext_dir, *sys.path]
             current_basedir = ext_dir
             try:
-                spec = importlib.util.spec_from_file_location(os.path.splitext(filename)[0], path)
+                # the host names the module after the file, extension included (script_loading.load_module)
+                spec = importlib.util.spec_from_file_location(filename, path)
                 module = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(module)
                 for obj in vars(module).values():
@@ -345,19 +356,30 @@ class ScriptRunner:
     def postprocess_batch(self, p, images, **kwargs):
         self._each("postprocess_batch", p, **kwargs, images=images)
 
+    def postprocess_batch_list(self, p, pp, **kwargs):
+        self._each("postprocess_batch_list", p, pp, **kwargs)
+
     def postprocess(self, p, processed):
         self._each("postprocess", p, processed)
 
     def before_hr(self, p):
         self._each("before_hr", p)
 
+    def after_extra_networks_activate(self, p, **kwargs):
+        self._each("after_extra_networks_activate", p, **kwargs)
+
 
 scripts_txt2img: ScriptRunner | None = None
+scripts_img2img: ScriptRunner | None = None
 
 
 def create_script_runners() -> None:
-    global scripts_txt2img
+    """One runner per tab, each with its own script instances: a script is in a tab's runner when its
+    `show(is_img2img)` says so (the host initializes them as it builds each tab)."""
+    global scripts_txt2img, scripts_img2img
     scripts_txt2img = ScriptRunner()
     scripts_txt2img.initialize_scripts(is_img2img=False)
+    scripts_img2img = ScriptRunner()
+    scripts_img2img.initialize_scripts(is_img2img=True)
 
 

@@ -27,7 +27,10 @@ class EmbeddingsWithFixes(torch.nn.Module):
         rows = []
         for fixes, tensor in zip(batch_fixes, inputs_embeds):
             for offset, embedding in fixes:
-                emb = devices.cond_cast_unet(embedding.vec)
+                # the host keeps these on devices.device in float32 and concatenates them with the
+                # token embeddings there: a vector anywhere else fails, as torch.cat does on CUDA
+                vec = devices.require_on_device(embedding.vec, f"embedding {embedding.name!r}", torch.float32)
+                emb = devices.cond_cast_unet(vec)
                 n = min(tensor.shape[0] - offset - 1, emb.shape[0])
                 tensor = torch.cat([tensor[0:offset + 1], emb[0:n], tensor[offset + 1 + n:]]).to(inputs_embeds.dtype)
             rows.append(tensor)
@@ -53,6 +56,20 @@ class StableDiffusionModelHijack:
         self.clip = m.cond_stage_model
         sd_hijack_optimizations.apply()
         sd_hijack_unet.apply()
+
+    def undo_hijack(self, m) -> None:
+        """The prompt encoder and the token embedding unwrapped, the attention optimisation removed."""
+        from modules import sd_hijack_clip, sd_hijack_optimizations
+
+        if type(m.cond_stage_model) is sd_hijack_clip.FrozenCLIPEmbedderWithCustomWords:
+            m.cond_stage_model = m.cond_stage_model.wrapped
+            embeddings = m.cond_stage_model.transformer.text_model.embeddings
+            if type(embeddings.token_embedding) is EmbeddingsWithFixes:
+                embeddings.token_embedding = embeddings.token_embedding.wrapped
+        sd_hijack_optimizations.undo()
+        self.apply_circular(False)
+        self.layers = None
+        self.clip = None
 
     def apply_circular(self, enable: bool) -> None:
         self.circular_enabled = enable

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
+import sys
+import traceback
 
-import safetensors
 import safetensors.torch
 import torch
 
 from lib_mos import sd1
 from lib_mos.clip_tokenizer import load_clip_tokenizer
-from modules import paths, script_callbacks, shared
+from modules import hashes, paths, script_callbacks, shared
 from modules.sd_hijack import model_hijack
 from modules.sd_hijack_clip import FrozenCLIPEmbedder
 
@@ -25,14 +28,6 @@ model_dir = "Stable-diffusion"
 model_path = os.path.join(paths.models_path, model_dir)
 checkpoints_list: dict[str, CheckpointInfo] = {}
 checkpoint_aliases: dict[str, CheckpointInfo] = {}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_hash(filename: str) -> str:
@@ -47,62 +42,116 @@ def model_hash(filename: str) -> str:
         return "NOFILE"
 
 
+def replace_key(d: dict, key, new_key, value) -> dict:
+    """Rename `key` to `new_key` keeping its position (the host's helper for checkpoint titles)."""
+    keys = list(d.keys())
+    d[new_key] = value
+    if key not in keys:
+        return d
+    keys[keys.index(key)] = new_key
+    new_d = {k: d[k] for k in keys}
+    d.clear()
+    d.update(new_d)
+    return d
+
+
+def read_metadata_from_safetensors(filename: str) -> dict:
+    """The `__metadata__` of a safetensors header; values that look like JSON objects are parsed."""
+    with open(filename, mode="rb") as file:
+        metadata_len = int.from_bytes(file.read(8), "little")
+        json_start = file.read(2)
+        assert metadata_len > 2 and json_start in (b'{"', b"{'"), f"{filename} is not a safetensors file"
+        header = json.loads(json_start + file.read(metadata_len - 2))
+    res = {}
+    for k, v in header.get("__metadata__", {}).items():
+        res[k] = v
+        if isinstance(v, str) and v[0:1] == "{":
+            with contextlib.suppress(Exception):
+                res[k] = json.loads(v)
+    return res
+
+
 class CheckpointInfo:
     def __init__(self, filename: str):
-        self.filename = os.path.abspath(filename)
-        root = shared.cmd_opts.ckpt_dir if shared.cmd_opts.ckpt_dir and self.filename.startswith(
-            os.path.abspath(shared.cmd_opts.ckpt_dir)) else model_path
-        name = os.path.relpath(self.filename, root) if self.filename.startswith(os.path.abspath(root)) \
-            else os.path.basename(filename)
+        self.filename = filename
+        abspath = os.path.abspath(filename)
+        abs_ckpt_dir = os.path.abspath(shared.cmd_opts.ckpt_dir) if shared.cmd_opts.ckpt_dir is not None else None
+        self.is_safetensors = os.path.splitext(filename)[1].lower() == ".safetensors"
+        if abs_ckpt_dir and abspath.startswith(abs_ckpt_dir):
+            name = abspath.replace(abs_ckpt_dir, "")
+        elif abspath.startswith(model_path):
+            name = abspath.replace(model_path, "")
+        else:
+            name = os.path.basename(filename)
+        if name.startswith(("\\", "/")):
+            name = name[1:]
+        self.metadata: dict = {}
+        if self.is_safetensors:
+            try:
+                self.metadata = read_metadata_from_safetensors(filename)
+            except Exception:
+                traceback.print_exc()
         self.name = name
         self.name_for_extra = os.path.splitext(os.path.basename(filename))[0]
         self.model_name = os.path.splitext(name.replace("/", "_").replace("\\", "_"))[0]
         self.hash = model_hash(filename)
-        self.sha256 = None
-        self.shorthash = None
-        self.title = name
-        self.short_title = self.name_for_extra
-        self.ids = [self.hash, self.model_name, self.title, name, self.name_for_extra]
-        self.metadata: dict = {}
-        if filename.lower().endswith(".safetensors"):
-            with contextlib.suppress(Exception), safetensors.safe_open(filename, "pt") as f:
-                self.metadata = f.metadata() or {}
+        self.sha256 = hashes.sha256_from_cache(self.filename, f"checkpoint/{name}")
+        self.shorthash = self.sha256[0:10] if self.sha256 else None
+        self.title = name if self.shorthash is None else f"{name} [{self.shorthash}]"
+        self.short_title = self.name_for_extra if self.shorthash is None else f"{self.name_for_extra} [{self.shorthash}]"
+        self.ids = [self.hash, self.model_name, self.title, name, self.name_for_extra, f"{name} [{self.hash}]"]
+        if self.shorthash:
+            self.ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]",
+                         f"{self.name_for_extra} [{self.shorthash}]"]
 
     def register(self) -> None:
         checkpoints_list[self.title] = self
         for i in self.ids:
             checkpoint_aliases[i] = self
 
-    def calculate_shorthash(self) -> str:
-        self.sha256 = _sha256(self.filename)
-        if self.shorthash == self.sha256[0:10]:
+    def calculate_shorthash(self):
+        self.sha256 = hashes.sha256(self.filename, f"checkpoint/{self.name}")
+        if self.sha256 is None:
+            return None
+        shorthash = self.sha256[0:10]
+        if self.shorthash == shorthash:
             return self.shorthash
-        self.shorthash = self.sha256[0:10]
+        self.shorthash = shorthash
+        if self.shorthash not in self.ids:
+            self.ids += [self.shorthash, self.sha256, f"{self.name} [{self.shorthash}]",
+                         f"{self.name_for_extra} [{self.shorthash}]"]
         old_title = self.title
         self.title = f"{self.name} [{self.shorthash}]"
         self.short_title = f"{self.name_for_extra} [{self.shorthash}]"
-        self.ids += [self.sha256, self.shorthash, self.title, self.short_title]
+        replace_key(checkpoints_list, old_title, self.title, self)
         self.register()
-        if old_title != self.title:
-            checkpoints_list.pop(old_title, None)
         return self.shorthash
 
 
 def list_models() -> None:
+    """`--ckpt-dir` first, then models/Stable-diffusion, natural order, `.vae.*` files left out."""
     checkpoints_list.clear()
     checkpoint_aliases.clear()
-    folders = [model_path] + ([shared.cmd_opts.ckpt_dir] if shared.cmd_opts.ckpt_dir else [])
-    for folder in folders:
-        if not os.path.isdir(folder):
-            continue
-        for root, _, files in os.walk(folder):
-            for fn in sorted(files):
-                if os.path.splitext(fn)[1].lower() in (".ckpt", ".safetensors"):
-                    CheckpointInfo(os.path.join(root, fn)).register()
+    places = []
+    ckpt_dir = shared.cmd_opts.ckpt_dir
+    if ckpt_dir is not None and ckpt_dir != model_path and os.path.exists(ckpt_dir):
+        places.append(ckpt_dir)
+    places.append(model_path)
+    found: list[str] = []
+    for place in places:
+        for path in shared.walk_files(place, allowed_extensions=[".ckpt", ".safetensors"]):
+            if path.endswith((".vae.ckpt", ".vae.safetensors")) or path in found:
+                continue
+            found.append(path)
+    for path in found:
+        CheckpointInfo(path).register()
 
 
 def checkpoint_tiles(use_short: bool = False) -> list[str]:
     return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
+
+
+re_strip_checksum = re.compile(r"\s*\[[^]]+]\s*$")
 
 
 def get_closet_checkpoint_match(search_string: str):
@@ -110,28 +159,62 @@ def get_closet_checkpoint_match(search_string: str):
         return None
     if search_string in checkpoint_aliases:
         return checkpoint_aliases[search_string]
-    found = sorted([info for info in checkpoints_list.values() if search_string in info.title], key=lambda x: len(x.title))
-    return found[0] if found else None
+    for text in (search_string, re.sub(re_strip_checksum, "", search_string)):
+        found = sorted([info for info in checkpoints_list.values() if text in info.title], key=lambda x: len(x.title))
+        if found:
+            return found[0]
+    return None
 
 
 def select_checkpoint():
-    info = checkpoint_aliases.get(shared.opts.sd_model_checkpoint)
+    model_checkpoint = shared.opts.sd_model_checkpoint
+    info = checkpoint_aliases.get(model_checkpoint)
     if info is not None:
         return info
     if not checkpoints_list:
         raise FileNotFoundError(f"No checkpoints found in {model_path}")
-    return next(iter(checkpoints_list.values()))
+    info = next(iter(checkpoints_list.values()))
+    if model_checkpoint is not None:
+        print(f"Checkpoint {model_checkpoint} not found; loading fallback {info.title}", file=sys.stderr)
+    return info
+
+
+checkpoint_dict_replacements_sd1 = {
+    "cond_stage_model.transformer.embeddings.": "cond_stage_model.transformer.text_model.embeddings.",
+    "cond_stage_model.transformer.encoder.": "cond_stage_model.transformer.text_model.encoder.",
+    "cond_stage_model.transformer.final_layer_norm.": "cond_stage_model.transformer.text_model.final_layer_norm.",
+}
+
+
+def transform_checkpoint_dict_key(k, replacements):
+    for text, replacement in replacements.items():
+        if k.startswith(text):
+            k = replacement + k[len(text):]
+    return k
+
+
+def get_state_dict_from_checkpoint(pl_sd):
+    """The `state_dict` entry when there is one; old text-encoder key names renamed (SD1)."""
+    pl_sd = pl_sd.pop("state_dict", pl_sd)
+    pl_sd.pop("state_dict", None)
+    sd = {}
+    for k, v in pl_sd.items():
+        new_key = transform_checkpoint_dict_key(k, checkpoint_dict_replacements_sd1)
+        if new_key is not None:
+            sd[new_key] = v
+    pl_sd.clear()
+    pl_sd.update(sd)
+    return pl_sd
 
 
 def read_state_dict(checkpoint_file: str, print_global_state: bool = False, map_location=None) -> dict:
+    """safetensors, or `torch.load` as the host calls it (through its pickle guard, modules/safe.py,
+    which answers None for a file it refuses: that fails here as in the host)."""
     if os.path.splitext(checkpoint_file)[1].lower() == ".safetensors":
-        sd = safetensors.torch.load_file(checkpoint_file, device=map_location or "cpu")
+        pl_sd = safetensors.torch.load_file(checkpoint_file, device=map_location or "cpu")
     else:
-        # the host unpickles through its restricted unpickler (modules/safe.py)
-        sd = torch.load(checkpoint_file, map_location=map_location or "cpu", weights_only=True)
-    if "state_dict" in sd:
-        sd = sd["state_dict"]
-    return sd
+        pl_sd = torch.load(checkpoint_file, map_location=map_location or "cpu")
+    return get_state_dict_from_checkpoint(pl_sd)
 
 
 class DiffusionWrapper(torch.nn.Module):
@@ -148,6 +231,8 @@ class LatentDiffusion(torch.nn.Module):
     """The slice of ldm's LatentDiffusion the host and extensions touch."""
 
     is_sd1, is_sd2, is_sdxl, is_ssd, is_sd3 = True, False, False, False, False
+    is_sdxl_inpaint = False
+    lowvram = False
     cond_stage_key = "txt"
     parameterization = "eps"
     latent_channels = 4
@@ -175,44 +260,113 @@ class LatentDiffusion(torch.nn.Module):
         yield
 
 
-def _config_for(info: CheckpointInfo) -> sd1.SD1Config:
+def _config_for(info: CheckpointInfo, state_dict: dict) -> sd1.SD1Config:
     """The host picks a model config yaml from the state dict; SD1 files get v1-inference (SD1.5
     widths). Files written by lib_mos for the tiny test model carry their widths in metadata."""
-    text = info.metadata.get(sd1.CONFIG_METADATA_KEY)
-    return sd1.SD1Config.from_json(text) if text else sd1.SD15
+    if any(k.startswith("conditioner.") for k in state_dict):
+        raise RuntimeError(f"{info.filename}: SDXL checkpoints are not supported by the test double")
+    value = info.metadata.get(sd1.CONFIG_METADATA_KEY)
+    if isinstance(value, dict):  # the host's metadata reader parses values that look like JSON
+        value = json.dumps(value)
+    return sd1.SD1Config.from_json(value) if value else sd1.SD15
+
+
+class SkipWritingToConfig:
+    """Inside it, loading weights does not write the checkpoint's title to the settings."""
+
+    skip = False
+    previous = None
+
+    def __enter__(self):
+        self.previous = SkipWritingToConfig.skip
+        SkipWritingToConfig.skip = True
+        return self
+
+    def __exit__(self, exc_type, exc_value, exc_traceback):
+        SkipWritingToConfig.skip = self.previous
+
+
+def send_model_to_trash(m) -> None:
+    """As the host: a model that is replaced goes to the meta device, so references kept to it break."""
+    m.to(device="meta")
+
+
+def get_empty_cond(sd_model):
+    """The host computes it with every extra network deactivated (which unloads any active Lora)."""
+    from modules import extra_networks, processing
+
+    p = processing.StableDiffusionProcessingTxt2Img()
+    extra_networks.activate(p, {})
+    return sd_model.get_learned_conditioning([""])
+
+
+def load_model_weights(model, checkpoint_info: CheckpointInfo, state_dict, timer=None) -> None:
+    sd_model_hash = checkpoint_info.calculate_shorthash()
+    if not SkipWritingToConfig.skip:
+        shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
+    if state_dict is None:
+        state_dict = read_state_dict(checkpoint_info.filename)
+    model.load_state_dict(state_dict, strict=False)
+    model.sd_model_hash = sd_model_hash
+    model.sd_model_checkpoint = checkpoint_info.filename
+    model.sd_checkpoint_info = checkpoint_info
+    shared.opts.data["sd_checkpoint_hash"] = checkpoint_info.sha256
 
 
 def load_model(checkpoint_info: CheckpointInfo | None = None, already_loaded_state_dict=None):
+    """A new model object: the previous one is trashed, the new one hijacked, embeddings reloaded,
+    `model_loaded` callbacks fired, then the empty-prompt cond computed (in the host's order)."""
     info = checkpoint_info or select_checkpoint()
-    state_dict = already_loaded_state_dict or read_state_dict(info.filename)
-    if any(k.startswith("conditioner.") for k in state_dict):
-        raise RuntimeError(f"{info.filename}: SDXL checkpoints are not supported by the test double")
-    model = LatentDiffusion(_config_for(info))
-    model.load_state_dict(state_dict, strict=False)
+    if shared.sd_model is not None:
+        send_model_to_trash(shared.sd_model)
+        shared.sd_model = None
+    state_dict = already_loaded_state_dict if already_loaded_state_dict is not None else read_state_dict(info.filename)
+    config = _config_for(info, state_dict)
+    model = LatentDiffusion(config)
+    model.used_config = config
+    load_model_weights(model, info, state_dict)
     model.eval().requires_grad_(False)
-    model.sd_model_hash = info.calculate_shorthash()
-    model.sd_checkpoint_info = info
-    model.sd_model_checkpoint = info.filename
-    shared.opts.data["sd_model_checkpoint"] = info.title
-    shared.opts.data["sd_checkpoint_hash"] = info.sha256
     model_hijack.hijack(model)
     shared.sd_model = model
-    with torch.no_grad():
-        model.cond_stage_model_empty_prompt = model.cond_stage_model([""])
     model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
     script_callbacks.model_loaded_callback(model)
+    with torch.no_grad():
+        model.cond_stage_model_empty_prompt = get_empty_cond(model)
     return model
 
 
 def reload_model_weights(sd_model=None, info=None, forced_reload=False):
-    info = info or select_checkpoint()
-    current = shared.sd_model
-    if current is not None and not forced_reload and current.sd_checkpoint_info.filename == info.filename:
-        return current
-    return load_model(info)
+    """The host's path with `sd_checkpoints_limit` 1: nothing when that file is loaded already; else
+    the loaded model object takes the new weights in place (`load_state_dict`, hijack again,
+    `model_loaded` callbacks; no embedding reload, the empty-prompt cond kept), unless the new file
+    needs another config, which builds a new model (`load_model`)."""
+    if shared.opts.sd_checkpoints_limit != 1:
+        raise NotImplementedError("the test double keeps one checkpoint loaded (sd_checkpoints_limit 1)")
+    checkpoint_info = info or select_checkpoint()
+    sd_model = sd_model or shared.sd_model
+    if sd_model is None:
+        return load_model(checkpoint_info)
+    current_checkpoint_info = sd_model.sd_checkpoint_info
+    if sd_model.sd_model_checkpoint == checkpoint_info.filename and not forced_reload:
+        return sd_model
+
+    model_hijack.undo_hijack(sd_model)
+    state_dict = read_state_dict(checkpoint_info.filename)
+    if _config_for(checkpoint_info, state_dict) != sd_model.used_config:
+        send_model_to_trash(sd_model)
+        return load_model(checkpoint_info, already_loaded_state_dict=state_dict)
+    try:
+        load_model_weights(sd_model, checkpoint_info, state_dict)
+    except Exception:
+        load_model_weights(sd_model, current_checkpoint_info, None)
+        raise
+    finally:
+        model_hijack.hijack(sd_model)
+        script_callbacks.model_loaded_callback(sd_model)
+    shared.sd_model = sd_model
+    return sd_model
 
 
 def unload_model_weights(sd_model=None, info=None):
-    shared.sd_model = None
-
-
+    """The host only moves the model to the CPU, where the double's already is."""
+    return sd_model

@@ -76,6 +76,7 @@ class KDiffusionSampler:
     def __init__(self, name: str, sd_model):
         self.config = find_sampler_config(name)
         self.model_wrap = CompVisDenoiser(sd_model)
+        self.conditioning_key = sd_model.model.conditioning_key
         self.model_wrap_cfg = CFGDenoiser(self)
         self.last_latent = None
         self.sampler_extra_args: dict = {}
@@ -124,6 +125,8 @@ class KDiffusionSampler:
         sigmas = self.model_wrap.get_sigmas(steps)
         sigma_sched = sigmas[steps - t_enc - 1:]
         xi = x + noise * sigma_sched[0]
+        if shared.opts.img2img_extra_noise > 0:
+            raise NotImplementedError("the test double has no img2img extra noise (extra_noise callbacks)")
         self.initialize(p)
         self.model_wrap_cfg.init_latent = x
         self.last_latent = x

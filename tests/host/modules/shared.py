@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import types
 from typing import Any
@@ -32,6 +33,20 @@ _DEFAULTS: dict[str, Any] = {
     # checkpoints
     "sd_model_checkpoint": None,
     "sd_checkpoint_hash": "",
+    "sd_checkpoints_limit": 1,
+    "sd_checkpoints_keep_in_cpu": True,
+    # img2img
+    "img2img_fix_steps": False,
+    "initial_noise_multiplier": 1.0,
+    "img2img_extra_noise": 0.0,
+    "img2img_color_correction": False,
+    "img2img_background_color": "#ffffff",
+    "sd_vae_encode_method": "Full",
+    "upscaler_for_img2img": None,
+    "save_init_img": False,
+    "inpainting_mask_weight": 1.0,
+    # extra networks
+    "extra_networks_default_multiplier": 1.0,
     # output
     "samples_save": False,
     "enable_pnginfo": True,
@@ -65,14 +80,21 @@ class Options:
         return self.data_labels.get(key)
 
     def set(self, key: str, value: Any, is_api: bool = False, run_callbacks: bool = True) -> bool:
-        if key not in self.data_labels:
+        """As the host: an unchanged value is a no-op (False), an unknown name raises KeyError; the
+        double has no onchange callbacks."""
+        if self.data.get(key, None) == value:
             return False
+        if key not in self.data_labels:
+            raise KeyError(key)
         self.data[key] = value
         return True
 
     def add_option(self, key: str, info: Any) -> None:
-        """Extensions add settings from on_ui_settings; the double keeps the default."""
+        """Extensions add settings from on_ui_settings; the default goes into `data` unless a value is
+        there already, as in the host (no settings UI changes it)."""
         self.data_labels[key] = getattr(info, "default", info)
+        if key not in self.data:
+            self.data[key] = self.data_labels[key]
 
     def reset(self) -> None:
         self.data.clear()
@@ -158,11 +180,14 @@ cmd_opts = types.SimpleNamespace(
     ckpt_dir=None,
     embeddings_dir=os.path.join(paths.data_path, "embeddings"),
     lora_dir=os.path.join(paths.models_path, "Lora"),
+    lyco_dir_backcompat=os.path.join(paths.models_path, "LyCORIS"),
     no_prompt_history=True,
+    no_hashing=False,
     hide_ui_dir_config=False,
     freeze_settings=False,
     api=False,
     skip_install=False,
+    disable_safe_unpickle=False,
 )
 sd_model = None
 demo = None
@@ -176,3 +201,19 @@ latent_upscale_modes = {
     "Latent (nearest)": {"mode": "nearest", "antialias": False},
 }
 sd_upscalers: list = []
+
+
+def natural_sort_key(s, regex=re.compile("([0-9]+)")):
+    return [int(text) if text.isdigit() else text.lower() for text in regex.split(s)]
+
+
+def walk_files(path, allowed_extensions=None):
+    """Files under `path` (links followed), folders and names in natural order (modules/util.py)."""
+    if not os.path.exists(path):
+        return
+    allowed = set(allowed_extensions) if allowed_extensions is not None else None
+    for root, _, files in sorted(os.walk(path, followlinks=True), key=lambda x: natural_sort_key(x[0])):
+        for filename in sorted(files, key=natural_sort_key):
+            if allowed is not None and os.path.splitext(filename)[1].lower() not in allowed:
+                continue
+            yield os.path.join(root, filename)

@@ -2,8 +2,8 @@
 relies on, with real gradio 3.41.2 components.
 
 `create_ui()` builds each tab as a Blocks of its own and renders them inside `gr.Tabs(elem_id="tabs")`
-as `gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}")`, as the host does: txt2img, img2img (a
-placeholder with its own prompt row), PNG Info, then the `on_ui_tabs` tabs of extensions.
+as `gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}")`, as the host does: txt2img, img2img (its prompt
+row and its scripts' UI only), PNG Info, then the `on_ui_tabs` tabs of extensions.
 
 txt2img keeps the host's element ids and nesting: `txt2img_toprow` with `txt2img_prompt`,
 `txt2img_neg_prompt` and `txt2img_generate`; the `txt2img_extra_tabs` tabs with the Generation tab;
@@ -145,11 +145,18 @@ def create_txt2img_interface():
 
 
 def create_img2img_interface():
-    """Only the prompt row: the double has no img2img."""
+    """The prompt row and the img2img scripts' UI (`img2img_script_container`), which decides the
+    img2img script_args layout; nothing submits them (img2img runs through `modules.img2img.img2img`)."""
     import gradio as gr
+
+    from modules import scripts
 
     with gr.Blocks(analytics_enabled=False) as interface:
         Toprow(is_img2img=True)
+        with gr.Column(variant="compact", elem_id="img2img_settings"):
+            scripts.scripts_img2img.prepare_ui()
+            with gr.Group(elem_id="img2img_script_container"):
+                scripts.scripts_img2img.setup_ui()
     return interface
 
 

@@ -8,7 +8,7 @@ import os
 import safetensors.torch
 import torch
 
-from modules import shared
+from modules import devices, shared
 
 
 class Embedding:
@@ -35,11 +35,11 @@ def create_embedding_from_data(data, name, filename="unknown embedding file", fi
     if "string_to_param" in data:
         params = data["string_to_param"]
         assert len(params) == 1, "embedding file has multiple terms in it"
-        vec = next(iter(params.values())).detach().to(dtype=torch.float32)
+        vec = next(iter(params.values())).detach().to(devices.device, dtype=torch.float32)
     elif isinstance(data, dict) and data and isinstance(next(iter(data.values())), torch.Tensor):
         assert len(data) == 1, "embedding file has multiple terms in it"
         vec = next(iter(data.values()))
-        vec = (vec.unsqueeze(0) if vec.dim() == 1 else vec).detach().to(dtype=torch.float32)
+        vec = (vec.unsqueeze(0) if vec.dim() == 1 else vec).detach().to(devices.device, dtype=torch.float32)
     else:
         raise Exception(f"Couldn't identify {filename} as neither textual inversion embedding nor diffuser concept.")
     embedding = Embedding(vec, name)

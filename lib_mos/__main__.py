@@ -3,11 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+LDM_REPOSITORY = Path("repositories") / "stable-diffusion-stability-ai"
+
+
+def webui_candidates() -> list[Path]:
+    """Where a WebUI install may be: $MOS_WEBUI, the install whose venv runs this Python
+    (`<webui>/venv/bin/python`), and the install this extension sits in (`<webui>/extensions/<ext>`,
+    through a symlink too, hence $PWD)."""
+    here = Path(__file__).absolute().parent.parent
+    found = [Path(os.environ["MOS_WEBUI"])] if os.environ.get("MOS_WEBUI") else []
+    found.append(Path(sys.executable).absolute().parent.parent.parent)
+    found += [here.parent.parent, here.resolve().parent.parent]
+    if os.environ.get("PWD"):
+        found.append(Path(os.environ["PWD"]).parent.parent)
+    return found
+
+
+def use_webui_packages() -> Path | None:
+    """Make `ldm` importable when this runs with the WebUI's own Python: the WebUI keeps ldm in
+    `repositories/stable-diffusion-stability-ai` and puts it on sys.path only while it runs.
+    Returns the folder added, if any."""
+    import importlib.util
+
+    if importlib.util.find_spec("ldm") is not None:
+        return None
+    for webui in webui_candidates():
+        repo = webui / LDM_REPOSITORY
+        if (repo / "ldm" / "modules").is_dir():
+            sys.path.insert(0, str(repo))
+            return repo
+    return None
+
 
 def main(argv: list[str] | None = None) -> int:
+    use_webui_packages()
     parser = argparse.ArgumentParser(prog="python -m lib_mos", description="Mix-of-Show tools outside the WebUI.")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the main job end to end on the embedded tiny model")

@@ -9,7 +9,7 @@ only debug-logs such keys) and the concept's description sits in the safetensors
 Every reader validates the whole file and builds the complete Concept before returning it, and
 every problem is a `ConceptError` whose message names the file (and the key, where there is one):
 a user with a dozen concept files needs to know which one is broken and why, not a traceback.
-Pickles are only ever opened with `torch.load(..., weights_only=True)`.
+Pickles are only ever opened with `torch_load_weights` (`weights_only=True`, past the host's guard).
 
 Choices (see also the module constants):
 - Only the 128 UNet and 48 text-encoder attention linears that ED-LoRA trains are LoRA targets.
@@ -62,6 +62,7 @@ __all__ = [
     "check_concept_set",
     "read_concept",
     "sha256_file",
+    "torch_load_weights",
     "write_concept",
 ]
 
@@ -285,13 +286,19 @@ def _pickle_imports(path: Path) -> list[str]:
     return found
 
 
-def _torch_load(path: Path) -> Any:
-    """torch.load restricted to tensors and plain containers; anything needing code is refused."""
+def torch_load_weights(path: Path) -> Any:
+    """A pickle restricted to tensors and plain containers (`weights_only=True`, always explicit:
+    torch 2.1, which the WebUI installs, defaults to False); anything needing code is refused.
+
+    It calls `torch.serialization.load`, never `torch.load`: inside the WebUI `torch.load` is the
+    host's pickle guard (modules/safe.py), which scans the file through the same file object and
+    leaves it mid-file, refuses zips written by recent torch, and returns None instead of raising.
+    `weights_only=True` is the same protection without those faults."""
     try:
         # A file object, not the path: recent torch picks a loader from a ".safetensors" name.
         with warnings.catch_warnings(), open(path, "rb") as fh:
             warnings.simplefilter("ignore")
-            return torch.load(fh, map_location="cpu", weights_only=True)
+            return torch.serialization.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's restricted unpickler reports both a forbidden import and a damaged pickle as
         # "Weights only load failed"; only the former means the file asked to run code.
@@ -447,7 +454,7 @@ def _ti_vectors(obj: Any, where: str) -> torch.Tensor:
 def _read_embedding_file(path: Path) -> torch.Tensor:
     _existing_file(path, "embedding file")
     if _sniff(path) == "torch":
-        return _ti_vectors(_torch_load(path), str(path))
+        return _ti_vectors(torch_load_weights(path), str(path))
     tensors, _ = _safetensors_load(path)
     return _ti_vectors(tensors, str(path))
 
@@ -518,7 +525,7 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ConceptError(f"{where}: the concept name must be a non-empty string")
     if kind == "torch":
-        obj = _torch_load(path)
+        obj = torch_load_weights(path)
         if isinstance(obj, Mapping) and ("params" in obj or "new_concept_embedding" in obj):
             if embedding is not None:
                 raise ConceptError(f"{where}: is an ED-LoRA file with its own embeddings; embedding= is only for kohya LoRAs")
@@ -664,28 +671,3 @@ def check_against_model(concept: Concept, model: sd1.SD1Model) -> None:
             f"{what}: embeddings have {concept.layers} layer rows per token, the model has "
             f"{len(sd1.ATTN2_NAMES)} cross-attention layers")
     check_fits(concept, model.unet, model.text_encoder)
-
-
-def find_concept_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """Concept files under `folder` (e.g. the WebUI's models/Lora): our `.safetensors` (recognised by
-    their metadata, so plain LoRAs are not listed) and the authors' `.pth`/`.pt`. Cheap: headers only."""
-    from safetensors import safe_open
-
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in sorted(root.rglob("*")):
-        suffix = path.suffix.lower()
-        if not path.is_file():
-            continue
-        if suffix in (".pth", ".pt"):
-            found.append(path)
-        elif suffix == ".safetensors":
-            try:
-                with safe_open(str(path), "pt") as f:
-                    if METADATA_KEY in (f.metadata() or {}):
-                        found.append(path)
-            except Exception:  # unreadable files are simply not offered
-                continue
-    return found

@@ -1,4 +1,5 @@
-"""Crash-safe file writing shared by everything that saves models.
+"""Crash-safe file writing shared by everything that saves models, and loading one of the
+extension's `scripts/*.py` files from another.
 
 A checkpoint that is half written (power loss, Ctrl-C, a full disk) looks like a valid file to the
 host's model list and fails only when somebody selects it, so every write goes to a temporary file
@@ -8,14 +9,16 @@ in the target folder first and is renamed into place only once it is complete an
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import secrets
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_save_safetensors"]
+__all__ = ["atomic_save_safetensors", "import_sibling"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -104,3 +107,27 @@ def atomic_save_safetensors(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def import_sibling(anchor: str, name: str):
+    """The module `<folder of anchor>/<name>.py`, executed once per process and file version.
+
+    The WebUI imports each `scripts/*.py` as a top-level module that is not in `sys.modules` and
+    puts the extension folder on `sys.path` only while the file imports, so one script file cannot
+    `import` another. Loading by path (cached here under a private name) gives every caller the
+    same module object, so module-level caches are shared."""
+    path = os.path.join(os.path.dirname(os.path.abspath(anchor)), f"{name}.py")
+    key = f"_mix_of_show_scripts.{name}"
+    stamp = os.stat(path).st_mtime_ns
+    module = sys.modules.get(key)
+    if module is None or getattr(module, "_mos_stamp", None) != stamp:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+        module._mos_stamp = stamp
+    return module

@@ -30,6 +30,7 @@ from torch import nn
 
 from lib_mos import sampling
 from lib_mos.binding import PromptBinder
+from lib_mos.concept_files import torch_load_weights
 from lib_mos.concepts import Concept, ConceptError, applied, check_fits
 from lib_mos.fusion_solver import LayerStats, relative_errors_many, solve_exact, solve_lbfgs, weight_average
 from lib_mos.sd1 import ATTN2_NAMES, SD1Model
@@ -341,11 +342,13 @@ def read_base_state_dict(path) -> dict[str, torch.Tensor]:
         if path.suffix.lower() == ".safetensors":
             sd = safetensors.torch.load_file(str(path), device="cpu")
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            sd = sd.get("state_dict", sd)
+            sd = torch_load_weights(path)
+            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    except ConceptError:
+        raise
     except Exception as e:
         raise ConceptError(f"{path}: cannot read the base checkpoint ({type(e).__name__}: {e})") from e
-    if not any(k.startswith("model.diffusion_model.") for k in sd):
+    if not isinstance(sd, dict) or not any(str(k).startswith("model.diffusion_model.") for k in sd):
         raise ConceptError(f"{path}: not an SD1 checkpoint (no model.diffusion_model.* keys)")
     return sd
 
@@ -353,7 +356,7 @@ def read_base_state_dict(path) -> dict[str, torch.Tensor]:
 def fused_state_dict(base: dict[str, torch.Tensor], result: FusionResult, *,
                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The base checkpoint with fused weights, concept embeddings under a private prefix the host
-    ignores, position_ids dropped, floats cast to `dtype`."""
+    ignores (float32), position_ids dropped, the other floats cast to `dtype`."""
     from lib_mos.sd1 import TEXT_PREFIX, UNET_PREFIX
 
     sd = dict(base)
@@ -371,7 +374,10 @@ def fused_state_dict(base: dict[str, torch.Tensor], result: FusionResult, *,
         for token in concept.tokens:
             sd[f"{FUSED_EMBEDDING_PREFIX}{k}"] = concept.token_rows(token)
             k += 1
-    return {key: (v.to(dtype) if v.is_floating_point() and key != "alphas_cumprod" else v).contiguous()
+    # the schedule and the concept rows stay float32: the host keeps embeddings in float32, and
+    # fp16 rows would bind a little differently from the concept files they came from
+    keep = ("alphas_cumprod", FUSED_EMBEDDING_PREFIX)
+    return {key: (v.to(dtype) if v.is_floating_point() and not key.startswith(keep) else v).contiguous()
             for key, v in sd.items()}
 
 

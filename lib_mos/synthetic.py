@@ -3,6 +3,9 @@ downloaded here), and the authors' ED-LoRA file layout to write them in."""
 
 from __future__ import annotations
 
+import io
+import os
+import zipfile
 from typing import Any
 
 import torch
@@ -50,3 +53,31 @@ def authors_params(concept: Concept, spelling: str = "main") -> dict[str, Any]:
         text.update(keys(name, f))
     emb = {t: concept.token_rows(t).clone() for t in concept.tokens}
     return {"params": {"new_concept_embedding": emb, "text_encoder": text, "unet": unet}}
+
+
+# Zip entries recent torch adds that torch 2.0 did not write (and the WebUI's pickle guard refuses).
+_NEWER_ZIP_ENTRIES = (".format_version", ".storage_alignment")
+
+
+def save_torch_file(obj: Any, path: str | os.PathLike[str], *, style: str = "current") -> None:
+    """`torch.save(obj, path)`; `style="torch2.0"` writes the zip as torch 2.0/2.1 did, without the
+    entries newer torch adds, and `style="newer"` always with them (whatever torch runs), so tests
+    can cover files from both generations of users."""
+    if style == "current":
+        torch.save(obj, path)
+        return
+    if style not in ("torch2.0", "newer"):
+        raise ValueError(f"style must be 'current', 'torch2.0' or 'newer', got {style!r}")
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        names = src.namelist()
+        for info in src.infolist():
+            if style == "newer" or not info.filename.endswith(_NEWER_ZIP_ENTRIES):
+                dst.writestr(info, src.read(info))
+        if style == "newer":  # what torch.save writes since it added these, even when the running torch (2.1) doesn't
+            prefix = names[0].split("/", 1)[0]
+            for entry, value in ((".format_version", "1"), (".storage_alignment", "64")):
+                if f"{prefix}/{entry}" not in names:
+                    dst.writestr(f"{prefix}/{entry}", value)

@@ -12,22 +12,28 @@ import gradio as gr
 import torch
 
 from lib_mos import fusion
-from lib_mos.concept_files import find_concept_files, read_concept
-from modules import call_queue, devices, paths, script_callbacks, sd_models, shared
+from lib_mos.concept_files import read_concept
+from lib_mos.files import import_sibling
+from modules import call_queue, devices, script_callbacks, sd_models, shared
+
+mos_host_binding = import_sibling(__file__, "mos_host_binding")
+concept_folder = mos_host_binding.concept_folder
 
 TAB_TITLE = "Mix-of-Show fusion"
 STAGE_LABELS = {"text encoder": "te", "cross-attention k/v": "kv", "spatial layers": "spatial"}
 TABLE_HEADERS = ["concept file", "tokens (rename as <a>+<b>)", "UNet weight", "text weight"]
 
 
-def concept_folder() -> str:
-    # --lora-dir comes from the built-in Lora extension; its default is models/Lora
-    return getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
-
-
 def concept_choices() -> list[str]:
-    root = concept_folder()
-    return [os.path.relpath(p, root) for p in find_concept_files(root)]
+    """Concept files in the Lora folder (ordinary LoRAs are not listed)."""
+    scan = mos_host_binding.LIBRARY.scan(concept_folder())
+    return [os.path.relpath(e.path, scan.folder) for e in scan.entries]
+
+
+def folder_problems() -> str:
+    """HTML naming the files of the Lora folder that could not be read, or ''."""
+    text = mos_host_binding.LIBRARY.scan(concept_folder()).problem_text()
+    return f"<p>Unreadable files in the Lora folder: {html.escape(text)}</p>" if text else ""
 
 
 def concept_table(selected: list[str], current=None) -> list[list]:
@@ -69,8 +75,16 @@ def output_path(name: str) -> Path:
     return Path(shared.cmd_opts.ckpt_dir or sd_models.model_path) / name
 
 
+def loaded_checkpoint() -> str:
+    """The title of the checkpoint loaded now (the host loads it while the UI is being built, so
+    ask at page load and at run time, not once)."""
+    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    return info.title if info is not None else (shared.opts.sd_model_checkpoint or "")
+
+
 def run_fusion(base_title, table, stages, solver, spatial_steps, spatial_size, seed, dtype, name, overwrite):
     """The tab's job (runs under the host's queue lock through `wrap_gradio_gpu_call`)."""
+    base_title = base_title or loaded_checkpoint()
     info = sd_models.get_closet_checkpoint_match(base_title)
     if info is None:
         raise ValueError(f"base checkpoint {base_title!r} not found; press refresh")
@@ -102,8 +116,11 @@ def on_ui_tabs():
         gr.Markdown("Merge several Mix-of-Show concepts into one checkpoint (gradient fusion). Each layer is "
                     "solved exactly for the weight that reproduces every concept's own outputs.")
         with gr.Row():
-            base = gr.Dropdown(label="Base checkpoint", choices=sd_models.checkpoint_tiles(),
-                               value=shared.opts.sd_model_checkpoint, elem_id="mos_fusion_base")
+            # a function: gradio calls it at every page load; and the host must not remember a value
+            # in ui-config.json, which would outlive the checkpoint it named
+            base = gr.Dropdown(label="Base checkpoint (default: the one loaded now)", choices=sd_models.checkpoint_tiles(),
+                               value=loaded_checkpoint, elem_id="mos_fusion_base")
+            base.do_not_save_to_config = True
             files = gr.Dropdown(label="Concept files (models/Lora)", choices=concept_choices(), multiselect=True,
                                 elem_id="mos_fusion_files")
             refresh = gr.Button("Refresh", elem_id="mos_fusion_refresh")
@@ -114,8 +131,10 @@ def on_ui_tabs():
             solver = gr.Radio(label="Solver", choices=["exact", "lbfgs"], value="exact")
             dtype = gr.Radio(label="Saved weights", choices=["fp16", "fp32"], value="fp16")
         with gr.Row():
-            steps = gr.Slider(label="Spatial sampling steps", minimum=1, maximum=50, step=1, value=20)
-            size = gr.Slider(label="Spatial sampling size", minimum=256, maximum=1024, step=64, value=512)
+            steps = gr.Slider(label="Spatial sampling steps", minimum=1, maximum=50, step=1, value=20,
+                              elem_id="mos_fusion_spatial_steps")
+            size = gr.Slider(label="Spatial sampling size", minimum=256, maximum=1024, step=64, value=512,
+                             elem_id="mos_fusion_spatial_size")
             seed = gr.Number(label="Seed", value=0, precision=0)
         with gr.Row():
             name = gr.Textbox(label="Output name", value="mix-of-show-fused.safetensors", elem_id="mos_fusion_name")
@@ -123,11 +142,12 @@ def on_ui_tabs():
             run = gr.Button("Fuse", variant="primary", elem_id="mos_fusion_run")
         report = gr.Dataframe(headers=["concept", "stage", "layers", "fused error", "averaged error"],
                               interactive=False, elem_id="mos_fusion_report")
-        status = gr.HTML(elem_id="mos_fusion_status")
+        status = gr.HTML(folder_problems(), elem_id="mos_fusion_status")
 
         files.change(fn=concept_table, inputs=[files, table], outputs=[table])
-        refresh.click(fn=lambda: (gr.update(choices=sd_models.checkpoint_tiles()), gr.update(choices=concept_choices())),
-                      inputs=[], outputs=[base, files])
+        refresh.click(fn=lambda: (gr.update(choices=sd_models.checkpoint_tiles()), gr.update(choices=concept_choices()),
+                                  folder_problems()),
+                      inputs=[], outputs=[base, files, status])
         run.click(fn=call_queue.wrap_gradio_gpu_call(run_fusion, extra_outputs=[None, gr.update()]),
                   inputs=[base, table, stages, solver, steps, size, seed, dtype, name, overwrite],
                   outputs=[report, base, status])

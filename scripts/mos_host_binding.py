@@ -1,19 +1,70 @@
-"""Host glue: layer-wise concept binding through the WebUI's own prompt encoder.
+"""Host glue: which concepts a generation's prompts mention, and layer-wise binding through the
+WebUI's own prompt encoder.
+
+Concepts come from the loaded checkpoint (a fused one carries its concepts' embeddings) and from
+concept files in the Lora folder (`lib_mos.concept_library`, remembered between generations).
 
 The host encodes prompts with chunks beyond 75 tokens, emphasis and BREAK; its textual-inversion
 machinery replaces input-embedding rows at token positions, which is one layer's worth of
 ED-LoRA binding. Each (layer, concept token) row is registered as a temporary one-vector
 embedding under an alias name, all layer copies are encoded in one batched call, and the aliases
-are unregistered in `finally`.
-
-Must run inside the generation (the host reloads embeddings at the start of `process_images`).
+are unregistered in `finally`. Must run inside the generation (the host reloads embeddings at the
+start of `process_images`).
 """
 
 from __future__ import annotations
 
+import os
+import re
+
 import torch
 
 from lib_mos.binding import PromptBinder, aliased_prompts
+from lib_mos.concept_library import ConceptLibrary, FoundConcepts, resolve
+from lib_mos.concepts import Concept
+from lib_mos.fusion import read_fused_concepts
+from modules import paths, shared
+
+_TOKEN = re.compile(r"<[^<>:\s,]+>")
+_EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
+
+LIBRARY = ConceptLibrary()
+_fused: dict[str, tuple[int, list[Concept]]] = {}
+
+
+def concept_folder() -> str:
+    """The Lora folder (`--lora-dir` belongs to the built-in Lora extension; default models/Lora)."""
+    return getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")
+
+
+def concept_tokens_mentioned(texts: list[str]) -> set[str]:
+    """`<name>` tokens in the texts, extra-network tags like `<lora:x:1>` excluded."""
+    return {t for text in texts for t in _TOKEN.findall(_EXTRA_NETWORK.sub(" ", str(text)))}
+
+
+def fused_concepts(sd_model) -> list[Concept]:
+    """Concepts fused into the loaded checkpoint (read once per checkpoint file version)."""
+    info = getattr(sd_model, "sd_checkpoint_info", None)
+    filename = str(getattr(info, "filename", "") or "")
+    if not filename.endswith(".safetensors") or not os.path.isfile(filename):
+        return []
+    stamp = os.stat(filename).st_mtime_ns
+    cached = _fused.get(filename)
+    if cached is None or cached[0] != stamp:
+        cached = _fused[filename] = (stamp, read_fused_concepts(filename))
+    return cached[1]
+
+
+def find_concepts(texts: list[str], *, strict: bool) -> FoundConcepts:
+    """The concepts defining the `<token>`s in `texts` (textual-inversion names excluded): from the
+    loaded checkpoint first, then from the Lora folder; see `lib_mos.concept_library.resolve`."""
+    from modules.sd_hijack import model_hijack
+
+    wanted = concept_tokens_mentioned(texts) - set(model_hijack.embedding_db.word_embeddings)
+    if not wanted:
+        return FoundConcepts()
+    folder = concept_folder()
+    return resolve(wanted, fused_concepts(shared.sd_model), LIBRARY, folder, strict=strict)
 
 
 def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str],
@@ -23,6 +74,7 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
     `cache` (prompt -> [L, T, D]) lets one generation encode each prompt once. As in the host for
     a batch, emphasis's mean restore is computed over the batch it encodes, here all L copies of a
     prompt together."""
+    from modules import devices
     from modules.textual_inversion.textual_inversion import Embedding
 
     cache = {} if cache is None else cache
@@ -38,7 +90,8 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
     registered = []
     try:
         for name, row in rows.items():
-            e = Embedding(row.unsqueeze(0), name)
+            # where and how the host keeps embeddings loaded from files: on its device, in float32
+            e = Embedding(row.unsqueeze(0).to(devices.device, dtype=torch.float32), name)
             e.vectors, e.shape = 1, row.shape[-1]  # the host's Embedding starts with vectors = 0
             embedding_db.register_embedding(e, sd_model)
             registered.append(name)

@@ -538,7 +538,10 @@ class _PayloadOpen(_Payload):
 
 @pytest.mark.parametrize("how", ["torch.save in the authors' layout", "torch.save top level", "plain pickle",
                                  "builtins.open"])
-def test_code_carrying_pickle_is_refused_and_never_runs(tmp_path, how):
+def test_code_carrying_pickle_is_refused_and_never_runs(tmp_path, monkeypatch, how):
+    # torch 2.1 (what the WebUI installs) unpickles anything unless told weights_only=True; newer
+    # torch defaults to True, so make it default to False here too: only the explicit flag protects
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "PWNED"
     path = tmp_path / "evil_concept.pth"
     if how == "torch.save in the authors' layout":
@@ -555,7 +558,8 @@ def test_code_carrying_pickle_is_refused_and_never_runs(tmp_path, how):
     assert not marker.exists()
 
 
-def test_code_carrying_embedding_is_refused(tiny, tmp_path):
+def test_code_carrying_embedding_is_refused(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # as torch 2.1 defaults
     marker = tmp_path / "PWNED"
     path, kwargs = _kohya(lambda t: None, emb={"string_to_param": {"*": _Payload(marker)}})(tiny, tmp_path)
     with pytest.raises(ConceptError, match="refused"):

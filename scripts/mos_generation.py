@@ -1,0 +1,91 @@
+"""Host glue: the two scripts that run inside a generation.
+
+- "Mix-of-Show" (txt2img Script dropdown): a global prompt everywhere and, inside each region
+  drawn on the canvas, that region's prompt and negative, in every cross-attention layer.
+- "Mix-of-Show concepts" (always on, txt2img and img2img, no UI): concept tokens in the prompt
+  and negative bind layer-wise in every generation, as textual-inversion embeddings do, with or
+  without the dropdown script; it does nothing when no prompt mentions a `<token>`.
+
+The per-step work is `mos_job.GenerationJob`'s; the callback below is registered once at import
+and acts only on a generation that has a job.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from lib_mos.files import import_sibling
+from lib_mos.regions import RegionSpec
+from modules import processing, script_callbacks, scripts
+
+mos_job = import_sibling(__file__, "mos_job")
+
+TITLE = "Mix-of-Show"
+CONCEPTS_TITLE = "Mix-of-Show concepts"
+INFOTEXT_KEY = mos_job.REGIONS_KEY
+
+script_callbacks.on_cfg_denoiser(mos_job.on_cfg_denoiser, name="mix_of_show")
+
+
+def canvas_html(regions_id: str, tab: str) -> str:
+    """Where the canvas mounts: it finds the JSON textbox and the tab's size sliders by id."""
+    return (f'<div class="mos-canvas" data-regions="{html.escape(regions_id)}" data-tab="{html.escape(tab)}">'
+            "<p>The region canvas needs the extension's javascript; the JSON below works without it.</p></div>")
+
+
+class MixOfShowScript(scripts.Script):
+    def title(self) -> str:
+        return TITLE
+
+    def show(self, is_img2img: bool):
+        return not is_img2img
+
+    def ui(self, is_img2img: bool):
+        """The region canvas (javascript/) above the JSON it reads and writes; the JSON textbox is
+        the one input, so infotext, the API and "Send to txt2img" need no canvas."""
+        regions_id = self.elem_id("regions")
+        gr.HTML(canvas_html(regions_id, "img2img" if is_img2img else "txt2img"), elem_id=self.elem_id("canvas"))
+        gr.Markdown("The main prompt and negative apply everywhere outside the regions; inside a region, its own "
+                    "prompt and negative replace them.", elem_classes=["mos-hint"])
+        regions = gr.Textbox(label="Regions (JSON)", lines=2, max_lines=6, elem_id=regions_id,
+                             placeholder='{"regions": [{"prompt": "a photo of <cat1> <cat2>", "box": [0, 0, 1, 0.5], '
+                                         '"units": "fraction"}]}')
+        self.infotext_fields = [(regions, INFOTEXT_KEY)]
+        self.paste_field_names = [INFOTEXT_KEY]
+        return [regions]
+
+    def run(self, p, regions_json: str = ""):
+        spec = RegionSpec.from_json(regions_json) if (regions_json or "").strip() else RegionSpec(())
+        job = mos_job.GenerationJob(p, spec, strict=True)
+        p.extra_generation_params["Script"] = TITLE
+        job.record_infotext()
+        with job.installed():
+            return processing.process_images(p)
+
+
+class MixOfShowConcepts(scripts.Script):
+    """Concept tokens bind in every generation; a no-op for prompts without `<token>`s."""
+
+    def title(self) -> str:
+        return CONCEPTS_TITLE
+
+    def show(self, is_img2img: bool):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool):
+        return []
+
+    def process(self, p, *args) -> None:
+        if mos_job.job_of(p) is not None:  # the Mix-of-Show dropdown script runs this generation
+            return
+        job = mos_job.GenerationJob(p, None, strict=False)
+        if job.needed:
+            job.record_infotext()
+            job.attach()
+
+    def postprocess(self, p, processed, *args) -> None:
+        job = mos_job.job_of(p)
+        if job is not None:
+            job.uninstall()  # a no-op for the dropdown's job, which removes its own hooks

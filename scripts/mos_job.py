@@ -1,0 +1,226 @@
+"""Host glue: one generation's Mix-of-Show work, step by step.
+
+A `GenerationJob` belongs to one processing object `p` (stored on it as `p.mos_job`, so nothing
+global outlives a generation). It binds concept tokens layer-wise in the main prompt, the main
+negative and the region prompts, and applies the regions, through one attn2 processor per
+cross-attention module. Before every denoising step (`on_cfg_denoiser`) it hands the processor
+the contexts for all rows of that step, in the host's row order (every cond row, then every uncond
+row): the prompts' texts at this step (prompt editing `[a:b:n]` is scheduled as the host
+schedules it), for the first pass or the hires pass, at this step's latent size. Everything is
+built once per row layout, size and texts, and every prompt is encoded once per generation.
+
+The processors are installed on the UNet's attn2 *instances* (`installed`), and removed in
+`finally`, or by `uninstall` from the always-on script, whose end the host does not guarantee:
+`attach` chains the removal into `p.close()`, which the host calls in `finally` for every request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from lib_mos.attention import SteppedRegionalContext, attn2_processor
+from lib_mos.binding import PromptBinder
+from lib_mos.concepts import ConceptError
+from lib_mos.files import import_sibling
+from lib_mos.regions import RegionSpec, attention_sizes, layer_masks
+from modules import prompt_parser, sd_samplers, shared
+
+mos_host_binding = import_sibling(__file__, "mos_host_binding")
+
+REGIONS_KEY = "Mix-of-Show regions"
+CONCEPTS_KEY = "Mix-of-Show concepts"
+
+
+def _as_list(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else [str(value or "")]
+
+
+def generation_texts(p, spec: RegionSpec | None = None) -> list[str]:
+    """Every text of `p` that may mention concept tokens: prompts, negatives (hires ones too), regions."""
+    texts = _as_list(getattr(p, "all_prompts", None) or p.prompt)
+    texts += _as_list(getattr(p, "all_negative_prompts", None) or p.negative_prompt)
+    if getattr(p, "enable_hr", False):
+        texts += _as_list(getattr(p, "all_hr_prompts", None) or p.hr_prompt)
+        texts += _as_list(getattr(p, "all_hr_negative_prompts", None) or p.hr_negative_prompt)
+    for region in spec.regions if spec else ():
+        texts += [region.prompt, region.negative]
+    return texts
+
+
+def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad [..., T, D] to `length` tokens with the host's empty-prompt chunks (as pad_cond_uncond)."""
+    if t.shape[-2] == length:
+        return t
+    empty = shared.sd_model.cond_stage_model_empty_prompt.to(t.device, t.dtype)[0]  # [77, D]
+    chunks = (length - t.shape[-2]) // empty.shape[0]
+    pad = empty.repeat(chunks, 1).expand(*t.shape[:-2], -1, -1)
+    return torch.cat([t, pad], dim=-2)
+
+
+def _common_length(*ts: torch.Tensor) -> list[torch.Tensor]:
+    t = max(x.shape[-2] for x in ts)
+    return [_pad_tokens(x, t) for x in ts]
+
+
+class GenerationJob:
+    """One generation's spec, concepts, encodings (cached) and attn2 processor."""
+
+    def __init__(self, p, spec: RegionSpec | None, *, strict: bool) -> None:
+        self.p = p
+        self.spec = spec if spec is not None else RegionSpec(())
+        self.processor = SteppedRegionalContext()
+        try:
+            found = mos_host_binding.find_concepts(generation_texts(p, self.spec), strict=strict)
+            binder = PromptBinder(None, found.concepts)  # used for its token rows; encoding is the host's
+        except Exception as e:
+            if strict:
+                raise
+            # the always-on script runs in the host's `process` hook, whose errors are only logged:
+            # the prompt would silently lose its concepts, so fail the first UNet call instead
+            self.processor.error = e
+            found, binder = mos_host_binding.FoundConcepts(), PromptBinder(None, [])
+        for warning in found.warnings:
+            print(warning, file=sys.stderr)
+        self.sources = found.infotext()
+        self.binder = binder
+        self.cache: dict[str, torch.Tensor] = {}
+        self.masks: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.plans: dict[tuple, tuple] = {}
+        self._installed: contextlib.ExitStack | None = None
+
+    @property
+    def needed(self) -> bool:
+        """Whether this generation has anything to bind or any region."""
+        return bool(self.binder.rows or self.spec.regions or self.processor.error)
+
+    def record_infotext(self) -> None:
+        if self.spec.regions:
+            self.p.extra_generation_params[REGIONS_KEY] = self.spec.to_json()
+        if self.sources:
+            self.p.extra_generation_params[CONCEPTS_KEY] = self.sources
+
+    # ------------------------------------------------------------------------ hooks on the UNet
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        self.p.mos_job = self
+        try:
+            with attn2_processor(shared.sd_model.model.diffusion_model, self.processor):
+                yield
+        finally:
+            self.processor.clear()
+            if getattr(self.p, "mos_job", None) is self:
+                del self.p.mos_job
+
+    def attach(self) -> None:
+        """Install for the rest of the generation; removed by `uninstall` or at the latest by
+        `p.close()` (the host closes every processing object in `finally`)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.installed())
+        self._installed = stack
+        close = self.p.close
+
+        def close_and_uninstall():
+            try:
+                self.uninstall()
+            finally:
+                close()
+
+        self.p.close = close_and_uninstall
+
+    def uninstall(self) -> None:
+        stack, self._installed = self._installed, None
+        if stack is not None:
+            stack.close()
+
+    # --------------------------------------------------------------------------- every step
+    def on_step(self, params) -> None:
+        if self.processor.error is not None:
+            return
+        try:
+            self._plan(params)
+        except BaseException as e:  # the host only logs callback errors: fail the next UNet call
+            self.processor.error = e
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """[n, L, T, D] through the host's encoder (binding concept tokens), cached."""
+        from modules.sd_hijack import model_hijack
+
+        return mos_host_binding.encode_bound(shared.sd_model, model_hijack.embedding_db, self.binder, prompts,
+                                             self.cache)
+
+    def _texts_now(self, prompts: list[str], step: int, hires: bool) -> tuple[str, ...]:
+        """Each prompt's text at denoiser step `step`, as the host's prompt schedules pick it."""
+        p = self.p
+        hires_steps = None
+        if hires:
+            steps = p.hr_second_pass_steps or p.steps
+            config = sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
+            hires_steps = config.total_steps(steps) if config else steps
+        schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
+            prompts, p.firstpass_steps, hires_steps, shared.opts.use_old_scheduling)
+        return tuple(next((text for end, text in s if step <= end), s[-1][1]) for s in schedules)
+
+    def _plan(self, params) -> None:
+        p = self.p
+        hires = bool(getattr(p, "is_hr_pass", False))
+        step = params.denoiser.step
+        prompts = self._texts_now(list(p.hr_prompts if hires else p.prompts), step, hires)
+        negatives = self._texts_now(list(p.hr_negative_prompts if hires else p.negative_prompts), step, hires)
+        n_cond, n_uncond = params.text_cond.shape[0], params.text_uncond.shape[0]
+        height, width = params.x.shape[-2] * 8, params.x.shape[-1] * 8
+        key = (n_cond, n_uncond, width, height, prompts, negatives)
+        if key not in self.plans:
+            self.plans = {key: self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)}
+        region, weights, cond, uncond = self.plans[key]
+        context = None
+        if cond is not None or uncond is not None:  # the host's own rows change with prompt editing
+            layers = self.binder.layers
+            if cond is None:
+                cond = params.text_cond.unsqueeze(1).expand(-1, layers, -1, -1)
+            if uncond is None:
+                uncond = params.text_uncond.unsqueeze(1).expand(-1, layers, -1, -1)
+            cond, uncond = _common_length(cond.to(params.text_cond.dtype), uncond.to(params.text_cond.dtype))
+            context = torch.cat([cond, uncond]).to(region.device)
+        self.processor.set_step(region, weights, context)
+
+    def _layer_masks(self, width: int, height: int) -> list[torch.Tensor]:
+        if (width, height) not in self.masks:
+            self.masks[(width, height)] = (
+                layer_masks(self.spec, width, height, base_size=(self.p.width, self.p.height)) if self.spec.regions
+                else [torch.zeros(1, h * w) for h, w in attention_sizes(width, height)])
+        return self.masks[(width, height)]
+
+    def _build_plan(self, params, n_cond: int, n_uncond: int, width: int, height: int,
+                    prompts: tuple[str, ...], negatives: tuple[str, ...]) -> tuple:
+        device = params.x.device
+        regions = self.spec.regions
+        if regions:
+            pos, neg = _common_length(self.encode([r.prompt for r in regions]), self.encode([r.negative for r in regions]))
+            region = torch.cat([pos.transpose(0, 1).unsqueeze(0).expand(n_cond, -1, -1, -1, -1),
+                                neg.transpose(0, 1).unsqueeze(0).expand(n_uncond, -1, -1, -1, -1)])
+        else:  # binding only: no region, all-zero weights make every layer plain attention
+            region = params.text_uncond.new_zeros(n_cond + n_uncond, 1, 1, params.text_uncond.shape[-1])
+        weights = [m.to(device) for m in self._layer_masks(width, height)]
+        cond = uncond = None
+        if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in prompts):
+            if n_cond != len(prompts):
+                raise ConceptError("concept tokens cannot be combined with AND in the prompt")
+            cond = self.encode(list(prompts)).to(device)  # [B, L, T, D]
+        if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in negatives):
+            uncond = self.encode(list(negatives)).to(device)
+        return region.to(device), weights, cond, uncond
+
+
+def job_of(p) -> GenerationJob | None:
+    return getattr(p, "mos_job", None)
+
+
+def on_cfg_denoiser(params) -> None:
+    """For `script_callbacks.on_cfg_denoiser`: acts only on a generation that has a job."""
+    job = job_of(params.denoiser.p) if params.denoiser is not None else None
+    if job is not None:
+        job.on_step(params)

@@ -1,0 +1,55 @@
+"""The CLIs run with a WebUI's own Python from the extension's folder: the WebUI keeps `ldm` in
+`repositories/stable-diffusion-stability-ai`, on sys.path only while the WebUI runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The WebUI's venv has no `ldm` package; this test's venv has one, so the probe hides it from the
+# look-up the CLI makes until the fake WebUI's repositories folder is on sys.path.
+PROBE = r"""
+import importlib.util, sys
+from pathlib import Path
+allowed, find_spec = sys.argv[1], importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name == "ldm" and allowed not in sys.path else find_spec(name, package))
+import lib_mos.__main__ as cli
+added = cli.use_webui_packages()
+import ldm
+print(added, Path(ldm.__file__).parent.parent)
+"""
+
+
+def _fake_webui(tmp_path: Path) -> Path:
+    webui = tmp_path / "webui"
+    repo = webui / "repositories" / "stable-diffusion-stability-ai" / "ldm" / "modules"
+    repo.mkdir(parents=True)
+    (repo.parent / "__init__.py").write_text("")
+    (repo / "__init__.py").write_text("")
+    return webui
+
+
+def test_ldm_is_found_in_the_webui_this_extension_sits_in(tmp_path):
+    webui = _fake_webui(tmp_path)
+    extension = webui / "extensions" / "sd-webui-mix-of-show"
+    extension.parent.mkdir()
+    extension.symlink_to(ROOT, target_is_directory=True)
+    repo = webui / "repositories" / "stable-diffusion-stability-ai"
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(repo)], cwd=extension, capture_output=True, text=True,
+                          env={"PWD": str(extension), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    added, found = proc.stdout.split()
+    assert added == str(repo) and found == str(repo)
+
+
+def test_mos_webui_names_the_install(tmp_path):
+    webui = _fake_webui(tmp_path)
+    repo = webui / "repositories" / "stable-diffusion-stability-ai"
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(repo)], cwd=ROOT, capture_output=True, text=True,
+                          env={"MOS_WEBUI": str(webui), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == str(repo)

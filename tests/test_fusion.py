@@ -52,6 +52,28 @@ def test_fused_weights_differ_from_base_and_are_finite(tiny, fused):
         assert not torch.equal(w, tiny.unet.get_submodule(name).weight)
 
 
+def test_concept_weights_scale_what_fusion_reproduces(tiny, inputs):
+    """One concept alone: the exact solve is linear in its targets W0 + w * delta, so where the
+    recorded inputs do not depend on the weight (the text encoder's first layer; k/v with the text
+    encoder stage skipped), halving the weight halves the fused change."""
+    concept = inputs[0].concept
+
+    def fused(skip: set[str], **weights) -> dict[str, torch.Tensor]:
+        result = fusion.fuse(tiny, [fusion.FusionInput(concept, **weights)], dataclasses.replace(FAST, skip=frozenset(skip)))
+        return {**result.text_weights, **result.unet_weights}
+
+    te_full, te_half = (fused({"kv", "spatial"}, text_weight=w) for w in (1.0, 0.5))
+    kv_full, kv_half = (fused({"te", "spatial"}, unet_weight=w) for w in (1.0, 0.5))
+    first_layer = [n for n in te_full if n.startswith("text_model.encoder.layers.0.") and not n.endswith("out_proj")]
+    checks = [(n, tiny.text_encoder, te_full, te_half) for n in first_layer]
+    checks += [(n, tiny.unet, kv_full, kv_half) for n in kv_full]
+    assert len(first_layer) == 3 and len(kv_full) == 32
+    for name, root, full, half in checks:
+        base = root.get_submodule(name).weight
+        assert not torch.allclose(full[name], base)
+        torch.testing.assert_close(half[name] - base, 0.5 * (full[name] - base), rtol=1e-3, atol=1e-6)
+
+
 def test_skipping_stages(tiny, inputs):
     result = fusion.fuse(tiny, inputs, dataclasses.replace(FAST, skip=frozenset({"te", "spatial"})))
     assert not result.text_weights and {r["stage"] for r in result.report} == {"kv"}
@@ -86,14 +108,14 @@ def test_bad_inputs(tiny, inputs):
 def test_fused_checkpoint_round_trip(tmp_path, tiny, inputs, fused):
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
     base = fusion.read_base_state_dict(base_path)
-    sd = fusion.fused_state_dict(base, fused, dtype=torch.float32)
+    sd = fusion.fused_state_dict(base, fused, dtype=torch.float16)
     out = fusion.write_fused_checkpoint(sd, tmp_path / "fused.safetensors",
                                         fusion.fused_metadata(inputs, FAST, fused, {"lib_mos.sd1_config":
                                                                                      tiny.config.to_json()}))
     loaded = sd1.load_checkpoint(out)
     name = sd1.unet_attention_linear_names()[3]
-    assert torch.equal(loaded.unet.get_submodule(name).weight, fused.unet_weights[name])
-    concepts = fusion.read_fused_concepts(out)
+    assert torch.equal(loaded.unet.get_submodule(name).weight, fused.unet_weights[name].half().float())
+    concepts = fusion.read_fused_concepts(out)  # the rows stay float32 in an fp16 checkpoint
     assert [c.tokens for c in concepts] == [("<cat1>", "<cat2>"), ("<dog1>", "<dog2>")]
     assert torch.equal(concepts[0].embeddings, inputs[0].concept.embeddings)
     z = binding.PromptBinder(loaded, concepts).encode(["a photo of <dog1> <dog2>"])

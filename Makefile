@@ -24,6 +24,28 @@ $(STAMP): requirements/test.txt requirements/nodeps.txt | $(CHROMIUM)
 	$(VPY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/nodeps.txt
 	touch $(STAMP)
 
+# The same suite on torch 2.1.2 (requirements/compat.txt), in its own venv.
+CVENV := .venv-compat
+CVPY := $(CVENV)/bin/python
+CSTAMP := $(CVENV)/.installed
+
+$(CSTAMP): requirements/test.txt requirements/compat.txt requirements/nodeps.txt | $(CHROMIUM)
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (the host runs 3.10/3.11); found " + sys.version'
+	$(PY) -m venv $(CVENV)
+	grep -v '^torch[=<>!~ ]' requirements/test.txt > $(CVENV)/shared.txt
+	$(CVPY) -m pip install -q --disable-pip-version-check -r $(CVENV)/shared.txt -r requirements/compat.txt
+	$(CVPY) -m pip install -q --disable-pip-version-check --no-deps -r requirements/nodeps.txt
+	touch $(CSTAMP)
+
+.PHONY: test-compat
+test-compat: $(CSTAMP)
+	$(CVPY) -m pytest -q
+
+# The extension inside a real AUTOMATIC1111 v1.10.1 (see tests/realhost); skipped without MOS_WEBUI.
+.PHONY: test-realhost
+test-realhost: setup
+	$(VPY) -m pytest -v -rA -s tests/realhost
+
 lint: setup
 	$(VPY) -m ruff check .
 
@@ -37,4 +59,4 @@ bench: setup
 	for b in bench/*.py; do $(VPY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CVENV) outputs .pytest_cache .ruff_cache

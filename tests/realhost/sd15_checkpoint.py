@@ -1,0 +1,103 @@
+"""A random-weight, full-size SD1.5 checkpoint in the WebUI's key layout, for the real-host suite
+(no SD weights can be downloaded here).
+
+UNet and text encoder come from `lib_mos.sd1` (built on the meta device); the VAE has the layout
+of ldm's AutoencoderKL with the host's `configs/v1-inference.yaml` settings, so the host decodes
+real (if meaningless) pictures instead of a flat grey. Values come from `lib_mos.sd1._randomise`,
+module by module, streamed straight into the .safetensors file: peak memory is about one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lib_mos.sd1 import (
+    CONFIG_METADATA_KEY,
+    SD15,
+    TEXT_PREFIX,
+    UNET_PREFIX,
+    _randomise,
+    build_sd15_skeleton,
+    sd1_alphas_cumprod,
+)
+
+VAE_PREFIX = "first_stage_model."
+_VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+            num_res_blocks=2, attn_resolutions=[], dropout=0.0)  # v1-inference.yaml first_stage_config
+_SKIPPED_BUFFERS = {"text_model.embeddings.position_ids"}  # derived by the host
+
+
+class _Autoencoder(nn.Module):
+    """AutoencoderKL's parameters (encoder, decoder, quant convs) without its lightning base."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+        self.encoder, self.decoder = Encoder(**_VAE), Decoder(**_VAE)
+        self.quant_conv = nn.Conv2d(2 * _VAE["z_channels"], 8, 1)
+        self.post_quant_conv = nn.Conv2d(4, _VAE["z_channels"], 1)
+
+
+def _leaf_parameters(prefix: str, model: nn.Module) -> list[tuple[nn.Module, list[tuple[str, str]]]]:
+    """[(module, [(file key, parameter name)])] for every module owning parameters, in the order
+    `_randomise` visits them, so filling them one by one equals randomising the whole model."""
+    out = []
+    for name, sub in sorted(model.named_modules(), key=lambda item: item[0]):
+        own = sorted(n for n, _ in sub.named_parameters(recurse=False))
+        if own:
+            dot = f"{name}." if name else ""
+            out.append((sub, [(f"{prefix}{dot}{p}", p) for p in own]))
+    unexpected = [b for b, _ in model.named_buffers() if b not in _SKIPPED_BUFFERS]
+    if unexpected:
+        raise RuntimeError(f"{prefix}: buffers a checkpoint would need: {unexpected}")
+    return out
+
+
+def write_random_sd15(path: str | os.PathLike[str], *, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the checkpoint (atomically); returns its path."""
+    path = Path(path)
+    skeleton = build_sd15_skeleton()
+    with torch.device("meta"):
+        vae = _Autoencoder()
+    plan = [leaf for prefix, model in ((UNET_PREFIX, skeleton.unet), (TEXT_PREFIX, skeleton.text_encoder),
+                                       (VAE_PREFIX, vae)) for leaf in _leaf_parameters(prefix, model)]
+    st_dtype = {torch.float16: "F16", torch.float32: "F32"}[dtype]
+    size = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, object] = {}
+    offset = 0
+    for sub, keys in plan:
+        for key, name in keys:
+            n = getattr(sub, name).numel() * size
+            header[key] = {"dtype": st_dtype, "shape": list(getattr(sub, name).shape), "data_offsets": [offset, offset + n]}
+            offset += n
+    alphas = sd1_alphas_cumprod().float().contiguous()
+    header["alphas_cumprod"] = {"dtype": "F32", "shape": list(alphas.shape), "data_offsets": [offset, offset + alphas.numel() * 4]}
+    header["__metadata__"] = {CONFIG_METADATA_KEY: SD15.to_json(), "random_seed": str(seed)}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    gen = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)) + blob)
+            for sub, keys in plan:
+                sub.to_empty(device="cpu", recurse=False)
+                _randomise(sub, gen)
+                for _, name in keys:
+                    fh.write(getattr(sub, name).detach().to(dtype).contiguous().numpy().tobytes())
+                sub.to_empty(device="meta", recurse=False)
+            fh.write(alphas.numpy().tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,202 @@
+"""The extension in the real WebUI v1.10.1, driven as a user drives it: the HTTP API, the CLIs run
+with the WebUI's own Python from the extension's folder, and the fusion tab in Chromium.
+
+The tests run in file order on one host process and build on each other (files converted first
+are used later). The first and the last test generate the same plain image; after everything in
+between (LoRAs, bindings, regions, a fused checkpoint loaded and unloaded), it must be
+pixel-identical.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from webui_process import HostError, images, infotexts
+
+from lib_mos import sd1, synthetic
+from lib_mos.regions import RegionSpec
+
+PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
+# (concept, key spelling, how the file was written): every combination of the authors' files
+AUTHORS_FILES = [("potter", "main", "newer"), ("hermione", "research_branch", "torch2.0"),
+                 ("ron", "main", "torch2.0"), ("ginny", "research_branch", "newer")]
+STATE: dict = {}
+
+
+def pixels(result: dict, index: int = 0) -> np.ndarray:
+    return np.asarray(images(result)[index].convert("RGB"))
+
+
+def png_base64(result: dict, index: int = 0) -> str:
+    return result["images"][index]
+
+
+def test_plain_image_before(realhost):
+    STATE["plain"] = pixels(realhost.txt2img(**PLAIN))
+    assert STATE["plain"].shape == (128, 128, 3)
+
+
+@pytest.fixture(scope="module")
+def authors(realhost):
+    """The authors' ED-LoRA files for SD1.5 (random values), in a folder of the data directory."""
+    skeleton = sd1.build_sd15_skeleton()
+    source = realhost.data / "authors"
+    source.mkdir(exist_ok=True)
+    for seed, (name, spelling, style) in enumerate(AUTHORS_FILES, start=1):
+        concept = synthetic.random_concept(skeleton, (f"<{name}1>", f"<{name}2>"), seed=seed, name=name)
+        synthetic.save_torch_file(synthetic.authors_params(concept, spelling), source / f"{name}.pth", style=style)
+    return source
+
+
+def test_authors_files_convert_with_the_webui_python(realhost, authors):
+    """Both key spellings, written by torch 2.0 and by newer torch, through `python -m lib_mos
+    convert` run as a user runs it: the WebUI's Python, from the extension's folder."""
+    source = authors
+    for name, spelling, style in AUTHORS_FILES:
+        out = realhost.loras / f"{name}.safetensors"
+        proc = realhost.run_python("-m", "lib_mos", "convert", str(source / f"{name}.pth"), str(out))
+        print(f"convert {name}.pth ({spelling}, {style}): rc={proc.returncode} {proc.stdout.strip()} {proc.stderr.strip()}")
+        assert proc.returncode == 0 and out.is_file(), proc.stderr
+    realhost.post("/sdapi/v1/refresh-loras")
+    names = {item["name"] for item in realhost.get("/sdapi/v1/loras")}
+    assert {"potter", "hermione", "ron", "ginny"} <= names
+
+
+def test_lora_tag_and_concept_tokens_without_the_script(realhost):
+    result = realhost.txt2img("<lora:potter:1> a photo of <potter1> <potter2>", negative_prompt="blurry <ron2>", seed=3)
+    info = infotexts(result)[0]
+    print("infotext:", info)
+    assert "Mix-of-Show concepts: " in info and "potter.safetensors@" in info and "ron.safetensors@" in info
+    assert "Lora hashes" in info
+    assert "Script:" not in info
+
+
+def test_unknown_tokens(realhost):
+    result = realhost.txt2img("a photo of <nobody> on a beach", seed=2)  # no script: text, with a warning
+    assert result["images"]
+    assert "<nobody>" in realhost.log_text() and "left in the prompt as text" in realhost.log_text()
+    with pytest.raises(HostError) as exc:
+        realhost.txt2img("a photo of <nobody>", script_name="mix-of-show", script_args=[""])
+    print("with the script:", exc.value.body[:400])
+    assert exc.value.status == 500 and "available: " in exc.value.body and "<potter1>" in exc.value.body
+
+
+REGIONS = {"regions": [
+    {"prompt": "<potter1> <potter2> waving", "negative": "blurry", "box": [0, 0, 1, 0.5], "units": "fraction"},
+    {"prompt": "<hermione1> <hermione2> reading", "box": [0, 0.5, 1, 1], "units": "fraction"}]}
+REGIONAL = dict(prompt="two friends in a park <lora:potter:1> <lora:hermione:1>", negative_prompt="dark", seed=11,
+                batch_size=2, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=1,
+                denoising_strength=0.5, override_settings={"s_min_uncond": 20.0})
+
+
+def test_regions_with_batching_hires_and_ngms_then_png_info_round_trip(realhost):
+    try:
+        result = realhost.txt2img(script_name="mix-of-show", script_args=[json.dumps(REGIONS)], **REGIONAL)
+        info = infotexts(result)[0]
+        print("infotext:", info)
+        assert len(infotexts(result)) == 2 and images(result)[0].size == (192, 192)
+        parsed = realhost.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + png_base64(result)})["parameters"]
+        assert parsed["Script"] == "Mix-of-Show"
+        assert RegionSpec.from_json(parsed["Mix-of-Show regions"]).to_json() == RegionSpec.from_json(
+            json.dumps(REGIONS)).to_json()
+        assert "potter.safetensors@" in parsed["Mix-of-Show concepts"]
+        again = realhost.txt2img(script_name="mix-of-show", script_args=[parsed["Mix-of-Show regions"]], **REGIONAL)
+        assert np.array_equal(pixels(again), pixels(result))
+    finally:
+        realhost.post("/sdapi/v1/options", {"s_min_uncond": 0.0})
+
+
+def test_img2img_binds_concept_tokens(realhost):
+    init = "data:image/png;base64," + base64.b64encode(_png(STATE["plain"])).decode()
+    result = realhost.post("/sdapi/v1/img2img", dict(init_images=[init], prompt="<ginny1> <ginny2> in the rain", steps=2,
+                                                     width=128, height=128, seed=5, denoising_strength=0.6,
+                                                     sampler_name="Euler"))
+    info = infotexts(result)[0]
+    print("img2img infotext:", info)
+    assert "ginny.safetensors@" in info
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_fuse_authors_files_with_the_cli_and_load_the_result(realhost, authors):
+    source = authors
+    base = realhost.checkpoints / "sd15-random.safetensors"
+    out = realhost.checkpoints / "fused-cli.safetensors"
+    args = ["-m", "lib_mos", "fuse", "--base", str(base), "--out", str(out), "--spatial-steps", "1",
+            "--spatial-size", "128"]
+    for name, _, _ in AUTHORS_FILES:
+        args += ["--concept", str(source / f"{name}.pth")]
+    proc = realhost.run_python(*args)
+    print("fuse:", proc.stdout[-1500:], proc.stderr[-1500:])
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
+    realhost.post("/sdapi/v1/refresh-checkpoints")
+    result = realhost.txt2img("a photo of <potter1> <potter2> and <ginny1> <ginny2>", seed=4,
+                              override_settings={"sd_model_checkpoint": "fused-cli"})
+    info = infotexts(result)[0]
+    print("fused infotext:", info)
+    assert "from the checkpoint" in info and "fused-cli" in info
+
+
+def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):
+    """The tab lists the authors' .pth files in models/Lora (read under the host's pickle guard) and
+    fuses them into the checkpoint folder."""
+    from browser import Browser
+
+    for name in ("potter", "hermione"):  # one of each key spelling, torch 2.0 and newer torch
+        (realhost.loras / f"{name}-authors.pth").write_bytes((authors / f"{name}.pth").read_bytes())
+    with Browser() as browser:
+        page = browser.page
+        page.goto(realhost.url, timeout=120_000)
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')", timeout=120_000)
+        page.click("#mos_fusion_refresh")  # the files appeared after the page was built
+        for name in ("potter-authors.pth", "hermione-authors.pth"):
+            pick_option(page, "mos_fusion_files", name)
+        page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 2")
+        table = page.evaluate("() => gradioApp().querySelector('#mos_fusion_table tbody').textContent")
+        print("tab table:", table)
+        assert "<hermione1>+<hermione2>" in table and "unreadable" not in table
+        for elem, value in (("mos_fusion_spatial_steps", "1"), ("mos_fusion_spatial_size", "256")):
+            page.fill(f"#{elem} input[type=number]", value)
+            page.press(f"#{elem} input[type=number]", "Enter")
+        page.fill("#mos_fusion_name textarea, #mos_fusion_name input", "fused-tab.safetensors")
+        page.click("#mos_fusion_run")
+        page.wait_for_function("() => /Saved|rror/.test(gradioApp().querySelector('#mos_fusion_status').textContent)",
+                               timeout=1_500_000)
+        status = page.inner_text("#mos_fusion_status")
+        print("tab status:", status)
+        assert "Saved" in status
+        assert not browser.errors, browser.errors
+    assert (realhost.checkpoints / "fused-tab.safetensors").is_file()
+
+
+def pick_option(page, elem_id: str, value: str, timeout: float = 60.0) -> None:
+    """Choose `value` in a gradio dropdown whose choices may still be on their way from the server
+    (the list shows the choices it had when it opened, so reopen it until the option is there)."""
+    import time
+
+    option = page.locator(f"#{elem_id} ul.options li[data-value='{value}']")
+    deadline = time.monotonic() + timeout
+    while True:
+        page.click(f"#{elem_id} input")
+        if option.count():
+            option.click()
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{value!r} never appeared in #{elem_id}")
+        page.mouse.click(2, 2)  # close the list (not Escape: the host's script.js then fails off txt2img)
+        page.wait_for_timeout(500)
+
+
+def test_plain_image_after_everything_is_identical(realhost):
+    after = pixels(realhost.txt2img(**PLAIN))
+    assert np.array_equal(after, STATE["plain"]), f"max difference {np.abs(after.astype(int) - STATE['plain']).max()}"

@@ -1,0 +1,149 @@
+"""A running AUTOMATIC1111 WebUI process for the real-host suite: start it on a data folder with
+default flags, call its API, run the CLIs with its Python, stop it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXTENSION_NAME = "sd-webui-mix-of-show"
+FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+         "--use-cpu", "all", "--no-half", "--precision", "full", "--api", "--server-name", "127.0.0.1",
+         "--no-download-sd-model"]
+CHECKPOINT = "sd15-random.safetensors"
+
+
+class HostError(RuntimeError):
+    """An API call answered with an HTTP error; `status` and `body` (the host's JSON) kept."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body[:2000]}")
+        self.status, self.body = status, body
+
+
+class RealHost:
+    """One running WebUI process and its data folder."""
+
+    def __init__(self, webui: Path, data: Path) -> None:
+        self.webui, self.data = webui, data
+        self.python = Path(os.environ.get("MOS_WEBUI_PYTHON") or webui / "venv" / "bin" / "python")
+        self.log = data / "host.log"
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    # -------------------------------------------------------------------------------- layout
+    @property
+    def extension(self) -> Path:
+        return self.data / "extensions" / EXTENSION_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.data / "models" / "Stable-diffusion"
+
+    @property
+    def loras(self) -> Path:
+        return self.data / "models" / "Lora"
+
+    def prepare(self, checkpoint: Path) -> None:
+        for folder in (self.checkpoints, self.loras, self.extension.parent):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.extension.symlink_to(ROOT, target_is_directory=True)
+        target = self.checkpoints / CHECKPOINT
+        try:
+            os.link(checkpoint, target)
+        except OSError:
+            shutil.copy(checkpoint, target)
+
+    # ----------------------------------------------------------------------------- process
+    def start(self, timeout: float = 600) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        for name in ("PYTHONPATH", "VIRTUAL_ENV", "MOS_CACHE_DIR"):
+            env.pop(name, None)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([str(self.python), "launch.py", *FLAGS, "--port", str(port),
+                                             "--data-dir", str(self.data)], cwd=self.webui, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the WebUI exited with {self.process.returncode} while starting:\n{self.tail()}")
+            if "Model loaded in" in self.log_text():
+                try:
+                    self.get("/sdapi/v1/sd-models")
+                    return
+                except (OSError, HostError):
+                    pass
+            time.sleep(2)
+        raise TimeoutError(f"the WebUI was not ready after {timeout} s:\n{self.tail()}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    # --------------------------------------------------------------------------------- API
+    def request(self, method: str, path: str, payload: dict | None = None, timeout: float = 1800) -> dict:
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as res:
+                body = res.read().decode()
+        except urllib.error.HTTPError as e:
+            raise HostError(e.code, e.read().decode(errors="replace")) from None
+        return json.loads(body) if body else {}
+
+    def get(self, path: str) -> dict:
+        return self.request("GET", path)
+
+    def post(self, path: str, payload: dict | None = None) -> dict:
+        return self.request("POST", path, payload or {})
+
+    def txt2img(self, prompt: str, **fields) -> dict:
+        body = dict(prompt=prompt, negative_prompt="", steps=2, width=128, height=128, seed=1, sampler_name="Euler",
+                    cfg_scale=7.0, batch_size=1)
+        body.update(fields)
+        return self.post("/sdapi/v1/txt2img", body)
+
+    def run_python(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """`<webui python> <args>` in the extension's folder, as a user would run the CLIs: no
+        PYTHONPATH, the WebUI's own packages."""
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        return subprocess.run([str(self.python), *args], cwd=self.extension, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+
+
+def images(result: dict) -> list:
+    from PIL import Image
+
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in result["images"]]
+
+
+def infotexts(result: dict) -> list[str]:
+    return json.loads(result["info"])["infotexts"]

@@ -4,7 +4,7 @@ on full-size SD1.5 layer shapes with random weights and seeded synthetic concept
     .venv/bin/python bench/fusion.py --quick
     .venv/bin/python bench/fusion.py --concepts 2 4 8 --lbfgs-layers 2 --spatial-steps 4
 
-Stages as the authors run them (DESIGN.md section 4): "te" = 48 text-encoder linears 768x768,
+Stages as the authors run them (docs/method.md): "te" = 48 text-encoder linears 768x768,
 ~176 rows per concept per layer, 500 LBFGS iterations; "kv" = 32 attn2 to_k/to_v (in 768, out
 320/640/1280), 6 rows per concept per layer (2 prompts x (2 concept tokens + EOS), the layer's own
 prompt variant only), 500 iterations; "spatialW" = a sample of the W x W spatial linears of width W

@@ -44,11 +44,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def host(tmp_path, tiny_checkpoint):
-    """A host with the tiny checkpoint loaded, default settings, empty caches and no callbacks."""
+def host(request, tmp_path, tiny_checkpoint):
+    """A host with the tiny checkpoint loaded, default settings, empty caches and no callbacks; with
+    this extension installed when the test module sets `WITH_EXTENSION = True`."""
     from host_harness import HostHarness
 
-    harness = HostHarness(tmp_path, tiny_checkpoint)
+    extensions = [str(ROOT)] if getattr(request.module, "WITH_EXTENSION", False) else None
+    harness = HostHarness(tmp_path, tiny_checkpoint, extensions=extensions)
     try:
         yield harness
     finally:

@@ -15,18 +15,7 @@ from lib_mos import binding, sampling, sd1, synthetic
 from lib_mos.concept_files import write_concept
 from lib_mos.concepts import ConceptError
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def host(tmp_path, tiny_checkpoint):
-    from host_harness import HostHarness
-
-    harness = HostHarness(tmp_path, tiny_checkpoint, extensions=[str(ROOT)])
-    try:
-        yield harness
-    finally:
-        harness.close()
+WITH_EXTENSION = True  # the `host` fixture installs this extension
 
 
 @pytest.fixture

@@ -18,20 +18,9 @@ from PIL import Image
 from lib_mos import binding, sd1, synthetic
 from lib_mos.concept_files import write_concept
 
-ROOT = Path(__file__).resolve().parents[1]
+WITH_EXTENSION = True  # the `host` fixture installs this extension
 WIDTH, HEIGHT = 128, 96  # not square, so a transposed mask cannot land on the same cells
 BOX = (8, 24, 40, 56)  # top, left, bottom, right in pixels: away from its mirror and transposed images
-
-
-@pytest.fixture
-def host(tmp_path, tiny_checkpoint):
-    from host_harness import HostHarness
-
-    harness = HostHarness(tmp_path, tiny_checkpoint, extensions=[str(ROOT)])
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 def painted_box(color: tuple[int, int, int] = (255, 0, 0)) -> str:

@@ -15,21 +15,10 @@ from lib_mos.concept_files import write_concept
 from lib_mos.concepts import ConceptError
 from lib_mos.regions import MAX_REGIONS, RegionError
 
-ROOT = Path(__file__).resolve().parents[1]
+WITH_EXTENSION = True  # the `host` fixture installs this extension
 LONG = ", ".join(["a very detailed photo of a red cat"] * 12)
 WHOLE = json.dumps({"regions": [{"prompt": "a red dog", "negative": "dark", "box": [0, 0, 1, 1],
                                  "units": "fraction"}]})
-
-
-@pytest.fixture
-def host(tmp_path, tiny_checkpoint):
-    from host_harness import HostHarness
-
-    harness = HostHarness(tmp_path, tiny_checkpoint, extensions=[str(ROOT)])
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 def latents(res) -> torch.Tensor:

@@ -922,3 +922,172 @@ def test_script_elem_id_like_the_host():
     one.is_img2img, both.is_img2img = False, True
     assert one.elem_id("regions") == "script_mixofshow__v2_x_regions"
     assert both.elem_id("regions") == "script_img2img_mixofshow__v2_x_regions"
+
+
+@pytest.fixture
+def fresh_progress():
+    """The host's task registry and job state as in a fresh process, and again afterwards."""
+    from modules import progress, shared
+
+    progress.reset()
+    shared.state.reset()
+    yield progress
+    progress.reset()
+    shared.state.reset()
+
+
+def test_progress_api_answers_like_the_host(fresh_progress, monkeypatch):
+    import re
+    import time
+
+    from modules import shared
+
+    progress = fresh_progress
+    ask = lambda task: progress.progressapi(progress.ProgressRequest(id_task=task))  # noqa: E731
+    assert re.fullmatch(r"task\(merge-[A-Z0-9]{7}\)", progress.create_task_id("merge"))
+
+    # unknown, queued (ranked by the time each was queued, not by insertion), current, finished
+    res = ask("task(nobody)")
+    assert (res.active, res.queued, res.completed, res.textinfo) == (False, False, False, "Waiting...")
+    assert (res.progress, res.eta, res.live_preview, res.id_live_preview) == (None, None, None, -1)
+    progress.add_task_to_queue("task(a)")
+    progress.add_task_to_queue("task(b)")
+    progress.pending_tasks["task(a)"] = time.time() + 60  # queued later than task(b)
+    assert [ask(t).textinfo for t in ("task(a)", "task(b)")] == ["In queue: 2/2", "In queue: 1/2"]
+    assert progress.get_pending_tasks().dict() == {"size": 2, "tasks": ["task(a)", "task(b)"]}
+
+    shared.state.begin(job="task(b)")
+    progress.start_task("task(b)")
+    assert "task(b)" not in progress.pending_tasks and progress.current_task == "task(b)"
+    state = shared.state
+    assert state.job_count == -1 and ask("task(b)").progress == 0 and ask("task(b)").eta is None
+    state.job_count, state.job_no, state.sampling_steps, state.sampling_step = 4, 1, 10, 5
+    state.textinfo = "Fusing concepts"
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now)
+    state.time_start = now - 6.0
+    res = ask("task(b)")
+    # one job of four done, half of the second: 1/4 + 1/4 * 5/10; the ETA from the start time
+    assert (res.active, res.queued, res.completed) == (True, False, False)
+    assert res.progress == pytest.approx(0.375) and res.eta == pytest.approx(6.0 / 0.375 - 6.0)
+    assert res.textinfo == "Fusing concepts" and res.live_preview is None and res.id_live_preview == -1
+    state.job_no = 9  # more jobs than announced: the progress stops at 1
+    assert ask("task(b)").progress == 1
+    state.sampling_steps = 0
+    state.job_no = 2
+    assert ask("task(b)").progress == pytest.approx(0.5)
+
+    progress.finish_task("task(b)")
+    res = ask("task(b)")
+    assert (res.active, res.completed, res.textinfo) == (False, True, "Waiting...")
+    assert progress.current_task is None
+    for n in range(20):
+        progress.finish_task(f"task({n})")
+    assert len(progress.finished_tasks) == 16 and progress.finished_tasks[0] == "task(4)"
+    for n in range(3):
+        progress.record_results(f"task({n})", n)
+    assert progress.recorded_results == [("task(1)", 1), ("task(2)", 2)]
+
+
+def test_state_begin_is_the_hosts(fresh_progress):
+    """`begin` stamps the start time and keeps the last job's sampling steps; `end` without a job
+    fails as the host's does."""
+    import time
+
+    from modules import shared
+
+    state = shared.state
+    with pytest.raises(TypeError):
+        state.end()
+    state.sampling_steps, state.sampling_step, state.textinfo, state.interrupted = 20, 7, "x", True
+    before = time.time()
+    state.begin(job="task(x)")
+    assert state.time_start >= before and state.sampling_steps == 20
+    assert (state.sampling_step, state.textinfo, state.interrupted, state.job_count, state.job) == \
+        (0, None, False, -1, "task(x)")
+    state.end()
+    assert (state.job, state.job_count) == ("", 0)
+
+
+def test_gpu_call_tracks_task_ids_like_the_host(fresh_progress):
+    """A first argument exactly `task(...)` (a plain str) is queued before the queue lock, current while
+    the job runs, recorded and finished; anything else runs as the task None."""
+    import threading
+    import time
+
+    from modules import call_queue, shared
+
+    progress = fresh_progress
+    seen = {}
+    release = threading.Event()
+    started = threading.Event()
+
+    def job(*args):
+        seen[args[0]] = (progress.current_task, shared.state.job, shared.state.time_start is not None)
+        if args[0] == "task(slow)":
+            started.set()
+            assert release.wait(10)
+        return "<p>done</p>", f"<p>{args[0]}</p>"
+
+    wrapped = call_queue.wrap_gradio_gpu_call(job, extra_outputs=[None])
+    first = threading.Thread(target=wrapped, args=("task(slow)", 1))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=wrapped, args=("task(next)", 2))
+    second.start()
+    deadline = time.monotonic() + 10
+    while "task(next)" not in progress.pending_tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting = progress.progressapi(progress.ProgressRequest(id_task="task(next)"))
+    running = progress.progressapi(progress.ProgressRequest(id_task="task(slow)"))
+    assert (waiting.queued, waiting.active, waiting.textinfo) == (True, False, "In queue: 1/1")
+    assert running.active and progress.current_task == "task(slow)"
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert seen["task(slow)"] == ("task(slow)", "task(slow)", True)
+    assert seen["task(next)"] == ("task(next)", "task(next)", True)
+    assert progress.finished_tasks == ["task(slow)", "task(next)"] and progress.current_task is None
+    assert progress.recorded_results[-1] == ("task(next)", ("<p>done</p>", "<p>task(next)</p>"))
+
+    class Text(str):
+        pass
+
+    progress.reset()
+    for arg in ("task(open", "xtask(a)", Text("task(sub)"), 5):
+        out = wrapped(arg)
+        assert seen[arg] == (None, None, True) and "Time taken" in out[-1]
+    assert progress.finished_tasks == [None] * 4 and not progress.pending_tasks
+
+    def failing(id_task):
+        raise RuntimeError("boom")
+
+    out = call_queue.wrap_gradio_gpu_call(failing, extra_outputs=[None])("task(fail)")
+    assert out[0] is None and "RuntimeError: boom" in out[1]
+    assert progress.finished_tasks[-1] == "task(fail)" and progress.current_task is None
+    assert not any(task == "task(fail)" for task, _ in progress.recorded_results)
+    assert (shared.state.job, shared.state.job_count) == ("", 0)
+
+
+def test_queue_lock_runs_waiters_in_arrival_order():
+    import threading
+    import time
+
+    from modules import call_queue
+
+    lock = call_queue.FIFOLock()
+    order = []
+    lock.acquire()
+    threads = []
+    for n in range(6):
+        t = threading.Thread(target=lambda n=n: (lock.acquire(), order.append(n), lock.release()))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 5
+        while len(lock._pending_threads) < n + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert not lock.acquire(blocking=False)
+    lock.release()
+    for t in threads:
+        t.join(5)
+    assert order == list(range(6))

@@ -156,6 +156,36 @@ def test_extension_tabs_follow_the_builtin_tabs(tmp_path, tiny_checkpoint):
         harness.close()
 
 
+def test_generate_box_interrupt_and_skip_like_the_host(ui_host):
+    from modules import shared
+
+    harness, _ = ui_host
+    blocks = harness.blocks
+    for tab in ("txt2img", "img2img"):
+        box = [c.elem_id for c in component(blocks, f"{tab}_generate_box").children]
+        assert box == [f"{tab}_interrupt", f"{tab}_skip", f"{tab}_interrupting", f"{tab}_generate"]
+        (interrupt, interrupt_fn), = handlers(blocks, component(blocks, f"{tab}_interrupt"))
+        (_, interrupting_fn), = handlers(blocks, component(blocks, f"{tab}_interrupting"))
+        (_, skip_fn), = handlers(blocks, component(blocks, f"{tab}_skip"))
+        assert interrupt["js"] == f'function(){{ showSubmitInterruptingPlaceholder("{tab}"); }}'
+        state = shared.state
+        for fn in (interrupt_fn, interrupting_fn):
+            state.begin()
+            state.job_count = 2  # more than one job: stop after this one, a second click stops now
+            fn()
+            assert state.stopping_generation and not state.interrupted
+            fn()
+            assert state.interrupted
+            state.begin()
+            state.job_count = 1
+            fn()
+            assert state.interrupted and not state.stopping_generation
+        state.begin()
+        skip_fn()
+        assert state.skipped
+        state.end()
+
+
 def test_script_dropdown_shows_the_chosen_scripts_group(ui_host):
     harness, _ = ui_host
     dropdown = harness.scripts.inputs[0]
@@ -281,3 +311,258 @@ def test_page_in_a_browser(ui_host, browser_page):
     harness.wait_idle()  # the dropdown's change after the paste: let it end before the browser leaves
     assert browser_page.errors == []
     assert not [u for u in browser_page.external_requests if "font" in u]
+
+
+EXTENSION_TAB = textwrap.dedent('''
+    import threading
+
+    import gradio as gr
+    from modules import call_queue, script_callbacks, shared
+
+    GATE = threading.Event()
+    REACHED = threading.Event()
+    PICK = ["b"]
+
+
+    def fuse(id_task, word):
+        state = shared.state
+        state.job_count, state.sampling_steps, state.sampling_step = 1, 4, 2
+        state.textinfo = "Fusing " + word
+        REACHED.set()
+        GATE.wait(30)
+        return f"<p id='x_done'>{id_task} {word}</p>", ""
+
+
+    def tab():
+        with gr.Blocks(analytics_enabled=False) as block:
+            dummy = gr.Label(visible=False)
+            word = gr.Textbox(value="cats", label="X word", elem_id="x_word")
+            pick = gr.Dropdown(choices=["a", "b", "c"], value=lambda: PICK[0], label="X pick", elem_id="x_pick")
+            gr.Number(value=3, label="X count", elem_id="x_count")
+            secret = gr.Textbox(value="fresh", label="X secret", elem_id="x_secret")
+            secret.do_not_save_to_config = True
+            gr.Radio(choices=["slow", "fast"], value="slow", label="X mode", elem_id="x_mode")
+            gr.Slider(minimum=0, maximum=1, step=0.1, value=0.5, label="X strength", elem_id="x_strength")
+            start = gr.Button("Start", elem_id="x_start")
+            with gr.Group(elem_id="x_panel"):
+                result = gr.HTML(elem_id="x_result")
+                log = gr.HTML(elem_id="x_log")
+            start.click(fn=call_queue.wrap_gradio_gpu_call(fuse, extra_outputs=[None]), _js="x_submit",
+                        inputs=[dummy, word], outputs=[result, log])
+            pick.change(fn=None, inputs=[], outputs=[])
+        return [(block, "X tab", "x_tab")]
+
+
+    script_callbacks.on_ui_tabs(tab)
+''')
+# what the host's Checkpoint Merger does (javascript/ui.js `modelmerger`): a task id, a progress bar
+# over the panel, the id as the first argument
+EXTENSION_TAB_JS = textwrap.dedent('''
+    function x_submit() {
+        const id = randomId();
+        requestProgress(id, gradioApp().getElementById("x_panel"), null, () => {
+            document.body.dataset.xEnded = id;
+        });
+        const res = create_submit_args(arguments);
+        res[0] = id;
+        return res;
+    }
+
+    onOptionsAvailable(() => {
+        document.body.dataset.xOpts = String(opts.live_preview_refresh_period);
+    });
+''')
+
+
+def write_tab_extension(root):
+    ext = write_extension(root, EXTENSION_SCRIPT + EXTENSION_TAB)
+    (ext / "javascript" / "x_tab.js").write_text(EXTENSION_TAB_JS)
+    return ext
+
+
+def tab_module(harness):
+    """The extension's tab script module (the host imports it under no importable name)."""
+    import inspect
+
+    start = component(harness.blocks, "x_start")
+    (_, fn), = handlers(harness.blocks, start)
+    return inspect.unwrap(fn).__globals__
+
+
+def test_ui_config_applies_saved_values_like_the_host(tmp_path, tiny_checkpoint):
+    """Keys `<tab id>/<label>/<field>` (a script control's under `customscript/<file>/`), values applied
+    with the host's conditions, new keys written back, `do_not_save_to_config` left alone."""
+    import json
+
+    from host_harness import HostHarness
+
+    ext = write_tab_extension(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    stale = {
+        "txt2img/Width/value": 768, "txt2img/Width/maximum": 4096, "txt2img/Height/step": 16,
+        "txt2img/Script/value": "Y script",
+        "customscript/x_script.py/txt2img/X word/value": 12,
+        "x_tab/X word/value": "dogs",
+        "x_tab/X pick/value": "zz",  # not among the choices: left in the file, not applied
+        "x_tab/X count/value": "many",  # not a number: not applied
+        "x_tab/X secret/value": "stale",  # do_not_save_to_config: never read
+        "x_tab/X mode/value": "medium",  # not among the radio's choices
+        "x_tab/X strength/value": 0.8, "x_tab/X strength/visible": False,
+        "webui/Tabs@tabs/selected": "x_tab",
+    }
+    (data / "ui-config.json").write_text(json.dumps(stale))
+    harness = HostHarness(data, tiny_checkpoint, extensions=[str(ext)])
+    try:
+        blocks = harness.blocks
+        value = lambda elem_id: component(blocks, elem_id).value  # noqa: E731
+        width, height = component(blocks, "txt2img_width"), component(blocks, "txt2img_height")
+        assert (width.value, width.maximum, height.step, height.value) == (768, 4096, 16, 512)
+        assert harness.scripts.inputs[0].value == "Y script"
+        x, y = harness.scripts.selectable_scripts
+        assert y.group.visible and not x.group.visible  # the dropdown's init_field
+        assert x.controls[0].value == "12"  # a Textbox gets str(value)
+        assert scripts_img2img_word(harness) == ""  # img2img's own key is absent
+        assert (value("x_word"), value("x_pick"), value("x_count"), value("x_secret"), value("x_mode")) == \
+            ("dogs", "b", 3, "fresh", "slow")
+        strength = component(blocks, "x_strength")
+        assert strength.value == 0.8 and strength.visible is False
+        assert component(blocks, "tabs").selected == "x_tab"
+
+        saved = json.loads((data / "ui-config.json").read_text())
+        assert {k: saved[k] for k in stale} == stale  # nothing the file held is rewritten
+        assert saved["txt2img/Height/value"] == 512 and saved["x_tab/Start/visible"] is True
+        assert saved["customscript/x_script.py/img2img/X word/value"] == ""
+        assert saved["customscript/x_script.py/txt2img/Y steps/maximum"] == 9
+        assert saved["pnginfo/Send to txt2img/visible"] is True
+        assert saved["txt2img/Tabs@txt2img_extra_tabs/selected"] is None
+        assert not [k for k in saved if k.startswith(("X tab/", "txt2img/X word", "txt2img/Y steps"))]
+        assert blocks.ui_loadsave.component_mapping["x_tab/X word/value"] is component(blocks, "x_word")
+    finally:
+        harness.close()
+
+
+def scripts_img2img_word(harness):
+    from modules import scripts
+
+    return scripts.scripts_img2img.selectable_scripts[0].controls[0].value
+
+
+def test_ui_config_is_written_only_when_it_changes(tmp_path, tiny_checkpoint):
+    import json
+
+    from host_harness import HostHarness
+
+    from modules import errors
+
+    ext = write_tab_extension(tmp_path)
+    config = tmp_path / "elsewhere" / "ui.json"
+    config.parent.mkdir()
+    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ext)], ui_config_file=config)
+    harness.close()
+    assert not (tmp_path / "data" / "ui-config.json").exists()
+    first = json.loads(config.read_text())
+    assert first["x_tab/X pick/value"] == "b"  # the callable's value when the UI was built
+    assert "x_tab/X secret/value" not in first and "x_tab/X secret/visible" not in first
+
+    config.write_text(json.dumps(first))  # the same settings, not the host's indented layout
+    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ext)], ui_config_file=config)
+    harness.close()
+    assert config.read_text() == json.dumps(first)  # unchanged: not written
+
+    del first["x_tab/X count/value"]
+    config.write_text(json.dumps(first))
+    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ext)], ui_config_file=config)
+    harness.close()
+    assert json.loads(config.read_text())["x_tab/X count/value"] == 3
+    assert config.read_text().startswith('{\n    "')  # json.dump(indent=4) of the whole file
+
+    config.write_text("{not json")
+    errors.reported.clear()
+    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ext)], ui_config_file=config)
+    harness.close()
+    assert config.read_text() == "{not json"  # unreadable: never overwritten
+    assert any(r.startswith("loading settings") for r in errors.reported)
+
+
+def test_progress_bar_and_callable_value_in_a_browser(tmp_path, tiny_checkpoint, browser_page):
+    """Chromium, an extension tab doing what the host's Checkpoint Merger does: the host's progress
+    bar over its panel while the job runs, the task id first in the job's arguments, the bar gone and
+    `atEnd` called when it completes; a Dropdown whose value is a function shows the function's
+    result at every page load, over a saved ui-config value; Esc in a tab without an Interrupt
+    button throws, as in the host."""
+    import json
+    import re
+
+    from host_harness import HostHarness
+
+    ext = write_tab_extension(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ui-config.json").write_text(json.dumps({"x_tab/X pick/value": "a"}))
+    harness = HostHarness(data, tiny_checkpoint, extensions=[str(ext)])
+    module = tab_module(harness)
+    try:
+        url = harness.serve()
+        ask = urllib.request.Request(url + "internal/progress", data=b'{"id_task": "task(nobody)"}',
+                                     headers={"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(ask, timeout=10).read()) == {
+            "active": False, "queued": False, "completed": False, "progress": None, "eta": None,
+            "live_preview": None, "id_live_preview": -1, "textinfo": "Waiting..."}
+        pending = json.loads(urllib.request.urlopen(url + "internal/pending-tasks", timeout=10).read())
+        assert pending == {"size": 0, "tasks": []}
+
+        page = browser_page.page
+        page.set_default_timeout(30_000)
+        module["PICK"][0] = "c"
+        page.goto(url)
+        page.wait_for_function("Object.keys(opts).length > 0")  # settings_json read
+        page.click("#tabs > .tab-nav > button:has-text('X tab')")
+        page.wait_for_function("gradioApp().querySelector('#x_pick input').value === 'c'")
+        assert page.evaluate("opts.show_progressbar") is True
+        assert page.evaluate("getComputedStyle(gradioApp().querySelector('#txt2img_interrupt')).display") == "none"
+        assert page.evaluate("create_submit_args([1, [2], 3, 4])") == [1, None, 3, 4]
+        assert re.fullmatch(r"task\([0-9a-z]{1,15}\)", page.evaluate("randomId()"))
+
+        page.click("#x_start")
+        assert module["REACHED"].wait(30)
+        bar = page.wait_for_selector("#x_panel ~ .progressDiv, .progressDiv:has(+ #x_panel)", state="visible")
+        page.wait_for_function("""() => {
+            const inner = gradioApp().querySelector('.progressDiv > .progress');
+            return inner && inner.textContent.startsWith('Fusing cats 50%');
+        }""")
+        assert re.fullmatch(r"Fusing cats 50%( ETA: \d+s)?", page.evaluate(
+            "gradioApp().querySelector('.progressDiv > .progress').textContent"))
+        assert page.evaluate("gradioApp().querySelector('.progressDiv > .progress').style.width") == "50%"
+        assert page.evaluate("document.getElementById('x_panel').previousElementSibling.className") == "progressDiv"
+        assert page.title().startswith("[50%")
+        assert bar.is_visible()
+        module["GATE"].set()
+        page.wait_for_function("document.body.dataset.xEnded !== undefined")
+        task = page.evaluate("document.body.dataset.xEnded")
+        page.wait_for_selector("#x_done")
+        assert page.inner_text("#x_done") == f"{task} cats"
+        assert page.query_selector(".progressDiv") is None and page.title() == "Stable Diffusion"
+        from modules import progress
+        assert task in progress.finished_tasks and progress.current_task is None
+
+        module["PICK"][0] = "b"  # not the saved "a" the page is built with: only the load event shows it
+        page.reload()
+        page.click("#tabs > .tab-nav > button:has-text('X tab')")
+        page.wait_for_function("gradioApp().querySelector('#x_pick input').value === 'b'")
+        page.wait_for_function("document.body.dataset.xOpts === '1000'")  # onOptionsAvailable ran
+
+        assert browser_page.errors == []
+        page.keyboard.press("Escape")  # the X tab has no Interrupt button: the host's handler throws
+        page.wait_for_timeout(300)
+        assert [e for e in browser_page.errors if "reading 'style'" in e]
+        browser_page.errors.clear()
+        page.click("#tabs > .tab-nav > button:has-text('txt2img')")
+        page.wait_for_function("get_uiCurrentTab().textContent.trim() === 'txt2img'")
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+        assert browser_page.errors == []
+        harness.wait_idle()
+    finally:
+        module["GATE"].set()
+        harness.close()

@@ -12,6 +12,7 @@ from modules import (
     extra_networks,
     paths,
     processing,
+    progress,
     script_callbacks,
     scripts,
     sd_hijack_optimizations,
@@ -26,16 +27,22 @@ BUILTIN_EXTENSIONS = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "
 
 
 class HostHarness:
-    """Data folder under `root`, `checkpoint` copied into models/Stable-diffusion and loaded."""
+    """Data folder under `root`, `checkpoint` copied into models/Stable-diffusion and loaded.
+    `ui_config_file` is the host's `--ui-config-file` (default `<root>/ui-config.json`): the page's
+    component defaults are read from it and new ones written back as the host does."""
 
-    def __init__(self, root: Path, checkpoint: Path, extensions: list[str] | None = None) -> None:
+    def __init__(self, root: Path, checkpoint: Path, extensions: list[str] | None = None,
+                 ui_config_file: Path | str | None = None) -> None:
         paths.set_data_path(str(root))
+        if ui_config_file is not None:
+            shared.cmd_opts.ui_config_file = str(ui_config_file)
         os.makedirs(sd_models.model_path, exist_ok=True)
         os.makedirs(shared.cmd_opts.embeddings_dir, exist_ok=True)
         os.makedirs(shared.cmd_opts.lora_dir, exist_ok=True)
         shutil.copy(checkpoint, os.path.join(sd_models.model_path, checkpoint.name))
         shared.opts.reset()
         shared.state.reset()
+        progress.reset()
         script_callbacks.script_unloaded_callback()  # a harness left open: its patches undone first
         script_callbacks.clear_callbacks()
         script_callbacks.reported_errors.clear()
@@ -82,7 +89,7 @@ class HostHarness:
 
     def serve(self) -> str:
         """Serve the page as webui.py does (javascript and css injected, queue on, CORS middleware
-        removed, `app_started` fired) on a free local port; returns its URL."""
+        removed, the progress API added, `app_started` fired) on a free local port; returns its URL."""
         import socket
 
         from modules import ui_gradio_extensions
@@ -101,6 +108,7 @@ class HostHarness:
         # shutdown with it; stop after a bounded wait instead (see also `wait_idle`)
         self.blocks.server.config.timeout_graceful_shutdown = 3
         app.user_middleware = [m for m in app.user_middleware if m.cls.__name__ != "CORSMiddleware"]
+        progress.setup_progress_api(app)  # /internal/progress and /internal/pending-tasks
         script_callbacks.app_started_callback(self.blocks, app)
         self.url = url
         return url

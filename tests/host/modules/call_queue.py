@@ -1,18 +1,56 @@
-"""Gradio call wrappers (modules/call_queue.py): one job at a time under the queue lock, job
-state begun and ended around it, flags reset afterwards, an exception turned into an error HTML
-output (the host does not re-raise it)."""
+"""Gradio call wrappers (modules/call_queue.py): one job at a time under the queue lock (a FIFO lock,
+modules/fifo_lock.py: waiting jobs run in the order they asked), job state begun and ended around it,
+flags reset afterwards, an exception turned into an error HTML output (the host does not re-raise it).
+
+`wrap_gradio_gpu_call` takes a first argument that is exactly a `str` starting with `task(` and ending
+with `)` as the job's task id: queued in `progress.pending_tasks` before the lock, made the current
+task under it, its result recorded, finished in `finally`. `state.end()` is not in that `finally`: a
+job that raises leaves `state.job` to `wrap_gradio_call`'s reset, as in the host."""
 
 from __future__ import annotations
 
+import collections
 import html
 import threading
 import time
 import traceback
 from functools import wraps
 
-from modules import shared
+from modules import progress, shared
 
-queue_lock = threading.Lock()
+
+class FIFOLock:
+    """A lock that wakes its waiters in the order they came (modules/fifo_lock.py)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inner_lock = threading.Lock()
+        self._pending_threads: collections.deque = collections.deque()
+
+    def acquire(self, blocking: bool = True) -> bool:
+        with self._inner_lock:
+            if self._lock.acquire(False):
+                return True
+            if not blocking:
+                return False
+            wake = threading.Event()
+            self._pending_threads.append(wake)
+        wake.wait()
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        with self._inner_lock:
+            if self._pending_threads:
+                self._pending_threads.popleft().set()
+            self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, t, v, tb) -> None:
+        self.release()
+
+
+queue_lock = FIFOLock()
 reported_errors: list[str] = []
 
 
@@ -27,13 +65,21 @@ def wrap_queued_call(func):
 def wrap_gradio_gpu_call(func, extra_outputs=None):
     @wraps(func)
     def f(*args, **kwargs):
-        id_task = args[0] if args and isinstance(args[0], str) and args[0].startswith("task(") else None
+        if args and type(args[0]) is str and args[0].startswith("task(") and args[0].endswith(")"):
+            id_task = args[0]
+            progress.add_task_to_queue(id_task)
+        else:
+            id_task = None
+
         with queue_lock:
             shared.state.begin(job=id_task)
+            progress.start_task(id_task)
             try:
                 res = func(*args, **kwargs)
+                progress.record_results(id_task, res)
             finally:
-                shared.state.end()
+                progress.finish_task(id_task)
+            shared.state.end()
         return res
 
     return wrap_gradio_call(f, extra_outputs=extra_outputs, add_stats=True)

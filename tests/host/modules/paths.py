@@ -11,7 +11,8 @@ models_path = os.path.join(data_path, "models")
 
 
 def set_data_path(path: str) -> None:
-    """Re-root the host's data folders (models/, embeddings/, outputs) under `path`."""
+    """Re-root the host's data folders (models/, embeddings/, outputs) and the `--ui-config-file`
+    default (`<data dir>/ui-config.json`) under `path`."""
     global data_path, models_path
     data_path = path
     models_path = os.path.join(path, "models")
@@ -22,6 +23,7 @@ def set_data_path(path: str) -> None:
     shared.cmd_opts.lora_dir = os.path.join(models_path, "Lora")
     shared.cmd_opts.lyco_dir_backcompat = os.path.join(models_path, "LyCORIS")
     shared.cmd_opts.ckpt_dir = None
+    shared.cmd_opts.ui_config_file = os.path.join(path, "ui-config.json")
     from modules import sd_models
 
     sd_models.model_path = os.path.join(models_path, "Stable-diffusion")

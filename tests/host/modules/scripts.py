@@ -224,6 +224,9 @@ class ScriptRunner:
         if controls is None:
             return
         script.name = script.title().lower()
+        for control in controls:
+            # ui-config.json keys of a script's controls start with customscript/<file name>/
+            control.custom_script_source = os.path.basename(script.filename)
         if script.infotext_fields is not None:
             self.infotext_fields += script.infotext_fields
         if script.paste_field_names is not None:

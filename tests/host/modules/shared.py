@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import logging
 import os
 import re
 import threading
+import time
 import types
 from typing import Any
 
 from modules import paths
+
+log = logging.getLogger(__name__)
 
 _DEFAULTS: dict[str, Any] = {
     # sampling / CFG batching (shared_options.py)
@@ -51,6 +57,16 @@ _DEFAULTS: dict[str, Any] = {
     "samples_save": False,
     "enable_pnginfo": True,
     "live_preview_content": "Prompt",
+    # progress (the page reads these from `settings_json`)
+    "show_progress_in_title": True,
+    "interrupt_after_current": True,
+    "show_progressbar": True,
+    "live_previews_enable": True,
+    "live_previews_image_format": "png",
+    "show_progress_grid": True,
+    "show_progress_every_n_steps": 10,
+    "live_preview_refresh_period": 1000,
+    "prevent_screen_sleep_during_generation": True,
 }
 
 
@@ -99,6 +115,15 @@ class Options:
     def reset(self) -> None:
         self.data.clear()
 
+    def dumpjson(self) -> str:
+        """What the page's `settings_json` holds (options.Options.dumpjson): every setting's value, or
+        its default, and the comment and category tables, empty here (the double has no sections)."""
+        d = {k: self.data.get(k, default) for k, default in self.data_labels.items()}
+        d["_comments_before"] = {}
+        d["_comments_after"] = {}
+        d["_categories"] = [["Defaults", "Other"]]
+        return json.dumps(d)
+
 
 class OptionInfo:
     def __init__(self, default: Any = None, label: str = "", component: Any = None, component_args: Any = None,
@@ -115,7 +140,9 @@ class OptionInfo:
 
 
 class State:
-    """Job progress and interrupt flags (shared_state.State)."""
+    """Job progress and interrupt flags (modules/shared_state.py). `begin` sets what the host's sets
+    (`time_start` among them) and leaves `sampling_steps` from the last job, as the host does; `end`
+    before any `begin` fails on `time_start` as in the host. `reset` (double only) is a fresh process."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -129,10 +156,16 @@ class State:
         self.job_no = 0
         self.job_count = 0
         self.processing_has_refined_job_count = False
+        self.job_timestamp = "0"
         self.sampling_step = 0
         self.sampling_steps = 0
         self.textinfo: str | None = None
         self.current_latent = None
+        self.current_image = None
+        self.current_image_sampling_step = 0
+        self.id_live_preview = 0
+        self.time_start: float | None = None
+        self.server_start = time.time()
 
     def interrupt(self) -> None:
         self.interrupted = True
@@ -140,16 +173,43 @@ class State:
     def skip(self) -> None:
         self.skipped = True
 
+    def stop_generating(self) -> None:
+        self.stopping_generation = True
+
+    def set_current_image(self) -> None:
+        """The host turns `current_latent` into a live preview here every few steps; the double's
+        sampler stores no latents, so `current_image` stays None (as in the host before its first
+        preview)."""
+
     def nextjob(self) -> None:
         self.job_no += 1
         self.sampling_step = 0
+        self.current_image_sampling_step = 0
+
+    def dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("skipped", "interrupted", "stopping_generation", "job", "job_count",
+                                              "job_timestamp", "job_no", "sampling_step", "sampling_steps")}
 
     def begin(self, job: str = "(unknown)") -> None:
-        self.reset()
+        self.sampling_step = 0
+        self.time_start = time.time()
         self.job_count = -1
+        self.processing_has_refined_job_count = False
+        self.job_no = 0
+        self.job_timestamp = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+        self.current_latent = None
+        self.current_image = None
+        self.current_image_sampling_step = 0
+        self.id_live_preview = 0
+        self.skipped = False
+        self.interrupted = False
+        self.stopping_generation = False
+        self.textinfo = None
         self.job = job
+        log.info("Starting job %s", job)
 
     def end(self) -> None:
+        log.info("Ending job %s (%.2f seconds)", self.job, time.time() - self.time_start)
         self.job = ""
         self.job_count = 0
 
@@ -181,6 +241,7 @@ cmd_opts = types.SimpleNamespace(
     embeddings_dir=os.path.join(paths.data_path, "embeddings"),
     lora_dir=os.path.join(paths.models_path, "Lora"),
     lyco_dir_backcompat=os.path.join(paths.models_path, "LyCORIS"),
+    ui_config_file=os.path.join(paths.data_path, "ui-config.json"),
     no_prompt_history=True,
     no_hashing=False,
     hide_ui_dir_config=False,

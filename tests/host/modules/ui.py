@@ -15,6 +15,11 @@ prompt) submits the prompts, the size and every script control, which is also wh
 those controls editable; it generates with the double's txt2img (Euler, 20 steps, the host's defaults
 otherwise) into the `txt2img_gallery`, `generation_info_txt2img`, `html_info_txt2img` and
 `html_log_txt2img` outputs.
+
+As in the host, each tab's components take their saved defaults from ui-config.json once the tab is
+rendered (`ui_loadsave.UiLoadsave.add_block(interface, ifid)`), new defaults are written back, and a
+hidden `settings_json` textbox carries the settings to the page's `opts`. The generate box has the
+host's Interrupt, Skip and Interrupting buttons before Generate.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Toprow:
     def __init__(self, is_img2img: bool, id_part: str | None = None) -> None:
         import gradio as gr
 
+        from modules import shared
+
         self.id_part = id_part or ("img2img" if is_img2img else "txt2img")
         self.is_img2img = is_img2img
         part = self.id_part
@@ -62,7 +69,26 @@ class Toprow:
                                                       elem_classes=["prompt"])
             with gr.Column(scale=1, elem_id=f"{part}_actions_column"):
                 with gr.Row(elem_id=f"{part}_generate_box", elem_classes=["generate-box"]):
+                    # hidden by the host's css until a job runs; Esc and Alt+Enter (script.js) use them
+                    self.interrupt = gr.Button("Interrupt", elem_id=f"{part}_interrupt",
+                                               elem_classes="generate-box-interrupt")
+                    self.skip = gr.Button("Skip", elem_id=f"{part}_skip", elem_classes="generate-box-skip")
+                    self.interrupting = gr.Button("Interrupting...", elem_id=f"{part}_interrupting",
+                                                  elem_classes="generate-box-interrupting")
                     self.submit = gr.Button("Generate", elem_id=f"{part}_generate", variant="primary")
+
+                    def interrupt_function():
+                        state = shared.state
+                        if not state.stopping_generation and state.job_count > 1 and shared.opts.interrupt_after_current:
+                            state.stop_generating()
+                            gr.Info("Generation will stop after finishing this image, click again to stop immediately.")
+                        else:
+                            state.interrupt()
+
+                    self.skip.click(fn=shared.state.skip)
+                    self.interrupt.click(fn=interrupt_function,
+                                         _js=f'function(){{ showSubmitInterruptingPlaceholder("{part}"); }}')
+                    self.interrupting.click(fn=interrupt_function)
                 with gr.Row(elem_id=f"{part}_tools"):
                     self.paste = gr.Button(value=paste_symbol, elem_id="paste", elem_classes=["tool"])
 
@@ -202,10 +228,12 @@ def create_ui():
     """The whole page; `scripts.scripts_txt2img` must be initialized (`create_script_runners`)."""
     import gradio as gr
 
-    from modules import infotext_utils, script_callbacks, shared
+    from modules import infotext_utils, script_callbacks, shared, ui_loadsave
 
     theme = reload_gradio_theme()
     infotext_utils.reset()
+    loadsave = ui_loadsave.UiLoadsave(shared.cmd_opts.ui_config_file)
+    ui_settings_from_file = loadsave.ui_settings.copy()
 
     interfaces = [
         (create_txt2img_interface(), "txt2img", "txt2img"),
@@ -218,8 +246,18 @@ def create_ui():
 
     with gr.Blocks(theme=theme, analytics_enabled=False, title="Stable Diffusion") as demo:
         infotext_utils.connect_paste_params_buttons()
-        with gr.Tabs(elem_id="tabs"):
+        with gr.Tabs(elem_id="tabs") as tabs:
             for interface, label, ifid in interfaces:
                 with gr.TabItem(label, id=ifid, elem_id=f"tab_{ifid}"):
                     interface.render()
+                loadsave.add_block(interface, ifid)
+            loadsave.add_component(f"webui/Tabs@{tabs.elem_id}", tabs)
+            loadsave.finalized_ui = True  # the host's setup_ui, without its Settings > Defaults page
+        # the host's Settings page keeps every setting here for the page's `opts`, read again at each
+        # page load (a callable value)
+        gr.Textbox(elem_id="settings_json", value=lambda: shared.opts.dumpjson(), visible=False)
+
+    if ui_settings_from_file != loadsave.ui_settings:
+        loadsave.dump_defaults()
+    demo.ui_loadsave = loadsave
     return demo

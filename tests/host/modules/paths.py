@@ -1,12 +1,15 @@
 """Folder layout of the host. Tests point `data_path` at a temporary folder with `set_data_path`."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import modules.safe  # noqa: F401  # as in the host: torch.load is the pickle guard from here on
 
 script_path = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 data_path = tempfile.mkdtemp(prefix="a1111-double-")
+atexit.register(shutil.rmtree, data_path, ignore_errors=True)  # the default folder, not one a test set
 models_path = os.path.join(data_path, "models")
 
 

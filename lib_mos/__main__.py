@@ -57,15 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     fuse = sub.add_parser("fuse", help="gradient fusion: merge concepts into one checkpoint")
     fuse.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="base SD1 checkpoint")
-    fuse.add_argument("--concept", action="append", required=True, metavar="FILE[:<new1>+<new2>]",
-                      help="concept file, optionally with new token names; repeat for each concept")
+    fuse.add_argument("--concept", action="append", required=True, metavar="FILE[:<new1>+<new2>][@UNET,TEXT]",
+                      help="concept file, optionally with new token names and its own merge weights; "
+                           "repeat for each concept")
     fuse.add_argument("--out", type=Path, required=True, metavar="FUSED.safetensors")
     fuse.add_argument("--device", default="cpu")
     fuse.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the saved weights")
     fuse.add_argument("--solver", choices=("exact", "lbfgs"), default="exact")
     fuse.add_argument("--spatial-steps", type=int, default=20)
     fuse.add_argument("--spatial-size", type=int, default=512)
+    fuse.add_argument("--spatial-seeds", type=int, default=4,
+                      help="noise seeds per concept in the spatial stage, sampled as one batch")
     fuse.add_argument("--seed", type=int, default=0)
+    fuse.add_argument("--ridge", type=float, default=None,
+                      help="one fixed regularisation strength for every layer (relative to its mean input "
+                           "energy) instead of choosing it per layer on validation prompts and a seed")
+    fuse.add_argument("--no-held-out", action="store_true",
+                      help="skip the held-out prompts and seed (the report then has no held-out errors)")
+    fuse.add_argument("--progress", choices=("bar", "jsonl"), default="bar",
+                      help="a progress bar on stderr, or JSON lines on stdout for a parent process: "
+                           '{"progress": {...}} while it runs, then {"result": {...}}')
     fuse.add_argument("--skip-stage", action="append", choices=("te", "kv", "spatial"), default=[])
     fuse.add_argument("--unet-weight", type=float, default=1.0, help="LoRA weight of every concept in the UNet")
     fuse.add_argument("--text-weight", type=float, default=1.0, help="LoRA weight in the text encoder")
@@ -83,32 +94,126 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class ProgressBar:
+    """A tqdm-style line on stderr for `fusion.Progress` calls: stage and action, a bar, done/total,
+    elapsed<remaining, rate, and the current layer. what = "<stage>: <action>[: <detail>]"; a new
+    stage/action starts a new line."""
+
+    def __init__(self, stream=None, width: int = 24) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.key: str | None = None
+        self.start = 0.0
+        self.first = 0  # units already done when the bar started (0 when the stage announced itself)
+        self.open = False
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        import shutil
+        import time
+
+        key, _, detail = what.partition(": ")
+        action, _, detail = detail.partition(": ")
+        key = f"{key}: {action}" if action else key
+        now = time.perf_counter()
+        if key != self.key:
+            self.close()
+            self.key, self.start, self.first = key, now, done
+        elapsed = now - self.start
+        rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
+        filled = self.width * done // max(total, 1)
+        unit = _UNITS.get(action.split(" ")[0], "step")
+        speed = (f"{_clock(elapsed)}<{_clock((total - done) / rate)}, {rate:.2f} {unit}/s" if rate > 0
+                 else f"{_clock(elapsed)}<?, ? {unit}/s")
+        line = f"{key} |{'#' * filled}{'.' * (self.width - filled)}| {done}/{total} [{speed}] "
+        room = shutil.get_terminal_size((120, 20)).columns - 1
+        if len(line) + len(detail) > room:  # a layer name is told apart by its end
+            detail = "..." + detail[len(line) + len(detail) - room + 3:] if room - len(line) > 3 else ""
+        self.stream.write("\r" + (line + detail)[:room].ljust(room))
+        self.open = True
+        if done >= total:
+            self.close()
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.open:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.open, self.key = False, None
+
+
+_UNITS = {"solving": "layer", "recording": "concept"}  # per action; sampling counts steps
+
+
+def _stop_on_terminate() -> None:
+    """SIGTERM (how a parent stops a fusion) unwinds like Ctrl-C, so the temporary statistics
+    folder and any partial output are removed on the way out; the default action would end the
+    process without running any cleanup."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def _json_line(message: dict) -> None:
+    import json
+
+    print(json.dumps(message), flush=True)
+
+
+def _json_progress(what: str, done: int, total: int) -> None:
+    """`--progress jsonl`: one line per finished unit (the start-of-stage 0/total calls are left out)."""
+    if done > 0:
+        _json_line({"progress": {"what": what, "done": done, "total": total}})
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes:02d}:{secs:02d}"
+
+
 def _fuse(args: argparse.Namespace) -> int:
-    """Fuse with a progress line on stderr; bad input is one line naming the file, and no file."""
+    """Fuse with a progress bar on stderr; bad input is one line naming the file, and no file."""
     import time
 
     import torch
 
-    from lib_mos import fusion
+    from lib_mos import fused_checkpoint, fusion, fusion_report
     from lib_mos.concepts import ConceptError
 
-    def progress(what: str, done: int, total: int) -> None:
-        print(f"\r{what}: {done}/{total}   ", end="" if done < total else "\n", file=sys.stderr, flush=True)
-
+    jsonl = args.progress == "jsonl"
+    progress = _json_progress if jsonl else ProgressBar()
     t0 = time.perf_counter()
+    _stop_on_terminate()
     try:
+        extra = {} if args.ridge is None else {"ridge": args.ridge, "validate": False}
         settings = fusion.FusionSettings(solver=args.solver, spatial_steps=args.spatial_steps,
-                                         spatial_size=args.spatial_size, seed=args.seed,
-                                         skip=frozenset(args.skip_stage))
-        specs = [fusion.parse_concept_spec(c, args.unet_weight, args.text_weight) for c in args.concept]
-        path, result = fusion.fuse_checkpoint(args.base, specs, args.out, settings,
+                                         spatial_size=args.spatial_size, spatial_seeds=args.spatial_seeds,
+                                         seed=args.seed, skip=frozenset(args.skip_stage),
+                                         held_out=not args.no_held_out, **extra)
+        specs = [fused_checkpoint.parse_concept_spec(c, args.unet_weight, args.text_weight) for c in args.concept]
+        path, result = fused_checkpoint.fuse_checkpoint(args.base, specs, args.out, settings,
                                               dtype=torch.float16 if args.dtype == "fp16" else torch.float32,
                                               overwrite=args.overwrite, device=args.device, progress=progress)
     except (ConceptError, ValueError, OSError) as exc:
+        getattr(progress, "close", lambda: None)()
         return _fail(str(exc))
     except KeyboardInterrupt:
+        getattr(progress, "close", lambda: None)()
         return _fail(f"{args.out}: interrupted; nothing was written")
-    print(fusion.format_report(result.report))
+    except Exception as exc:  # a bug: the traceback for a report, then the one line a parent shows
+        import traceback
+
+        getattr(progress, "close", lambda: None)()
+        traceback.print_exc()
+        return _fail(f"{args.out}: unexpected {type(exc).__name__}: {exc}; nothing was written")
+    if jsonl:
+        _json_line({"result": {"path": str(path), "report": result.report, "warnings": result.warnings,
+                               "seconds": result.seconds}})
+        return 0
+    print(fusion_report.format_report(result.report, result.warnings))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"wrote {path} ({len(result.concepts)} concepts; {stages}; total {time.perf_counter() - t0:.1f} s)")
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lib_mos import binding, fusion, sampling, sd1, synthetic
+from lib_mos import binding, fused_checkpoint, fusion, fusion_report, sampling, sd1, synthetic
 from lib_mos.attention import RegionalContext
 from lib_mos.concept_files import read_concept, write_concept
 from lib_mos.regions import Region, RegionSpec, layer_masks
@@ -74,17 +74,17 @@ def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> li
         wrote(pth, f"concept {' '.join(tokens)} in the authors' ED-LoRA layout ({spelling} spelling)")
         ours = write_concept(read_concept(pth, name=concept.name), concept_dir / f"{concept.name}.safetensors", overwrite=True)
         wrote(ours, "  converted to our concept format (also a kohya LoRA for the WebUI)")
-        specs.append(fusion.ConceptSpec(str(ours)))
+        specs.append(fused_checkpoint.ConceptSpec(str(ours)))
 
     fused_path = out / "fused-cat-dog.safetensors"
     settings = fusion.FusionSettings(spatial_steps=steps, spatial_size=size, seed=seed)
-    path, result = fusion.fuse_checkpoint(base, specs, fused_path, settings, dtype=torch.float32, overwrite=True)
+    path, result = fused_checkpoint.fuse_checkpoint(base, specs, fused_path, settings, dtype=torch.float32, overwrite=True)
     print("gradient fusion report (relative output error per concept and stage; lower is better):")
-    print("  " + fusion.format_report(result.report).replace("\n", "\n  "))
+    print("  " + fusion_report.format_report(result.report).replace("\n", "\n  "))
     wrote(path, "fused checkpoint (" + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()) + ")")
 
     fused = sd1.load_checkpoint(path)
-    binder = binding.PromptBinder(fused, fusion.read_fused_concepts(path))
+    binder = binding.PromptBinder(fused, fused_checkpoint.read_fused_concepts(path))
     prompt = "a photo of <cat1> <cat2> and <dog1> <dog2>"
     latents = sampling.sample_euler(fused, binder.encode([prompt]), binding.encode_prompts(fused, ["blurry"]),
                                     seeds=[seed], height=size, width=size, steps=steps, cfg_scale=7.5)

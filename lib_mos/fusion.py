@@ -3,23 +3,30 @@ without training data.
 
 For every fused linear layer we find W minimising sum_i ||W X_i - W_i X_i||^2, where W_i is
 concept i's own weight (W0 + weight * dW_i) and X_i are that layer's inputs while concept i's own
-model processes concept i. Three stages, as the authors run them (DESIGN.md section 4):
+model processes concept i. Three stages, as the authors run them (docs/method.md):
 
 1. text encoder (q/k/v/out of 12 layers): X_i from concept i's own encoder on its bound prompts
    "photo of a {tokens}" and "{tokens}" (16 layer copies each), all positions up to the EOS;
 2. UNet attn2 to_k / to_v: X_i = the fused encoder's output for the layer-l copies at the concept
    token and EOS positions, for attn2 layer l;
 3. spatial layers (attn1 q/k/v/out, attn2 q/out): concept i's spatial LoRA over the fused k/v,
-   one seeded sample of "photo of a {tokens}" without CFG, inputs recorded at every step.
+   `spatial_seeds` seeded samples of the two prompts in one batch without CFG, inputs recorded at
+   every step.
 
 Unlike the authors, activations are never stored: forward pre-hooks stream them into per-layer
-Gram statistics (`fusion_solver.LayerStats`) and each layer is solved exactly in float64. The
-live model is restored bit for bit afterwards, also on error or interrupt.
+Gram statistics (`fusion_solver.LayerStats`) and each layer is solved in float64, exactly where
+the data determine it and toward the weight average where they do not. Each stage also records two
+more sets of inputs the solve never sees (other prompts; in the spatial stage another seed each, as
+more rows of the same batch): validation inputs choose each layer's regularisation, and held-out
+inputs let the report (`fusion_report`) measure the fused weights, and their distance from the
+base, and warn when either is out of bounds. The live model is restored bit for bit afterwards,
+also on error or interrupt. Files in and out: `fused_checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,13 +37,26 @@ from torch import nn
 
 from lib_mos import sampling
 from lib_mos.binding import PromptBinder
-from lib_mos.concept_files import torch_load_weights
 from lib_mos.concepts import Concept, ConceptError, applied, check_fits
-from lib_mos.fusion_solver import LayerStats, relative_errors_many, solve_exact, solve_lbfgs, weight_average
-from lib_mos.sd1 import ATTN2_NAMES, SD1Model
+from lib_mos.fusion_report import stage_report
+from lib_mos.fusion_solver import (
+    MAX_CHANGE,
+    PRIORS,
+    RIDGE,
+    LayerStats,
+    solve_exact,
+    solve_lbfgs,
+)
+from lib_mos.sd1 import ATTN2_NAMES, SD1Config, SD1Model
 
 STAGES = ("te", "kv", "spatial")
 PROMPT_TEMPLATES = ("photo of a {}", "{}")
+# Held-out prompts: recorded like the training ones but never solved from, so the report can measure
+# how the fused weights do on inputs the solve did not see (the spatial stage also uses a seed of its own).
+HELD_OUT_TEMPLATES = ("a close-up picture of {} outdoors", "{} next to a window")
+# Validation prompts choose each layer's regularisation (fusion_solver.solve_exact); a third set, so
+# the held-out errors stay an independent measure.
+VALIDATION_TEMPLATES = ("a {} in the garden", "a painting of {}")
 LBFGS_ITERATIONS = {"te": 500, "kv": 500, "spatial": 50}
 KV_PROJECTIONS = ("to_k", "to_v")
 
@@ -61,11 +81,26 @@ class FusionSettings:
     spatial_size: int = 512
     seed: int = 0
     skip: frozenset[str] = frozenset()
-    ridge: float = 1e-6
+    ridge: float = RIDGE  # regularisation strength, relative to each layer's mean Gram eigenvalue
+    # noise seeds per concept in the spatial stage (seed, seed + 1, ...), sampled as one batch:
+    # more independent rows for the widest layers without larger images
+    spatial_seeds: int = 4
+    prior: str = "average"  # what W stays at where the data do not determine it (fusion_solver.PRIORS)
+    max_change: float | None = MAX_CHANGE  # trust region: ||W - W0||_F <= this x sum_i ||dW_i||_F
+    # record validation prompts and seed and pick each layer's ridge among fusion_solver.RIDGES on
+    # them (else `ridge` everywhere)
+    validate: bool = True
+    held_out: bool = True  # record held-out prompts and a held-out seed for the report
 
     def __post_init__(self) -> None:
         if self.solver not in ("exact", "lbfgs"):
             raise ValueError(f"solver must be 'exact' or 'lbfgs', got {self.solver!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
+            raise ValueError(f"ridge must be a finite non-negative number, got {self.ridge}")
+        if self.spatial_seeds <= 0:
+            raise ValueError(f"spatial seeds must be positive, got {self.spatial_seeds}")
         unknown = set(self.skip) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s) to skip: {sorted(unknown)}; stages are {', '.join(STAGES)}")
@@ -79,17 +114,47 @@ class FusionSettings:
 class FusionResult:
     text_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # transformers names
     unet_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # ldm names (in the UNet)
-    report: list[dict] = field(default_factory=list)  # {"concept", "stage", "layers", "fused", "average"}
+    report: list[dict] = field(default_factory=list)  # one row per concept and stage: see `_report`
     seconds: dict[str, float] = field(default_factory=dict)
     concepts: list[Concept] = field(default_factory=list)
+    # one line each: held-out error or distance from the base out of bounds, too few spatial rows
+    warnings: list[str] = field(default_factory=list)
 
 
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+Progress = Callable[[str, int, int], None]  # (what, done, total); what = "<stage>: <action>[: <layer>]"
 
 
-def prompts_for(concept: Concept) -> list[str]:
+
+def prompts_for(concept: Concept, templates: Sequence[str] = PROMPT_TEMPLATES) -> list[str]:
     name = " ".join(concept.tokens)
-    return [t.format(name) for t in PROMPT_TEMPLATES]
+    return [t.format(name) for t in templates]
+
+
+def spatial_rows(config: SD1Config, settings: FusionSettings) -> list[tuple[str, int, int]]:
+    """(attn2 block, rows per concept, input width) of every spatial layer group: the rows one
+    concept's sampling records there (feature-map cells x steps x seeds)."""
+    from lib_mos.regions import ATTN2_LEVELS, attention_sizes
+
+    sizes = attention_sizes(settings.spatial_size, settings.spatial_size)
+    widths = [config.model_channels * (1, 2, 4, 4)[level] for level in ATTN2_LEVELS]
+    return [(name.rsplit(".transformer_blocks", 1)[0], h * w * settings.spatial_steps * settings.spatial_seeds, width)
+            for name, (h, w), width in zip(ATTN2_NAMES, sizes, widths)]
+
+
+def spatial_shortfall(config: SD1Config, settings: FusionSettings) -> str | None:
+    """A warning when the spatial settings record fewer rows per concept than the widest layers'
+    input width (those layers are then partly undetermined and fall back to the weight average),
+    naming the smallest step count that would do at this size and seed count; None when enough."""
+    rows = spatial_rows(config, settings)
+    block, got, width = min(rows, key=lambda r: r[1] / r[2])
+    if got >= width:
+        return None
+    per_step = got // settings.spatial_steps
+    need = -(-width // per_step)
+    return (f"spatial: {settings.spatial_steps} step(s) x {settings.spatial_seeds} seed(s) at "
+            f"{settings.spatial_size} px record {got} rows per concept in {block}, narrower than its "
+            f"{width} inputs; directions they miss keep the weight average. Use at least {need} steps "
+            f"at this size and seed count (or a larger size).")
 
 
 def check_inputs(model: SD1Model, inputs: Sequence[FusionInput]) -> None:
@@ -151,64 +216,99 @@ def _delta(st: LayerStats, concept: Concept, lora: str, name: str, weight: float
     return weight * f.delta(torch.float64).to(st.w0.device)
 
 
-def _new_stats(root: nn.Module, names: Sequence[str], device: torch.device, *, dense: bool = True
-               ) -> dict[str, LayerStats]:
-    """Per-layer statistics: float32 per-concept report factors are spilled to disk; the solve's
-    G and S are dense float64 (memory independent of the concept count) or, for layers that see a
+@dataclass
+class _StageStats:
+    """A stage's per-layer statistics: for the solve, and report-only ones for the validation and
+    held-out inputs (empty dicts when those are not recorded)."""
+
+    solve: dict[str, LayerStats]
+    valid: dict[str, LayerStats]
+    held: dict[str, LayerStats]
+
+    def sets(self) -> list[tuple[dict[str, LayerStats], tuple[str, ...]]]:
+        """(statistics, prompt templates) of each recorded set."""
+        return [(d, t) for d, t in ((self.solve, PROMPT_TEMPLATES), (self.valid, VALIDATION_TEMPLATES),
+                                    (self.held, HELD_OUT_TEMPLATES)) if d]
+
+
+def _new_stats(root: nn.Module, names: Sequence[str], device: torch.device, settings: FusionSettings, *,
+               dense: bool = True) -> _StageStats:
+    """Per-layer statistics. Float32 per-concept report factors are spilled to disk; the solve's G
+    and S are dense float64 (memory independent of the concept count) or, for layers that see a
     handful of rows per concept (attn2 k/v: 6), raw rows until they outgrow a dense Gram (smaller
-    and faster there, and bounded by the dense size)."""
-    return {n: LayerStats(root.get_submodule(n).weight.data.float(), device=device,
-                          per_concept_dtype=torch.float32, dense=dense) for n in names}
+    and faster there, and bounded by the dense size). Validation and held-out statistics share the
+    solve's W0 copy."""
+    solve = {n: LayerStats(root.get_submodule(n).weight.data.float(), device=device,
+                           per_concept_dtype=torch.float32, dense=dense) for n in names}
+
+    def report_only(wanted: bool) -> dict[str, LayerStats]:
+        return {n: LayerStats.held_out_for(st) for n, st in solve.items()} if wanted else {}
+
+    use_valid = settings.validate and settings.solver == "exact"
+    return _StageStats(solve, report_only(use_valid), report_only(settings.held_out))
 
 
-def _end_concept(stats: dict[str, LayerStats], spill_dir: str) -> None:
+def _begin_concept(stats: _StageStats, item: FusionInput, lora: str) -> None:
+    """Open the concept in every layer of every set; they share one delta tensor per layer."""
+    weight = item.unet_weight if lora == "unet" else item.text_weight
+    for n, st in stats.solve.items():
+        delta = _delta(st, item.concept, lora, n, weight)
+        for target in (stats.solve, stats.valid, stats.held):
+            if n in target:
+                target[n].begin_concept(delta=delta, copy=False)
+
+
+def _end_concept(stats: _StageStats, spill_dir: str) -> None:
     """Close the concept in every layer and move its report statistics out of memory."""
     from pathlib import Path
 
-    for st in stats.values():
-        st.end_concept()
-        st.spill(Path(spill_dir))
+    for target in (stats.solve, stats.valid, stats.held):
+        for st in target.values():
+            st.end_concept()
+            st.spill(Path(spill_dir))
 
 
-def _solve(stage: str, stats: dict[str, LayerStats], settings: FusionSettings, progress: Progress | None,
-           should_stop: Callable[[], bool] | None) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, (name, st) in enumerate(stats.items()):
+def _solve(stage: str, stats: _StageStats, settings: FusionSettings, progress: Progress | None,
+           should_stop: Callable[[], bool] | None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Fused weights and, per layer, what the exact solve chose (ridge, whether the cap acted)."""
+    out, infos = {}, {}
+    if progress:
+        progress(f"{stage}: solving", 0, len(stats.solve))
+    for k, (name, st) in enumerate(stats.solve.items()):
         if should_stop is not None and should_stop():
             raise FusionInterrupted(f"interrupted while solving the {stage} stage")
         if settings.solver == "exact":
-            out[name] = solve_exact(st, ridge=settings.ridge)
+            infos[name] = {}
+            out[name] = solve_exact(st, ridge=settings.ridge, prior=settings.prior, max_change=settings.max_change,
+                                    validation=stats.valid.get(name), info=infos[name])
         else:
             out[name] = solve_lbfgs(st, iterations=LBFGS_ITERATIONS[stage])
         if progress:
-            progress(f"{stage}: solving", k + 1, len(stats))
-    return out
+            progress(f"{stage}: solving: {name}", k + 1, len(stats.solve))
+    return out, infos
 
 
-def _report(stage: str, inputs: Sequence[FusionInput], stats: dict[str, LayerStats],
-            fused: dict[str, torch.Tensor]) -> list[dict]:
-    """Per concept: mean over the stage's layers of the relative output error, fused vs averaged."""
-    if not stats:
-        return []
-    both = [relative_errors_many([fused[n], weight_average(st)], st) for n, st in stats.items()]
-    fused_err = torch.tensor([b[0] for b in both], dtype=torch.float64)
-    avg_err = torch.tensor([b[1] for b in both], dtype=torch.float64)
-    return [{"concept": item.concept.name, "stage": stage, "layers": len(stats),
-             "fused": float(fused_err[:, i].mean()), "average": float(avg_err[:, i].mean())}
-            for i, item in enumerate(inputs)]
+def _eos_position(ids: Sequence[int], slots: Sequence[tuple[int, str]], eos: int) -> int:
+    """Where a bound prompt's EOS is. Concept tokens take the unk id, which in CLIP is the EOS id
+    too, so it is the first EOS id that is not a concept slot."""
+    taken = {pos for pos, _ in slots}
+    return next(i for i, t in enumerate(ids) if t == eos and i not in taken)
 
 
-def _first_eos_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
-    """True at every position up to and including the first EOS (the unpadded tokens)."""
-    is_eos = ids == eos
-    return (is_eos.cumsum(1) - is_eos.long()) == 0
+def _unpadded_mask(ids: torch.Tensor, lengths: dict[tuple[int, ...], int], eos: int) -> torch.Tensor:
+    """True at every position up to and including each row's real EOS (`lengths`: bound prompts'
+    ids -> length; rows not in it end at their first EOS id)."""
+    rows = ids.tolist()
+    n = [lengths.get(tuple(r), r.index(eos) + 1 if eos in r else len(r)) for r in rows]
+    return torch.arange(ids.shape[1], device=ids.device)[None] < torch.tensor(n, device=ids.device)[:, None]
 
 
 def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettings | None = None, *,
          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> FusionResult:
     """Fuse `inputs` into `model`'s weights; returns the fused weights of every layer a concept
-    changes (float32, CPU) and the report. `model` is unchanged afterwards. The per-concept report
-    statistics wait in a temporary folder, so memory does not grow with the number of concepts."""
+    changes (float32, CPU), the report and its warnings. `model` is unchanged afterwards. The
+    per-concept report statistics wait in a temporary folder, so memory does not grow with the
+    number of concepts."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mos-fusion-") as spill_dir:
@@ -228,33 +328,46 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
         if should_stop is not None and should_stop():
             raise FusionInterrupted(f"interrupted during the {where} stage")
 
+    def finish(stage: str, stats: _StageStats, t0: float) -> dict[str, torch.Tensor]:
+        fused, infos = _solve(stage, stats, settings, progress, should_stop)
+        result.report += stage_report(stage, [i.concept.name for i in inputs], stats.solve, stats.held, fused,
+                                      infos, result.warnings)
+        result.seconds[stage] = time.perf_counter() - t0
+        return fused
+
     # ---- stage 1: text encoder
     text_names = sorted({n for i in inputs for n in i.concept.text_lora})
     if "te" not in settings.skip and text_names:
         t0 = time.perf_counter()
-        stats = _new_stats(te, text_names, device)
+        stats = _new_stats(te, text_names, device, settings)
         mask: list[torch.Tensor] = []
+        lengths: dict[tuple[int, ...], int] = {}  # bound prompt ids -> tokens up to the real EOS
 
         def remember_mask(module, args, kwargs):
-            mask[:] = [_first_eos_mask(kwargs["input_ids"], eos)]
+            mask[:] = [_unpadded_mask(kwargs["input_ids"], lengths, eos)]
 
+        if progress:
+            progress("te: recording", 0, len(inputs))
         for k, item in enumerate(inputs):
             stop_check("text encoder")
-            for n, st in stats.items():
-                st.begin_concept(delta=_delta(st, item.concept, "text", n, item.text_weight))
+            _begin_concept(stats, item, "text")
+            binder = PromptBinder(model, [item.concept])
+            for _, templates in stats.sets():
+                for prompt in prompts_for(item.concept, templates):
+                    ids, slots = binder.tokenize_bound(prompt)
+                    lengths[tuple(ids)] = _eos_position(ids, slots, eos) + 1
             handle = te.register_forward_pre_hook(remember_mask, with_kwargs=True)
             try:
-                with applied([(item.concept, 0.0, item.text_weight)], unet, te), \
-                        _recording(te, stats, select=lambda x: x[mask[0]]):
-                    PromptBinder(model, [item.concept]).encode(prompts_for(item.concept))
+                with applied([(item.concept, 0.0, item.text_weight)], unet, te):
+                    for target, templates in stats.sets():
+                        with _recording(te, target, select=lambda x: x[mask[0]]):
+                            binder.encode(prompts_for(item.concept, templates))
             finally:
                 handle.remove()
             _end_concept(stats, spill_dir)
             if progress:
                 progress("te: recording", k + 1, len(inputs))
-        result.text_weights = _solve("te", stats, settings, progress, should_stop)
-        result.report += _report("te", inputs, stats, result.text_weights)
-        result.seconds["te"] = time.perf_counter() - t0
+        result.text_weights = finish("te", stats, t0)
         del stats
 
     # ---- stage 2: attn2 to_k / to_v from the fused text encoder
@@ -262,263 +375,77 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
     kv_names = [n for n in kv_names if any(n in i.concept.unet_lora for i in inputs)]
     if "kv" not in settings.skip and kv_names:
         t0 = time.perf_counter()
-        stats = _new_stats(unet, kv_names, device, dense=False)
+        stats = _new_stats(unet, kv_names, device, settings, dense=False)
+        if progress:
+            progress("kv: recording", 0, len(inputs))
         with _weights(te, result.text_weights):
             for k, item in enumerate(inputs):
                 stop_check("cross-attention k/v")
                 binder = PromptBinder(model, [item.concept])
-                prompts = prompts_for(item.concept)
-                z = binder.encode(prompts)  # [P, L, 77, D]
-                rows = []
-                for p, prompt in enumerate(prompts):
-                    ids, slots = binder.tokenize_bound(prompt)
-                    positions = [pos for pos, _ in slots] + [ids.index(eos)]
-                    rows.append(z[p][:, positions])  # [L, n_pos, D]
-                feats = torch.cat(rows, dim=1)
-                for n, st in stats.items():
-                    layer = ATTN2_NAMES.index(n.rsplit(".", 1)[0])
-                    st.begin_concept(delta=_delta(st, item.concept, "unet", n, item.unet_weight))
-                    st.add(feats[layer])
+                _begin_concept(stats, item, "unet")
+                for target, templates in stats.sets():
+                    prompts = prompts_for(item.concept, templates)
+                    z = binder.encode(prompts)  # [P, L, 77, D]
+                    rows = []
+                    for p, prompt in enumerate(prompts):
+                        ids, slots = binder.tokenize_bound(prompt)
+                        positions = [pos for pos, _ in slots] + [_eos_position(ids, slots, eos)]
+                        rows.append(z[p][:, positions])  # [L, n_pos, D]
+                    feats = torch.cat(rows, dim=1)
+                    for n, st in target.items():
+                        st.add(feats[ATTN2_NAMES.index(n.rsplit(".", 1)[0])])
                 _end_concept(stats, spill_dir)
                 if progress:
                     progress("kv: recording", k + 1, len(inputs))
-        result.unet_weights.update(_solve("kv", stats, settings, progress, should_stop))
-        result.report += _report("kv", inputs, stats, {n: result.unet_weights[n] for n in stats})
-        result.seconds["kv"] = time.perf_counter() - t0
+        result.unet_weights.update(finish("kv", stats, t0))
         del stats
 
-    # ---- stage 3: spatial layers, recorded while sampling each concept with its own spatial LoRA
+    # ---- stage 3: spatial layers, recorded while sampling each concept with its own spatial LoRA:
+    # `spatial_seeds` training samples (prompts alternating between the templates), then one
+    # validation and one held-out sample (each its own seed and prompt) in one batch; the hooks
+    # split the batch rows
     kv_set = {f"{a}.{p}" for a in ATTN2_NAMES for p in KV_PROJECTIONS}
     spatial_names = sorted({n for i in inputs for n in i.concept.unet_lora if n not in kv_set})
     if "spatial" not in settings.skip and spatial_names:
         t0 = time.perf_counter()
-        stats = _new_stats(unet, spatial_names, device)
+        shortfall = spatial_shortfall(model.config, settings)
+        if shortfall:
+            result.warnings.append(shortfall)
+        stats = _new_stats(unet, spatial_names, device, settings)
         fused_kv = {n: w for n, w in result.unet_weights.items() if n in kv_set}
+        train = settings.spatial_seeds
+        templates = [PROMPT_TEMPLATES[j % len(PROMPT_TEMPLATES)] for j in range(train)]
+        templates += [t[0] for d, t in stats.sets()[1:]]  # validation, held-out: one row each
+        seeds = [settings.seed + j for j in range(len(templates))]
+        valid = 1 if stats.valid else 0
         with _weights(te, result.text_weights), _weights(unet, fused_kv):
             for k, item in enumerate(inputs):
                 stop_check("spatial")
                 spatial_only = dataclasses.replace(
                     item.concept, text_lora={},
                     unet_lora={n: f for n, f in item.concept.unet_lora.items() if n not in kv_set})
-                for n, st in stats.items():
-                    st.begin_concept(delta=_delta(st, item.concept, "unet", n, item.unet_weight))
-                cond = PromptBinder(model, [item.concept]).encode(prompts_for(item.concept)[:1])
+                _begin_concept(stats, item, "unet")
+                cond = PromptBinder(model, [item.concept]).encode(prompts_for(item.concept, templates))
 
                 def on_step(step: int, x: torch.Tensor, _k=k) -> None:
                     stop_check("spatial")
                     if progress:
                         progress(f"spatial: sampling concept {_k + 1}/{len(inputs)}", step + 1, settings.spatial_steps)
 
-                with applied([(spatial_only, item.unet_weight, 0.0)], unet, te), _recording(unet, stats):
-                    sampling.sample_euler(model, cond.to(device), None, seeds=[settings.seed],
+                if progress:
+                    progress(f"spatial: sampling concept {k + 1}/{len(inputs)}", 0, settings.spatial_steps)
+
+                with applied([(spatial_only, item.unet_weight, 0.0)], unet, te), \
+                        _recording(unet, stats.solve, select=lambda x: x[:train]), \
+                        _recording(unet, stats.valid, select=lambda x: x[train:train + valid]), \
+                        _recording(unet, stats.held, select=lambda x: x[train + valid:]):
+                    sampling.sample_euler(model, cond.to(device), None, seeds=seeds,
                                           height=settings.spatial_size, width=settings.spatial_size,
                                           steps=settings.spatial_steps, cfg_scale=1.0, callback=on_step)
                 _end_concept(stats, spill_dir)
-        result.unet_weights.update(_solve("spatial", stats, settings, progress, should_stop))
-        result.report += _report("spatial", inputs, stats, {n: result.unet_weights[n] for n in stats})
-        result.seconds["spatial"] = time.perf_counter() - t0
+        result.unet_weights.update(finish("spatial", stats, t0))
         del stats
 
     result.text_weights = {n: w.float().cpu() for n, w in result.text_weights.items()}
     result.unet_weights = {n: w.float().cpu() for n, w in result.unet_weights.items()}
     return result
-
-
-# ------------------------------------------------------------------------------ fused checkpoints
-FUSED_METADATA_KEY = "mos_fusion"
-FUSED_EMBEDDING_PREFIX = "mos_fusion.embedding."
-_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
-
-
-def read_base_state_dict(path) -> dict[str, torch.Tensor]:
-    """Base weights from the checkpoint file (never from a live fp16 model); pickles only with
-    weights_only=True."""
-    from pathlib import Path
-
-    import safetensors.torch
-
-    path = Path(path)
-    try:
-        if path.suffix.lower() == ".safetensors":
-            sd = safetensors.torch.load_file(str(path), device="cpu")
-        else:
-            sd = torch_load_weights(path)
-            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    except ConceptError:
-        raise
-    except Exception as e:
-        raise ConceptError(f"{path}: cannot read the base checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict) or not any(str(k).startswith("model.diffusion_model.") for k in sd):
-        raise ConceptError(f"{path}: not an SD1 checkpoint (no model.diffusion_model.* keys)")
-    return sd
-
-
-def fused_state_dict(base: dict[str, torch.Tensor], result: FusionResult, *,
-                     dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The base checkpoint with fused weights, concept embeddings under a private prefix the host
-    ignores (float32), position_ids dropped, the other floats cast to `dtype`."""
-    from lib_mos.sd1 import TEXT_PREFIX, UNET_PREFIX
-
-    sd = dict(base)
-    sd.pop(_POSITION_IDS, None)
-    for prefix, weights in ((TEXT_PREFIX, result.text_weights), (UNET_PREFIX, result.unet_weights)):
-        for name, w in weights.items():
-            key = f"{prefix}{name}.weight"
-            if key not in sd:
-                raise ConceptError(f"base checkpoint has no key {key}")
-            if sd[key].shape != w.shape:
-                raise ConceptError(f"base checkpoint key {key} is {tuple(sd[key].shape)}, fused weight {tuple(w.shape)}")
-            sd[key] = w
-    k = 0
-    for concept in result.concepts:
-        for token in concept.tokens:
-            sd[f"{FUSED_EMBEDDING_PREFIX}{k}"] = concept.token_rows(token)
-            k += 1
-    # the schedule and the concept rows stay float32: the host keeps embeddings in float32, and
-    # fp16 rows would bind a little differently from the concept files they came from
-    keep = ("alphas_cumprod", FUSED_EMBEDDING_PREFIX)
-    return {key: (v.to(dtype) if v.is_floating_point() and not key.startswith(keep) else v).contiguous()
-            for key, v in sd.items()}
-
-
-def fused_metadata(inputs: Sequence[FusionInput], settings: FusionSettings, result: FusionResult,
-                   base_metadata: dict[str, str] | None = None) -> dict[str, str]:
-    import json
-
-    info = {
-        "format": "mos-fused", "version": 1,
-        "concepts": [{"name": i.concept.name, "tokens": list(i.concept.tokens), "layers": i.concept.layers,
-                      "class_word": i.concept.class_word, "source_sha256": i.concept.source_sha256,
-                      "unet_weight": i.unet_weight, "text_weight": i.text_weight} for i in inputs],
-        "settings": {**dataclasses.asdict(settings), "skip": sorted(settings.skip)},
-        "report": result.report,
-        "seconds": result.seconds,
-    }
-    meta = dict(base_metadata or {})
-    meta[FUSED_METADATA_KEY] = json.dumps(info)
-    return meta
-
-
-def read_fused_concepts(path) -> list[Concept]:
-    """The concepts carried by a fused checkpoint (embeddings only: their LoRA is in the weights)."""
-    import json
-
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = (f.metadata() or {}).get(FUSED_METADATA_KEY)
-            if meta is None:
-                return []
-            info = json.loads(meta)
-            concepts, k = [], 0
-            for c in info["concepts"]:
-                rows = []
-                for _ in c["tokens"]:
-                    rows.append(f.get_tensor(f"{FUSED_EMBEDDING_PREFIX}{k}").float())
-                    k += 1
-                concepts.append(Concept(name=c["name"], tokens=tuple(c["tokens"]), embeddings=torch.stack(rows),
-                                        class_word=c.get("class_word"), source_path=str(path),
-                                        source_sha256=c.get("source_sha256")))
-            return concepts
-    except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
-        raise ConceptError(f"{path}: broken fused-concept data ({type(e).__name__}: {e})") from e
-
-
-def write_fused_checkpoint(state_dict: dict[str, torch.Tensor], path, metadata: dict[str, str], *,
-                           overwrite: bool = False):
-    """Atomic write (temporary file, then rename); an existing file is kept unless `overwrite`."""
-    from lib_mos.files import atomic_save_safetensors
-
-    return atomic_save_safetensors(state_dict, path, metadata=metadata, overwrite=overwrite)
-
-
-# ------------------------------------------------------------------------------------ whole jobs
-@dataclass
-class ConceptSpec:
-    """A concept file to fuse, optionally with new token names (renaming at fusion time lets two
-    files trained with the same token names be fused) and its merge weights."""
-
-    path: str
-    tokens: tuple[str, ...] | None = None
-    unet_weight: float = 1.0
-    text_weight: float = 1.0
-
-
-def parse_concept_spec(spec: str, unet_weight: float = 1.0, text_weight: float = 1.0) -> ConceptSpec:
-    """`FILE` or `FILE:<new1>+<new2>` (the part after the last ':' is tokens only if it starts with
-    '<', so Windows drive letters stay part of the path)."""
-    path, tokens = spec, None
-    head, sep, tail = spec.rpartition(":")
-    if sep and tail.startswith("<"):
-        path, tokens = head, tuple(t.strip() for t in tail.split("+"))
-        if not all(tokens):
-            raise ConceptError(f"{spec}: empty token name in the renaming")
-    return ConceptSpec(path, tokens, unet_weight, text_weight)
-
-
-def load_inputs(specs: Sequence[ConceptSpec]) -> list[FusionInput]:
-    """Read every concept file, apply renames, and check the set (unique, non-nested tokens)."""
-    from lib_mos.concept_files import check_concept_set, read_concept, sha256_file
-
-    inputs = []
-    seen: dict[str, str] = {}
-    for spec in specs:
-        concept = read_concept(spec.path)
-        identity = concept.source_sha256 or sha256_file(spec.path)  # the original training output, else the file
-        if identity in seen:
-            raise ConceptError(f"{spec.path}: the same concept is listed twice (also {seen[identity]})")
-        seen[identity] = spec.path
-        if spec.tokens is not None:
-            if len(spec.tokens) != len(concept.tokens):
-                raise ConceptError(f"{spec.path}: {len(spec.tokens)} new token names for {len(concept.tokens)} tokens "
-                                   f"({' '.join(concept.tokens)})")
-            concept = dataclasses.replace(concept, tokens=spec.tokens)
-        inputs.append(FusionInput(concept, spec.unet_weight, spec.text_weight))
-    check_concept_set([i.concept for i in inputs])
-    return inputs
-
-
-def fuse_checkpoint(base_path, specs: Sequence[ConceptSpec], out_path, settings: FusionSettings | None = None, *,
-                    dtype: torch.dtype = torch.float16, overwrite: bool = False, device: str = "cpu",
-                    progress: Progress | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> tuple[object, FusionResult]:
-    """Base checkpoint file + concept files -> a new fused checkpoint file. Everything that can be
-    checked is checked before the work starts; the file appears only when complete."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from lib_mos import sd1
-
-    settings = settings or FusionSettings()
-    out_path, base_path = Path(out_path), Path(base_path)
-    if out_path.exists() and not overwrite:
-        raise FileExistsError(f"{out_path}: already exists (choose another name or allow overwriting)")
-    if not out_path.parent.is_dir():
-        raise FileNotFoundError(f"{out_path.parent}: no such folder")
-    if base_path.suffix.lower() != ".safetensors":
-        raise ConceptError(f"{base_path}: the base checkpoint must be a .safetensors file")
-    inputs = load_inputs(specs)
-    try:
-        model = sd1.load_checkpoint(base_path, device=device)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConceptError(str(e)) from e
-    result = fuse(model, inputs, settings, progress=progress, should_stop=should_stop)
-    del model
-    with safe_open(str(base_path), "pt") as f:
-        base_metadata = {k: v for k, v in (f.metadata() or {}).items() if k == sd1.CONFIG_METADATA_KEY}
-    state = fused_state_dict(read_base_state_dict(base_path), result, dtype=dtype)
-    if should_stop is not None and should_stop():
-        raise FusionInterrupted("interrupted before writing")
-    written = write_fused_checkpoint(state, out_path, fused_metadata(inputs, settings, result, base_metadata),
-                                     overwrite=overwrite)
-    return written, result
-
-
-def format_report(report: Sequence[dict]) -> str:
-    """The report as a text table: relative output error of the fused model vs weight averaging."""
-    lines = [f"{'concept':<20} {'stage':<8} {'layers':>6} {'fused':>10} {'averaged':>10}"]
-    for r in report:
-        lines.append(f"{r['concept'][:20]:<20} {r['stage']:<8} {r['layers']:>6} {r['fused']:>10.4f} {r['average']:>10.4f}")
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Gradient fusion, solved exactly from streamed statistics.
+"""Gradient fusion, solved from streamed statistics.
 
 For one linear layer the fused weight minimises sum_i ||W X_i - W_i X_i||_F^2 (W_i = W0 + dW_i is
 concept i's weight, X_i the layer's inputs while concept i's own model runs). The objective is
@@ -6,7 +6,11 @@ quadratic in W, so its minimiser solves the normal equations W G = R with G = su
 R = sum_i W_i X_i X_i^T. The authors instead store every activation and run 500 LBFGS iterations
 per layer; G and R can be accumulated while activations stream past a forward hook, so memory does
 not grow with the number of concepts or sampling steps, and one Cholesky solve replaces the
-optimiser.
+optimiser. The recorded inputs are highly correlated (a shared prompt prefix, consecutive sampling
+steps), so G has weakly determined directions where the exact fit would chase the concepts'
+disagreement with huge weights; `solve_exact` is therefore regularised toward the weight average
+with a strength tied to G's mean eigenvalue, exact where the data determine W and the average
+where they do not, and its change from the base is capped (a trust region). Held-out inputs go into report-only statistics (`LayerStats.held_out_for`).
 
 Conventions: activations are passed as rows, x [..., in] (the transpose of X_i above), exactly
 what a forward hook on nn.Linear sees. All statistics are float64 so fp16/bf16 activations lose
@@ -16,7 +20,7 @@ nothing while they are summed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,7 @@ __all__ = [
     "LayerStats",
     "SpilledConceptStats",
     "objective",
+    "prior_delta",
     "relative_errors",
     "relative_errors_many",
     "solve_exact",
@@ -127,36 +132,48 @@ class LayerStats:
 
     def __init__(self, w0: Tensor, *, device: torch.device | str | None = None,
                  keep_per_concept: bool = True, per_concept_dtype: torch.dtype = _F64,
-                 dense: bool = False) -> None:
+                 dense: bool = False, report_only: bool = False) -> None:
         if w0.dim() != 2:
             raise ValueError(f"w0 must be a 2-D [out, in] weight, got shape {tuple(w0.shape)}")
         if not w0.is_floating_point():
             raise TypeError(f"w0 must be a float tensor, got {w0.dtype}")
         self.device = torch.device(device) if device is not None else w0.device
         self.out_features, self.in_features = (int(s) for s in w0.shape)
+        if report_only and not keep_per_concept:
+            raise ValueError("report_only statistics are the per-concept ones: keep_per_concept must be True")
         self.keep_per_concept = keep_per_concept
+        # report_only: held-out activations, measured but never solved from, so no G or S at all
+        self.report_only = report_only
         # dense: fold every concept into G and S at once, so memory is the same for 1 or 100
         # concepts (raw rows are smaller while few, but grow with every concept up to `in` rows)
         self.dense = dense
         self.per_concept_dtype = per_concept_dtype
-        # A copy: the caller may swap LoRAs into the live weight in place while we stream.
-        self.w0 = w0.detach().to(device=self.device, copy=True)
+        # A copy: the caller may swap LoRAs into the live weight in place while we stream (report-only
+        # statistics are made from another LayerStats' copy by `held_out_for` and share it).
+        self.w0 = w0.detach().to(device=self.device, copy=not report_only)
         self.rows: list[int] = []
+        self.delta_norms: list[float] = []  # ||dW_i||_F, for the report's distance from the base
         self.concepts: list[ConceptStats | SpilledConceptStats] = []
         self.delta_energy = torch.zeros((), dtype=_F64, device=self.device)
         # per-concept float64 factors are the solve's statistics too: no dense copy needed
-        self._factors_are_stats = keep_per_concept and per_concept_dtype == _F64
+        self._factors_are_stats = keep_per_concept and per_concept_dtype == _F64 and not report_only
         self._gram: Tensor | None = None  # dense parts, created on first need
         self._delta_rhs: Tensor | None = None
         self._pending: list[tuple[Tensor, Tensor]] = []  # row factors not yet folded into the dense parts
         self._pending_rows = 0
-        self._delta_sum = torch.zeros(self.out_features, self.in_features, dtype=torch.float32,
-                                      device=self.device)
+        self._delta_sum = torch.zeros((0, 0) if report_only else (self.out_features, self.in_features),
+                                      dtype=torch.float32, device=self.device)
         self._delta: Tensor | None = None
         self._buffer: list[Tensor] | None = None
         self._buffer_rows = 0
         self._concept_gram: Tensor | None = None
         self._concept_rows = 0
+
+    @classmethod
+    def held_out_for(cls, stats: LayerStats) -> LayerStats:
+        """Report-only statistics for held-out activations of the same layer, sharing `stats`' copy of
+        W0 (held-out rows must not shape the solve, only measure it)."""
+        return cls(stats.w0, device=stats.device, per_concept_dtype=stats.per_concept_dtype, report_only=True)
 
     # ------------------------------------------------------------------------------- accessors
     @property
@@ -186,6 +203,8 @@ class LayerStats:
     def _assemble(self) -> tuple[Tensor, Tensor]:
         """Dense (G, S) from the dense parts plus the factors not folded into them."""
         self._require_closed("LayerStats statistics")
+        if self.report_only:
+            raise RuntimeError("report-only (held-out) statistics hold no G or S to solve from")
         shape_g, shape_s = (self.in_features, self.in_features), (self.out_features, self.in_features)
         gram = self._gram.clone() if self._gram is not None else torch.zeros(
             shape_g, dtype=_F64, device=self.device)
@@ -211,9 +230,12 @@ class LayerStats:
         return self._gram, self._delta_rhs
 
     # ------------------------------------------------------------------------------- streaming
-    def begin_concept(self, target: Tensor | None = None, *, delta: Tensor | None = None) -> None:
+    def begin_concept(self, target: Tensor | None = None, *, delta: Tensor | None = None,
+                      copy: bool = True) -> None:
         """Start a concept whose activations follow: `target` is its full weight W_i = W0 + dW_i, or
-        pass `delta` = dW_i instead (exact when the LoRA product is at hand, no W0 + dW rounding)."""
+        pass `delta` = dW_i instead (exact when the LoRA product is at hand, no W0 + dW rounding).
+        copy=False keeps a float64 `delta` by reference (the caller leaves it unchanged until
+        end_concept), so training and held-out statistics can share one copy."""
         if self._delta is not None:
             raise RuntimeError("begin_concept() called while another concept is open; call end_concept()")
         if (target is None) == (delta is None):
@@ -223,7 +245,7 @@ class LayerStats:
         if tuple(given.shape) != (self.out_features, self.in_features):
             raise ValueError(f"{'target' if target is not None else 'delta'} shape {tuple(given.shape)} "
                              f"does not match w0 {(self.out_features, self.in_features)}")
-        given = given.detach().to(device=self.device, dtype=_F64, copy=True)
+        given = given.detach().to(device=self.device, dtype=_F64, copy=copy)
         self._delta = given - self.w0.to(_F64) if target is not None else given
         self._buffer = []
         self._buffer_rows = 0
@@ -251,14 +273,17 @@ class LayerStats:
                 self._buffer.append(rows.to(device=self.device, copy=True))
                 self._buffer_rows += n
                 return
+            # report-only statistics (validation, held-out) only measure errors: a float32 Gram
+            # (relative error ~1e-5 over 1e5 rows) halves their memory while a concept records
+            dtype = torch.float32 if self.report_only else _F64
             if self._concept_gram is None:
-                self._concept_gram = torch.zeros(self.in_features, self.in_features, dtype=_F64,
+                self._concept_gram = torch.zeros(self.in_features, self.in_features, dtype=dtype,
                                                  device=self.device)
             if self._buffer:
-                held = torch.cat([b.to(_F64) for b in self._buffer])
+                held = torch.cat([b.to(dtype) for b in self._buffer])
                 self._concept_gram.addmm_(held.mT, held)
             self._buffer = None
-            rows = rows.to(device=self.device, dtype=_F64)
+            rows = rows.to(device=self.device, dtype=dtype)
             self._concept_gram.addmm_(rows.mT, rows)
 
     def end_concept(self) -> None:
@@ -277,7 +302,7 @@ class LayerStats:
                           else torch.zeros(0, self.in_features, dtype=dtype, device=self.device))
                 projected = delta @ factor.to(_F64).mT  # dW_i X_i, [out, n]
                 self.delta_energy += projected.square().sum()
-                if not self._factors_are_stats:
+                if not self._factors_are_stats and not self.report_only:
                     self._pending.append((factor, projected))
                     self._pending_rows += factor.shape[0]
                     if self.dense or self._pending_rows > self.in_features:
@@ -287,10 +312,10 @@ class LayerStats:
                 assert gram_i is not None
                 factor = projected = None
                 if self.keep_per_concept:
-                    factor = _psd_factor(gram_i)
+                    factor = _psd_factor(gram_i.to(_F64))
                     projected = delta @ factor.mT
                     self.delta_energy += projected.square().sum()
-                if not self._factors_are_stats:
+                if not self._factors_are_stats and not self.report_only:
                     gram, delta_rhs = self._dense()
                     weighted = delta @ gram_i  # dW_i G_i
                     gram += gram_i
@@ -304,7 +329,9 @@ class LayerStats:
                 if self._buffer is None:  # a Gram factor; raw rows stay in their own (exact) dtype
                     factor = factor.to(dtype)
                 self.concepts.append(ConceptStats(self._concept_rows, factor, projected.to(dtype)))
-            self._delta_sum += delta.to(torch.float32)
+            if not self.report_only:
+                self._delta_sum += delta.to(torch.float32)
+            self.delta_norms.append(float(torch.linalg.vector_norm(delta)))
             self.rows.append(self._concept_rows)
         self._delta = None
         self._buffer = None
@@ -335,7 +362,12 @@ class LayerStats:
 
     def nbytes(self) -> int:
         """Bytes of tensor data held right now (for the memory test and the benchmark)."""
-        tensors = [self.w0, self.delta_energy, self._delta_sum]
+        return sum(t.numel() * t.element_size() for t in self.held_tensors())
+
+    def held_tensors(self) -> list[Tensor]:
+        """The tensors held right now; report-only statistics share W0 and may share the open delta
+        with the solve's (count storage once: `data_ptr`)."""
+        tensors = [self.delta_energy, self._delta_sum] + ([] if self.report_only else [self.w0])
         tensors += [t for t in (self._gram, self._delta_rhs, self._delta, self._concept_gram) if t is not None]
         tensors += self._buffer or []
         for factor, projected in self._pending:
@@ -343,7 +375,7 @@ class LayerStats:
         for c in self.concepts:
             if isinstance(c, ConceptStats):
                 tensors += [c.factor, c.projected_delta]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensors
 
     def _require_closed(self, what: str) -> None:
         if self._delta is not None:
@@ -355,69 +387,165 @@ class LayerStats:
 
 
 # ------------------------------------------------------------------------------------ solvers
-def solve_exact(stats: LayerStats, ridge: float = 1e-6, *, refine: int = 2) -> Tensor:
-    """The least-squares fused weight (float32), i.e. the W solving W G = R closest to W0.
+RIDGE = 0.1  # lam / mean eigenvalue of G when no validation inputs choose it
+RIDGES = (1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)  # the candidates validation inputs choose from
+MAX_CHANGE = 1.5
+PRIORS = ("average", "base")
 
-    The increment D = W - W0 solves D (G + lam I) = S = sum_i dW_i G_i (= R - W0 G) with
-    lam = ridge * mean(diag G), a ridge toward W0: float64 Cholesky, one batched solve for all
-    output rows. Directions outside the data's span (null(G), e.g. fewer rows than inputs) keep W0
-    exactly, and the ridge keeps the factorisation safe when G is rank deficient. `refine` steps
-    of iterated Tikhonov reuse the factor to remove the ridge's shrinkage where G is well
-    determined (bias (lam / (e + lam))^(refine + 1) per eigenvalue e), so the answer matches the
-    minimum-change least-squares solution. If the factorisation fails anyway (ridge 0 with a
-    singular G, or rounding), the same filter is applied in G's eigenbasis with a pseudo-inverse
-    cut-off.
+
+def prior_delta(stats: LayerStats, prior: str = "average") -> Tensor:
+    """P - W0 (float64): where the data leave W undetermined the fused weight stays at the prior P,
+    the weight average W0 + mean_i dW_i ("average": what the concepts agree on, bounded by their
+    own changes) or W0 ("base")."""
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    if prior == "base" or stats.concept_count == 0:
+        return torch.zeros(stats.out_features, stats.in_features, dtype=_F64, device=stats.device)
+    return stats._delta_sum.to(_F64) / stats.concept_count
+
+
+def solve_exact(stats: LayerStats, ridge: float = RIDGE, *, refine: int = 2, prior: str = "average",
+                max_change: float | None = MAX_CHANGE, validation: LayerStats | None = None,
+                ridges: Sequence[float] = RIDGES, info: dict | None = None) -> Tensor:
+    """The fused weight (float32): least squares where the data determine it, the prior P where
+    they do not.
+
+    Minimises sum_i ||(W - W_i) X_i||^2 + lam ||W - P||^2 with lam = ridge * tr(G) / in, G's mean
+    eigenvalue (the data's own scale: louder inputs or more rows of the same kind change nothing).
+    With D = W - W0 and Dp = P - W0, E = D - Dp solves E (G + lam I) = sum_i (dW_i - Dp) G_i, what
+    each concept wants beyond the prior (float64 Cholesky, one batched solve for all output rows).
+    `refine` steps of iterated Tikhonov reuse the factor, so an eigenvalue e of G keeps
+    1 - (lam / (e + lam))^(refine + 1) of the least-squares answer: exact where e >> lam, the prior
+    where e << lam and on null(G). Without this, near-duplicate inputs with conflicting targets
+    (weakly determined directions) get weights many times the concepts' own changes.
+
+    How weak is too weak depends on how well the recorded inputs stand for unseen ones, which the
+    scale alone cannot tell: with `validation` (report-only statistics of inputs recorded like the
+    training ones, e.g. other prompts and another seed, never solved from) the ridge is chosen per
+    layer from `ridges` as the one whose weight has the smallest objective on them; otherwise it is
+    `ridge`.
+
+    Trust region: if W still moves further from W0 than `max_change` * sum_i ||dW_i||_F (more
+    than stacking every LoRA, with room), lam grows 4x at a time until it does not; ||W - P||
+    falls monotonically with lam, so this is the least-squares fit constrained to that ball (None:
+    no cap). `info`, if given, receives the ridge, lam, the scale and whether the cap acted. If the
+    factorisation fails (ridge 0 with a singular G, or rounding), the same filter is applied in G's
+    eigenbasis with a pseudo-inverse cut-off.
     """
     stats._require_closed("solve_exact")
     if ridge < 0 or not math.isfinite(ridge):
         raise ValueError(f"ridge must be a finite non-negative number, got {ridge}")
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
+    if max_change is not None and not max_change > 0:
+        raise ValueError(f"max_change must be positive or None, got {max_change}")
     w0 = stats.w0.to(_F64)
-    delta = _solve_in_row_space(stats, ridge, refine)
-    if delta is not None:
-        return (w0 + delta).to(torch.float32)
+    toward = prior_delta(stats, prior)
+    path = _row_space_filter(stats, refine, toward) if ridge > 0 else None
+    delta = path[1](ridge * path[0]) if path is not None else None
+    if delta is None:
+        path = _dense_filter(stats, refine, toward)
+        if path[0] <= 0.0:
+            return (w0 + toward).to(torch.float32)  # no activations: nothing moves W off the prior
+        delta = path[1](ridge * path[0])
+    scale, filtered = path
+    if validation is not None and ridges:
+        ridge = _select_ridge(validation, toward, scale, filtered, ridges)
+        delta = filtered(ridge * scale)
+    lam, capped = ridge * scale, False
+    if max_change is not None:
+        room = max(max_change * sum(stats.delta_norms) - float(torch.linalg.vector_norm(toward)), 0.0)
+        for _ in range(40):
+            if float(torch.linalg.vector_norm(delta)) <= room:
+                break
+            lam, capped = 4.0 * max(lam, 1e-3 * scale), True
+            delta = filtered(lam)
+            assert delta is not None  # a larger lam only makes the factorisation safer
+    if not bool(torch.isfinite(delta).all()):
+        raise FloatingPointError("exact fusion solve produced non-finite weights")
+    if info is not None:
+        info.update(ridge=ridge, lam=lam, scale=scale, capped=capped)
+    return (w0 + toward + delta).to(torch.float32)
+
+
+SELECTION_ROWS = 128  # output rows the ridge is chosen on (every k-th): lam acts alike on all rows
+SELECTION_TOLERANCE = 0.01  # the smallest ridge within 1 % of the best validation objective wins
+
+
+def _select_ridge(validation: LayerStats, toward: Tensor, scale: float, filtered: Filter,
+                  ridges: Sequence[float]) -> float:
+    """The candidate ridge with the smallest sum_i ||(W - W_i) V_i||^2 over the validation inputs
+    V_i: the solve's own objective on inputs it did not see (cross-validation; relative errors
+    would weigh concepts differently from the fit and favour the prior for that reason alone).
+    Shrinking toward the prior always helps a little on a finite sample; the smallest ridge within
+    SELECTION_TOLERANCE of the best is taken, so the fit stays exact unless regularising clearly
+    pays. Every output row is filtered alike, so the candidates are compared on a stride of
+    SELECTION_ROWS output rows (solving only those); each concept is read once."""
+    validation._require_closed("validation")
+    validation._require_per_concept("validation")
+    out = toward.shape[0]
+    rows = torch.arange(0, out, max(1, out // SELECTION_ROWS), device=toward.device)
+    residuals = []  # (F, Dp F^T - Q) on those rows: (W - W_i) V_i = E F^T + that for W = P + E
+    for c in validation.concepts:
+        factor, projected = (t.to(_F64) for t in c.tensors())
+        residuals.append((factor, toward[rows] @ factor.mT - projected[rows]))
+    errors = {}
+    for ridge in sorted(ridges):
+        delta = filtered(ridge * scale, rows)
+        if delta is not None:
+            errors[ridge] = sum(float((delta @ f.mT + r).square().sum()) for f, r in residuals)
+    if not errors:
+        raise FloatingPointError("no candidate ridge gave a solvable system")
+    best = min(errors.values())
+    return min(r for r, e in errors.items() if e <= best * (1 + SELECTION_TOLERANCE))
+
+
+Filter = Callable[[float, "Tensor | None"], "Tensor | None"]  # (lam, output rows or None) -> E
+
+
+def _dense_filter(stats: LayerStats, refine: int, toward: Tensor) -> tuple[float, Filter]:
+    """(tr(G) / in, lam -> E) from the dense G and S' = S - Dp G."""
     gram, rhs = stats._assemble()  # rhs = S = R - W0 G: zero on null(G) because every G_i is PSD
     if not math.isfinite(float(gram.sum() + rhs.sum())):  # one reduction: any NaN/inf shows up
         raise ValueError("fusion statistics are not finite (NaN/inf in the activations or targets)")
-    scale = float(gram.diagonal().mean()) if gram.numel() else 0.0
-    if scale <= 0.0:
-        return w0.to(torch.float32)  # no activations: nothing constrains W
-    lam = ridge * scale
-    system = gram.clone()
-    system.diagonal().add_(lam)
-    chol, info = torch.linalg.cholesky_ex(system)
-    if int(info) == 0 and lam > 0:
-        def apply_inverse(b: Tensor) -> Tensor:
-            return torch.cholesky_solve(b.mT, chol).mT
+    rhs.sub_(toward @ gram)  # sum_i (dW_i - Dp) G_i
+    eigen: list[tuple[Tensor, Tensor]] = []  # G's eigendecomposition, computed once if ever needed
 
-        # iterated Tikhonov D_{k+1} = D_k + (S - D_k G)(G + lam)^-1 = D_0 + lam D_k (G + lam)^-1
-        first = apply_inverse(rhs)
-        delta = first
-        for _ in range(refine):
-            delta = first + lam * apply_inverse(delta)
-    else:
-        evals, evecs = torch.linalg.eigh(gram)
+    def filtered(lam: float, rows: Tensor | None = None) -> Tensor:
+        target = rhs if rows is None else rhs[rows]
+        system = gram.clone()
+        system.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(system)
+        if int(info) == 0 and lam > 0:
+            # iterated Tikhonov E_{k+1} = E_k + (S' - E_k G)(G + lam)^-1 = E_1 + lam E_k (G + lam)^-1
+            first = torch.cholesky_solve(target.mT, chol).mT
+            delta = first
+            for _ in range(refine):
+                delta = first + lam * torch.cholesky_solve(delta.mT, chol).mT
+            return delta
+        if not eigen:
+            eigen.append(torch.linalg.eigh(gram))
+        evals, evecs = eigen[0]
         evals = evals.clamp_min(0.0)
         cut = evals.max() * gram.shape[0] * torch.finfo(_F64).eps
         safe = torch.where(evals > cut, evals, torch.ones_like(evals))
         shrink = (lam / (safe + lam)) ** (refine + 1) if lam > 0 else torch.zeros_like(evals)
         gain = torch.where(evals > cut, (1.0 - shrink) / safe, torch.zeros_like(evals))
-        delta = ((rhs @ evecs) * gain) @ evecs.mT
-    if not bool(torch.isfinite(delta).all()):
-        raise FloatingPointError("exact fusion solve produced non-finite weights")
-    return (w0 + delta).to(torch.float32)
+        return ((target @ evecs) * gain) @ evecs.mT
+
+    return float(gram.diagonal().sum()) / stats.in_features, filtered
 
 
-def _solve_in_row_space(stats: LayerStats, ridge: float, refine: int) -> Tensor | None:
-    """D for the same filter as `solve_exact`, when all data is still N < in raw rows F [N, in].
+def _row_space_filter(stats: LayerStats, refine: int, toward: Tensor) -> tuple[float, Filter] | None:
+    """The same filter when all data is still N < in raw rows F [N, in], or None.
 
-    Push-through identity: (F^T F + lam I)^-1 F^T = F^T (F F^T + lam I)^-1, so D = A F with
-    A = Q (K + lam I)^-1 and K = F F^T [N, N]: an N x N Cholesky instead of in x in (text encoder
-    with few concepts, every to_k/to_v), and D lies in the rows' span by construction.
-    None when the statistics are dense, there are too many rows, or ridge is 0.
+    Push-through identity: (F^T F + lam I)^-1 F^T = F^T (F F^T + lam I)^-1, so E = A F with
+    A = Q' (K + lam I)^-1, K = F F^T [N, N] and Q' = Q - Dp F^T: an N x N Cholesky instead of
+    in x in (text encoder with few concepts, every to_k/to_v), and E lies in the rows' span by
+    construction. tr(K) = tr(G) sets the same lam. The filter returns None if K + lam I does not
+    factor (the caller then takes the dense path).
     """
-    if stats._gram is not None or ridge <= 0:
+    if stats._gram is not None:
         return None
     pairs = stats._row_factors()
     count = sum(f.shape[0] for f, _ in pairs)
@@ -427,19 +555,26 @@ def _solve_in_row_space(stats: LayerStats, ridge: float, refine: int) -> Tensor 
     projected = torch.cat([q.to(_F64) for _, q in pairs], dim=1)
     if not math.isfinite(float(rows.sum() + projected.sum())):
         raise ValueError("fusion statistics are not finite (NaN/inf in the activations or targets)")
+    projected -= toward @ rows.mT
     kernel = rows @ rows.mT
-    lam = ridge * float(kernel.diagonal().sum()) / stats.in_features  # = ridge * mean(diag G)
-    if lam <= 0:
+    scale = float(kernel.diagonal().sum()) / stats.in_features
+    if scale <= 0:
         return None
-    kernel.diagonal().add_(lam)
-    chol, info = torch.linalg.cholesky_ex(kernel)
-    if int(info) != 0:
-        return None
-    first = torch.cholesky_solve(projected.mT, chol).mT
-    coeff = first
-    for _ in range(refine):  # A_{k+1} = A_0 + lam A_k (K + lam I)^-1, the row-space image of D_k
-        coeff = first + lam * torch.cholesky_solve(coeff.mT, chol).mT
-    return coeff @ rows
+
+    def filtered(lam: float, out_rows: Tensor | None = None) -> Tensor | None:
+        system = kernel.clone()
+        system.diagonal().add_(lam)
+        chol, info = torch.linalg.cholesky_ex(system)
+        if int(info) != 0:
+            return None
+        target = projected if out_rows is None else projected[out_rows]
+        first = torch.cholesky_solve(target.mT, chol).mT
+        coeff = first
+        for _ in range(refine):  # A_{k+1} = A_1 + lam A_k (K + lam I)^-1, the row-space image of E_k
+            coeff = first + lam * torch.cholesky_solve(coeff.mT, chol).mT
+        return coeff @ rows
+
+    return scale, filtered
 
 
 def solve_lbfgs(
@@ -560,6 +695,8 @@ def relative_errors_many(weights: Sequence[Tensor], stats: LayerStats) -> list[l
 def weight_average(stats: LayerStats) -> Tensor:
     """The naive baseline W0 + mean_i dW_i (float32) that the report compares fusion against."""
     stats._require_closed("weight_average")
+    if stats.report_only:
+        raise RuntimeError("weight_average needs the training statistics, not report-only ones")
     w0 = stats.w0.to(torch.float32)
     if stats.concept_count == 0:
         return w0.clone()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_binding import make_concept, snapshot
 
-from lib_mos import binding, fusion, sd1
+from lib_mos import binding, fused_checkpoint, fusion, fusion_report, sd1
 from lib_mos.concepts import ConceptError
 
 FAST = fusion.FusionSettings(spatial_steps=2, spatial_size=64, seed=0)
@@ -43,7 +43,35 @@ def test_every_stage_beats_weight_averaging(fused):
     assert len(fused.report) == 6
     for row in fused.report:
         assert row["fused"] < row["average"], row
+        assert 0 < row["held_out"] < fusion_report.HELD_OUT_BOUND and row["held_out"] != row["fused"], row
+        assert row["distance"] > 0 and row["change"] <= fusion_report.DISTANCE_BOUND and not row["flags"], row
     assert len(fused.text_weights) == 48 and len(fused.unet_weights) == 128
+
+
+def test_report_counts_rows_against_layer_widths(fused):
+    """Rows per concept in each stage's least-covered layer: the spatial stage's middle block sees
+    one latent cell at 64 px, so steps x seeds rows for the solve and steps rows held out."""
+    rows = {(r["concept"], r["stage"]): (r["rows"], r["held_out_rows"], r["width"]) for r in fused.report}
+    steps, seeds = FAST.spatial_steps, FAST.spatial_seeds
+    assert rows["cat", "spatial"] == rows["dog", "spatial"] == (steps * seeds, steps, 128)
+    # k/v: 2 prompts x (2 concept tokens + EOS) against the 32-wide context, the same held out
+    assert rows["cat", "kv"] == (6, 6, 32)
+    # text encoder: 16 layer copies of every token up to the real EOS (the concept tokens' placeholder
+    # id is CLIP's EOS id too): BOS photo of a <1> <2> EOS + BOS <1> <2> EOS, and held out
+    # BOS a close - up picture of <1> <2> outdoors EOS + BOS <1> <2> next to a window EOS
+    assert rows["cat", "te"] == (16 * (7 + 4), 16 * (11 + 8), 32)
+    assert fusion.spatial_shortfall(sd1.TINY_SD1, FAST) in fused.warnings
+
+
+def test_held_out_inputs_never_enter_the_solve(tiny, inputs, fused):
+    """The same fusion without the held-out check gives the same weights (the spatial batch is one
+    row shorter, so only float rounding may differ) and a report without held-out errors."""
+    plain = fusion.fuse(tiny, inputs, dataclasses.replace(FAST, held_out=False))
+    for name, w in {**fused.text_weights, **fused.unet_weights}.items():
+        other = plain.text_weights.get(name, plain.unet_weights.get(name))
+        torch.testing.assert_close(other, w, rtol=1e-3, atol=1e-5)
+    assert all(r["held_out"] is None and r["held_out_rows"] == 0 for r in plain.report)
+    assert [r["fused"] for r in plain.report] == pytest.approx([r["fused"] for r in fused.report], rel=1e-3)
 
 
 def test_fused_weights_differ_from_base_and_are_finite(tiny, fused):
@@ -72,6 +100,19 @@ def test_concept_weights_scale_what_fusion_reproduces(tiny, inputs):
         base = root.get_submodule(name).weight
         assert not torch.allclose(full[name], base)
         torch.testing.assert_close(half[name] - base, 0.5 * (full[name] - base), rtol=1e-3, atol=1e-6)
+
+
+def test_one_concept_fuses_to_its_own_weights(tiny, inputs):
+    """With a single concept the data and the prior (the weight average) agree everywhere, so the
+    fused weights are the concept's own, also off the recorded inputs (k/v: 6 rows for 32 inputs)."""
+    item = inputs[1]
+    result = fusion.fuse(tiny, [item], dataclasses.replace(FAST, skip=frozenset({"spatial"})))
+    for weights, root, lora, w in ((result.text_weights, tiny.text_encoder, item.concept.text_lora, item.text_weight),
+                                   (result.unet_weights, tiny.unet, item.concept.unet_lora, item.unet_weight)):
+        for name, fused_weight in weights.items():
+            expected = root.get_submodule(name).weight + w * lora[name].delta()
+            torch.testing.assert_close(fused_weight, expected, rtol=0, atol=1e-6)
+    assert len(result.unet_weights) == 32 and all(r["held_out"] < 1e-5 for r in result.report)
 
 
 def test_skipping_stages(tiny, inputs):
@@ -107,15 +148,15 @@ def test_bad_inputs(tiny, inputs):
 
 def test_fused_checkpoint_round_trip(tmp_path, tiny, inputs, fused):
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
-    base = fusion.read_base_state_dict(base_path)
-    sd = fusion.fused_state_dict(base, fused, dtype=torch.float16)
-    out = fusion.write_fused_checkpoint(sd, tmp_path / "fused.safetensors",
-                                        fusion.fused_metadata(inputs, FAST, fused, {"lib_mos.sd1_config":
+    base = fused_checkpoint.read_base_state_dict(base_path)
+    sd = fused_checkpoint.fused_state_dict(base, fused, dtype=torch.float16)
+    out = fused_checkpoint.write_fused_checkpoint(sd, tmp_path / "fused.safetensors",
+                                        fused_checkpoint.fused_metadata(inputs, FAST, fused, {"lib_mos.sd1_config":
                                                                                      tiny.config.to_json()}))
     loaded = sd1.load_checkpoint(out)
     name = sd1.unet_attention_linear_names()[3]
     assert torch.equal(loaded.unet.get_submodule(name).weight, fused.unet_weights[name].half().float())
-    concepts = fusion.read_fused_concepts(out)  # the rows stay float32 in an fp16 checkpoint
+    concepts = fused_checkpoint.read_fused_concepts(out)  # the rows stay float32 in an fp16 checkpoint
     assert [c.tokens for c in concepts] == [("<cat1>", "<cat2>"), ("<dog1>", "<dog2>")]
     assert torch.equal(concepts[0].embeddings, inputs[0].concept.embeddings)
     z = binding.PromptBinder(loaded, concepts).encode(["a photo of <dog1> <dog2>"])
@@ -133,15 +174,15 @@ def test_fused_checkpoint_loads_in_the_host_and_tokens_bind(tmp_path, tiny, inpu
     from modules.sd_hijack import model_hijack
 
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
-    sd = fusion.fused_state_dict(fusion.read_base_state_dict(base_path), fused)  # fp16 as shipped
-    ckpt = fusion.write_fused_checkpoint(sd, tmp_path / "fused-cat-dog.safetensors",
-                                         fusion.fused_metadata(inputs, FAST, fused,
+    sd = fused_checkpoint.fused_state_dict(fused_checkpoint.read_base_state_dict(base_path), fused)  # fp16 as shipped
+    ckpt = fused_checkpoint.write_fused_checkpoint(sd, tmp_path / "fused-cat-dog.safetensors",
+                                         fused_checkpoint.fused_metadata(inputs, FAST, fused,
                                                                {"lib_mos.sd1_config": tiny.config.to_json()}))
     host = HostHarness(tmp_path / "root", ckpt)
     try:
         live = host.model.model.diffusion_model.get_submodule(sd1.unet_attention_linear_names()[0]).weight
         assert torch.equal(live, fused.unet_weights[sd1.unet_attention_linear_names()[0]].half().float())
-        concepts = fusion.read_fused_concepts(host.model.sd_checkpoint_info.filename)
+        concepts = fused_checkpoint.read_fused_concepts(host.model.sd_checkpoint_info.filename)
         model = sd1.load_checkpoint(ckpt)
         binder = binding.PromptBinder(model, concepts)
         z = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, ["<cat1> <cat2> and <dog1>"])
@@ -154,14 +195,14 @@ def test_fused_checkpoint_loads_in_the_host_and_tokens_bind(tmp_path, tiny, inpu
 
 def test_writing_is_atomic_and_refuses_overwrite(tmp_path, tiny, inputs, fused):
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
-    sd = fusion.fused_state_dict(fusion.read_base_state_dict(base_path), fused)
-    out = fusion.write_fused_checkpoint(sd, tmp_path / "f.safetensors", {})
+    sd = fused_checkpoint.fused_state_dict(fused_checkpoint.read_base_state_dict(base_path), fused)
+    out = fused_checkpoint.write_fused_checkpoint(sd, tmp_path / "f.safetensors", {})
     with pytest.raises(FileExistsError):
-        fusion.write_fused_checkpoint(sd, out, {})
+        fused_checkpoint.write_fused_checkpoint(sd, out, {})
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")  # tests run as root in CI, where permission bits do not stop writes
     with pytest.raises(OSError):
-        fusion.write_fused_checkpoint(sd, not_a_folder / "f.safetensors", {})
+        fused_checkpoint.write_fused_checkpoint(sd, not_a_folder / "f.safetensors", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "f.safetensors", "file"]
 
 
@@ -172,7 +213,7 @@ def test_base_of_another_architecture_is_refused(tmp_path):
     safetensors.torch.save_file({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight":
                                  torch.zeros(4, 4)}, str(path))
     with pytest.raises(ConceptError, match=r"sdxl\.safetensors"):
-        fusion.read_base_state_dict(path)
+        fused_checkpoint.read_base_state_dict(path)
 
 
 def _concept_files(tmp_path, inputs) -> list:
@@ -191,8 +232,10 @@ def _cli(*args):
     from pathlib import Path
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: threads only contend on 2 cores
-    return subprocess.run([sys.executable, "-m", "lib_mos", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "lib_mos", *map(str, args)], capture_output=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=300, env=env)
+    # decoded by hand: text=True would turn the progress bar's carriage returns into newlines
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
 def test_cli_fuses_and_prints_the_report(tmp_path, tiny, inputs):
@@ -202,8 +245,15 @@ def test_cli_fuses_and_prints_the_report(tmp_path, tiny, inputs):
     proc = _cli("fuse", "--base", base, "--concept", cat, "--concept", f"{dog}:<pup1>+<pup2>", "--out", out,
                 "--spatial-steps", 2, "--spatial-size", 64)
     assert proc.returncode == 0, proc.stderr
-    assert "averaged" in proc.stdout and f"wrote {out}" in proc.stdout
-    assert [c.tokens for c in fusion.read_fused_concepts(out)] == [("<cat1>", "<cat2>"), ("<pup1>", "<pup2>")]
+    assert "averaged" in proc.stdout and "held-out" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert "WARNING: spatial: 2 step(s) x 4 seed(s) at 64 px" in proc.stdout  # too few rows for the middle block
+    # one progress bar per stage and action, not a line per layer
+    lines = proc.stderr.split("\n")
+    assert len(lines) <= 2 + 2 + 3 + 1, proc.stderr  # recording + solving per stage, 2 spatial samples
+    solving = [part for part in proc.stderr.split("\r") if part.startswith("spatial: solving |")]
+    assert len(solving) == 97 and "96/96" in solving[-1] and "layer/s" in solving[-1]  # from 0/96
+    assert "attn1.to_q" in "".join(solving)
+    assert [c.tokens for c in fused_checkpoint.read_fused_concepts(out)] == [("<cat1>", "<cat2>"), ("<pup1>", "<pup2>")]
     again = _cli("fuse", "--base", base, "--concept", cat, "--out", out, "--skip-stage", "spatial")
     assert again.returncode == 1 and "already exists" in again.stderr
 
@@ -234,3 +284,95 @@ def test_cli_bad_inputs_write_nothing(tmp_path, tiny, inputs, capsys):
         assert code == 1, (args, err)
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert list(out_dir.iterdir()) == []
+
+
+def test_cli_bug_ends_with_one_error_line_after_the_traceback(tmp_path, tiny, inputs, capsys, monkeypatch):
+    """What the tab shows is the last `error:` line; the traceback above it is for a bug report."""
+    from lib_mos.__main__ import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(fused_checkpoint, "fuse_checkpoint", broken)
+    base = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
+    cat, _ = _concept_files(tmp_path, inputs)
+    code = main(["fuse", "--base", str(base), "--concept", str(cat), "--out", str(tmp_path / "f.safetensors")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and lines[0].startswith("Traceback")
+    assert lines[-1] == f"error: {tmp_path / 'f.safetensors'}: unexpected RuntimeError: boom; nothing was written"
+
+
+def test_progress_bar_shows_stage_layer_rate_and_eta(monkeypatch):
+    import io
+
+    from lib_mos import __main__ as cli
+
+    clock = iter([0.0, 2.0, 4.0, 10.0, 10.5])
+    monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    stream = io.StringIO()
+    bar = cli.ProgressBar(stream, width=10)
+    bar("te: solving", 0, 4)  # the stage announces itself: the clock starts
+    assert "0/4 [00:00<?, ? layer/s]" in stream.getvalue()
+    bar("te: solving: text_model.encoder.layers.0.self_attn.q_proj", 1, 4)
+    bar("te: solving: text_model.encoder.layers.0.self_attn.k_proj", 2, 4)
+    frames = stream.getvalue().split("\r")
+    assert frames[-1].startswith("te: solving |#####.....| 2/4 [00:04<00:04, 0.50 layer/s]")
+    assert "layers.0.self_attn.k_proj" in frames[-1] and "\n" not in stream.getvalue()
+    bar("te: solving: x", 4, 4)  # done: the line ends
+    assert stream.getvalue().endswith("\n") and "4/4 [00:10<00:00, 0.40 layer/s]" in stream.getvalue()
+    bar("spatial: sampling concept 1/2", 1, 20)  # a new stage/action starts a new line
+    assert stream.getvalue().split("\n")[-1].lstrip("\r").startswith("spatial: sampling concept 1/2 |")
+    bar.close()
+    assert stream.getvalue().endswith("\n")
+
+
+def test_report_text_marks_flags_and_reads_old_reports():
+    old = {"concept": "cat", "stage": "te", "layers": 48, "fused": 0.1, "average": 0.7}  # before held-out checks
+    new = {**old, "stage": "spatial", "layers": 96, "held_out": 1.3, "held_out_average": 0.7, "distance": 12.3,
+           "rows": 32, "held_out_rows": 8, "width": 128, "capped": 3, "flags": ["held-out", "distance"]}
+    text = fusion_report.format_report([old, new], ["spatial: the fused change is 9x"]).splitlines()
+    assert text[0].split() == ["concept", "stage", "layers", "fused", "averaged", "held-out", "averaged",
+                               "distance", "rows/width", "flags"]
+    assert text[1].split() == ["cat", "te", "48", "0.1000", "0.7000", "-", "-", "-", "-"]
+    assert text[2].split()[5:] == ["1.3000", "0.7000", "12.30x", "32/128", "!", "held-out,", "distance"]
+    assert text[3].startswith("note: spatial: the trust region capped 3 of 96 layers")
+    assert text[4] == "WARNING: spatial: the fused change is 9x"
+
+
+def test_kv_stage_records_the_concept_tokens_and_the_real_eos(tiny, inputs, monkeypatch):
+    """The concept tokens' placeholder id is CLIP's EOS id, so the first EOS id in a bound prompt is
+    a concept token; k/v rows are the two tokens and the EOS after them, for each prompt."""
+    seen: list[torch.Tensor] = []
+    original = fusion.LayerStats.add
+
+    def spy(self, x):
+        if self.out_features == self.in_features == 32 and not self.report_only:  # one 320-like layer
+            seen.append(x.clone())
+        return original(self, x)
+
+    monkeypatch.setattr(fusion.LayerStats, "add", spy)
+    names = ["input_blocks.1.1.transformer_blocks.0.attn2.to_k"]
+    concept = dataclasses.replace(inputs[0].concept, text_lora={},
+                                  unet_lora={n: inputs[0].concept.unet_lora[n] for n in names})
+    fusion.fuse(tiny, [fusion.FusionInput(concept)], dataclasses.replace(FAST, skip=frozenset({"te", "spatial"})))
+    binder = binding.PromptBinder(tiny, [concept])
+    expected = []
+    for prompt in fusion.prompts_for(concept):
+        ids, slots = binder.tokenize_bound(prompt)
+        assert [pos for pos, _ in slots] == [ids.index(tiny.tokenizer.eos_token_id) + k for k in range(2)]
+        end = fusion._eos_position(ids, slots, tiny.tokenizer.eos_token_id)
+        assert end == slots[-1][0] + 1  # both prompts end with the concept tokens
+        expected.append(binder.encode([prompt])[0, 0, [pos for pos, _ in slots] + [end]])
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], torch.cat(expected))
+
+
+def test_concept_specs_carry_renames_and_merge_weights():
+    spec = fused_checkpoint.parse_concept_spec
+    assert spec("a/cat.safetensors") == fused_checkpoint.ConceptSpec("a/cat.safetensors", None, 1.0, 1.0)
+    assert spec("a/cat.safetensors:<x>+<y>@0.5,0.25", 0.9, 0.9) == fused_checkpoint.ConceptSpec(
+        "a/cat.safetensors", ("<x>", "<y>"), 0.5, 0.25)
+    assert spec("C:\\m@x\\cat.pth@1,0.9") == fused_checkpoint.ConceptSpec("C:\\m@x\\cat.pth", None, 1.0, 0.9)
+    assert spec("me@host/cat.safetensors", 0.7, 0.6) == fused_checkpoint.ConceptSpec("me@host/cat.safetensors", None, 0.7, 0.6)
+    with pytest.raises(ConceptError, match="empty token"):
+        spec("cat.safetensors:<x>+@1,1")

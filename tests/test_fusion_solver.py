@@ -9,9 +9,14 @@ import pytest
 import torch
 
 from lib_mos.fusion_solver import (
+    MAX_CHANGE,
+    RIDGE,
+    RIDGES,
     LayerStats,
     objective,
+    prior_delta,
     relative_errors,
+    relative_errors_many,
     solve_exact,
     solve_lbfgs,
     weight_average,
@@ -59,11 +64,14 @@ def _stats(w0: torch.Tensor, xs: list[torch.Tensor], targets: list[torch.Tensor]
     return stats
 
 
-def _lstsq_reference(w0: torch.Tensor, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-    """Dense minimum-norm least squares for D = W - W0 on the stacked activations (float64)."""
+def _lstsq_reference(w0: torch.Tensor, xs: list[torch.Tensor], targets: list[torch.Tensor],
+                     prior: str = "base") -> torch.Tensor:
+    """Dense least squares on the stacked activations closest to the prior (W0, or the weight
+    average W0 + mean_i dW_i): minimum-norm solution for W - P (float64)."""
     x = torch.cat(xs)
-    y = torch.cat([xi @ (t - w0).mT for xi, t in zip(xs, targets)])
-    return w0 + torch.linalg.lstsq(x, y, driver="gelsd").solution.mT
+    toward = sum(t - w0 for t in targets) / len(targets) if prior == "average" else torch.zeros_like(w0)
+    y = torch.cat([xi @ (t - w0 - toward).mT for xi, t in zip(xs, targets)])
+    return w0 + toward + torch.linalg.lstsq(x, y, driver="gelsd").solution.mT
 
 
 def _objective_dense(w: torch.Tensor, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
@@ -78,21 +86,26 @@ def _objective_dense(w: torch.Tensor, xs: list[torch.Tensor], targets: list[torc
     ([3], False, None),             # one concept, a handful of rows
     ([60, 80], False, 5),           # many rows, each concept of rank 5: dense and rank deficient
 ])
-@pytest.mark.parametrize("ridge", [1e-6, 0.0])
+@pytest.mark.parametrize("ridge", [1e-8, 0.0])
+@pytest.mark.parametrize("prior", ["average", "base"])
 def test_exact_matches_dense_least_squares(rows: list[int], duplicate: bool, row_rank: int | None,
-                                           ridge: float) -> None:
+                                           ridge: float, prior: str) -> None:
+    """With a negligible ridge the solve is least squares, and off the data it is the prior."""
     w0, xs, targets = _problem(rows, seed=len(rows), duplicate_last=duplicate, row_rank=row_rank)
     stats = _stats(w0, xs, targets)
-    fused = solve_exact(stats, ridge=ridge)
-    reference = _lstsq_reference(w0, xs, targets)
+    fused = solve_exact(stats, ridge=ridge, prior=prior)
+    reference = _lstsq_reference(w0, xs, targets, prior)
     assert fused.dtype == torch.float32
     torch.testing.assert_close(fused.double(), reference, rtol=0, atol=2e-6)
-    # Rows of W restricted to null(G) stay at W0: the fusion never invents changes off the data.
+    # Rows of W restricted to null(G) stay at the prior: the fusion never invents changes off the data.
     x = torch.cat(xs)
     _, sv, vh = torch.linalg.svd(x, full_matrices=True)
     null = vh[int((sv > sv.max() * 1e-10).sum()):]
     if null.numel():
-        assert float(((fused.double() - w0) @ null.mT).abs().max()) < 1e-6
+        toward = w0 + prior_delta(stats, prior)
+        assert float(((fused.double() - toward) @ null.mT).abs().max()) < 1e-6
+        if prior == "average":
+            assert float(((toward - w0) @ null.mT).abs().max()) > 1e-3  # the test can tell the priors apart
 
 
 def test_chunked_streaming_equals_one_shot() -> None:
@@ -138,13 +151,15 @@ def test_delta_instead_of_target() -> None:
 def test_exact_objective_beats_lbfgs_and_weight_averaging() -> None:
     w0, xs, targets = _problem([60, 20, 45], seed=5)
     stats = _stats(w0, xs, targets)
-    fused = solve_exact(stats)
+    fused = solve_exact(stats, ridge=1e-8)  # the unregularised minimiser
     trace: list[float] = []
     lbfgs = solve_lbfgs([x.float() for x in xs], w0.float(), [t.float() for t in targets],
                         iterations=200, trace=trace)
     assert 0 < len(trace) <= 200 * 5 // 4
     averaged = weight_average(stats)
     exact_obj, lbfgs_obj, avg_obj = (objective(w, stats) for w in (fused, lbfgs, averaged))
+    # well-determined data: the default ridge costs almost nothing
+    assert exact_obj <= objective(solve_exact(stats), stats) <= exact_obj * 1.01
     assert exact_obj <= lbfgs_obj * (1 + 1e-9)
     assert exact_obj < avg_obj
     # the objective from Grams is the dense objective
@@ -282,12 +297,13 @@ def test_weight_average_and_degenerate_concepts() -> None:
     stats = _stats(w0, xs, targets)
     expected = w0 + sum(t - w0 for t in targets) / 3
     torch.testing.assert_close(weight_average(stats).double(), expected, rtol=0, atol=1e-6)
-    # no activations at all: nothing constrains W
+    # no activations at all: nothing moves W off the prior
     empty = LayerStats(w0)
     empty.begin_concept(targets[0])
     empty.end_concept()
     assert empty.rows == [0]
-    torch.testing.assert_close(solve_exact(empty), w0.float())
+    torch.testing.assert_close(solve_exact(empty), targets[0].float())
+    torch.testing.assert_close(solve_exact(empty, prior="base"), w0.float())
     assert relative_errors(w0, empty) == [0.0]
     # a concept that changes nothing and is kept exactly reports 0, not nan
     same = _stats(w0, xs[:1], [w0])
@@ -360,5 +376,184 @@ def test_dense_statistics_are_the_same_size_for_any_number_of_concepts(tmp_path)
         w0, xs, targets = _problem([10] * n, seed=n)
         stats = _stats(w0, xs, targets, spill_to=tmp_path, per_concept_dtype=torch.float32, dense=True)
         sizes.append(stats.nbytes())
-        torch.testing.assert_close(solve_exact(stats), _lstsq_reference(w0, xs, targets).float(), rtol=1e-4, atol=1e-4)
+        reference = _lstsq_reference(w0, xs, targets, "average").float()
+        torch.testing.assert_close(solve_exact(stats, ridge=1e-8), reference, rtol=1e-4, atol=1e-4)
+        # the dense path and the row-space path (same rows, kept as factors) give the same solve
+        rows = _stats(w0, xs, targets)
+        torch.testing.assert_close(solve_exact(stats), solve_exact(rows), rtol=1e-5, atol=1e-6)
     assert sizes[0] == sizes[1]
+
+
+# ------------------------------------------------------------------------- a well-posed solve
+def _near_duplicates(seed: int, rows: int = 60, spread: float = 1e-3, n: int = 2, width: int = IN,
+                     shared_rank: int = 6) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Concepts whose inputs are almost the same rows of low rank (a shared prompt prefix,
+    consecutive sampling steps) plus a small concept-specific drift, and whose targets differ: the
+    drift directions are weakly determined, and fitting the targets exactly along them takes
+    weights far larger than any concept's change."""
+    gen = torch.Generator().manual_seed(seed)
+    w0, _, targets = _problem([1] * n, seed=seed, width=width)
+    shared = (torch.randn(rows, shared_rank, generator=gen, dtype=torch.float64)
+              @ torch.randn(shared_rank, width, generator=gen, dtype=torch.float64))
+    xs = [shared + spread * torch.randn(rows, width, generator=gen, dtype=torch.float64) for _ in range(n)]
+    return w0, xs, targets
+
+
+def _change_ratio(w: torch.Tensor, w0: torch.Tensor, targets: list[torch.Tensor]) -> float:
+    """||W - W0||_F over all concepts' changes together."""
+    return float((w.double() - w0).norm() / sum((t - w0).norm() for t in targets))
+
+
+def _report_only(stats: LayerStats, xs: list[torch.Tensor], targets: list[torch.Tensor]) -> LayerStats:
+    """Validation or held-out statistics of rows `xs` next to `stats`."""
+    extra = LayerStats.held_out_for(stats)
+    for x, t in zip(xs, targets):
+        extra.begin_concept(t)
+        extra.add(x)
+        extra.end_concept()
+    return extra
+
+
+def test_near_duplicate_inputs_stay_near_the_concepts() -> None:
+    """The damage in miniature: the unregularised least-squares fit moves W hundreds of times
+    further than all the concepts' changes and loses every concept on fresh rows of the same kind;
+    the default solve, with or without validation rows, stays within the bound and does as well
+    as averaging there."""
+    w0, xs, targets = _near_duplicates(seed=21)
+    stats = _stats(w0, xs, targets)
+    held = _report_only(stats, _near_duplicates(seed=22)[1], targets)
+    valid = _report_only(stats, _near_duplicates(seed=23)[1], targets)
+    loose = solve_exact(stats, ridge=1e-8, prior="base", max_change=None)
+    averaged = weight_average(stats)
+    assert _change_ratio(loose, w0, targets) > 50
+    assert min(relative_errors(loose, held)) > 5
+    # the old report's in-sample view saw nothing wrong: below averaging for every concept
+    assert all(a < b for a, b in zip(relative_errors(loose, stats), relative_errors(averaged, stats)))
+    info: dict = {}
+    for fused in (solve_exact(stats), solve_exact(stats, validation=valid, info=info)):
+        assert _change_ratio(fused, w0, targets) < 1.0
+        new, avg = relative_errors_many([fused, averaged], held)
+        assert max(new) < 1.0 and new == pytest.approx(avg, rel=2e-2)  # the drift carries nothing more
+    assert info["ridge"] > min(RIDGES)  # validation saw the weakest ridge's fit fail on fresh rows
+
+
+CASES = ["near-duplicates", "few rows", "low rank", "many concepts"]
+
+
+def _case(case: str) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    if case == "near-duplicates":
+        return _near_duplicates(seed=24, spread=1e-2)
+    if case == "few rows":
+        return _near_duplicates(seed=25, rows=12, spread=3e-2)  # 24 < 32 rows: row-space path
+    if case == "low rank":
+        return _problem([80, 80], seed=26, row_rank=6)
+    return _near_duplicates(seed=27, rows=40, spread=1e-2, n=6)
+
+
+@pytest.mark.parametrize("refine", [0, 2])
+@pytest.mark.parametrize("case", CASES)
+def test_distance_from_the_prior_has_a_proven_bound(case: str, refine: int) -> None:
+    """Without the trust region: ||W - P||_F <= c sqrt(lambda_max(G) / lam) sum_i ||dW_i - Dp||_F,
+    lam = ridge tr(G) / in, c = 0.5 (refine 0) or 1.005 (refine 2)."""
+    w0, xs, targets = _case(case)
+    stats = _stats(w0, xs, targets)
+    toward = w0 + prior_delta(stats)
+    gram = stats.gram
+    disagreement = float(sum((t - toward).norm() for t in targets))
+    c = 0.5 if refine == 0 else 1.005
+    for ridge in (RIDGE, 1e-3):
+        w = solve_exact(stats, ridge=ridge, refine=refine, max_change=None).double()
+        lam = ridge * float(gram.diagonal().sum()) / IN
+        bound = c * math.sqrt(float(torch.linalg.eigvalsh(gram)[-1]) / lam) * disagreement
+        assert float((w - toward).norm()) <= bound
+    if case == "near-duplicates":  # the bound excludes what the unregularised fit does here
+        loose = solve_exact(stats, ridge=1e-8, max_change=None).double()
+        lam = RIDGE * float(gram.diagonal().sum()) / IN
+        assert float((loose - toward).norm()) > c * math.sqrt(float(torch.linalg.eigvalsh(gram)[-1]) / lam) * disagreement
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trust_region_caps_the_change_for_any_data(case: str) -> None:
+    """Whatever the data and ridge, ||W - W0||_F <= MAX_CHANGE * sum_i ||dW_i||_F; the cap acts only
+    where the regularised fit alone goes further."""
+    w0, xs, targets = _case(case)
+    stats = _stats(w0, xs, targets)
+    for ridge in (RIDGE, 1e-8, 0.0):
+        info: dict = {}
+        w = solve_exact(stats, ridge=ridge, info=info)
+        assert _change_ratio(w, w0, targets) <= MAX_CHANGE * (1 + 1e-6)
+        free = solve_exact(stats, ridge=ridge, max_change=None)
+        assert info["capped"] == (_change_ratio(free, w0, targets) > MAX_CHANGE)
+        if not info["capped"]:
+            torch.testing.assert_close(w, free)
+    assert case != "near-duplicates" or info["capped"]  # the unregularised fit needed it
+
+
+def _subspaces(rows: int, draw: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Two concepts whose inputs live mostly in their own 12-dimensional subspaces (plus isotropic
+    noise) and whose LoRAs read them: a fit that generalises. `draw` picks fresh rows of the same
+    distributions."""
+    gen = torch.Generator().manual_seed(28)
+    w0 = torch.randn(OUT, IN, generator=gen, dtype=torch.float64) / math.sqrt(IN)
+    basis = torch.linalg.qr(torch.randn(IN, IN, generator=gen, dtype=torch.float64)).Q
+    owns = [basis[:, :12], basis[:, 12:24]]
+    targets = [w0 + (0.2 * torch.randn(OUT, 4, generator=gen, dtype=torch.float64)) @ own[:, :4].mT for own in owns]
+    rows_gen = torch.Generator().manual_seed(100 + draw)
+    xs = [torch.randn(rows, 12, generator=rows_gen, dtype=torch.float64) @ own.mT
+          + 0.3 * torch.randn(rows, IN, generator=rows_gen, dtype=torch.float64) for own in owns]
+    return w0, xs, targets
+
+
+def test_exact_where_the_data_determine_the_weight() -> None:
+    """Well-conditioned inputs and validation rows of the same kind: validation picks the smallest
+    ridge and the solve is least squares to 1e-6; the fixed default ridge (no validation) is within
+    1 % (iterated-Tikhonov residual (lam / (e + lam))^3), plain Tikhonov visibly further."""
+    w0, xs, targets = _subspaces(400, draw=0)
+    stats = _stats(w0, xs, targets)
+    valid = _report_only(stats, _subspaces(400, draw=1)[1], targets)
+    reference = _lstsq_reference(w0, xs, targets)
+    scale = float((reference - w0).norm())
+    info: dict = {}
+    chosen = solve_exact(stats, validation=valid, info=info).double()
+    assert info["ridge"] == min(RIDGES) and not info["capped"]
+    assert float((chosen - reference).norm()) < 1e-6 * scale
+    assert float((solve_exact(stats).double() - reference).norm()) < 1e-2 * scale
+    assert float((solve_exact(stats, refine=0).double() - reference).norm()) > 3e-2 * scale
+
+
+def test_solve_is_invariant_to_the_scale_of_the_activations() -> None:
+    """lam follows the data's own scale: louder activations (fp16 layers, another base model) and
+    more rows of the same kind give the same weights."""
+    w0, xs, targets = _near_duplicates(seed=28, spread=1e-2)
+    base = solve_exact(_stats(w0, xs, targets))
+    louder = solve_exact(_stats(w0, [1e3 * x for x in xs], targets))
+    repeated = solve_exact(_stats(w0, [torch.cat([x, x]) for x in xs], targets))
+    torch.testing.assert_close(louder, base, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(repeated, base, rtol=1e-5, atol=1e-6)
+
+
+def test_held_out_statistics_measure_without_entering_the_solve(tmp_path) -> None:
+    """Held-out statistics share W0 with the solve's, give the errors of their own rows, can be
+    spilled, and hold no G or S."""
+    w0, xs, targets = _problem([50, 20], seed=29)
+    _, fresh, _ = _problem([30, 70], seed=30)
+    stats = _stats(w0, xs, targets)
+    held = LayerStats.held_out_for(stats)
+    for x, t in zip(fresh, targets):
+        held.begin_concept(delta=t - w0)
+        for part in x.split(16):
+            held.add(part)
+        if len(x) > IN:  # an open float32 Gram: half the solve's float64 one, while the concept records
+            assert held._concept_gram.dtype == torch.float32
+        held.end_concept()
+    held.spill(tmp_path)
+    assert held.w0.data_ptr() == stats.w0.data_ptr() and held.rows == [30, 70]
+    assert held.nbytes() < sum(x.numel() for x in fresh) * 8 + 1024  # no W0 copy, no Gram, no delta sum
+    w = solve_exact(stats)
+    direct = [float(((w.double() - t) @ x.mT).norm() / ((t - w0) @ x.mT).norm()) for x, t in zip(fresh, targets)]
+    assert relative_errors(w, held) == pytest.approx(direct, rel=1e-5)
+    assert held.delta_norms == pytest.approx([float((t - w0).norm()) for t in targets])
+    with pytest.raises(RuntimeError, match="report-only"):
+        solve_exact(held)
+    with pytest.raises(RuntimeError, match="report-only"):
+        weight_average(held)

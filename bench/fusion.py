@@ -1,20 +1,29 @@
-"""Benchmark: exact gradient fusion (streamed Gram statistics + Cholesky) against the authors' LBFGS
-on full-size SD1.5 layer shapes with random weights and seeded synthetic concepts, on this CPU.
+"""Benchmark: our fusion solve (streamed Gram statistics + Cholesky, regularised toward the weight
+average) against the authors' LBFGS on full-size SD1.5 layer shapes with random weights and seeded
+synthetic concepts, on this CPU, and the cost of the held-out check.
 
     .venv/bin/python bench/fusion.py --quick
     .venv/bin/python bench/fusion.py --concepts 2 4 8 --lbfgs-layers 2 --spatial-steps 4
+    .venv/bin/python bench/fusion.py --process sd15    # in-process fusion against the tab's child process
 
-Stages as the authors run them (docs/method.md): "te" = 48 text-encoder linears 768x768,
-~176 rows per concept per layer, 500 LBFGS iterations; "kv" = 32 attn2 to_k/to_v (in 768, out
+Stages as lib_mos.fusion runs them (docs/method.md): "te" = 48 text-encoder linears 768x768,
+176 rows per concept per layer, 500 LBFGS iterations; "kv" = 32 attn2 to_k/to_v (in 768, out
 320/640/1280), 6 rows per concept per layer (2 prompts x (2 concept tokens + EOS), the layer's own
 prompt variant only), 500 iterations; "spatialW" = a sample of the W x W spatial linears of width W
-(30/30/36 in SD1.5) with 4096/1024/256 rows per sampling step, 50 iterations.
+(30/30/36 in SD1.5) with 4096/1024/256 rows per sampling step and seed (`--seeds`, default 4 as
+the fusion's spatial_seeds), 50 iterations. Held-out rows (another prompt pair: 304 rows for te, 6
+for kv; one more seed for spatial) stream into report-only statistics and are scored after the
+solve, as the fusion report does; validation rows (a third prompt pair, one more seed) choose each
+layer's ridge.
 
 Every (concept count, stage, method) runs in a fresh subprocess (`--worker`) so peak RSS values do
-not mix. The exact side streams activations through LayerStats for all layers of the stage at
+not mix; the exact side runs twice, with and without the validation and held-out
+rows, so their cost is the difference. The exact side streams activations through LayerStats for all layers of the stage at
 once, as hooks would; the LBFGS side stores the activations of `--lbfgs-layers` layers like the
-authors and its per-layer time is extrapolated to the stage (marked "extrapolated"). Prints one
-JSON line per configuration on stdout; a benchmark reports, it never asserts on timings.
+authors and its per-layer time is extrapolated to the stage (marked "extrapolated"); on those
+layers it also scores every method on held-out rows (ours, the unregularised least squares the
+project used before, LBFGS, averaging). Prints one JSON line per configuration on stdout; a
+benchmark reports, it never asserts on timings.
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ from lib_mos.fusion_solver import (
     weight_average,
 )
 
+HELD_OUT_CHUNK = 10_000  # chunk keys of held-out rows: never those of the rows the solve sees
+VALIDATION_CHUNK = 20_000  # and of validation rows, which choose each layer's ridge
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -54,35 +66,44 @@ class Stage:
     chunks: tuple[int, ...]  # rows per streamed chunk, for one concept and one layer
     iterations: int  # the authors' LBFGS iterations for this stage
     shared: tuple[int, ...] = ()  # leading rows of each chunk that every concept sees (nearly) alike
+    held_out: tuple[int, ...] = ()  # rows per held-out chunk (the report's check, never solved from)
+    held_out_shared: tuple[int, ...] = ()
+    validation: tuple[int, ...] = ()  # rows per validation chunk (choose the ridge, never solved from)
+    validation_shared: tuple[int, ...] = ()
 
 
 def _te_stage() -> Stage:
     # 16 layer variants x ("photo of a <a> <b>" = 7 tokens, "<a> <b>" = 4 tokens), one pass per prompt;
     # the causal encoder gives BOS and "photo of a" the same rows in every prompt and concept, up to
-    # the small drift that each concept's own LoRAs in earlier layers cause
-    return Stage("te", ((768, 768),) * 48, (7, 4) * 16, 500, shared=(4, 1) * 16)
+    # the small drift that each concept's own LoRAs in earlier layers cause. Held out: "a close-up
+    # picture of <a> <b> outdoors" (11 tokens, 7 before the concept) and "<a> <b> next to a window" (8);
+    # validation: "a <a> <b> in the garden" (8, 2) and "a painting of <a> <b>" (7, 4)
+    return Stage("te", ((768, 768),) * 48, (7, 4) * 16, 500, shared=(4, 1) * 16,
+                 held_out=(11, 8) * 16, held_out_shared=(7, 1) * 16,
+                 validation=(8, 7) * 16, validation_shared=(2, 4) * 16)
 
 
 def _kv_stage() -> Stage:
     widths = (320,) * 5 + (640,) * 5 + (1280,) * 6  # attn2 blocks by level, SD1.5
     shapes = tuple((w, 768) for w in widths for _ in ("to_k", "to_v"))
-    return Stage("kv", shapes, (3, 3), 500)
+    return Stage("kv", shapes, (3, 3), 500, held_out=(3, 3), validation=(3, 3))
 
 
 _SPATIAL = {320: (30, 4096), 640: (30, 1024), 1280: (36, 256)}  # width: (layers in SD1.5, rows/step)
 
 
-def _spatial_stage(width: int, steps: int) -> Stage:
+def _spatial_stage(width: int, steps: int, seeds: int) -> Stage:
     layers, rows = _SPATIAL[width]
-    return Stage(f"spatial{width}", ((width, width),) * layers, (rows,) * steps, 50)
+    return Stage(f"spatial{width}", ((width, width),) * layers, (rows * seeds,) * steps, 50,
+                 held_out=(rows,) * steps, validation=(rows,) * steps)
 
 
-def _stage(name: str, steps: int) -> Stage:
+def _stage(name: str, steps: int, seeds: int) -> Stage:
     if name == "te":
         return _te_stage()
     if name == "kv":
         return _kv_stage()
-    return _spatial_stage(int(name.removeprefix("spatial")), steps)
+    return _spatial_stage(int(name.removeprefix("spatial")), steps, seeds)
 
 
 # ----------------------------------------------------------------------------- synthetic concepts
@@ -126,11 +147,12 @@ class _Layer:
         noise = torch.randn(n, self.width, generator=gen) * 0.05
         x = z_common @ self.common + z_own @ own + noise
         if shared:
-            # the same prefix for every concept and layer variant (keyed by prompt kind only), with a
-            # BOS row of outsized norm as in CLIP, plus a 1 % concept-specific drift
-            prefix_gen = _generator(*self.key, 4, chunk % 2)
-            prefix = torch.randn(shared, self.common.shape[0], generator=prefix_gen) @ self.common
-            prefix[0] *= 10.0
+            # the same prefix for every concept and layer variant (keyed by prompt kind only: the two
+            # solved prompts, the two held-out ones), after the BOS row every prompt shares, of
+            # outsized norm as in CLIP; plus a 1 % concept-specific drift
+            kind = chunk % 2 + 2 * (chunk // HELD_OUT_CHUNK)
+            prefix = torch.randn(shared, self.common.shape[0], generator=_generator(*self.key, 4, kind)) @ self.common
+            prefix[0] = 10.0 * torch.randn(self.common.shape[0], generator=_generator(*self.key, 5)) @ self.common
             x[:shared] = prefix * (1.0 + 0.01 * torch.randn(shared, 1, generator=gen)) + noise[:shared] * 0.2
         return x
 
@@ -139,13 +161,23 @@ def _shared(stage: Stage, chunk: int) -> int:
     return stage.shared[chunk] if stage.shared else 0
 
 
+def _held_out_rows(layer: _Layer, stage: Stage, concept: int, own: torch.Tensor, validation: bool = False
+                   ) -> list[torch.Tensor]:
+    """Rows of the held-out (report) or validation (ridge choice) chunks of one concept."""
+    sizes, shared = (stage.validation, stage.validation_shared) if validation else (stage.held_out, stage.held_out_shared)
+    start = VALIDATION_CHUNK if validation else HELD_OUT_CHUNK
+    return [layer.rows(concept, own, start + j, n, s) for j, (n, s) in enumerate(zip(sizes, shared or (0,) * len(sizes)))]
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ----------------------------------------------------------------------------------------- workers
 def _worker_exact(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict:
-    """All layers' statistics live at once while concepts stream past, as during a real fusion."""
+    """All layers' statistics live at once while concepts stream past, as during a real fusion;
+    with the held-out check (not --lean, not --no-held-out) held-out rows stream into report-only
+    statistics next to them."""
     layer_ids = range(len(stage.shapes)) if args.layers is None else range(min(args.layers, len(stage.shapes)))
     layers = [_Layer(args.seed, stage_id, i, stage.shapes[i]) for i in layer_ids]
     w0s = [_base_weight(args.seed, stage_id, i, stage.shapes[i]) for i in layer_ids]
@@ -155,35 +187,69 @@ def _worker_exact(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict
     spill = tempfile.TemporaryDirectory(prefix="mos-bench-")
     stats = [LayerStats(w0, keep_per_concept=not args.lean, per_concept_dtype=torch.float32,
                         dense=stage.name != "kv") for w0 in w0s]
-    accumulate_s = 0.0
+    held_out = not args.lean and not args.no_held_out
+    held = [LayerStats.held_out_for(st) for st in stats] if held_out else []
+    valid = [LayerStats.held_out_for(st) for st in stats] if held_out else []  # the fusion's default
+    accumulate_s = held_s = 0.0
+    peak_stats = 0
     for c in range(args.concepts):
-        for layer, layer_stats in zip(layers, stats):
+        for k, (layer, layer_stats) in enumerate(zip(layers, stats)):
             own, delta = layer.concept(c)
             chunks = [layer.rows(c, own, j, n, _shared(stage, j)) for j, n in enumerate(stage.chunks)]
+            unseen = _held_out_rows(layer, stage, c, own) if held_out else []
+            checks = _held_out_rows(layer, stage, c, own, validation=True) if held_out else []
             t0 = time.perf_counter()
-            layer_stats.begin_concept(delta=delta)
+            delta = delta.to(torch.float64)
+            layer_stats.begin_concept(delta=delta, copy=False)
             for x in chunks:
                 layer_stats.add(x)
+            t1 = time.perf_counter()
+            if held_out:
+                for target, rows in ((held[k], unseen), (valid[k], checks)):
+                    target.begin_concept(delta=delta, copy=False)
+                    for x in rows:
+                        target.add(x)
+            t2 = time.perf_counter()
+            # both open at once, as in the fusion (the hooks feed them from one batch); not timed
+            shared = {t.data_ptr(): t.numel() * t.element_size()  # the open delta is one tensor for all three
+                      for st in (*stats, *held, *valid) for t in st.held_tensors()}
+            peak_stats = max(peak_stats, sum(shared.values()))
+            t3 = time.perf_counter()
+            if held_out:
+                for target in (held[k], valid[k]):
+                    target.end_concept()
+                    target.spill(Path(spill.name))
+            t4 = time.perf_counter()
             layer_stats.end_concept()
             if not args.lean:
                 layer_stats.spill(Path(spill.name))
-            accumulate_s += time.perf_counter() - t0
+            accumulate_s += (t1 - t0) + (time.perf_counter() - t4)
+            held_s += (t2 - t1) + (t4 - t3)
     stats_mb = sum(s.nbytes() for s in stats) / 2**20
     t0 = time.perf_counter()
-    fused = [solve_exact(s) for s in stats]
+    fused = [solve_exact(s, validation=v) for s, v in zip(stats, valid or [None] * len(stats))]
     solve_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     # the engine's report: fused and weight-averaged errors per concept, one read of each concept
     report = [relative_errors_many([w, weight_average(s)], s) for w, s in zip(fused, stats)] if not args.lean else []
     report_s = time.perf_counter() - t0
-    del fused, report
+    t0 = time.perf_counter()
+    unseen = [relative_errors_many([w, weight_average(s)], h) for w, s, h in zip(fused, stats, held)]
+    held_report_s = time.perf_counter() - t0
+    out = {"layers": len(stats), "layers_full": len(stage.shapes), "exact_s": accumulate_s + solve_s,
+           "exact_accumulate_s": accumulate_s, "exact_solve_s": solve_s, "report_s": report_s,
+           "exact_s_per_layer": (accumulate_s + solve_s) / len(stats), "stats_mb": round(stats_mb, 1),
+           "peak_stats_mb": round(peak_stats / 2**20, 1), "keep_per_concept": not args.lean,
+           "held_out": held_out, "rss_base_mb": round(rss_base, 1), "peak_rss_mb_exact": round(_peak_rss_mb(), 1)}
+    if held_out:
+        out.update({"held_out_accumulate_s": held_s, "held_out_report_s": held_report_s,
+                    "validation_rows_per_concept_per_layer": sum(stage.validation),
+                    "held_out_rows_per_concept_per_layer": sum(stage.held_out),
+                    "held_out_relerr_mean_fused": sum(sum(u[0]) for u in unseen) / (len(unseen) * args.concepts),
+                    "held_out_relerr_mean_average": sum(sum(u[1]) for u in unseen) / (len(unseen) * args.concepts)})
+    del fused, report, unseen
     spill.cleanup()
-    n = len(stats)
-    return {"layers": n, "layers_full": len(stage.shapes), "exact_s": accumulate_s + solve_s,
-            "exact_accumulate_s": accumulate_s, "exact_solve_s": solve_s, "report_s": report_s,
-            "exact_s_per_layer": (accumulate_s + solve_s) / n, "stats_mb": round(stats_mb, 1),
-            "keep_per_concept": not args.lean, "rss_base_mb": round(rss_base, 1),
-            "peak_rss_mb_exact": round(_peak_rss_mb(), 1)}
+    return out
 
 
 def _worker_lbfgs(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict:
@@ -194,17 +260,21 @@ def _worker_lbfgs(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict
     picks = [total // 2] if count == 1 else [round(k * (total - 1) / (count - 1)) for k in range(count)]
     rss_base = _peak_rss_mb()
     lbfgs_s, evals = 0.0, 0
-    totals = {"exact": 0.0, "lbfgs": 0.0, "average": 0.0}
-    worst = {"exact": 0.0, "lbfgs": 0.0, "average": 0.0}
+    methods = ("exact", "unregularised", "lbfgs", "average")
+    totals = dict.fromkeys(methods, 0.0)
+    worst = dict.fromkeys(methods, 0.0)
+    unseen = dict.fromkeys(methods, 0.0)
     stored_mb = 0.0
     for i in picks:
         layer = _Layer(args.seed, stage_id, i, stage.shapes[i])
         w0 = _base_weight(args.seed, stage_id, i, stage.shapes[i])
-        xs, targets = [], []
+        xs, targets, held_xs, valid_xs = [], [], [], []
         for c in range(args.concepts):
             own, delta = layer.concept(c)
             xs.append(torch.cat([layer.rows(c, own, j, n, _shared(stage, j))
                                  for j, n in enumerate(stage.chunks)]))
+            held_xs.append(torch.cat(_held_out_rows(layer, stage, c, own)))
+            valid_xs.append(torch.cat(_held_out_rows(layer, stage, c, own, validation=True)))
             targets.append(w0 + delta)
         stored_mb += sum(x.shape[0] * (x.shape[1] + w0.shape[0]) for x in xs) * 4 / 2**20  # fp32 in + out
         trace: list[float] = []
@@ -214,21 +284,28 @@ def _worker_lbfgs(args: argparse.Namespace, stage: Stage, stage_id: int) -> dict
         evals += len(trace)
         # the same activations, streamed: our solution and the report's numbers
         stats = LayerStats(w0)
+        held, valid = LayerStats.held_out_for(stats), LayerStats.held_out_for(stats)
         for c, x in enumerate(xs):
-            stats.begin_concept(delta=targets[c] - w0)
-            stats.add(x)
-            stats.end_concept()
-        candidates = {"exact": solve_exact(stats), "lbfgs": w_lbfgs, "average": weight_average(stats)}
+            for target, rows in ((stats, x), (held, held_xs[c]), (valid, valid_xs[c])):
+                target.begin_concept(delta=targets[c] - w0)
+                target.add(rows)
+                target.end_concept()
+        candidates = {"exact": solve_exact(stats, validation=valid),
+                      "unregularised": solve_exact(stats, ridge=1e-8, prior="base", max_change=None),
+                      "lbfgs": w_lbfgs, "average": weight_average(stats)}
         for key, w in candidates.items():
             totals[key] += objective(w, stats)
             worst[key] = max(worst[key], *relative_errors(w, stats))
+            unseen[key] += sum(relative_errors(w, held)) / (count * args.concepts)
     return {"lbfgs_layers": count, "lbfgs_layer_ids": picks, "lbfgs_iterations": stage.iterations, "lbfgs_s": lbfgs_s,
             "lbfgs_s_per_layer": lbfgs_s / count, "lbfgs_evals_per_layer": evals / count,
             "objective_exact": totals["exact"], "objective_lbfgs": totals["lbfgs"],
             "objective_average": totals["average"],
             "objective_ratio_lbfgs_to_exact": totals["lbfgs"] / totals["exact"] if totals["exact"] else None,
             "relerr_max_exact": worst["exact"], "relerr_max_lbfgs": worst["lbfgs"],
-            "relerr_max_average": worst["average"], "lbfgs_stored_activations_mb": round(stored_mb, 1),
+            "relerr_max_average": worst["average"], "objective_unregularised": totals["unregularised"],
+            **{f"held_out_relerr_mean_{key}": value for key, value in unseen.items()},
+            "lbfgs_stored_activations_mb": round(stored_mb, 1),
             "rss_base_mb_lbfgs": round(rss_base, 1), "peak_rss_mb_lbfgs": round(_peak_rss_mb(), 1)}
 
 
@@ -238,15 +315,105 @@ def _authors_store_mb(stage: Stage, concepts: int) -> float:
     return sum(rows * (out + width) * 2 for out, width in stage.shapes) / 2**20
 
 
+# ---------------------------------------------------------------------------- the child process
+def _rss_mb() -> float:
+    """Resident memory now (not the peak): what a long-lived WebUI keeps after a fusion."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _process_files(model: str, folder: Path) -> tuple[Path, list[Path]]:
+    """A base checkpoint (the tiny model, or the random full-size SD1.5 of the real-host suite)
+    and two random concepts for it."""
+    from lib_mos import sd1, synthetic
+    from lib_mos.concept_files import write_concept
+
+    if model == "tiny":
+        base = folder / "tiny-sd1.safetensors"
+        sd1.save_checkpoint(sd1.build_tiny_sd1(0), base)
+    else:  # the real-host suite's checkpoint, in its cache
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "realhost"))
+        from sd15_checkpoint import write_random_sd15
+
+        base = Path.home() / ".cache" / "lib_mos" / "realhost" / "sd15-random-seed0.safetensors"
+        if not base.exists():
+            write_random_sd15(base, seed=0)
+    loaded = sd1.load_checkpoint(base)
+    concepts = [write_concept(synthetic.random_concept(loaded, (f"<c{k}a>", f"<c{k}b>"), seed=k + 1, name=f"c{k}"),
+                              folder / f"c{k}.safetensors") for k in range(2)]
+    return base, concepts
+
+
+def _worker_process(args: argparse.Namespace) -> dict:
+    """One fusion, in this process (as the tab used to) or in a child (as it does now): wall time,
+    this process's RSS before and after, the peaks."""
+    import gc
+
+    from lib_mos import fused_checkpoint, fusion
+    from lib_mos.fusion_process import run_fusion_process
+
+    out = Path(args.out)
+    fuse_args = ["--base", args.base, "--spatial-steps", "1", "--spatial-size", "256", "--spatial-seeds", "1"]
+    for c in args.concept:
+        fuse_args += ["--concept", c]
+    before = _rss_mb()
+    t0 = time.perf_counter()
+    if args.method == "child":
+        run_fusion_process(fuse_args, out, cwd=Path(__file__).resolve().parents[1])
+        child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    else:
+        settings = fusion.FusionSettings(spatial_steps=1, spatial_size=256, spatial_seeds=1)
+        fused_checkpoint.fuse_checkpoint(args.base, [fused_checkpoint.parse_concept_spec(c) for c in args.concept], out, settings)
+        child_peak = None
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    return {"method": args.method, "seconds": seconds, "rss_before_mb": round(before, 1),
+            "rss_after_mb": round(_rss_mb(), 1), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "child_peak_rss_mb": None if child_peak is None else round(child_peak, 1)}
+
+
+def _bench_process(args: argparse.Namespace) -> None:
+    """In-process fusion against the child process, each in a fresh worker, alternating."""
+    with tempfile.TemporaryDirectory(prefix="mos-bench-process-") as tmp:
+        folder = Path(tmp)
+        # in a worker of its own: peak RSS survives fork and exec on Linux, so the model loaded to
+        # make the concepts would show as every later worker's peak
+        made = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "--method", "files",
+                               "--process", args.process, "--out", str(folder)],
+                              capture_output=True, text=True, check=False)
+        if made.returncode != 0:
+            sys.stderr.write(made.stderr)
+            raise SystemExit("could not write the base and concept files")
+        base, *concepts = json.loads(made.stdout.splitlines()[-1])
+        print(f"# {args.process}: {base}; spatial 1 step, 256 px, 1 seed; {args.repeat} run(s) each", file=sys.stderr)
+        for run in range(args.repeat):
+            for method in ("inprocess", "child"):
+                out = folder / f"fused-{method}-{run}.safetensors"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", method,
+                       "--base", str(base), "--out", str(out), *(a for c in concepts for a in ("--concept", str(c)))]
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    sys.stderr.write(done.stderr)
+                    raise SystemExit(f"worker failed: {' '.join(cmd)}")
+                out.unlink()
+                print(json.dumps({"model": args.process, "run": run, **json.loads(done.stdout.splitlines()[-1])}),
+                      flush=True)
+
+
 # -------------------------------------------------------------------------------------------- main
 def _run_worker(args: argparse.Namespace, concepts: int, stage: str, method: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--concepts", str(concepts),
            "--stages", stage, "--method", method, "--seed", str(args.seed),
-           "--lbfgs-layers", str(args.lbfgs_layers), "--spatial-steps", str(args.spatial_steps)]
+           "--lbfgs-layers", str(args.lbfgs_layers), "--spatial-steps", str(args.spatial_steps),
+           "--seeds", str(args.seeds)]
     if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
     if args.lean:
         cmd.append("--lean")
+    if args.no_held_out:
+        cmd.append("--no-held-out")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
@@ -271,18 +438,38 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None,
                     help="cap the layers the exact side fuses per stage (default: te/kv all, spatial 2)")
     ap.add_argument("--spatial-steps", type=int, default=4, help="sampling steps recorded (authors: 20)")
+    ap.add_argument("--seeds", type=int, default=4, help="noise seeds per concept in the spatial stage (authors: 1)")
+    ap.add_argument("--no-held-out", action="store_true",
+                    help="exact side without validation and held-out rows (a fixed ridge, no held-out errors)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lean", action="store_true", help="exact side without per-concept statistics")
     ap.add_argument("--quick", action="store_true",
                     help="1 LBFGS layer per stage, 1 spatial step, 1 spatial layer per width")
+    ap.add_argument("--process", choices=["tiny", "sd15"],
+                    help="instead: a whole fusion in this process against one in a child process (as the "
+                         "tab runs it): time, the parent's RSS after, the peaks")
+    ap.add_argument("--repeat", type=int, default=1, help="with --process: runs of each")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--method", choices=["exact", "lbfgs"], help=argparse.SUPPRESS)
+    ap.add_argument("--method", choices=["exact", "lbfgs", "inprocess", "child", "files"], help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    ap.add_argument("--concept", action="append", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.worker and args.method == "files":
+        base, concepts = _process_files(args.process, Path(args.out))
+        print(json.dumps([str(base), *map(str, concepts)]))
+        return
+    if args.process:
+        _bench_process(args)
+        return
+    if args.worker and args.method in ("inprocess", "child"):
+        print(json.dumps(_worker_process(args)))
+        return
     if args.worker:
         args.concepts = args.concepts[0]
         name = args.stages[0]
-        stage = _stage(name, args.spatial_steps)
+        stage = _stage(name, args.spatial_steps, args.seeds)
         stage_id = ["te", "kv", *(f"spatial{w}" for w in _SPATIAL)].index(name)
         if args.layers is None and name.startswith("spatial"):
             args.layers = 2
@@ -297,15 +484,22 @@ def main() -> None:
           f"extrapolated from --lbfgs-layers {args.lbfgs_layers}", file=sys.stderr)
     for concepts in args.concepts:
         for name in _stage_names(args):
-            stage = _stage(name, args.spatial_steps)
-            if args.quick and name.startswith("spatial") and args.layers is None:
-                exact = _run_worker(argparse.Namespace(**{**vars(args), "layers": 1}), concepts, name, "exact")
-            else:
-                exact = _run_worker(args, concepts, name, "exact")
+            stage = _stage(name, args.spatial_steps, args.seeds)
+            base = argparse.Namespace(**{**vars(args), "layers": 1}) if (
+                args.quick and name.startswith("spatial") and args.layers is None) else args
+            exact = _run_worker(base, concepts, name, "exact")
+            cost = {}
+            if not args.lean and not args.no_held_out:  # the held-out check's cost: the same run without it
+                plain = _run_worker(argparse.Namespace(**{**vars(base), "no_held_out": True}), concepts, name, "exact")
+                extra_s = (exact["held_out_accumulate_s"] + exact["held_out_report_s"]
+                           + exact["exact_solve_s"] - plain["exact_solve_s"])  # recording, ridge choice, report
+                cost = {"held_out_s_stage_extrapolated": extra_s * exact["layers_full"] / exact["layers"],
+                        "held_out_extra_peak_stats_mb": round(exact["peak_stats_mb"] - plain["peak_stats_mb"], 1),
+                        "held_out_extra_peak_rss_mb": round(exact["peak_rss_mb_exact"] - plain["peak_rss_mb_exact"], 1)}
             ref = _run_worker(args, concepts, name, "lbfgs")
             full = exact["layers_full"]
             row = {"concepts": concepts, "stage": name, "rows_per_concept_per_layer": sum(stage.chunks),
-                   **exact, "exact_s_stage_extrapolated": exact["exact_s_per_layer"] * full,
+                   **exact, **cost, "exact_s_stage_extrapolated": exact["exact_s_per_layer"] * full,
                    **ref, "lbfgs_s_stage_extrapolated": ref["lbfgs_s_per_layer"] * full,
                    "extrapolated": ["exact_s_stage_extrapolated", "lbfgs_s_stage_extrapolated"],
                    "speedup": ref["lbfgs_s_per_layer"] / exact["exact_s_per_layer"],

@@ -1,6 +1,11 @@
-"""Host glue: the "Mix-of-Show fusion" tab. Reads the UI, calls `lib_mos.fusion.fuse_checkpoint`
-under the host's queue with progress and interrupt, saves into the checkpoint folder and refreshes
-the checkpoint list. The live model is never touched: the base is read from its file."""
+"""Host glue: the "Mix-of-Show fusion" tab, which behaves like the host's Checkpoint Merger.
+
+It reads the UI and runs `python -m lib_mos fuse` in a child process (`lib_mos.fusion_process`)
+under the host's queue, with a task id so the host's progress bar shows (javascript/
+mix_of_show_fusion.js), and an Interrupt button. The child reads the base from its file and
+writes atomically into the checkpoint folder; when it exits its memory goes back to the system,
+and its crash is one message here, not the WebUI's end. The checkpoint lists (the tab's and the
+top one) show the new file at once. The live model is never touched."""
 
 from __future__ import annotations
 
@@ -9,16 +14,16 @@ import os
 from pathlib import Path
 
 import gradio as gr
-import torch
 
-from lib_mos import fusion
 from lib_mos.concept_files import read_concept
 from lib_mos.files import import_sibling
+from lib_mos.fusion_process import FusionProcessInterrupted, run_fusion_process
 from modules import call_queue, devices, script_callbacks, sd_models, shared
 
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
 concept_folder = mos_host_binding.concept_folder
 
+EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python -m lib_mos` runs here
 TAB_TITLE = "Mix-of-Show fusion"
 STAGE_LABELS = {"text encoder": "te", "cross-attention k/v": "kv", "spatial layers": "spatial"}
 TABLE_HEADERS = ["concept file", "tokens (rename as <a>+<b>)", "UNet weight", "text weight"]
@@ -55,15 +60,15 @@ def concept_table(selected: list[str], current=None) -> list[list]:
     return rows
 
 
-def _specs(table) -> list[fusion.ConceptSpec]:
+def _concept_args(table) -> list[str]:
+    """`--concept` arguments, one per table row: `FILE[:<a>+<b>]@UNET,TEXT` (`fused_checkpoint.parse_concept_spec`)."""
     rows = table.values.tolist() if hasattr(table, "values") else (table or [])
-    specs = []
+    args = []
     for rel, tokens, unet_weight, text_weight in (r[:4] for r in rows if r and r[0]):
         path = os.path.join(concept_folder(), rel)
-        spec = fusion.parse_concept_spec(f"{path}:{tokens}" if str(tokens).startswith("<") else path,
-                                         float(unet_weight), float(text_weight))
-        specs.append(spec)
-    return specs
+        renamed = f":{tokens}" if str(tokens).startswith("<") else ""
+        args += ["--concept", f"{path}{renamed}@{float(unet_weight):g},{float(text_weight):g}"]
+    return args
 
 
 def output_path(name: str) -> Path:
@@ -82,17 +87,43 @@ def loaded_checkpoint() -> str:
     return info.title if info is not None else (shared.opts.sd_model_checkpoint or "")
 
 
-def run_fusion(base_title, table, stages, solver, spatial_steps, spatial_size, seed, dtype, name, overwrite):
-    """The tab's job (runs under the host's queue lock through `wrap_gradio_gpu_call`)."""
+def settings_note(steps: float, size: float) -> str:
+    """A warning under the spatial sliders, before the user fuses, when these settings cannot
+    determine the widest SD1 layers (`fusion.spatial_shortfall`, at the CLI's default seed count)."""
+    from lib_mos import fusion, sd1
+
+    settings = fusion.FusionSettings(spatial_steps=int(steps), spatial_size=int(size))
+    shortfall = fusion.spatial_shortfall(sd1.SD15, settings)
+    return f"<p class='mos-warning'>&#9888; {html.escape(shortfall)}</p>" if shortfall else ""
+
+
+REPORT_HEADERS = ["concept", "stage", "layers", "fused error", "averaged error", "held-out error",
+                  "held-out averaged", "distance (x own change)", "rows / width", "flags"]
+
+
+def _report_rows(report: list[dict]) -> list[list]:
+    def num(value):
+        return round(value, 4) if isinstance(value, (int, float)) else None
+
+    return [[r["concept"], r["stage"], r["layers"], num(r["fused"]), num(r["average"]), num(r.get("held_out")),
+             num(r.get("held_out_average")), num(r.get("distance")),
+             f"{r['rows']} / {r['width']}" if r.get("width") else "", ", ".join(r.get("flags") or [])] for r in report]
+
+
+def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatial_size, seed, dtype, name, overwrite):
+    """The tab's job, under the host's queue lock (`wrap_gradio_gpu_call`, `id_task` from the page)."""
     base_title = base_title or loaded_checkpoint()
     info = sd_models.get_closet_checkpoint_match(base_title)
     if info is None:
         raise ValueError(f"base checkpoint {base_title!r} not found; press refresh")
-    specs = _specs(table)
     out = output_path(name)
-    settings = fusion.FusionSettings(solver=solver, spatial_steps=int(spatial_steps), spatial_size=int(spatial_size),
-                                     seed=int(seed), skip=frozenset(set(STAGE_LABELS.values()) -
-                                                                    {STAGE_LABELS[s] for s in stages or []}))
+    args = ["--base", info.filename, "--solver", solver, "--spatial-steps", str(int(spatial_steps)),
+            "--spatial-size", str(int(spatial_size)), "--seed", str(int(seed)), "--dtype", dtype,
+            "--device", str(devices.device), *_concept_args(table)]
+    for stage in sorted(set(STAGE_LABELS.values()) - {STAGE_LABELS[s] for s in stages or []}):
+        args += ["--skip-stage", stage]
+    if overwrite:
+        args.append("--overwrite")
     shared.state.job = TAB_TITLE
     shared.state.job_count = 1
 
@@ -100,15 +131,22 @@ def run_fusion(base_title, table, stages, solver, spatial_steps, spatial_size, s
         shared.state.textinfo = f"{TAB_TITLE}: {what}"
         shared.state.sampling_step, shared.state.sampling_steps = done, total
 
-    path, result = fusion.fuse_checkpoint(info.filename, specs, out, settings,
-                                          dtype=torch.float16 if dtype == "fp16" else torch.float32,
-                                          overwrite=bool(overwrite), device=str(devices.device), progress=progress,
-                                          should_stop=lambda: shared.state.interrupted or shared.state.skipped)
+    try:
+        result = run_fusion_process(args, out, progress=progress, cwd=EXTENSION_ROOT,
+                                    should_stop=lambda: shared.state.interrupted or shared.state.skipped)
+    except FusionProcessInterrupted as e:
+        return None, gr.update(), f"<p>Interrupted: {html.escape(str(e).removeprefix('interrupted: '))}.</p>"
     sd_models.list_models()
-    rows = [[r["concept"], r["stage"], r["layers"], round(r["fused"], 4), round(r["average"], 4)] for r in result.report]
-    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
-    return (rows, gr.update(choices=sd_models.checkpoint_tiles(), value=base_title),
-            f"<p>Saved <code>{html.escape(str(path))}</code> ({seconds}). It is in the checkpoint list now.</p>")
+    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+    warnings = "".join(f"<p class='mos-warning'>&#9888; {html.escape(w)}</p>" for w in result["warnings"])
+    return (_report_rows(result["report"]), gr.update(choices=sd_models.checkpoint_tiles(), value=base_title),
+            f"{warnings}<p>Saved <code>{html.escape(str(result['path']))}</code> ({seconds}). It is in the checkpoint "
+            "list now.</p>")
+
+
+def interrupt() -> None:
+    """The host's Interrupt: the running fusion's child is stopped at once and writes nothing."""
+    shared.state.interrupt()
 
 
 def on_ui_tabs():
@@ -136,21 +174,28 @@ def on_ui_tabs():
             size = gr.Slider(label="Spatial sampling size", minimum=256, maximum=1024, step=64, value=512,
                              elem_id="mos_fusion_spatial_size")
             seed = gr.Number(label="Seed", value=0, precision=0)
+        note = gr.HTML(settings_note(20, 512), elem_id="mos_fusion_settings_note")
         with gr.Row():
             name = gr.Textbox(label="Output name", value="mix-of-show-fused.safetensors", elem_id="mos_fusion_name")
             overwrite = gr.Checkbox(label="Overwrite", value=False)
             run = gr.Button("Fuse", variant="primary", elem_id="mos_fusion_run")
-        report = gr.Dataframe(headers=["concept", "stage", "layers", "fused error", "averaged error"],
-                              interactive=False, elem_id="mos_fusion_report")
-        status = gr.HTML(folder_problems(), elem_id="mos_fusion_status")
+            stop = gr.Button("Interrupt", elem_id="mos_fusion_interrupt")
+        task_id = gr.Label(visible=False)  # the page puts the task id here (mosFusionSubmit)
+        with gr.Group(elem_id="mos_fusion_results_panel"):
+            report = gr.Dataframe(headers=REPORT_HEADERS, interactive=False, elem_id="mos_fusion_report")
+            status = gr.HTML(folder_problems(), elem_id="mos_fusion_status")
 
+        for slider in (steps, size):
+            slider.change(fn=settings_note, inputs=[steps, size], outputs=[note])
         files.change(fn=concept_table, inputs=[files, table], outputs=[table])
         refresh.click(fn=lambda: (gr.update(choices=sd_models.checkpoint_tiles()), gr.update(choices=concept_choices()),
                                   folder_problems()),
                       inputs=[], outputs=[base, files, status])
         run.click(fn=call_queue.wrap_gradio_gpu_call(run_fusion, extra_outputs=[None, gr.update()]),
-                  inputs=[base, table, stages, solver, steps, size, seed, dtype, name, overwrite],
+                  _js="mosFusionSubmit", inputs=[task_id, base, table, stages, solver, steps, size, seed, dtype, name,
+                                                 overwrite],
                   outputs=[report, base, status])
+        stop.click(fn=interrupt, inputs=[], outputs=[])
     return [(tab, TAB_TITLE, "mos_fusion")]
 
 

@@ -1,18 +1,21 @@
-"""The fusion tab inside the host double: it appears, fuses under the queue with progress, saves
-into the checkpoint folder, refreshes the list, leaves the live model bit-identical, and reports
-errors and interrupts without writing anything."""
+"""The fusion tab inside the host double, as the host's Checkpoint Merger behaves: it fuses in a
+child process under the queue, with a task id the host's progress API reports on, saves into the
+checkpoint folder and refreshes the list, leaves the live model bit-identical, stops at once on
+Interrupt, reports errors as one message, and never leaves a file behind when it fails."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from test_binding import make_concept
 
-from lib_mos import fusion
+from lib_mos import fused_checkpoint, sd1
 from lib_mos.concept_files import write_concept
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +28,6 @@ def tab(tmp_path, tiny_checkpoint):
     from modules import shared
 
     harness = HostHarness(tmp_path, tiny_checkpoint, extensions=[str(ROOT)])
-    from lib_mos import sd1
-
     model = sd1.load_checkpoint(tiny_checkpoint)
     for k, tokens in enumerate((("<cat1>", "<cat2>"), ("<dog1>", "<dog2>"))):
         c = dataclasses.replace(make_concept(model, tokens, seed=k + 1), name=tokens[0][1:-1])
@@ -48,9 +49,9 @@ def fuse_args(harness, module, **overrides):
     from modules import shared
 
     table = module.concept_table(module.concept_choices())
-    args = dict(base_title=shared.opts.sd_model_checkpoint, table=table, stages=list(module.STAGE_LABELS),
-                solver="exact", spatial_steps=2, spatial_size=64, seed=0, dtype="fp16", name="fused-pets",
-                overwrite=False)
+    args = dict(id_task="task(test)", base_title=shared.opts.sd_model_checkpoint, table=table,
+                stages=["text encoder", "cross-attention k/v"], solver="exact", spatial_steps=1, spatial_size=256,
+                seed=0, dtype="fp16", name="fused-pets", overwrite=False)
     args.update(overrides)
     return list(args.values())
 
@@ -60,82 +61,159 @@ def test_tab_is_registered(tab):
     assert ("Mix-of-Show fusion", "mos_fusion") in [(t, e) for _, t, e in harness.ui_tabs]
 
 
-def test_tab_fuses_saves_and_refreshes(tab):
-    from modules import call_queue, sd_models, shared
+def test_settings_that_cannot_determine_the_widest_layers_are_flagged_before_fusing(tab):
+    """SD1.5's middle block (1280 inputs) sees (size/64)^2 cells per step and seed, 4 seeds."""
+    _, module = tab
+    assert module.settings_note(20, 512) == "" and module.settings_note(20, 256) == ""
+    note = module.settings_note(1, 256)
+    assert "mos-warning" in note and "64 rows" in note and "1280 inputs" in note and "at least 20 steps" in note
+    assert "at least 5 steps" in module.settings_note(4, 512)
+
+
+def run_job(module, *args):
+    from modules import call_queue
+
+    return call_queue.wrap_gradio_gpu_call(module.run_fusion, extra_outputs=[None, None])(*args)
+
+
+def checkpoint_folder_files() -> list[str]:
+    from modules import sd_models
+
+    return sorted(p.name for p in Path(sd_models.model_path).iterdir())
+
+
+def test_tab_fuses_in_a_child_with_progress_and_refreshes(tab):
+    """The host's progress API sees the task (active, progress, the stage in its text) while the
+    child works, and the result and the refreshed list come back."""
+    from modules import progress, sd_models
 
     harness, module = tab
     assert module.concept_choices() == ["cat1.safetensors", "dog1.safetensors"]
-    table = module.concept_table(module.concept_choices())
-    assert table[0][1] == "<cat1>+<cat2>"
     before = live_state(harness)
     seen = []
-    original = module.fusion.fuse_checkpoint
+    done = threading.Event()
 
-    def spy(*a, progress=None, **k):
-        def wrapped(what, done, total):
-            seen.append((shared.state.job, what))
-            progress(what, done, total)
+    def watch() -> None:
+        while not done.is_set():
+            answer = progress.progressapi(progress.ProgressRequest(id_task="task(test)"))
+            if answer.active and answer.progress:
+                seen.append((answer.progress, answer.textinfo))
+            time.sleep(0.05)
 
-        return original(*a, progress=wrapped, **k)
-
-    module.fusion.fuse_checkpoint = spy
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
-        job = call_queue.wrap_gradio_gpu_call(module.run_fusion, extra_outputs=[None, None])
-        rows, update, status = job(*fuse_args(harness, module))
+        rows, update, status = run_job(module, *fuse_args(harness, module, spatial_steps=1))
     finally:
-        module.fusion.fuse_checkpoint = original
-    assert "Saved" in status and "Time taken" in status
-    out = Path(sd_models.model_path) / "fused-pets.safetensors"
-    assert out.is_file()
+        done.set()
+        watcher.join()
+    assert "Saved" in status and "Time taken" in status, status
+    assert "fused-pets.safetensors" in checkpoint_folder_files()
     assert any(t.startswith("fused-pets.safetensors") for t in sd_models.checkpoint_tiles())
     assert any(t.startswith("fused-pets.safetensors") for t in update["choices"])
-    assert len(rows) == 6 and all(r[3] < r[4] for r in rows)
-    assert seen and all(job_name == module.TAB_TITLE for job_name, _ in seen)
+    assert len(rows) == 4 and all(r[3] < r[4] for r in rows)  # fused beats averaging on every row
+    assert all(r[5] is not None for r in rows)  # held-out errors measured
+    assert seen and all(0 < p <= 1 for p, _ in seen) and any("te" in text for _, text in seen)
+    assert "task(test)" in progress.finished_tasks
     after = live_state(harness)
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert [c.tokens for c in fusion.read_fused_concepts(out)] == [("<cat1>", "<cat2>"), ("<dog1>", "<dog2>")]
+    out = Path(sd_models.model_path) / "fused-pets.safetensors"
+    assert [c.tokens for c in fused_checkpoint.read_fused_concepts(out)] == [("<cat1>", "<cat2>"), ("<dog1>", "<dog2>")]
 
 
-def test_tab_renames_tokens_and_refuses_clashes(tab):
-    from modules import call_queue
+def test_tab_weights_and_renamed_tokens_reach_the_child(tab):
+    from modules import sd_models
 
+    harness, module = tab
+    table = module.concept_table(module.concept_choices())
+    table[1][1] = "<pup1>+<pup2>"
+    table[1][2], table[1][3] = 0.5, 0.25
+    *_, status = run_job(module, *fuse_args(harness, module, table=table))
+    assert "Saved" in status, status
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(sd_models.model_path) / "fused-pets.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()[fused_checkpoint.FUSED_METADATA_KEY])
+    assert [c["tokens"] for c in meta["concepts"]] == [["<cat1>", "<cat2>"], ["<pup1>", "<pup2>"]]
+    assert [(c["unet_weight"], c["text_weight"]) for c in meta["concepts"]] == [(1.0, 1.0), (0.5, 0.25)]
+
+
+def test_tab_refuses_clashes_with_one_message(tab):
     harness, module = tab
     table = module.concept_table(module.concept_choices())
     table[1][1] = "<cat1>+<pup>"
-    job = call_queue.wrap_gradio_gpu_call(module.run_fusion, extra_outputs=[None, None])
-    *_, status = job(*fuse_args(harness, module, table=table, stages=["cross-attention k/v"]))
-    assert "error" in status and "&lt;cat1&gt;" in status
+    *_, status = run_job(module, *fuse_args(harness, module, table=table))
+    assert "error" in status and "&lt;cat1&gt;" in status and "Traceback" not in status
+    assert checkpoint_folder_files() == ["tiny-sd1.safetensors"]
 
 
-def test_tab_interrupt_writes_nothing(tab):
-    from modules import call_queue, sd_models, shared
+def test_interrupt_stops_the_child_and_leaves_nothing(tab):
+    from modules import shared
 
     harness, module = tab
-    original = module.fusion.fuse_checkpoint
-
-    def interrupting(*a, progress=None, **k):
-        def wrapped(what, done, total):
-            shared.state.interrupted = True
-            progress(what, done, total)
-
-        return original(*a, progress=wrapped, **k)
-
-    module.fusion.fuse_checkpoint = interrupting
-    try:
-        job = call_queue.wrap_gradio_gpu_call(module.run_fusion, extra_outputs=[None, None])
-        *_, status = job(*fuse_args(harness, module))
-    finally:
-        module.fusion.fuse_checkpoint = original
-    assert "Interrupted" in status
-    assert not (Path(sd_models.model_path) / "fused-pets.safetensors").exists()
+    result = []
+    job = threading.Thread(target=lambda: result.append(run_job(module, *fuse_args(harness, module))))
+    job.start()
+    deadline = time.monotonic() + 120
+    while not shared.state.textinfo and time.monotonic() < deadline:  # the child reports its first step
+        time.sleep(0.05)
+    module.interrupt()
+    job.join(120)
+    assert not job.is_alive()
+    *_, status = result[0]
+    assert "Interrupted" in status and "nothing was written" in status
+    assert checkpoint_folder_files() == ["tiny-sd1.safetensors"]  # no temporary file either
     assert not shared.state.interrupted  # the host resets the flag after the job
-    assert [p.name for p in Path(sd_models.model_path).iterdir() if p.name.startswith(".")] == []
 
 
 def test_tab_bad_output_name(tab):
-    from modules import call_queue
-
     harness, module = tab
-    job = call_queue.wrap_gradio_gpu_call(module.run_fusion, extra_outputs=[None, None])
-    *_, status = job(*fuse_args(harness, module, name="../escape"))
+    *_, status = run_job(module, *fuse_args(harness, module, name="../escape"))
     assert "error" in status and "without folders" in status
+
+
+def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tmp_path, tiny_checkpoint, browser_page):
+    """A stale base in ui-config.json is not used; Fuse shows the host's progress bar; Interrupt
+    stops the fusion and nothing is written."""
+    import json
+
+    from host_harness import HostHarness
+
+    from modules import sd_models, shared
+
+    config = tmp_path / "ui-config.json"
+    config.write_text(json.dumps({"mos_fusion/Base checkpoint (default: the one loaded now)/value": "stale.safetensors"}))
+    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ROOT)], ui_config_file=config)
+    try:
+        model = sd1.load_checkpoint(tiny_checkpoint)
+        for k, tokens in enumerate((("<cat1>", "<cat2>"), ("<dog1>", "<dog2>"))):
+            c = dataclasses.replace(make_concept(model, tokens, seed=k + 1), name=tokens[0][1:-1])
+            write_concept(c, Path(shared.cmd_opts.lora_dir) / f"{c.name}.safetensors")
+        page = browser_page.page
+        page.goto(harness.serve())
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')")
+        assert page.input_value("#mos_fusion_base input") == shared.opts.sd_model_checkpoint
+        assert page.inner_text("#mos_fusion_settings_note").strip() == ""  # the defaults are enough
+        page.fill("#mos_fusion_spatial_steps input[type=number]", "1")
+        page.press("#mos_fusion_spatial_steps input[type=number]", "Tab")  # gradio reads the number on blur
+        page.wait_for_function("() => /at least \\d+ steps/.test("
+                               "gradioApp().querySelector('#mos_fusion_settings_note').textContent)")
+        page.click("#mos_fusion_refresh")
+        for name in ("cat1.safetensors", "dog1.safetensors"):
+            page.click("#mos_fusion_files input")
+            page.click(f"#mos_fusion_files ul.options li[data-value='{name}']", timeout=20_000)
+        page.mouse.click(2, 2)
+        page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 2")
+        page.click("#mos_fusion_run")
+        page.wait_for_selector(".progressDiv", timeout=60_000)
+        page.wait_for_function("() => /mos|te|kv/.test(gradioApp().querySelector('.progressDiv').textContent)",
+                               timeout=60_000)
+        page.click("#mos_fusion_interrupt")
+        page.wait_for_function("() => /Interrupted/.test(gradioApp().querySelector('#mos_fusion_status').textContent)",
+                               timeout=120_000)
+        assert sorted(p.name for p in Path(sd_models.model_path).iterdir()) == ["tiny-sd1.safetensors"]
+        assert not browser_page.errors, browser_page.errors
+    finally:
+        harness.close()

@@ -169,19 +169,30 @@ def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):
             page.fill(f"#{elem} input[type=number]", value)
             page.press(f"#{elem} input[type=number]", "Enter")
         page.fill("#mos_fusion_name textarea, #mos_fusion_name input", "fused-tab.safetensors")
+        assert page.input_value("#mos_fusion_base input").startswith("sd15-random.safetensors")
+        rss_before = realhost.rss_bytes()
         page.click("#mos_fusion_run")
+        page.wait_for_selector(".progressDiv", timeout=120_000)  # the host's own progress bar
         page.wait_for_function("() => /Saved|rror/.test(gradioApp().querySelector('#mos_fusion_status').textContent)",
                                timeout=1_500_000)
         status = page.inner_text("#mos_fusion_status")
-        print("tab status:", status)
+        rss_after = realhost.rss_bytes()
+        print(f"tab status: {status}\nWebUI RSS before the tab fusion {rss_before / 2**30:.2f} GiB, "
+              f"after {rss_after / 2**30:.2f} GiB")
         assert "Saved" in status
+        assert rss_after <= 1.10 * rss_before, "the WebUI kept the fusion's memory"
+        # the top checkpoint dropdown lists the new file without a manual refresh
+        pick_option(page, "setting_sd_model_checkpoint", next(
+            t for t in realhost.get("/sdapi/v1/sd-models") if t["model_name"] == "fused-tab")["title"], timeout=30,
+            choose=False)
         assert not browser.errors, browser.errors
     assert (realhost.checkpoints / "fused-tab.safetensors").is_file()
 
 
-def pick_option(page, elem_id: str, value: str, timeout: float = 60.0) -> None:
+def pick_option(page, elem_id: str, value: str, timeout: float = 60.0, *, choose: bool = True) -> None:
     """Choose `value` in a gradio dropdown whose choices may still be on their way from the server
-    (the list shows the choices it had when it opened, so reopen it until the option is there)."""
+    (the list shows the choices it had when it opened, so reopen it until the option is there);
+    with `choose=False` only wait until it is listed."""
     import time
 
     option = page.locator(f"#{elem_id} ul.options li[data-value='{value}']")
@@ -189,7 +200,10 @@ def pick_option(page, elem_id: str, value: str, timeout: float = 60.0) -> None:
     while True:
         page.click(f"#{elem_id} input")
         if option.count():
-            option.click()
+            if choose:
+                option.click()
+            else:
+                page.mouse.click(2, 2)
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"{value!r} never appeared in #{elem_id}")

@@ -101,6 +101,13 @@ class RealHost:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
 
+    def rss_bytes(self) -> int:
+        """The WebUI's resident memory (launch.py runs the WebUI in its own process, not a child)."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 

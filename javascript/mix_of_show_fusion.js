@@ -1,0 +1,22 @@
+/*
+ * The Mix-of-Show fusion tab's submit, as the host's Checkpoint Merger does it: a task id, so the
+ * host's progress bar (requestProgress, polling /internal/progress) shows above the tab's results,
+ * and, once the job ends, the top checkpoint dropdown refreshed so the new file is in it at once.
+ * Host page contract used: gradioApp, randomId, requestProgress, and the quicksettings refresh
+ * button #refresh_sd_model_checkpoint (absent when the checkpoint is not in quicksettings).
+ */
+
+// The `_js` of the tab's Fuse button: gradio passes the inputs, the first being a placeholder.
+// eslint-disable-next-line no-unused-vars
+function mosFusionSubmit() {
+    const id = randomId();
+    requestProgress(id, gradioApp().getElementById("mos_fusion_results_panel"), null, function() {
+        const refresh = gradioApp().getElementById("refresh_sd_model_checkpoint");
+        if (refresh) {
+            refresh.click();
+        }
+    });
+    const args = Array.from(arguments);
+    args[0] = id;
+    return args;
+}

@@ -22,7 +22,7 @@ import torch
 from lib_mos.binding import PromptBinder, aliased_prompts
 from lib_mos.concept_library import ConceptLibrary, FoundConcepts, resolve
 from lib_mos.concepts import Concept
-from lib_mos.fusion import read_fused_concepts
+from lib_mos.fused_checkpoint import read_fused_concepts
 from modules import paths, shared
 
 _TOKEN = re.compile(r"<[^<>:\s,]+>")

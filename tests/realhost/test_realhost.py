@@ -169,6 +169,13 @@ def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):
             page.fill(f"#{elem} input[type=number]", value)
             page.press(f"#{elem} input[type=number]", "Enter")
         page.fill("#mos_fusion_name textarea, #mos_fusion_name input", "fused-tab.safetensors")
+        # the base defaults to the checkpoint loaded now (after the CLI test, its fused one)
+        loaded = realhost.get("/sdapi/v1/options")["sd_model_checkpoint"]
+        print("loaded checkpoint:", loaded, "| tab's base:", page.input_value("#mos_fusion_base input"))
+        assert page.input_value("#mos_fusion_base input") == loaded
+        if not loaded.startswith("sd15-random.safetensors"):
+            pick_option(page, "mos_fusion_base", next(t["title"] for t in realhost.get("/sdapi/v1/sd-models")
+                                                      if t["model_name"] == "sd15-random"))
         assert page.input_value("#mos_fusion_base input").startswith("sd15-random.safetensors")
         rss_before = realhost.rss_bytes()
         page.click("#mos_fusion_run")

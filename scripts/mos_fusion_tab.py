@@ -81,10 +81,16 @@ def output_path(name: str) -> Path:
 
 
 def loaded_checkpoint() -> str:
-    """The title of the checkpoint loaded now (the host loads it while the UI is being built, so
-    ask at page load and at run time, not once)."""
-    info = getattr(shared.sd_model, "sd_checkpoint_info", None)
-    return info.title if info is not None else (shared.opts.sd_model_checkpoint or "")
+    """The title of the checkpoint the top dropdown shows, which the next generation runs on.
+    Asked at every page load and run, not once: the host loads it while the UI is being built.
+    The setting, not `shared.sd_model`: after a generation with a checkpoint override the host
+    restores the setting but keeps the override's weights loaded until the next generation. Only
+    a setting naming no file falls back to the weights loaded now."""
+    setting = shared.opts.sd_model_checkpoint
+    info = sd_models.get_closet_checkpoint_match(setting) if setting else None  # ("" would match any)
+    if info is None:
+        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+    return info.title if info is not None else ""
 
 
 def settings_note(steps: float, size: float) -> str:

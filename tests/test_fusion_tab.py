@@ -70,6 +70,23 @@ def test_settings_that_cannot_determine_the_widest_layers_are_flagged_before_fus
     assert "at least 5 steps" in module.settings_note(4, 512)
 
 
+def test_base_defaults_to_the_checkpoint_the_top_dropdown_shows(tab, tmp_path):
+    """After a generation with a checkpoint override the host restores the setting (the top
+    dropdown) but leaves the override's weights loaded until the next generation; the base is the
+    one the user sees, which the next generation loads too (found in the real host)."""
+    from modules import sd_models, shared
+
+    harness, module = tab
+    sd1.save_checkpoint(sd1.build_tiny_sd1(seed=1), Path(sd_models.model_path) / "other.safetensors")
+    sd_models.list_models()
+    shown = shared.opts.sd_model_checkpoint
+    harness.txt2img("a cat", steps=1, override_settings={"sd_model_checkpoint": "other"})
+    assert shared.opts.sd_model_checkpoint == shown and harness.model.sd_checkpoint_info.name_for_extra == "other"
+    assert module.loaded_checkpoint() == shown
+    shared.opts.sd_model_checkpoint = "gone.safetensors"  # a setting naming no file: the weights loaded now
+    assert module.loaded_checkpoint() == harness.model.sd_checkpoint_info.title
+
+
 def run_job(module, *args):
     from modules import call_queue
 

@@ -97,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
 class ProgressBar:
     """A tqdm-style line on stderr for `fusion.Progress` calls: stage and action, a bar, done/total,
     elapsed<remaining, rate, and the current layer. what = "<stage>: <action>[: <detail>]"; a new
-    stage/action starts a new line."""
+    stage/action starts a new line. Not on a terminal (a log file, a pipe) the bar is not redrawn:
+    one line every `every` seconds and one when a stage/action completes."""
 
-    def __init__(self, stream=None, width: int = 24) -> None:
+    def __init__(self, stream=None, width: int = 24, *, live: bool | None = None, every: float = 30.0) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.width = width
+        self.live = live if live is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every
         self.key: str | None = None
         self.start = 0.0
         self.first = 0  # units already done when the bar started (0 when the stage announced itself)
+        self.printed = float("-inf")  # when the last line was written (not live)
         self.open = False
 
     def __call__(self, what: str, done: int, total: int) -> None:
@@ -117,7 +121,7 @@ class ProgressBar:
         now = time.perf_counter()
         if key != self.key:
             self.close()
-            self.key, self.start, self.first = key, now, done
+            self.key, self.start, self.first, self.printed = key, now, done, float("-inf")
         elapsed = now - self.start
         rate = (done - self.first) / elapsed if elapsed > 0 else 0.0
         filled = self.width * done // max(total, 1)
@@ -125,6 +129,14 @@ class ProgressBar:
         speed = (f"{_clock(elapsed)}<{_clock((total - done) / rate)}, {rate:.2f} {unit}/s" if rate > 0
                  else f"{_clock(elapsed)}<?, ? {unit}/s")
         line = f"{key} |{'#' * filled}{'.' * (self.width - filled)}| {done}/{total} [{speed}] "
+        if not self.live:
+            if done >= total or now - self.printed >= self.every:
+                self.stream.write(line + detail + "\n")
+                self.stream.flush()
+                self.printed = now
+            if done >= total:
+                self.key = None
+            return
         room = shutil.get_terminal_size((120, 20)).columns - 1
         if len(line) + len(detail) > room:  # a layer name is told apart by its end
             detail = "..." + detail[len(line) + len(detail) - room + 3:] if room - len(line) > 3 else ""

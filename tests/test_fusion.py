@@ -310,7 +310,7 @@ def test_progress_bar_shows_stage_layer_rate_and_eta(monkeypatch):
     clock = iter([0.0, 2.0, 4.0, 10.0, 10.5])
     monkeypatch.setattr("time.perf_counter", lambda: next(clock))
     stream = io.StringIO()
-    bar = cli.ProgressBar(stream, width=10)
+    bar = cli.ProgressBar(stream, width=10, live=True)
     bar("te: solving", 0, 4)  # the stage announces itself: the clock starts
     assert "0/4 [00:00<?, ? layer/s]" in stream.getvalue()
     bar("te: solving: text_model.encoder.layers.0.self_attn.q_proj", 1, 4)
@@ -324,6 +324,24 @@ def test_progress_bar_shows_stage_layer_rate_and_eta(monkeypatch):
     assert stream.getvalue().split("\n")[-1].lstrip("\r").startswith("spatial: sampling concept 1/2 |")
     bar.close()
     assert stream.getvalue().endswith("\n")
+
+
+def test_progress_in_a_log_is_a_line_now_and_then_not_a_redrawn_bar(monkeypatch):
+    import io
+
+    from lib_mos import __main__ as cli
+
+    clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 50.0])
+    monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    stream = io.StringIO()  # not a terminal
+    bar = cli.ProgressBar(stream, width=10)
+    for done in range(5):  # 0 s: the first line; 1 and 2 s: nothing; 40 s: 30 s passed; 41 s: done
+        bar(f"te: solving: layer{done}", done, 4)
+    bar("kv: solving: x", 1, 2)  # a new stage's first update is written at once
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and stream.getvalue().endswith("\n")
+    assert [line.split("| ")[1].split(" [")[0] for line in lines] == ["0/4", "3/4", "4/4", "1/2"]
+    assert lines[1].endswith("layer3") and lines[3].startswith("kv: solving |")
 
 
 def test_report_text_marks_flags_and_reads_old_reports():

@@ -93,12 +93,12 @@ def loaded_checkpoint() -> str:
     return info.title if info is not None else ""
 
 
-def settings_note(steps: float, size: float) -> str:
+def settings_note(steps: float, size: float, seeds: float = 4) -> str:
     """A warning under the spatial sliders, before the user fuses, when these settings cannot
-    determine the widest SD1 layers (`fusion.spatial_shortfall`, at the CLI's default seed count)."""
+    determine the widest SD1 layers (`fusion.spatial_shortfall`)."""
     from lib_mos import fusion, sd1
 
-    settings = fusion.FusionSettings(spatial_steps=int(steps), spatial_size=int(size))
+    settings = fusion.FusionSettings(spatial_steps=int(steps), spatial_size=int(size), spatial_seeds=int(seeds))
     shortfall = fusion.spatial_shortfall(sd1.SD15, settings)
     return f"<p class='mos-warning'>&#9888; {html.escape(shortfall)}</p>" if shortfall else ""
 
@@ -116,7 +116,8 @@ def _report_rows(report: list[dict]) -> list[list]:
              f"{r['rows']} / {r['width']}" if r.get("width") else "", ", ".join(r.get("flags") or [])] for r in report]
 
 
-def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatial_size, seed, dtype, name, overwrite):
+def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatial_size, spatial_seeds, seed, dtype,
+               name, overwrite):
     """The tab's job, under the host's queue lock (`wrap_gradio_gpu_call`, `id_task` from the page)."""
     base_title = base_title or loaded_checkpoint()
     info = sd_models.get_closet_checkpoint_match(base_title)
@@ -124,7 +125,8 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
         raise ValueError(f"base checkpoint {base_title!r} not found; press refresh")
     out = output_path(name)
     args = ["--base", info.filename, "--solver", solver, "--spatial-steps", str(int(spatial_steps)),
-            "--spatial-size", str(int(spatial_size)), "--seed", str(int(seed)), "--dtype", dtype,
+            "--spatial-size", str(int(spatial_size)), "--spatial-seeds", str(int(spatial_seeds)),
+            "--seed", str(int(seed)), "--dtype", dtype,
             "--device", str(devices.device), *_concept_args(table)]
     for stage in sorted(set(STAGE_LABELS.values()) - {STAGE_LABELS[s] for s in stages or []}):
         args += ["--skip-stage", stage]
@@ -179,8 +181,11 @@ def on_ui_tabs():
                               elem_id="mos_fusion_spatial_steps")
             size = gr.Slider(label="Spatial sampling size", minimum=256, maximum=1024, step=64, value=512,
                              elem_id="mos_fusion_spatial_size")
+            # more seeds: more independent rows for the widest layers in the same batch (cheap on a GPU)
+            seeds = gr.Slider(label="Spatial noise seeds per concept", minimum=1, maximum=8, step=1, value=4,
+                              elem_id="mos_fusion_spatial_seeds")
             seed = gr.Number(label="Seed", value=0, precision=0)
-        note = gr.HTML(settings_note(20, 512), elem_id="mos_fusion_settings_note")
+        note = gr.HTML(settings_note(20, 512, 4), elem_id="mos_fusion_settings_note")
         with gr.Row():
             name = gr.Textbox(label="Output name", value="mix-of-show-fused.safetensors", elem_id="mos_fusion_name")
             overwrite = gr.Checkbox(label="Overwrite", value=False)
@@ -191,14 +196,14 @@ def on_ui_tabs():
             report = gr.Dataframe(headers=REPORT_HEADERS, interactive=False, elem_id="mos_fusion_report")
             status = gr.HTML(folder_problems(), elem_id="mos_fusion_status")
 
-        for slider in (steps, size):
-            slider.change(fn=settings_note, inputs=[steps, size], outputs=[note])
+        for slider in (steps, size, seeds):
+            slider.change(fn=settings_note, inputs=[steps, size, seeds], outputs=[note])
         files.change(fn=concept_table, inputs=[files, table], outputs=[table])
         refresh.click(fn=lambda: (gr.update(choices=sd_models.checkpoint_tiles()), gr.update(choices=concept_choices()),
                                   folder_problems()),
                       inputs=[], outputs=[base, files, status])
         run.click(fn=call_queue.wrap_gradio_gpu_call(run_fusion, extra_outputs=[None, gr.update()]),
-                  _js="mosFusionSubmit", inputs=[task_id, base, table, stages, solver, steps, size, seed, dtype, name,
+                  _js="mosFusionSubmit", inputs=[task_id, base, table, stages, solver, steps, size, seeds, seed, dtype, name,
                                                  overwrite],
                   outputs=[report, base, status])
         stop.click(fn=interrupt, inputs=[], outputs=[])

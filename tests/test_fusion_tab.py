@@ -51,6 +51,7 @@ def fuse_args(harness, module, **overrides):
     table = module.concept_table(module.concept_choices())
     args = dict(id_task="task(test)", base_title=shared.opts.sd_model_checkpoint, table=table,
                 stages=["text encoder", "cross-attention k/v"], solver="exact", spatial_steps=1, spatial_size=256,
+                spatial_seeds=2,
                 seed=0, dtype="fp16", name="fused-pets", overwrite=False)
     args.update(overrides)
     return list(args.values())
@@ -68,6 +69,7 @@ def test_settings_that_cannot_determine_the_widest_layers_are_flagged_before_fus
     note = module.settings_note(1, 256)
     assert "mos-warning" in note and "64 rows" in note and "1280 inputs" in note and "at least 20 steps" in note
     assert "at least 5 steps" in module.settings_note(4, 512)
+    assert "at least 80 steps" in module.settings_note(4, 256, 1) and module.settings_note(20, 512, 1) == ""
 
 
 def test_base_defaults_to_the_checkpoint_the_top_dropdown_shows(tab, tmp_path):
@@ -138,14 +140,14 @@ def test_tab_fuses_in_a_child_with_progress_and_refreshes(tab):
     assert [c.tokens for c in fused_checkpoint.read_fused_concepts(out)] == [("<cat1>", "<cat2>"), ("<dog1>", "<dog2>")]
 
 
-def test_tab_weights_and_renamed_tokens_reach_the_child(tab):
+def test_tab_weights_renamed_tokens_and_settings_reach_the_child(tab):
     from modules import sd_models
 
     harness, module = tab
     table = module.concept_table(module.concept_choices())
     table[1][1] = "<pup1>+<pup2>"
     table[1][2], table[1][3] = 0.5, 0.25
-    *_, status = run_job(module, *fuse_args(harness, module, table=table))
+    *_, status = run_job(module, *fuse_args(harness, module, table=table, spatial_steps=3, spatial_seeds=3))
     assert "Saved" in status, status
     import json
 
@@ -155,6 +157,7 @@ def test_tab_weights_and_renamed_tokens_reach_the_child(tab):
         meta = json.loads(f.metadata()[fused_checkpoint.FUSED_METADATA_KEY])
     assert [c["tokens"] for c in meta["concepts"]] == [["<cat1>", "<cat2>"], ["<pup1>", "<pup2>"]]
     assert [(c["unet_weight"], c["text_weight"]) for c in meta["concepts"]] == [(1.0, 1.0), (0.5, 0.25)]
+    assert (meta["settings"]["spatial_steps"], meta["settings"]["spatial_seeds"]) == (3, 3)
 
 
 def test_tab_refuses_clashes_with_one_message(tab):

@@ -117,8 +117,12 @@ def _report_rows(report: list[dict]) -> list[list]:
 
 
 def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatial_size, spatial_seeds, seed, dtype,
-               name, overwrite):
-    """The tab's job, under the host's queue lock (`wrap_gradio_gpu_call`, `id_task` from the page)."""
+               name, overwrite, files=None):
+    """The tab's job, under the host's queue lock (`wrap_gradio_gpu_call`, `id_task` from the page).
+    With `files` (the selection) the table is reconciled with it first: the host runs events
+    concurrently, so a table update for an earlier selection may have arrived last."""
+    if files is not None:
+        table = concept_table(files, table)
     base_title = base_title or loaded_checkpoint()
     info = sd_models.get_closet_checkpoint_match(base_title)
     if info is None:
@@ -198,13 +202,16 @@ def on_ui_tabs():
 
         for slider in (steps, size, seeds):
             slider.change(fn=settings_note, inputs=[steps, size, seeds], outputs=[note])
-        files.change(fn=concept_table, inputs=[files, table], outputs=[table])
+        # again when the list closes: the host runs events concurrently, so the update for an
+        # earlier selection may arrive after the last one's
+        for event in (files.change, files.blur):
+            event(fn=concept_table, inputs=[files, table], outputs=[table])
         refresh.click(fn=lambda: (gr.update(choices=sd_models.checkpoint_tiles()), gr.update(choices=concept_choices()),
                                   folder_problems()),
                       inputs=[], outputs=[base, files, status])
         run.click(fn=call_queue.wrap_gradio_gpu_call(run_fusion, extra_outputs=[None, gr.update()]),
                   _js="mosFusionSubmit", inputs=[task_id, base, table, stages, solver, steps, size, seeds, seed, dtype, name,
-                                                 overwrite],
+                                                 overwrite, files],
                   outputs=[report, base, status])
         stop.click(fn=interrupt, inputs=[], outputs=[])
     return [(tab, TAB_TITLE, "mos_fusion")]

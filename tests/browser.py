@@ -108,3 +108,25 @@ def send_to_txt2img(page, infotext: str) -> None:
         updateInput(box);
     }""", infotext)
     page.click("#txt2img_tab")
+
+
+def pick_option(page, elem_id: str, value: str, timeout: float = 60.0, *, choose: bool = True) -> None:
+    """Choose `value` in a gradio dropdown whose choices may still be on their way from the server
+    (the list shows the choices it had when it opened, so reopen it until the option is there);
+    with `choose=False` only wait until it is listed."""
+    import time
+
+    option = page.locator(f"#{elem_id} ul.options li[data-value='{value}']")
+    deadline = time.monotonic() + timeout
+    while True:
+        page.click(f"#{elem_id} input")
+        if option.count():
+            if choose:
+                option.click()
+            else:
+                page.mouse.click(2, 2)
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{value!r} never appeared in #{elem_id}")
+        page.mouse.click(2, 2)  # close the list (not Escape: the host's script.js then fails off txt2img)
+        page.wait_for_timeout(500)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from browser import pick_option
 from test_binding import make_concept
 
 from lib_mos import fused_checkpoint, sd1
@@ -160,6 +161,21 @@ def test_tab_weights_renamed_tokens_and_settings_reach_the_child(tab):
     assert (meta["settings"]["spatial_steps"], meta["settings"]["spatial_seeds"]) == (3, 3)
 
 
+def test_run_reconciles_a_stale_table_with_the_selection(tab):
+    """Selecting two files quickly sends two table updates that the host may finish out of order;
+    the run fuses what is selected, keeping the edits of rows still selected."""
+    from modules import sd_models
+
+    harness, module = tab
+    stale = module.concept_table(["dog1.safetensors"])
+    stale[0][2] = 0.5
+    *_, status = run_job(module, *fuse_args(harness, module, table=stale),
+                         ["cat1.safetensors", "dog1.safetensors"])
+    assert "Saved" in status, status
+    concepts = fused_checkpoint.read_fused_concepts(Path(sd_models.model_path) / "fused-pets.safetensors")
+    assert [c.tokens for c in concepts] == [("<cat1>", "<cat2>"), ("<dog1>", "<dog2>")]
+
+
 def test_tab_refuses_clashes_with_one_message(tab):
     harness, module = tab
     table = module.concept_table(module.concept_choices())
@@ -220,12 +236,12 @@ def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tm
         page.press("#mos_fusion_spatial_steps input[type=number]", "Tab")  # gradio reads the number on blur
         page.wait_for_function("() => /at least \\d+ steps/.test("
                                "gradioApp().querySelector('#mos_fusion_settings_note').textContent)")
-        page.click("#mos_fusion_refresh")
-        for name in ("cat1.safetensors", "dog1.safetensors"):
-            page.click("#mos_fusion_files input")
-            page.click(f"#mos_fusion_files ul.options li[data-value='{name}']", timeout=20_000)
+        page.click("#mos_fusion_refresh")  # the files were written after the page was built
+        for name in ("cat1.safetensors", "dog1.safetensors"):  # the new choices may still be on their way
+            pick_option(page, "mos_fusion_files", name)
         page.mouse.click(2, 2)
-        page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 2")
+        page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 2",
+                               timeout=60_000)
         page.click("#mos_fusion_run")
         page.wait_for_selector(".progressDiv", timeout=60_000)
         page.wait_for_function("() => /mos|te|kv/.test(gradioApp().querySelector('.progressDiv').textContent)",

@@ -150,7 +150,7 @@ def test_fuse_authors_files_with_the_cli_and_load_the_result(realhost, authors):
 def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):
     """The tab lists the authors' .pth files in models/Lora (read under the host's pickle guard) and
     fuses them into the checkpoint folder."""
-    from browser import Browser
+    from browser import Browser, pick_option
 
     for name in ("potter", "hermione"):  # one of each key spelling, torch 2.0 and newer torch
         (realhost.loras / f"{name}-authors.pth").write_bytes((authors / f"{name}.pth").read_bytes())
@@ -194,28 +194,6 @@ def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):
             choose=False)
         assert not browser.errors, browser.errors
     assert (realhost.checkpoints / "fused-tab.safetensors").is_file()
-
-
-def pick_option(page, elem_id: str, value: str, timeout: float = 60.0, *, choose: bool = True) -> None:
-    """Choose `value` in a gradio dropdown whose choices may still be on their way from the server
-    (the list shows the choices it had when it opened, so reopen it until the option is there);
-    with `choose=False` only wait until it is listed."""
-    import time
-
-    option = page.locator(f"#{elem_id} ul.options li[data-value='{value}']")
-    deadline = time.monotonic() + timeout
-    while True:
-        page.click(f"#{elem_id} input")
-        if option.count():
-            if choose:
-                option.click()
-            else:
-                page.mouse.click(2, 2)
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{value!r} never appeared in #{elem_id}")
-        page.mouse.click(2, 2)  # close the list (not Escape: the host's script.js then fails off txt2img)
-        page.wait_for_timeout(500)
 
 
 def test_plain_image_after_everything_is_identical(realhost):

@@ -32,6 +32,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def temp_files_of(path: Path, pid: int) -> list[Path]:
+    """The temporary files process `pid` has open (or left, if killed) for writing `path`."""
+    return list(path.parent.glob(f".{path.name}.{pid}.*.tmp"))
+
+
 def _create_temp(folder: Path, name: str) -> Path:
     """Create an empty hidden temp file next to the target with umask-governed permissions.
 

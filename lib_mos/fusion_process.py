@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lib_mos.files import temp_files_of
+
 __all__ = ["FusionProcessError", "FusionProcessInterrupted", "run_fusion_process"]
 
 Progress = Callable[[str, int, int], None]
@@ -47,7 +49,7 @@ def _reader(stream, lines: queue.Queue) -> None:
 
 def _remove_leftovers(out: Path, pid: int) -> None:
     """The temporary files a killed child of this pid may have left next to `out`."""
-    for tmp in out.parent.glob(f".{out.name}.{pid}.*.tmp"):
+    for tmp in temp_files_of(out, pid):
         tmp.unlink(missing_ok=True)
 
 

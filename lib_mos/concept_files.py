@@ -1,5 +1,7 @@
-"""Concept files: read the authors' ED-LoRA `.pth`, kohya LoRA + textual-inversion pairs and our own
-`.safetensors` format into `lib_mos.concepts.Concept`; write our format.
+"""Concept files: read the authors' ED-LoRA `.pth`, every LoRA file the host's Lora applies to SD1
+(kohya LoRA / LoCon, LyCORIS LoHa, LoKr, full diffs, DoRA; alone as a trigger-word concept or with
+a textual-inversion embedding) and our own `.safetensors` format into `lib_mos.concepts.Concept`;
+write our format.
 
 Our format is one `.safetensors` file that is at the same time an ordinary kohya LoRA, so the
 host's built-in Lora (`<lora:name:1>`) applies its weights when the file sits in `models/Lora`,
@@ -12,11 +14,15 @@ a user with a dozen concept files needs to know which one is broken and why, not
 Pickles are only ever opened with `torch_load_weights` (`weights_only=True`, past the host's guard).
 
 Choices (see also the module constants):
-- Only the 128 UNet and 48 text-encoder attention linears that ED-LoRA trains are LoRA targets.
-  A file with LoRA on anything else (feed-forward, proj_in/out, convs; the authors' optional
-  `where: Transformer2DModel` / `CLIPEncoderLayer` configs) is refused, naming the key, rather than
-  loaded partially: a concept silently missing half its weights looks plausible and is wrong.
-- All tensors are returned as independent float32 copies (fp16/bf16 files upcast losslessly).
+- A LoRA file's keys are resolved to layers as the host resolves them for SD1 (kohya's diffusers
+  spelling, ldm spelling, `lora_te1_`), and every key must reach a Linear or Conv2d: the host
+  skips keys it cannot match, but a concept silently missing half its weights looks plausible and
+  is wrong, so such a file (SDXL, unknown layers, norm/IA3/OFT kinds) is refused naming the key.
+- Plain linear LoRAs and embeddings are returned as independent float32 copies (fp16/bf16 files
+  upcast losslessly); other layer kinds keep the file's tensors and dtype (`ModuleDelta`), so they
+  rebuild with the host's own arithmetic.
+- Trigger words of a LoRA without embeddings: given (`trigger=`), else the host's sidecar
+  `<file>.json` "activation text", else the most frequent tag of the file's `ss_tag_frequency`.
 - A textual-inversion embedding with n vectors becomes n tokens (`<base>` for one vector,
   `<base1>` ... `<baseN>` for several, mirroring the authors' `<potter1> <potter2>`), each with
   the same row on every layer; `base` is `name` or the embedding file's stem, without `<>`.
@@ -34,6 +40,7 @@ import math
 import os
 import pickle
 import pickletools
+import re
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -44,10 +51,13 @@ import torch
 
 from lib_mos import sd1
 from lib_mos.concepts import (
+    KIND_PARTS,
     Concept,
     ConceptError,
     LoraFactor,
+    ModuleDelta,
     check_fits,
+    delta_kind,
     unet_diffusers_to_ldm,
     unet_ldm_to_diffusers,
 )
@@ -67,7 +77,8 @@ __all__ = [
 ]
 
 FORMAT = "mos-concept"
-VERSION = 1
+VERSION = 2  # 2: trigger-word concepts (no tokens) and every layer kind the host's Lora applies
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "mos_concept"
 EMBEDDING_PREFIX = "mos_concept.embedding."
 SD1_LAYERS = 16
@@ -115,40 +126,82 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-@functools.cache
-def _unet_targets() -> frozenset[str]:
-    return frozenset(sd1.unet_attention_linear_names())
+def _linear_targets(kind: str) -> frozenset[str]:
+    """Module names of every linear layer of the UNet ("unet") or text encoder ("text")."""
+    return frozenset(name for k, name, conv in _layer_table().values() if k == kind and not conv)
 
 
 @functools.cache
-def _text_targets() -> frozenset[str]:
-    return frozenset(sd1.text_attention_linear_names())
+def _layer_table() -> dict[str, tuple[str, str, bool]]:
+    """The host's Lora layer key of every Linear and Conv2d of an SD1 model -> ("unet" | "text",
+    module name, is a conv). The host names layers by their dotted path with `_`
+    (`diffusion_model_input_blocks_1_1_proj_in`, `transformer_text_model_encoder_layers_0_mlp_fc1`);
+    underscores in names are ambiguous, so keys are looked up, never split. Built from an SD1 model
+    on the meta device (the layer names do not depend on the widths)."""
+    from torch import nn
 
-
-@functools.cache
-def _kohya_targets() -> dict[str, tuple[str, str]]:
-    """kohya module key -> ("unet" | "text", host module name).
-
-    Underscores are ambiguous (`to_out_0`, `transformer_blocks`), so names are matched against the
-    known SD1 targets instead of being split. Besides kohya's usual diffusers spelling, accept the
-    other spellings the host resolves for SD1: ldm names (`lora_unet_input_blocks_1_1_...`) and
-    `lora_te1_` for the text encoder.
-    """
-    table: dict[str, tuple[str, str]] = {}
-    for ldm in sd1.unet_attention_linear_names():
-        table["lora_unet_" + unet_ldm_to_diffusers(ldm).replace(".", "_")] = ("unet", ldm)
-        table["lora_unet_" + ldm.replace(".", "_")] = ("unet", ldm)
-    for name in sd1.text_attention_linear_names():
-        flat = name.replace(".", "_")
-        table["lora_te_" + flat] = ("text", name)
-        table["lora_te1_" + flat] = ("text", name)
+    unet = sd1.build_unet(sd1.TINY_SD1, device="meta")
+    text = sd1.build_text_encoder(sd1.TINY_SD1, device="meta")
+    table: dict[str, tuple[str, str, bool]] = {}
+    for prefix, kind, root in (("diffusion_model_", "unet", unet), ("transformer_", "text", text)):
+        for name, module in root.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                table[prefix + name.replace(".", "_")] = (kind, name, isinstance(module, nn.Conv2d))
     return table
 
 
+_RESNET_PARTS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
+                 "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+_DIFFUSERS_STEMS = (
+    # (pattern, how the SD1 ldm layer key follows from its groups), as the host converts kohya's
+    # diffusers spelling (extensions-builtin/Lora/networks.py, convert_diffusers_name_to_compvis)
+    (r"lora_unet_conv_in(.*)", lambda m: f"diffusion_model_input_blocks_0_0{m[1]}"),
+    (r"lora_unet_conv_out(.*)", lambda m: f"diffusion_model_out_2{m[1]}"),
+    (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
+    (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+     lambda m: f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_{_block(m[2], m[4])}"),
+    (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+     lambda m: f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{_block(m[1], m[3])[2:]}"),
+    (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+     lambda m: f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_{_block(m[2], m[4])}"),
+    (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
+    (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+     lambda m: f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"),
+    (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda m: f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"),
+)
+
+
+def _block(kind: str, rest: str) -> str:
+    """`1_<rest>` inside an attention block, `0_<ldm part>` inside a resnet."""
+    return f"1_{rest}" if kind == "attentions" else f"0_{_RESNET_PARTS.get(rest, rest)}"
+
+
+def _resolve_stem(stem: str) -> tuple[str, str, bool] | None:
+    """A LoRA key stem -> ("unet" | "text", module name, is a conv), resolved as the host resolves it
+    for SD1: kohya's diffusers spelling, else ldm spelling (`lora_unet_input_blocks_...`), else
+    `lora_te1_text_model_...`; None when the host would match no layer either."""
+    table = _layer_table()
+    key = stem
+    for pattern, convert in _DIFFUSERS_STEMS:
+        if m := re.fullmatch(pattern, stem):
+            key = convert(m)
+            break
+    found = table.get(key)
+    if found is None and "lora_unet" in stem:
+        found = table.get(stem.replace("lora_unet", "diffusion_model"))
+    elif found is None and "lora_te1_text_model" in stem:
+        found = table.get(stem.replace("lora_te1_text_model", "transformer_text_model"))
+    return found
+
+
 def _kohya_name(kind: str, name: str) -> str:
-    """The key stem our writer uses: kohya's own diffusers spelling, the host's primary path."""
+    """The key stem our writer uses: kohya's diffusers spelling for attention-block layers (the
+    host's primary path), the ldm spelling for the others (which the host resolves as well)."""
     if kind == "unet":
-        return "lora_unet_" + unet_ldm_to_diffusers(name).replace(".", "_")
+        try:
+            return "lora_unet_" + unet_ldm_to_diffusers(name).replace(".", "_")
+        except KeyError:
+            return "lora_unet_" + name.replace(".", "_")
     return "lora_te_" + name.replace(".", "_")
 
 
@@ -339,7 +392,7 @@ def _pth_lora(section: Any, where: str, kind: str) -> dict[str, LoraFactor]:
     """The authors' `text_encoder` / `unet` dict -> {host module name: LoraFactor}."""
     if not isinstance(section, Mapping):
         raise ConceptError(f"{where}: '{kind}' is a {type(section).__name__}, not a dict of tensors")
-    targets = _unet_targets() if kind == "unet" else _text_targets()
+    targets = _linear_targets("unet" if kind == "unet" else "text")
     grouped: dict[str, dict[str, tuple[str, Any]]] = {}
     for key, value in section.items():
         if not isinstance(key, str):
@@ -358,8 +411,8 @@ def _pth_lora(section: Any, where: str, kind: str) -> dict[str, LoraFactor]:
                 name = ""
         if name not in targets:
             raise ConceptError(
-                f"{where}: '{kind}' key {key!r} targets {module!r}, which is not one of the SD1 attention "
-                f"linears ED-LoRA trains (LoRA on other layers is not supported)")
+                f"{where}: '{kind}' key {key!r} targets {module!r}, which is not a linear layer of an SD1 "
+                f"{'UNet' if kind == 'unet' else 'text encoder'}")
         parts = grouped.setdefault(name, {})
         if part in parts:
             raise ConceptError(f"{where}: '{kind}' key {key!r} duplicates {parts[part][0]!r}")
@@ -390,36 +443,110 @@ def _read_pth_params(obj: Mapping[str, Any], where: str, layers: int,
 
 
 # ------------------------------------------------------------------------------------------ kohya
+# Parts the host reads besides a kind's own (extensions-builtin/Lora/network.py) and the kinds it
+# applies that a concept does not take (they change norms or need the functional path).
+_SHARED_PARTS = {"alpha", "scale", "dora_scale", "bias"}
+_PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+_OTHER_KINDS = {"w_norm": "Norm", "b_norm": "Norm", "on_input": "IA3", "oft_blocks": "OFT", "oft_diag": "OFT",
+                "a1.weight": "GLoRA", "a2.weight": "GLoRA"}
+
+
+def _module_delta(parts: dict[str, tuple[str, Any]], where: str, stem: str, is_conv: bool,
+                  ) -> LoraFactor | ModuleDelta:
+    """One layer's parts -> a change, checked as far as the file allows (the layer's real shape is
+    checked against the model later). Plain linear LoRAs become float32 `LoraFactor`s (the host
+    holds LoRA factors in its compute dtype); everything else keeps the file's tensors and dtype."""
+    for peft, ours in _PEFT_PARTS.items():
+        if peft in parts and {"lora_up.weight", "lora_down.weight"}.isdisjoint(parts):
+            parts = {(ours if k == peft else k): v for k, v in parts.items()}
+    kind = delta_kind(parts)
+    if kind is None:
+        other = next((_OTHER_KINDS[p] for p in parts if p in _OTHER_KINDS), None)
+        key = next(iter(parts.values()))[0]
+        pair = [p for p in ("lora_down.weight", "lora_up.weight") if p in parts]
+        if len(pair) == 1:
+            missing = "up" if pair[0] == "lora_down.weight" else "down"
+            raise ConceptError(f"{where}: LoRA key {parts[pair[0]][0]!r}: its {missing} weight is missing (a LoRA "
+                               "needs both)")
+        if other:
+            raise ConceptError(f"{where}: key {key!r} is a LyCORIS {other} layer, which a concept cannot hold "
+                               "(LoRA, LoCon, LoHa, LoKr, full diffs and DoRA can be)")
+        raise ConceptError(f"{where}: key {key!r}: the parts of its layer ({', '.join(sorted(parts))}) are no "
+                           "LoRA kind the host knows (LoRA lora_up/lora_down, LoHa hada_*, LoKr lokr_*, full diff)")
+    allowed = KIND_PARTS[kind] | _SHARED_PARTS
+    for part, (key, _) in parts.items():
+        if part not in allowed:
+            raise ConceptError(f"{where}: key {key!r} does not belong to a {kind} layer (unexpected part {part!r})")
+    tensors = {}
+    for part, (key, value) in parts.items():
+        ndim = (0, 1) if part in ("alpha", "scale") else (1, 2, 3, 4)
+        tensor = _float_tensor(value, where, key, ndim)
+        if part in ("alpha", "scale") and tensor.numel() != 1:
+            raise ConceptError(f"{where}: {key!r} has {tensor.numel()} values, expected 1")
+        if part not in ("alpha", "scale"):
+            tensor = value.detach().to("cpu", copy=True).contiguous()  # the file's dtype: host arithmetic
+        tensors[part] = tensor
+    if kind == "lora" and not is_conv and set(tensors) <= {"lora_up.weight", "lora_down.weight", "alpha"}:
+        down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+        return _factor({"down": (parts["lora_down.weight"][0], down.reshape(down.shape[0], -1)),
+                        "up": (parts["lora_up.weight"][0], up.reshape(up.shape[0], -1)),
+                        **({"alpha": parts["alpha"]} if "alpha" in parts else {})}, where, alpha_is_scale=False)
+    try:
+        return ModuleDelta.of(kind, tensors)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        key = next(iter(parts.values()))[0]
+        raise ConceptError(f"{where}: the {kind} factors of {stem!r} (key {key!r}) do not multiply out to a "
+                           f"layer of this kind: {_one_line(exc)}") from None
+
+
 def _kohya_lora(tensors: Mapping[str, Any], where: str, extra_ok: str | None = None,
-                ) -> tuple[dict[str, LoraFactor], dict[str, LoraFactor]]:
-    """kohya keys -> (unet_lora, text_lora); keys under `extra_ok` are left to the caller."""
-    table = _kohya_targets()
-    grouped: dict[tuple[str, str], dict[str, tuple[str, Any]]] = {}
-    for key, value in tensors.items():
+                ) -> tuple[dict[str, LoraFactor | ModuleDelta], dict[str, LoraFactor | ModuleDelta]]:
+    """LoRA-file keys -> (unet changes, text changes) by host module name; keys under `extra_ok`
+    are left to the caller. Every key must reach an SD1 layer: the host skips (and debug-logs)
+    keys it cannot match, but a concept missing some of its layers looks plausible and is wrong."""
+    grouped: dict[str, dict[str, tuple[str, Any]]] = {}
+    for key in tensors:
         if not isinstance(key, str):
             raise ConceptError(f"{where}: non-string key {key!r}")
+    sdxl = next((k for k in tensors if k.startswith(("lora_te2_", "lora_te1_text_model"))), None)
+    if sdxl is not None and any(k.startswith("lora_te2_") for k in tensors):
+        raise ConceptError(f"{where}: key {sdxl!r} belongs to an SDXL LoRA (two text encoders); this is an SD1 model")
+    for key, value in tensors.items():
         if extra_ok is not None and key.startswith(extra_ok):
             continue
         stem, _, part = key.partition(".")  # the host splits at the first dot too
+        if stem == "bundle_emb":
+            raise ConceptError(f"{where}: key {key!r} is an embedding bundled in the LoRA; pass it as a "
+                               "textual-inversion file instead (embedding= / --embedding)")
         if not stem.startswith(("lora_unet_", "lora_te_", "lora_te1_")):
-            raise ConceptError(f"{where}: key {key!r} is not a kohya LoRA key (lora_unet_* / lora_te_*)")
-        target = table.get(stem)
+            raise ConceptError(f"{where}: key {key!r} is not a LoRA key (lora_unet_* / lora_te_*)")
+        if not part:
+            raise ConceptError(f"{where}: key {key!r} has no part after the layer name (e.g. .lora_down.weight)")
+        parts = grouped.setdefault(stem, {})
+        if part in parts:
+            raise ConceptError(f"{where}: key {key!r} duplicates {parts[part][0]!r} (same layer)")
+        parts[part] = (key, value)
+    unet: dict[str, LoraFactor | ModuleDelta] = {}
+    text: dict[str, LoraFactor | ModuleDelta] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for stem, parts in grouped.items():
+        target = _resolve_stem(stem)
+        key = next(iter(parts.values()))[0]
+        other = next((p for p in parts if p in _OTHER_KINDS), None)
+        if other is not None:
+            raise ConceptError(f"{where}: key {parts[other][0]!r} is a LyCORIS {_OTHER_KINDS[other]} layer, which a "
+                               "concept cannot hold (LoRA, LoCon, LoHa, LoKr, full diffs and DoRA can be)")
         if target is None:
-            raise ConceptError(
-                f"{where}: LoRA key {key!r} targets a layer outside the SD1 attention linears a Mix-of-Show "
-                "concept uses (q/k/v/out of the UNet attentions and text self-attention); refusing to load a "
-                "partial concept, apply this LoRA with the host's <lora:...> instead")
-        if part not in _KOHYA_PARTS:
-            raise ConceptError(f"{where}: key {key!r} is not a plain LoRA weight (lora_down/lora_up/alpha)")
-        parts = grouped.setdefault(target, {})
-        if _KOHYA_PARTS[part] in parts:
-            raise ConceptError(f"{where}: key {key!r} duplicates {parts[_KOHYA_PARTS[part]][0]!r} (same layer)")
-        parts[_KOHYA_PARTS[part]] = (key, value)
-    unet: dict[str, LoraFactor] = {}
-    text: dict[str, LoraFactor] = {}
-    for (kind, name), parts in grouped.items():
-        factor = _factor(parts, where, alpha_is_scale=False)
-        (unet if kind == "unet" else text)[name] = factor
+            hint = (" (an SDXL LoRA? its UNet has layers SD1 lacks)"
+                    if re.search(r"transformer_blocks_[1-9]|input_blocks_[4-8]_1_transformer_blocks_[1-9]|label_emb", stem)
+                    else "")
+            raise ConceptError(f"{where}: key {key!r} matches no layer of an SD1 model{hint}; the host would skip it")
+        kind, name, is_conv = target
+        if (kind, name) in seen:
+            raise ConceptError(f"{where}: key {key!r} changes {name!r} again (also {seen[(kind, name)]!r}, "
+                               "another spelling of the same layer)")
+        seen[(kind, name)] = key
+        (unet if kind == "unet" else text)[name] = _module_delta(parts, where, stem, is_conv)
     return unet, text
 
 
@@ -475,13 +602,18 @@ def _read_ours(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
         raise ConceptError(f"{where}: metadata {METADATA_KEY!r} is not valid JSON: {_one_line(exc)}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise ConceptError(f"{where}: metadata {METADATA_KEY!r} is not a {FORMAT!r} description")
-    if info.get("version") != VERSION:
+    if info.get("version") not in READABLE_VERSIONS:
         raise ConceptError(
             f"{where}: {FORMAT} version {info.get('version')!r} is not supported (this reader knows {VERSION})")
     raw_tokens = info.get("tokens")
     if not isinstance(raw_tokens, list):
         raise ConceptError(f"{where}: metadata 'tokens' must be a list of strings")
     tokens = tuple(_check_token(t, where) for t in raw_tokens)
+    triggers = info.get("triggers", [])
+    if not isinstance(triggers, list) or not all(isinstance(t, str) and t.strip() for t in triggers):
+        raise ConceptError(f"{where}: metadata 'triggers' must be a list of non-empty strings")
+    if not tokens and not triggers:
+        raise ConceptError(f"{where}: the concept has neither tokens nor trigger words")
     for field in ("name", "class_word", "base_model_hash", "source_sha256"):
         value = info.get(field)
         if value is not None and not isinstance(value, str):
@@ -500,8 +632,8 @@ def _read_ours(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
             f"{where}: embedding key {bad!r} {'is unexpected' if extra else 'is missing'} "
             f"({len(tokens)} tokens in the metadata)")
     rows = [_float_tensor(tensors[k], where, k, 2) for k in want]
-    embeddings = _check_embeddings(tokens, rows, layers, where)
-    if info.get("dim") != embeddings.shape[2]:
+    embeddings = _check_embeddings(tokens, rows, layers, where) if tokens else torch.zeros(0, layers, 0)
+    if tokens and info.get("dim") != embeddings.shape[2]:
         raise ConceptError(f"{where}: metadata 'dim' is {info.get('dim')!r}, the embeddings are {embeddings.shape[2]} wide")
     unet, text = _kohya_lora(tensors, where, extra_ok=EMBEDDING_PREFIX)
     return info, tokens, embeddings, unet, text
@@ -509,9 +641,14 @@ def _read_ours(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
 
 # ---------------------------------------------------------------------------------------- public
 def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[str] | None = None,
-                 name: str | None = None, layers: int = SD1_LAYERS) -> Concept:
-    """Load a concept from the authors' ED-LoRA `.pth`, our `.safetensors`, or a kohya LoRA plus an
-    A1111 textual-inversion `embedding=`; the kind is recognised from the content.
+                 name: str | None = None, layers: int = SD1_LAYERS, trigger: str | None = None) -> Concept:
+    """Load a concept from the authors' ED-LoRA `.pth`, our `.safetensors`, or any LoRA file the
+    host applies (kohya, LyCORIS) plus an A1111 textual-inversion `embedding=`, or alone as a
+    trigger-word concept; the kind is recognised from the content.
+
+    `trigger` gives the trigger words ("ohwx man", commas separate several); without it they come
+    from the host's sidecar `<file>.json` ("activation text"), else from the file's tag
+    frequencies (`Concept.trigger_source` says which).
 
     `name` overrides the concept name (default: the file stem, or the name stored in our format;
     for kohya + embedding it is the base of the token names, default the embedding's stem).
@@ -527,13 +664,14 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
     if kind == "torch":
         obj = torch_load_weights(path)
         if isinstance(obj, Mapping) and ("params" in obj or "new_concept_embedding" in obj):
-            if embedding is not None:
-                raise ConceptError(f"{where}: is an ED-LoRA file with its own embeddings; embedding= is only for kohya LoRAs")
+            if embedding is not None or trigger is not None:
+                raise ConceptError(f"{where}: is an ED-LoRA file with its own embeddings; embedding= and trigger= "
+                                   "are only for LoRAs without them")
             tokens, embeddings, unet, text = _read_pth_params(obj, where, layers)
             return Concept(name=name or path.stem, tokens=tokens, embeddings=embeddings, unet_lora=unet,
                            text_lora=text, source_path=where, source_sha256=sha256_file(path))
         if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and k.startswith("lora_") for k in obj):
-            return _read_kohya_pair(path, obj, embedding, name, layers)
+            return _read_kohya_pair(path, obj, {}, embedding, name, layers, trigger)
         found = list(obj)[:4] if isinstance(obj, Mapping) else type(obj).__name__
         raise ConceptError(
             f"{where}: not an ED-LoRA file: expected {{'params': {{'new_concept_embedding', 'text_encoder', "
@@ -543,25 +681,105 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
         if embedding is not None:
             raise ConceptError(f"{where}: is a Mix-of-Show concept with its own embeddings; embedding= is only for kohya LoRAs")
         info, tokens, embeddings, unet, text = _read_ours(tensors, metadata, where, layers)
+        if tokens and trigger is not None:
+            raise ConceptError(f"{where}: is a Mix-of-Show concept with tokens; trigger words are for LoRAs without them")
+        triggers = tuple(info.get("triggers", ()))
+        if trigger is not None:
+            triggers = _parse_triggers(trigger, where)
         return Concept(name=name or info["name"], tokens=tokens, embeddings=embeddings, unet_lora=unet,
-                       text_lora=text, class_word=info.get("class_word"),
+                       text_lora=text, class_word=info.get("class_word"), triggers=() if tokens else triggers,
+                       trigger_source=None if tokens else ("given" if trigger is not None else "the file"),
                        base_model_hash=info.get("base_model_hash"), source_path=where,
                        source_sha256=info.get("source_sha256"))
     if any(k.startswith(EMBEDDING_PREFIX) for k in tensors):
         raise ConceptError(f"{where}: has {EMBEDDING_PREFIX}* keys but no {METADATA_KEY!r} metadata (damaged file?)")
-    return _read_kohya_pair(path, tensors, embedding, name, layers)
+    return _read_kohya_pair(path, tensors, metadata, embedding, name, layers, trigger)
 
 
-def _read_kohya_pair(path: Path, tensors: Mapping[str, Any], embedding: str | os.PathLike[str] | None,
-                     name: str | None, layers: int) -> Concept:
+def _parse_triggers(text: str, where: str) -> tuple[str, ...]:
+    """"ohwx man, red coat" -> ("ohwx man", "red coat")."""
+    if not isinstance(text, str):
+        raise ConceptError(f"{where}: trigger words must be a string, got {type(text).__name__}")
+    words = tuple(" ".join(w.split()) for w in text.split(",") if w.strip())
+    if not words:
+        raise ConceptError(f"{where}: the trigger words are empty")
+    return words
+
+
+def _most_frequent_tag(metadata: Mapping[str, str], where: str) -> tuple[str, int] | None:
+    """The most frequent tag of kohya's `ss_tag_frequency` ({dataset folder: {tag: count}}), summed
+    over folders; ties go to the alphabetically first tag. None when there is none."""
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return None
+    try:
+        folders = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ConceptError(f"{where}: metadata 'ss_tag_frequency' is not valid JSON") from None
+    counts: dict[str, int] = {}
+    for tags in (folders.values() if isinstance(folders, dict) else ()):
+        for tag, count in (tags.items() if isinstance(tags, dict) else ()):
+            tag = " ".join(str(tag).split())
+            if tag and isinstance(count, (int, float)):
+                counts[tag] = counts.get(tag, 0) + int(count)
+    if not counts:
+        return None
+    tag = min(counts, key=lambda t: (-counts[t], t))
+    return tag, counts[tag]
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    """The host's per-LoRA user metadata file (`models/Lora/<name>.json`, next to the LoRA)."""
+    return Path(path).with_suffix(".json")
+
+
+def _sidecar_triggers(path: Path) -> str | None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ConceptError(f"{side}: the LoRA's sidecar json cannot be read: {_one_line(exc)}") from None
+    text = data.get("activation text") if isinstance(data, dict) else None
+    return text if isinstance(text, str) and text.strip() else None
+
+
+def find_triggers(path: Path, metadata: Mapping[str, str], trigger: str | None) -> tuple[tuple[str, ...], str]:
+    """A LoRA's trigger words and where they came from."""
     where = str(path)
-    if embedding is None:
-        raise ConceptError(
-            f"{where}: is a kohya LoRA without concept tokens; pass its textual-inversion embedding "
-            "(embedding= / --embedding) to make a concept of it")
+    if trigger is not None:
+        return _parse_triggers(trigger, where), "given"
+    side = _sidecar_triggers(path)
+    if side is not None:
+        return _parse_triggers(side, str(sidecar_path(path))), f"activation text of {sidecar_path(path).name}"
+    tag = _most_frequent_tag(metadata, where)
+    if tag is not None:
+        return (tag[0],), f"most frequent training tag ({tag[1]} times in ss_tag_frequency)"
+    raise ConceptError(
+        f"{where}: a LoRA without concept tokens or trigger words; give its trigger words "
+        "(trigger= / --trigger, the host's activation text in its .json) or its textual-inversion "
+        "embedding (embedding= / --embedding)")
+
+
+def _read_kohya_pair(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str],
+                     embedding: str | os.PathLike[str] | None, name: str | None, layers: int,
+                     trigger: str | None) -> Concept:
+    where = str(path)
     if not tensors:
         raise ConceptError(f"{where}: has no LoRA weights")
+    base_version = str(metadata.get("ss_base_model_version", ""))
+    if base_version.startswith("sdxl") or str(metadata.get("ss_v2", "")) == "True":
+        raise ConceptError(f"{where}: metadata 'ss_base_model_version'/'ss_v2' says this LoRA is for "
+                           f"{'SDXL' if base_version.startswith('sdxl') else 'SD2'}; this is an SD1 model")
     unet, text = _kohya_lora(tensors, where)
+    if embedding is None:
+        triggers, source = find_triggers(path, metadata, trigger)
+        return Concept(name=name or path.stem, tokens=(), embeddings=torch.zeros(0, layers, 0), unet_lora=unet,
+                       text_lora=text, triggers=triggers, trigger_source=source, source_path=where,
+                       source_sha256=sha256_file(path))
+    if trigger is not None:
+        raise ConceptError(f"{where}: give either an embedding or trigger words, not both")
     emb_path = Path(embedding)
     vectors = _read_embedding_file(emb_path)
     base = name or emb_path.stem
@@ -577,25 +795,41 @@ def _validate_for_writing(concept: Concept, where: str) -> None:
     """What the readers guarantee, checked again because a Concept may be built in code."""
     tokens = tuple(_check_token(t, where) for t in concept.tokens)
     emb = concept.embeddings
-    if not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[0] != len(tokens):
+    if not tokens:
+        if not concept.triggers or not all(isinstance(t, str) and t.strip() for t in concept.triggers):
+            raise ConceptError(f"{where}: a concept needs tokens or trigger words")
+    elif not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[0] != len(tokens):
         shape = list(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
         raise ConceptError(f"{where}: embeddings must be [n_tokens={len(tokens)}, layers, dim], got {shape}")
-    _check_embeddings(tokens, [_float_tensor(emb[i], where, f"embedding of {t!r}", 2) for i, t in enumerate(tokens)],
-                      emb.shape[1], where)
-    for kind, lora, targets in (("unet", concept.unet_lora, _unet_targets()),
-                                ("text", concept.text_lora, _text_targets())):
+    else:
+        _check_embeddings(tokens, [_float_tensor(emb[i], where, f"embedding of {t!r}", 2) for i, t in enumerate(tokens)],
+                          emb.shape[1], where)
+    known = {(kind, name) for kind, name, _ in _layer_table().values()}
+    for kind, lora in (("unet", concept.unet_lora), ("text", concept.text_lora)):
         for module, f in lora.items():
-            if module not in targets:
-                raise ConceptError(f"{where}: {kind} LoRA target {module!r} is not an SD1 attention linear")
-            _factor({"down": (f"{module} (down)", f.down), "up": (f"{module} (up)", f.up)}, where,
-                    alpha_is_scale=True)
-            if not math.isfinite(f.scale):
-                raise ConceptError(f"{where}: {kind} LoRA {module!r} has a non-finite scale {f.scale}")
+            if (kind, module) not in known:
+                raise ConceptError(f"{where}: {kind} change of {module!r}, which is not a layer of an SD1 model")
+            if isinstance(f, LoraFactor):
+                _factor({"down": (f"{module} (down)", f.down), "up": (f"{module} (up)", f.up)}, where,
+                        alpha_is_scale=True)
+                if not math.isfinite(f.scale):
+                    raise ConceptError(f"{where}: {kind} LoRA {module!r} has a non-finite scale {f.scale}")
+
+
+def _layer_tensors(stem: str, f: LoraFactor | ModuleDelta) -> dict[str, torch.Tensor]:
+    """A layer's keys in the file: a LoRA factor as lora_down/lora_up/alpha (alpha = scale * rank),
+    any other change with the parts it was read with, unchanged, so the host applies the same."""
+    if isinstance(f, ModuleDelta):
+        return {f"{stem}.{part}": t.detach().cpu().clone() for part, t in f.parts.items()}
+    return {f"{stem}.lora_down.weight": f.down.detach().cpu().clone(),
+            f"{stem}.lora_up.weight": f.up.detach().cpu().clone(),
+            f"{stem}.alpha": torch.tensor(f.scale * f.rank, dtype=torch.float32)}
 
 
 def write_concept(concept: Concept, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write our format: a kohya LoRA `.safetensors` (alpha = scale * rank) that also carries the
-    layer-wise embeddings (`mos_concept.embedding.<i>`) and a JSON description (`mos_concept`).
+    """Write our format: a LoRA `.safetensors` the host's Lora applies (every layer kind as read)
+    that also carries the layer-wise embeddings (`mos_concept.embedding.<i>`) and a JSON
+    description (`mos_concept`: tokens or trigger words, ...).
 
     The file appears complete or not at all; an existing file is kept unless `overwrite`.
     """
@@ -610,28 +844,28 @@ def write_concept(concept: Concept, path: str | os.PathLike[str], *, overwrite: 
     alphas = set()
     for kind, lora in (("unet", concept.unet_lora), ("text", concept.text_lora)):
         for module, f in lora.items():
-            stem = _kohya_name(kind, module)
-            alpha = torch.tensor(f.scale * f.rank, dtype=torch.float32)
-            alphas.add(float(alpha))
-            tensors[f"{stem}.lora_down.weight"] = f.down.detach().cpu().clone()
-            tensors[f"{stem}.lora_up.weight"] = f.up.detach().cpu().clone()
-            tensors[f"{stem}.alpha"] = alpha
+            layer = _layer_tensors(_kohya_name(kind, module), f)
+            alphas.update(float(t) for k, t in layer.items() if k.endswith(".alpha"))
+            tensors.update(layer)
     rank = concept.rank
     info = {
         "format": FORMAT,
         "version": VERSION,
         "name": concept.name,
         "tokens": list(concept.tokens),
+        "triggers": list(concept.triggers),
         "layers": concept.layers,
-        "dim": concept.dim,
+        "dim": concept.dim if concept.tokens else None,
         "rank": rank,
         "class_word": concept.class_word,
         "base_model_hash": concept.base_model_hash,
         "source_sha256": concept.source_sha256,
     }
+    kinds = {f.kind if isinstance(f, ModuleDelta) else "lora"
+             for f in (*concept.unet_lora.values(), *concept.text_lora.values())}
     metadata = {
         METADATA_KEY: json.dumps(info),
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "networks.lora" if kinds <= {"lora"} else "lycoris.kohya",
         "ss_network_dim": str(rank) if rank is not None else "Dynamic",
         "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
     }

@@ -2,14 +2,17 @@
 concept's LoRA to a live model with bit-exact removal.
 
 A concept is a few user tokens, each with one embedding row per UNet cross-attention layer
-([L, D], L = 16 for SD1 in the order of `sd1.ATTN2_NAMES`), plus low-rank weight updates
-(delta W = scale * up @ down) on text-encoder and UNet linears. Module names are the host's:
+([L, D], L = 16 for SD1 in the order of `sd1.ATTN2_NAMES`), plus weight changes on text-encoder
+and UNet layers: low-rank (delta W = scale * up @ down, `LoraFactor`) on linears for ED-LoRA, or
+any kind the host's Lora applies (`ModuleDelta`: LoRA/LoCon on linears and convs, LoHa, LoKr, full
+diffs, DoRA). A LoRA without embeddings is a concept by its trigger words instead of tokens. Module names are the host's:
 ldm names for the UNet (relative to `diffusion_model`), transformers names for the text encoder
 (relative to the CLIPTextModel) — the same names the live model and its checkpoint use.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -25,7 +28,8 @@ class ConceptError(ValueError):
 
 @dataclass(frozen=True)
 class LoraFactor:
-    """delta W = scale * up @ down, with down [rank, in] and up [out, rank]."""
+    """delta W = scale * up @ down, with down [rank, in] and up [out, rank]: a plain LoRA on a
+    linear layer (ED-LoRA, kohya attention LoRA). Every other layer kind is a `ModuleDelta`."""
 
     down: torch.Tensor
     up: torch.Tensor
@@ -35,8 +39,217 @@ class LoraFactor:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    @property
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(up [out, r], down [r, in], scale) over the layer's (unfolded) input."""
+        return self.up, self.down, self.scale
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.up.shape[0], self.down.shape[1])
+
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.up.to(dtype) @ self.down.to(dtype)) * self.scale
+
+    def matrix(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The change of the layer's weight as [out, in] (the multiplier not applied)."""
+        return self.delta(dtype)
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return None
+
+
+# The file parts each LyCORIS kind is recognised by, in the host's order of trying them
+# (extensions-builtin/Lora/networks.py: LoRA, LoHa, (IA3), LoKr, full).
+DELTA_KINDS = ("lora", "loha", "lokr", "full")
+_COMMON_PARTS = {"alpha", "scale", "dora_scale", "bias"}
+KIND_PARTS = {
+    "lora": {"lora_up.weight", "lora_down.weight", "lora_mid.weight"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
+    "full": {"diff", "diff_b"},
+}
+
+
+def delta_kind(parts: Iterable[str]) -> str | None:
+    """Which kind the host would build from these parts (None: no module type accepts them)."""
+    have = set(parts)
+    if {"lora_up.weight", "lora_down.weight"} <= have:
+        return "lora"
+    if {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= have:
+        return "loha"
+    one = "lokr_w1" in have or {"lokr_w1_a", "lokr_w1_b"} <= have
+    two = "lokr_w2" in have or {"lokr_w2_a", "lokr_w2_b"} <= have
+    if one and two:
+        return "lokr"
+    if "diff" in have:
+        return "full"
+    return None
+
+
+def _cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """LyCORIS' CP (Tucker) rebuild of a factor pair around a core `t` (the host's make_weight_cp)."""
+    temp = torch.einsum("i j k l, j r -> i r k l", t, wb)
+    return torch.einsum("i j k l, i r -> r j k l", temp, wa)
+
+
+@dataclass(frozen=True)
+class ModuleDelta:
+    """One layer's change as a LoRA file stores it: `parts` are the file's tensors for the layer
+    (`lora_down.weight`, `hada_w1_a`, `alpha`, `dora_scale`, ...; dtypes as stored). `weight_delta`
+    rebuilds the change with the host's own arithmetic (extensions-builtin/Lora, v1.10.1), so what
+    we fuse or apply is what `<lora:...>` applies. Kept as factors: a LoHa or LoCon over every SD1
+    layer is far larger as dense matrices. `shape` is the shape the factors multiply out to (a
+    layer takes the change when it has as many weights and the same outputs)."""
+
+    kind: str
+    parts: dict[str, torch.Tensor]
+    shape: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, kind: str, parts: dict[str, torch.Tensor]) -> ModuleDelta:
+        """A change with its product shape worked out (raises RuntimeError if the factors do not
+        multiply)."""
+        made = cls(kind, parts)
+        product, out = made._updown(torch.float32, upcast=True, layer_shape=None)
+        return cls(kind, parts, tuple(int(d) for d in (out if product.numel() == math.prod(out) else product.shape)))
+
+    @property
+    def rank(self) -> int | None:
+        if self.kind == "lora":
+            return int(self.parts["lora_down.weight"].shape[0])
+        return None
+
+    @property
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(up [out, r], down [r, in_unfolded], scale) when the change is a plain low-rank product
+        over the unfolded input (a LoRA or LoCon layer without Tucker core, DoRA or bias diff)."""
+        p = self.parts
+        if self.kind != "lora" or "lora_mid.weight" in p or "dora_scale" in p or "bias" in p:
+            return None
+        up, down = p["lora_up.weight"], p["lora_down.weight"]
+        return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), self.scale
+
+    def _dim(self) -> int | None:
+        """The rank alpha is divided by, as the host picks it for each kind."""
+        p = self.parts
+        if self.kind == "lora":
+            return int(p["lora_down.weight"].shape[0])
+        if self.kind == "loha":
+            return int(p["hada_w1_b"].shape[0])
+        if self.kind == "lokr":
+            dim = int(p["lokr_w1_b"].shape[0]) if "lokr_w1_b" in p else None
+            return int(p["lokr_w2_b"].shape[0]) if "lokr_w2_b" in p else dim
+        return None
+
+    @property
+    def scale(self) -> float:
+        """`scale` if stored, else alpha / rank, else 1 (the host's calc_scale)."""
+        p = self.parts
+        if "scale" in p:
+            return p["scale"].item()
+        dim = self._dim()
+        if dim is not None and "alpha" in p:
+            return p["alpha"].item() / dim
+        return 1.0
+
+    def _updown(self, dtype: torch.dtype, *, upcast: bool, layer_shape: tuple[int, ...] | None,
+                ) -> tuple[torch.Tensor, list[int]]:
+        """The unscaled product and the shape the host reshapes it to. LoRA factors are cast to
+        `dtype` (the host holds them in its compute dtype); the other kinds compute in the file's
+        dtype as the host does, unless `upcast` (our own uses: fusion, measures)."""
+        p = self.parts
+        if upcast or self.kind == "lora":
+            p = {k: v.to(dtype) for k, v in p.items()}
+        conv = layer_shape is not None and len(layer_shape) == 4
+        if self.kind == "lora":
+            up, down, mid = p["lora_up.weight"], p["lora_down.weight"], p.get("lora_mid.weight")
+            if conv and down.dim() == 2:
+                down = down.reshape(down.shape[0], -1, 1, 1)
+            out = [up.shape[0], down.shape[1]]
+            if mid is not None:
+                product = torch.einsum("n m k l, i n, m j -> i j k l", mid, up.reshape(up.shape[0], -1),
+                                       down.reshape(down.shape[0], -1))
+                return product, out + list(mid.shape[2:])
+            if down.dim() == 4:
+                out += list(down.shape[2:])
+            return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(out), out
+        if self.kind == "loha":
+            w1a, w1b, w2a, w2b = (p[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+            out = [w1a.shape[0], w1b.shape[1]]
+            if "hada_t1" in p:
+                out = [w1a.shape[1], w1b.shape[1], *p["hada_t1"].shape[2:]]
+                one = _cp(p["hada_t1"], w1a, w1b)
+            else:
+                if w1b.dim() == 4:
+                    out += list(w1b.shape[2:])
+                one = (w1a.reshape(w1a.shape[0], -1) @ w1b.reshape(w1b.shape[0], -1)).reshape(out)
+            if "hada_t2" in p:
+                two = _cp(p["hada_t2"], w2a, w2b)
+            else:
+                two = (w2a.reshape(w2a.shape[0], -1) @ w2b.reshape(w2b.shape[0], -1)).reshape(out)
+            return one * two, out
+        if self.kind == "lokr":
+            w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
+            if "lokr_w2" in p:
+                w2 = p["lokr_w2"]
+            elif "lokr_t2" in p:
+                w2 = _cp(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+            else:
+                w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
+            out = [w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]]
+            if conv:
+                out = list(layer_shape)
+            if w2.dim() == 4:
+                w1 = w1.unsqueeze(2).unsqueeze(2)
+            kron = torch.kron(w1, w2.contiguous())
+            if not conv and kron.dim() == 4:  # a conv change seen without its layer (`of`)
+                out = list(kron.shape)
+            return kron.reshape(out), out
+        diff = p["diff"]
+        return diff, list(diff.shape)
+
+    def weight_delta(self, base: torch.Tensor, dtype: torch.dtype | None = None, *,
+                     upcast: bool = False) -> torch.Tensor:
+        """The change the host adds to a layer whose weight is `base` at multiplier 1 (before its
+        cast back to the weight's dtype): bias diff, reshape, scale, DoRA, in the host's order.
+        `dtype` is the host's compute dtype for LoRA factors (default: `base`'s)."""
+        dtype = dtype or base.dtype
+        updown, out = self._updown(dtype, upcast=upcast, layer_shape=tuple(base.shape))
+        if "bias" in self.parts:
+            bias = self.parts["bias"]
+            updown = (updown.reshape(bias.shape) + bias.to(base.device, dtype=updown.dtype)).reshape(out)
+        if len(out) == 4:
+            updown = updown.reshape(out)
+        if base.numel() == updown.numel():
+            updown = updown.reshape(base.shape)
+        updown = updown * self.scale
+        if "dora_scale" in self.parts:
+            weight = base.to(updown.dtype)
+            merged = updown.to(base.device) + weight
+            cols = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+            cols = cols.reshape(merged.shape[1], *[1] * (base.dim() - 1)).transpose(0, 1)
+            scale = self.parts["dora_scale"].to(device=base.device, dtype=updown.dtype)
+            updown = merged * (scale / cols) - weight
+        return updown
+
+    def matrix(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The change as [out, in_unfolded] in `dtype`, every factor upcast first (convs: the
+        weight's [out, in * kh * kw] view, the order `F.unfold` gives input patches). DoRA depends
+        on the layer's `base` weight, in its real shape."""
+        if "dora_scale" in self.parts and base is None:
+            raise ValueError("a DoRA change depends on the layer's weight: pass base=")
+        if base is None:
+            base = torch.zeros(self.shape, dtype=dtype)
+        change = self.weight_delta(base.to(dtype), dtype, upcast=True)
+        return change.to(dtype).reshape(change.shape[0], -1)
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """The layer bias change (`diff_b` of a full-diff file), else None."""
+        return self.parts.get("diff_b")
+
+
+Delta = LoraFactor | ModuleDelta
 
 
 @dataclass
@@ -46,12 +259,22 @@ class Concept:
     name: str
     tokens: tuple[str, ...]
     embeddings: torch.Tensor  # [n_tokens, L, D]
-    unet_lora: dict[str, LoraFactor] = field(default_factory=dict)
-    text_lora: dict[str, LoraFactor] = field(default_factory=dict)
+    unet_lora: dict[str, Delta] = field(default_factory=dict)
+    text_lora: dict[str, Delta] = field(default_factory=dict)
     class_word: str | None = None
+    # A LoRA without embeddings is a concept by its trigger words: no tokens to bind (`tokens` and
+    # `embeddings` empty), the words go into prompts as they are. `trigger_source` says where they
+    # came from (the user, the host's sidecar json, the file's tag frequencies).
+    triggers: tuple[str, ...] = ()
+    trigger_source: str | None = None
     base_model_hash: str | None = None
     source_path: str | None = None
     source_sha256: str | None = None
+
+    @property
+    def prompt_words(self) -> str:
+        """What stands for the concept in a prompt: its tokens, or its trigger words."""
+        return " ".join(self.tokens) if self.tokens else ", ".join(self.triggers)
 
     @property
     def layers(self) -> int:
@@ -63,6 +286,7 @@ class Concept:
 
     @property
     def rank(self) -> int | None:
+        """The LoRA rank when every layer is a LoRA of one rank (None: mixed, or other kinds)."""
         ranks = {f.rank for f in (*self.unet_lora.values(), *self.text_lora.values())}
         return ranks.pop() if len(ranks) == 1 else None
 
@@ -115,41 +339,65 @@ def unet_ldm_to_diffusers(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ live models
-def _linear(root: nn.Module, name: str, what: str) -> nn.Linear:
+def _layer(root: nn.Module, name: str, what: str) -> nn.Linear | nn.Conv2d:
     try:
         module = root.get_submodule(name)
     except AttributeError as e:
         raise ConceptError(f"{what}: no module {name!r} in the model") from e
-    if not isinstance(module, nn.Linear):
-        raise ConceptError(f"{what}: {name!r} is a {type(module).__name__}, not a Linear")
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise ConceptError(f"{what}: {name!r} is a {type(module).__name__}, not a Linear or Conv2d")
     return module
 
 
+def _fits(delta: Delta, layer: nn.Linear | nn.Conv2d) -> bool:
+    weight = layer.weight
+    if isinstance(delta, LoraFactor):
+        return isinstance(layer, nn.Linear) and tuple(delta.down.shape) == (delta.rank, weight.shape[1]) \
+            and tuple(delta.up.shape) == (weight.shape[0], delta.rank)
+    if delta.shape[0] != weight.shape[0] or math.prod(delta.shape) != weight.numel():
+        return False
+    try:
+        delta.weight_delta(torch.ones(weight.shape), torch.float32, upcast=True)
+    except RuntimeError:  # factors that do not multiply out to the layer's shape
+        return False
+    bias = delta.bias_delta()
+    return bias is None or (layer.bias is not None and tuple(bias.shape) == tuple(layer.bias.shape))
+
+
 def check_fits(concept: Concept, unet: nn.Module, text_encoder: nn.Module) -> None:
-    """Every LoRA target exists with matching shapes and the embedding width is the text width."""
+    """Every changed layer exists with matching shapes and the embedding width is the text width."""
     what = concept.source_path or concept.name
     width = text_encoder.get_input_embeddings().weight.shape[1]
-    if concept.dim != width:
+    if concept.tokens and concept.dim != width:
         raise ConceptError(f"{what}: embeddings are {concept.dim} wide but the model's text encoder is {width} "
                            "(a concept for another model family?)")
     for root, lora in ((unet, concept.unet_lora), (text_encoder, concept.text_lora)):
         for name, f in lora.items():
-            lin = _linear(root, name, what)
-            if tuple(f.down.shape) != (f.rank, lin.in_features) or tuple(f.up.shape) != (lin.out_features, f.rank):
+            layer = _layer(root, name, what)
+            if not _fits(f, layer):
                 raise ConceptError(
-                    f"{what}: LoRA {name!r} is {tuple(f.up.shape)} x {tuple(f.down.shape)}, the model's layer is "
-                    f"{lin.out_features} x {lin.in_features} (a concept for another model family?)")
+                    f"{what}: the change of {name!r} ({f.shape}) does not fit the model's layer "
+                    f"{tuple(layer.weight.shape)} (a LoRA for another model family?)")
+
+
+def layer_change(delta: Delta, weight: torch.Tensor) -> torch.Tensor:
+    """What `delta` adds to a layer whose weight is `weight`, in the host's arithmetic and
+    compute dtype, shaped like the weight (multiplier 1)."""
+    if isinstance(delta, LoraFactor):
+        return delta.delta(torch.float32).to(weight.device).reshape(weight.shape)
+    return delta.weight_delta(weight)
 
 
 @contextmanager
 def applied(concepts: Iterable[tuple[Concept, float, float]], unet: nn.Module,
             text_encoder: nn.Module) -> Iterator[None]:
-    """Add each (concept, unet weight, text weight)'s LoRA to the live weights for the duration of
-    the block; afterwards every touched weight is the saved original tensor, bit for bit."""
+    """Add each (concept, unet weight, text weight)'s changes to the live weights (and biases) for
+    the duration of the block, as the host's Lora adds them; afterwards every touched tensor is the
+    saved original, bit for bit."""
     items = list(concepts)
     for concept, _, _ in items:
         check_fits(concept, unet, text_encoder)
-    saved: dict[int, tuple[nn.Linear, torch.Tensor]] = {}
+    saved: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
     try:
         with torch.no_grad():
             for concept, unet_weight, text_weight in items:
@@ -157,13 +405,22 @@ def applied(concepts: Iterable[tuple[Concept, float, float]], unet: nn.Module,
                     if w == 0:
                         continue
                     for name, f in lora.items():
-                        lin = root.get_submodule(name)
-                        if id(lin) not in saved:
-                            saved[id(lin)] = (lin, lin.weight.data)
-                            lin.weight.data = lin.weight.data.clone()
-                        delta = f.delta(torch.float32).to(lin.weight.device) * w
-                        lin.weight.data += delta.to(lin.weight.dtype)
+                        layer = root.get_submodule(name)
+                        if id(layer) not in saved:
+                            bias = layer.bias.data if layer.bias is not None else None
+                            saved[id(layer)] = (layer, layer.weight.data, bias)
+                            layer.weight.data = layer.weight.data.clone()
+                            if bias is not None:
+                                layer.bias.data = bias.clone()
+                        weight = layer.weight.data
+                        change = layer_change(f, weight) * w
+                        layer.weight.data = (weight.to(change.dtype) + change).to(weight.dtype)
+                        extra = f.bias_delta()
+                        if extra is not None:
+                            layer.bias.data = (layer.bias.data + extra.to(layer.bias.device) * w).to(layer.bias.dtype)
         yield
     finally:
-        for lin, original in saved.values():
-            lin.weight.data = original
+        for layer, original, bias in saved.values():
+            layer.weight.data = original
+            if bias is not None:
+                layer.bias.data = bias

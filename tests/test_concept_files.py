@@ -183,7 +183,7 @@ def test_our_file_metadata_and_overwrite(tiny, tmp_path):
         meta = handle.metadata()
         keys = set(handle.keys())
     info = json.loads(meta[METADATA_KEY])
-    assert info == {"format": "mos-concept", "version": 1, "name": "dog", "tokens": ["<dog1>", "<dog2>"],
+    assert info == {"format": "mos-concept", "version": 2, "name": "dog", "tokens": ["<dog1>", "<dog2>"], "triggers": [],
                     "layers": 16, "dim": tiny.config.context_dim, "rank": RANK, "class_word": "dog",
                     "base_model_hash": "abc123", "source_sha256": "f" * 64}
     assert meta["ss_network_module"] == "networks.lora"
@@ -412,9 +412,9 @@ BAD_INPUTS: dict[str, tuple[Callable[[sd1.SD1Model, Path], tuple[Path, dict[str,
                         [f"{_U0}.lora_down.weight", "dimensions"]),
     "integer tensor": (_pth(lambda p: p["new_concept_embedding"].update({"<cat1>": torch.zeros(16, 32, dtype=torch.int32)})),
                        ["<cat1>", "dtype"]),
-    "feed-forward LoRA (not an SD1 target)": (
-        _pth(lambda p: p["unet"].update({"down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.lora_down.weight":
-                                         torch.zeros(4, 128)})), ["ff.net.2.lora_down.weight", "not one of"]),
+    "resnet conv in the authors' file (not a linear)": (
+        _pth(lambda p: p["unet"].update({"down_blocks.0.resnets.0.conv1.lora_down.weight":
+                                         torch.zeros(4, 128)})), ["resnets.0.conv1.lora_down.weight", "not a linear"]),
     "text mlp LoRA": (_pth(lambda p: p["text_encoder"].update({"text_model.encoder.layers.0.mlp.fc1_lora.up.weight":
                                                                torch.zeros(64, 4)})), ["mlp.fc1_lora.up.weight"]),
     "SD1 has no down_blocks.3 attention": (
@@ -447,8 +447,8 @@ BAD_INPUTS: dict[str, tuple[Callable[[sd1.SD1Model, Path], tuple[Path, dict[str,
     "ours: wrong format": (_ours(lambda t, m: m.update({METADATA_KEY: json.dumps({"format": "other"})})),
                            [METADATA_KEY]),
     "ours: future version": (
-        _ours(lambda t, m: m.update({METADATA_KEY: m[METADATA_KEY].replace('"version": 1', '"version": 2')})),
-        ["version 2"]),
+        _ours(lambda t, m: m.update({METADATA_KEY: m[METADATA_KEY].replace('"version": 2', '"version": 3')})),
+        ["version 3"]),
     "ours: missing embedding key": (_ours(lambda t, m: t.pop(f"{EMBEDDING_PREFIX}1")), [f"{EMBEDDING_PREFIX}1"]),
     "ours: extra embedding key": (_ours(lambda t, m: _set(t, f"{EMBEDDING_PREFIX}7", torch.zeros(16, 32))),
                                   [f"{EMBEDDING_PREFIX}7"]),
@@ -457,11 +457,15 @@ BAD_INPUTS: dict[str, tuple[Callable[[sd1.SD1Model, Path], tuple[Path, dict[str,
     "ours: embeddings without metadata": (_ours(lambda t, m: m.pop(METADATA_KEY)), [METADATA_KEY]),
     "ours: dim disagrees": (_ours(lambda t, m: m.update({METADATA_KEY: m[METADATA_KEY].replace('"dim": 32', '"dim": 768')})),
                             ["'dim'"]),
-    "kohya: conv LoRA key": (_kohya(lambda t: _set(t, "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight",
-                                                   torch.zeros(4, 32, 3, 3))),
-                             ["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight", "refusing"]),
-    "kohya: ff LoRA key": (_kohya(lambda t: _set(t, "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2.alpha",
-                                                 torch.tensor(4.0))), ["ff_net_2.alpha"]),
+    "kohya: norm layer (a LyCORIS Norm kind)": (
+        _kohya(lambda t: _set(t, "lora_unet_down_blocks_0_resnets_0_norm1.w_norm", torch.zeros(32))),
+        ["lora_unet_down_blocks_0_resnets_0_norm1.w_norm", "Norm"]),
+    "kohya: layer SD1 does not have": (
+        _kohya(lambda t: _set(t, "lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight", torch.zeros(4, 32))),
+        ["lora_unet_down_blocks_3_attentions_0_proj_in.lora_down.weight", "matches no layer"]),
+    "kohya: alpha without factors": (
+        _kohya(lambda t: _set(t, "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2.alpha",
+                              torch.tensor(4.0))), ["ff_net_2.alpha", "no LoRA kind"]),
     "kohya: LyCORIS part": (_kohya(lambda t: _set(t, f"{_KU0}.hada_w1_a", torch.zeros(4, 4))), [f"{_KU0}.hada_w1_a"]),
     "kohya: missing up": (_kohya(lambda t: t.pop(f"{_KU0}.lora_up.weight")), [f"{_KU0}.lora_down.weight", "up weight is missing"]),
     "kohya: alpha NaN": (_kohya(lambda t: _set(t, f"{_KT0}.alpha", torch.tensor(float("nan")))), [f"{_KT0}.alpha", "NaN"]),

@@ -48,18 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     convert = sub.add_parser(
         "convert",
-        help="convert an ED-LoRA .pth (or a kohya LoRA + embedding) into a Mix-of-Show concept .safetensors",
+        help="convert an ED-LoRA .pth, or any LoRA the WebUI applies (with an embedding, or by its trigger words), "
+             "into a Mix-of-Show concept .safetensors",
     )
-    convert.add_argument("input", type=Path, metavar="IN", help="the authors' .pth, our .safetensors, or a kohya LoRA")
+    convert.add_argument("input", type=Path, metavar="IN",
+                         help="the authors' .pth, our .safetensors, or a LoRA (kohya LoRA/LoCon, LoHa, LoKr, full "
+                              "diff, DoRA)")
     convert.add_argument("output", type=Path, metavar="OUT", help="the .safetensors file to write")
     convert.add_argument("--embedding", type=Path, help="textual-inversion embedding that goes with a kohya LoRA")
+    convert.add_argument("--trigger", metavar="WORDS",
+                         help='trigger words of a LoRA without an embedding ("ohwx man"; commas separate several); '
+                              "default: the activation text of its .json, else its most frequent training tag")
     convert.add_argument("--name", help="concept name (default: the file stem; names the tokens of an --embedding)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     fuse = sub.add_parser("fuse", help="gradient fusion: merge concepts into one checkpoint")
     fuse.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="base SD1 checkpoint")
-    fuse.add_argument("--concept", action="append", required=True, metavar="FILE[:<new1>+<new2>][@UNET,TEXT]",
-                      help="concept file, optionally with new token names and its own merge weights; "
-                           "repeat for each concept")
+    fuse.add_argument("--concept", action="append", required=True,
+                      metavar="FILE[:<new1>+<new2>][#trigger words][@UNET,TEXT]",
+                      help="concept file, optionally with new token names, the trigger words of a LoRA without tokens "
+                           "('#' right after the file's suffix: 'lora.safetensors#ohwx man'; default: the activation "
+                           "text of its .json, else its most frequent training tag) and its own merge weights "
+                           "('@' and two numbers at the end); repeat for each concept")
     fuse.add_argument("--out", type=Path, required=True, metavar="FUSED.safetensors")
     fuse.add_argument("--device", default="cpu")
     fuse.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="dtype of the saved weights")
@@ -69,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     fuse.add_argument("--spatial-seeds", type=int, default=4,
                       help="noise seeds per concept in the spatial stage, sampled as one batch")
     fuse.add_argument("--seed", type=int, default=0)
+    fuse.add_argument("--templates", metavar="'photo of a {};{}'",
+                      help="the solve's prompt templates, separated by ';', each with one {} where the concept's "
+                           "tokens or trigger words go (default: the authors' two for token concepts, a few "
+                           "caption forms for trigger words)")
     fuse.add_argument("--ridge", type=float, default=None,
                       help="one fixed regularisation strength for every layer (relative to its mean input "
                            "energy) instead of choosing it per layer on validation prompts and a seed")
@@ -88,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_demo(args.out, seed=args.seed)
     elif args.command == "convert":
-        return _convert(args.input, args.output, embedding=args.embedding, name=args.name, overwrite=args.overwrite)
+        return _convert(args.input, args.output, embedding=args.embedding, name=args.name, overwrite=args.overwrite,
+                        trigger=args.trigger)
     elif args.command == "fuse":
         return _fuse(args)
     return 0
@@ -186,13 +200,39 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes:02d}:{secs:02d}"
 
 
+def _templates(text: str | None) -> tuple[str, ...] | None:
+    """`--templates 'photo of a {};{}'` -> ("photo of a {}", "{}"); a ValueError naming the option."""
+    if text is None:
+        return None
+    templates = tuple(t.strip() for t in text.split(";"))
+    for t in templates:
+        if t.count("{}") != 1:
+            found = "no {}" if "{}" not in t else f"{t.count('{}')} {{}}"
+            raise ValueError(f"--templates: {t!r} has {found}; each ';'-separated template needs exactly one {{}} "
+                             "where the concept's tokens or trigger words go")
+    return templates
+
+
+def _trigger_note(path, concept, hint: str) -> str:
+    """One line: which trigger words a concept uses and where they came from (`Concept.trigger_source`)."""
+    words = ", ".join(f'"{w}"' for w in concept.triggers)
+    source = concept.trigger_source or "the file"
+    if source == "given":
+        return f"{path}: trigger words {words} as given"
+    return f"{path}: trigger words {words} from {source}; {hint}"
+
+
 def _fuse(args: argparse.Namespace) -> int:
-    """Fuse with a progress bar on stderr; bad input is one line naming the file, and no file."""
+    """Fuse with a progress bar on stderr; bad input is one line naming the file, and no file.
+    Before the work starts, one line per trigger-word concept says which words it uses (stdout; a
+    `{"note": ...}` line with --progress jsonl)."""
+    import dataclasses
     import time
 
     import torch
 
     from lib_mos import fused_checkpoint, fusion, fusion_report
+    from lib_mos.concept_files import read_concept
     from lib_mos.concepts import ConceptError
 
     jsonl = args.progress == "jsonl"
@@ -204,8 +244,18 @@ def _fuse(args: argparse.Namespace) -> int:
         settings = fusion.FusionSettings(solver=args.solver, spatial_steps=args.spatial_steps,
                                          spatial_size=args.spatial_size, spatial_seeds=args.spatial_seeds,
                                          seed=args.seed, skip=frozenset(args.skip_stage),
-                                         held_out=not args.no_held_out, **extra)
+                                         held_out=not args.no_held_out, templates=_templates(args.templates),
+                                         **extra)
         specs = [fused_checkpoint.parse_concept_spec(c, args.unet_weight, args.text_weight) for c in args.concept]
+        # read here (once: fuse_checkpoint takes them as read) to say which trigger words are used
+        specs = [dataclasses.replace(s, concept=read_concept(s.path, trigger=s.trigger)) for s in specs]
+        for spec in specs:
+            if not spec.concept.tokens:
+                note = _trigger_note(spec.path, spec.concept, "add #WORDS to its --concept to choose others")
+                if jsonl:
+                    _json_line({"note": note})
+                else:
+                    print(note, flush=True)
         path, result = fused_checkpoint.fuse_checkpoint(args.base, specs, args.out, settings,
                                               dtype=torch.float16 if args.dtype == "fp16" else torch.float32,
                                               overwrite=args.overwrite, device=args.device, progress=progress)
@@ -231,18 +281,24 @@ def _fuse(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(src: Path, dst: Path, *, embedding: Path | None, name: str | None, overwrite: bool) -> int:
+def _convert(src: Path, dst: Path, *, embedding: Path | None, name: str | None, overwrite: bool,
+             trigger: str | None = None) -> int:
     """Read, validate, write; a bad input is one line on stderr and no output file, because this
-    runs in scripts and batch jobs where a traceback hides which of many files was at fault."""
+    runs in scripts and batch jobs where a traceback hides which of many files was at fault. A
+    trigger-word concept's words are named with where they came from (the user should know when
+    they were guessed from the training tags)."""
     from lib_mos.concept_files import read_concept, write_concept
     from lib_mos.concepts import ConceptError
 
     try:
+        if trigger is not None and embedding is not None:
+            raise ConceptError("--trigger and --embedding: give one or the other (trigger words stand for a LoRA "
+                               "used without an embedding, an embedding's tokens for one used with it)")
         if dst.exists() and not overwrite:
             raise ConceptError(f"{dst}: already exists (pass --overwrite to replace it)")
         if dst.resolve() == src.resolve():
             raise ConceptError(f"{dst}: the output would replace the input")
-        concept = read_concept(src, embedding=embedding, name=name)
+        concept = read_concept(src, embedding=embedding, name=name, trigger=trigger)
         written = write_concept(concept, dst, overwrite=overwrite)
     except ConceptError as exc:
         return _fail(str(exc))
@@ -250,9 +306,13 @@ def _convert(src: Path, dst: Path, *, embedding: Path | None, name: str | None, 
         return _fail(f"{dst}: {exc}")
     except Exception as exc:  # still one line naming the file: the promise holds for bugs too
         return _fail(f"{src}: unexpected {type(exc).__name__}: {exc}")
+    if not concept.tokens:
+        print(_trigger_note(src, concept, "pass --trigger to choose others"))
+    words = (f"tokens {' '.join(concept.tokens)}, {concept.layers} layers, width {concept.dim}" if concept.tokens
+             else f"trigger words {', '.join(concept.triggers)}")
     print(
-        f"wrote {written}: concept {concept.name!r}, tokens {' '.join(concept.tokens)}, {concept.layers} layers, "
-        f"width {concept.dim}, rank {concept.rank if concept.rank is not None else 'mixed'}, "
+        f"wrote {written}: concept {concept.name!r}, {words}, "
+        f"rank {concept.rank if concept.rank is not None else 'mixed'}, "
         f"{len(concept.unet_lora) + len(concept.text_lora)} LoRA targets "
         f"({len(concept.unet_lora)} UNet, {len(concept.text_lora)} text encoder)"
     )

@@ -95,7 +95,7 @@ class PromptBinder:
         ids: list[int] = []
         slots: list[tuple[int, str]] = []
         last = 0
-        for m in self._pattern.finditer(prompt):
+        for m in self._pattern.finditer(prompt) if self._pattern else ():
             ids += _ids(self.model, prompt[last:m.start()])
             slots.append((len(ids) + 1, m.group(0)))  # +1: BOS comes first
             ids.append(self.model.tokenizer.unk_token_id)

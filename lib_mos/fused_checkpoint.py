@@ -51,9 +51,11 @@ def fused_state_dict(base: dict[str, torch.Tensor], result: FusionResult, *,
 
     sd = dict(base)
     sd.pop(_POSITION_IDS, None)
-    for prefix, weights in ((TEXT_PREFIX, result.text_weights), (UNET_PREFIX, result.unet_weights)):
+    tables = ((TEXT_PREFIX, result.text_weights, "weight"), (UNET_PREFIX, result.unet_weights, "weight"),
+              (TEXT_PREFIX, result.text_biases, "bias"), (UNET_PREFIX, result.unet_biases, "bias"))
+    for prefix, weights, attr in tables:
         for name, w in weights.items():
-            key = f"{prefix}{name}.weight"
+            key = f"{prefix}{name}.{attr}"
             if key not in sd:
                 raise ConceptError(f"base checkpoint has no key {key}")
             if sd[key].shape != w.shape:
@@ -77,7 +79,8 @@ def fused_metadata(inputs: Sequence[FusionInput], settings: FusionSettings, resu
 
     info = {
         "format": "mos-fused", "version": 1,
-        "concepts": [{"name": i.concept.name, "tokens": list(i.concept.tokens), "layers": i.concept.layers,
+        "concepts": [{"name": i.concept.name, "tokens": list(i.concept.tokens), "triggers": list(i.concept.triggers),
+                      "layers": i.concept.layers,
                       "class_word": i.concept.class_word, "source_sha256": i.concept.source_sha256,
                       "unet_weight": i.unet_weight, "text_weight": i.text_weight} for i in inputs],
         "settings": {**dataclasses.asdict(settings), "skip": sorted(settings.skip)},
@@ -108,9 +111,11 @@ def read_fused_concepts(path) -> list[Concept]:
                 for _ in c["tokens"]:
                     rows.append(f.get_tensor(f"{FUSED_EMBEDDING_PREFIX}{k}").float())
                     k += 1
-                concepts.append(Concept(name=c["name"], tokens=tuple(c["tokens"]), embeddings=torch.stack(rows),
-                                        class_word=c.get("class_word"), source_path=str(path),
-                                        source_sha256=c.get("source_sha256")))
+                # a trigger-word concept has no rows: its words are plain prompt text
+                embeddings = torch.stack(rows) if rows else torch.zeros(0, c.get("layers", 16), 0)
+                concepts.append(Concept(name=c["name"], tokens=tuple(c["tokens"]), embeddings=embeddings,
+                                        class_word=c.get("class_word"), triggers=tuple(c.get("triggers", ())),
+                                        source_path=str(path), source_sha256=c.get("source_sha256")))
             return concepts
     except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
         raise ConceptError(f"{path}: broken fused-concept data ({type(e).__name__}: {e})") from e
@@ -128,18 +133,30 @@ def write_fused_checkpoint(state_dict: dict[str, torch.Tensor], path, metadata: 
 @dataclass
 class ConceptSpec:
     """A concept file to fuse, optionally with new token names (renaming at fusion time lets two
-    files trained with the same token names be fused) and its merge weights."""
+    files trained with the same token names be fused), trigger words (for a LoRA without tokens;
+    None: the file's own, `concept_files.read_concept`) and its merge weights. `concept` is the
+    file already read (with these trigger words), for a caller that looked at it first."""
 
     path: str
     tokens: tuple[str, ...] | None = None
     unet_weight: float = 1.0
     text_weight: float = 1.0
+    trigger: str | None = None
+    concept: Concept | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def parse_concept_spec(spec: str, unet_weight: float = 1.0, text_weight: float = 1.0) -> ConceptSpec:
-    """`FILE`, `FILE:<new1>+<new2>`, either with `@UNET,TEXT` merge weights at the end (else the
-    given defaults). The part after the last ':' is tokens only if it starts with '<', so Windows
-    drive letters stay part of the path; '@' ends the path only before two numbers."""
+    """`FILE[:<new1>+<new2>][#trigger words][@UNET,TEXT]`: a concept file, optionally new names for
+    its tokens, the trigger words of a LoRA without tokens ("ohwx man"; commas separate several:
+    "ohwx man, red coat") and merge weights (else the given defaults). Read so that no path is
+    misread:
+    - `@UNET,TEXT` ends the spec only as two numbers (a path or trigger words may contain '@');
+    - `#` starts the trigger words only right after the file's suffix (`.safetensors`, `.pt`,
+      `.pth`, `.ckpt`, any case) or after the renaming, so `a#1.safetensors` is a path; the first
+      such '#' counts, and the words may contain spaces, '#', ':' and '@';
+    - the part after the last ':' of what is left is tokens only if it starts with '<', so Windows
+      drive letters stay part of the path.
+    `lora.safetensors#ohwx man@0.8,1` is lora.safetensors, trigger words "ohwx man", weights 0.8, 1."""
     import re
 
     head, sep, tail = spec.rpartition("@")
@@ -149,28 +166,38 @@ def parse_concept_spec(spec: str, unet_weight: float = 1.0, text_weight: float =
         except ValueError as e:
             raise ConceptError(f"{spec}: merge weights must be two numbers, UNET,TEXT") from e
         spec = head
+    trigger = None
+    # a path may end before '#trigger words' at its suffix, then maybe the token renaming
+    if m := re.fullmatch(r"(?is)(.*?\.(?:safetensors|pth|pt|ckpt)(?::<[^#]*)?)#(.*)", spec):
+        spec, trigger = m[1], m[2].strip()
+        if not trigger.strip(", "):
+            raise ConceptError(f"{spec}: empty trigger words after '#'")
     path, tokens = spec, None
     head, sep, tail = spec.rpartition(":")
     if sep and tail.startswith("<"):
         path, tokens = head, tuple(t.strip() for t in tail.split("+"))
         if not all(tokens):
             raise ConceptError(f"{spec}: empty token name in the renaming")
-    return ConceptSpec(path, tokens, unet_weight, text_weight)
+    return ConceptSpec(path, tokens, unet_weight, text_weight, trigger)
 
 
 def load_inputs(specs: Sequence[ConceptSpec]) -> list[FusionInput]:
-    """Read every concept file, apply renames, and check the set (unique, non-nested tokens)."""
+    """Read every concept file (with its spec's trigger words; a spec's `concept` when already
+    read), apply renames, and check the set (unique, non-nested tokens)."""
     from lib_mos.concept_files import check_concept_set, read_concept, sha256_file
 
     inputs = []
     seen: dict[str, str] = {}
     for spec in specs:
-        concept = read_concept(spec.path)
+        concept = spec.concept if spec.concept is not None else read_concept(spec.path, trigger=spec.trigger)
         identity = concept.source_sha256 or sha256_file(spec.path)  # the original training output, else the file
         if identity in seen:
             raise ConceptError(f"{spec.path}: the same concept is listed twice (also {seen[identity]})")
         seen[identity] = spec.path
         if spec.tokens is not None:
+            if not concept.tokens:
+                raise ConceptError(f"{spec.path}: a LoRA without tokens (trigger words {concept.prompt_words!r}) "
+                                   "has no tokens to rename")
             if len(spec.tokens) != len(concept.tokens):
                 raise ConceptError(f"{spec.path}: {len(spec.tokens)} new token names for {len(concept.tokens)} tokens "
                                    f"({' '.join(concept.tokens)})")

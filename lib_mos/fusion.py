@@ -38,7 +38,7 @@ from torch import nn
 from lib_mos import sampling
 from lib_mos.binding import PromptBinder
 from lib_mos.concepts import Concept, ConceptError, applied, check_fits
-from lib_mos.fusion_report import stage_report
+from lib_mos.fusion_report import LayerMeasure, measure_layers, stage_report
 from lib_mos.fusion_solver import (
     MAX_CHANGE,
     PRIORS,
@@ -50,7 +50,10 @@ from lib_mos.fusion_solver import (
 from lib_mos.sd1 import ATTN2_NAMES, SD1Config, SD1Model
 
 STAGES = ("te", "kv", "spatial")
-PROMPT_TEMPLATES = ("photo of a {}", "{}")
+PROMPT_TEMPLATES = ("photo of a {}", "{}")  # the authors' two, around a concept's tokens
+# Trigger words are ordinary words the LoRA was trained on inside captions, so they get the
+# authors' two and a few of the usual caption forms.
+TRIGGER_TEMPLATES = (*PROMPT_TEMPLATES, "a photo of {}", "a close-up photo of {}", "{}, high quality")
 # Held-out prompts: recorded like the training ones but never solved from, so the report can measure
 # how the fused weights do on inputs the solve did not see (the spatial stage also uses a seed of its own).
 HELD_OUT_TEMPLATES = ("a close-up picture of {} outdoors", "{} next to a window")
@@ -91,6 +94,17 @@ class FusionSettings:
     # them (else `ridge` everywhere)
     validate: bool = True
     held_out: bool = True  # record held-out prompts and a held-out seed for the report
+    # the solve's prompt templates ("{}" = the concept's tokens or trigger words) for every concept;
+    # None: PROMPT_TEMPLATES for token concepts, TRIGGER_TEMPLATES for trigger-word ones
+    templates: tuple[str, ...] | None = None
+    # statistics held at once in the spatial stage; layers beyond it are recorded in further
+    # sampling passes (one layer is never split: its own need is the bound)
+    memory_gb: float = 8.0
+    # weigh each concept's rows by 1 / ||dW_i X_i||^2 in every layer, so the solve minimises the sum
+    # of the concepts' squared relative errors (what the report measures): a concept with a small
+    # change or few rows (an ED-LoRA's 6 k/v rows beside a kohya LoRA's) is kept as well as the
+    # others; False: the authors' plain sum of squared output errors
+    balance: bool = True
 
     def __post_init__(self) -> None:
         if self.solver not in ("exact", "lbfgs"):
@@ -108,12 +122,23 @@ class FusionSettings:
             raise ValueError(f"spatial size must be a positive multiple of 8, got {self.spatial_size}")
         if self.spatial_steps <= 0:
             raise ValueError(f"spatial steps must be positive, got {self.spatial_steps}")
+        if not (self.memory_gb > 0 and math.isfinite(self.memory_gb)):
+            raise ValueError(f"memory budget must be a positive number of GiB, got {self.memory_gb}")
+        if self.templates is not None:
+            self.templates = tuple(self.templates)
+            bad = [t for t in self.templates if not isinstance(t, str) or t.count("{}") != 1]
+            if not self.templates or bad:
+                raise ValueError(f"each prompt template needs exactly one '{{}}' for the concept, got {bad or 'none'}")
 
 
 @dataclass
 class FusionResult:
-    text_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # transformers names
-    unet_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # ldm names (in the UNet)
+    # fused weights by module name (transformers names / ldm names in the UNet), in the layers' shapes
+    text_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    unet_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    # fused biases of the layers a concept's change includes a bias in (full diffs' `diff_b`)
+    text_biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    unet_biases: dict[str, torch.Tensor] = field(default_factory=dict)
     report: list[dict] = field(default_factory=list)  # one row per concept and stage: see `_report`
     seconds: dict[str, float] = field(default_factory=dict)
     concepts: list[Concept] = field(default_factory=list)
@@ -126,8 +151,16 @@ Progress = Callable[[str, int, int], None]  # (what, done, total); what = "<stag
 
 
 def prompts_for(concept: Concept, templates: Sequence[str] = PROMPT_TEMPLATES) -> list[str]:
-    name = " ".join(concept.tokens)
-    return [t.format(name) for t in templates]
+    """The templates around the concept's tokens, or its trigger words."""
+    words = concept.prompt_words
+    return [t.replace("{}", words, 1) for t in templates]
+
+
+def solve_templates(concept: Concept, settings: FusionSettings) -> tuple[str, ...]:
+    """The prompt templates the solve records for this concept (`FusionSettings.templates`)."""
+    if settings.templates is not None:
+        return settings.templates
+    return TRIGGER_TEMPLATES if concept.triggers and not concept.tokens else PROMPT_TEMPLATES
 
 
 def spatial_rows(config: SD1Config, settings: FusionSettings) -> list[tuple[str, int, int]]:
@@ -176,44 +209,93 @@ def check_inputs(model: SD1Model, inputs: Sequence[FusionInput]) -> None:
 
 
 @contextmanager
-def _weights(root: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily replace linear weights; the original tensors are put back in `finally`."""
+def _weights(root: nn.Module, weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor] | None = None,
+             ) -> Iterator[None]:
+    """Temporarily replace layer weights (and biases); the original tensors are put back in `finally`."""
     saved = []
     try:
-        for name, w in weights.items():
-            lin = root.get_submodule(name)
-            saved.append((lin, lin.weight.data))
-            lin.weight.data = w.to(lin.weight.device, lin.weight.dtype)
+        for attr, table in (("weight", weights), ("bias", biases or {})):
+            for name, w in table.items():
+                layer = root.get_submodule(name)
+                current = getattr(layer, attr)
+                saved.append((current, current.data))
+                current.data = w.to(current.device, current.dtype).reshape(current.shape)
         yield
     finally:
-        for lin, original in reversed(saved):
-            lin.weight.data = original
+        for param, original in reversed(saved):
+            param.data = original
+
+
+def _layer_rows(layer: nn.Module, with_bias: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A layer's input -> the rows its weight multiplies: a linear's inputs as they are, a conv's
+    input patches (`F.unfold`, in the order of the weight's [out, in * kh * kw] view); with a
+    constant 1 appended when the fused weight carries the bias too."""
+    import torch.nn.functional as F
+
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1 or not isinstance(layer.padding, tuple):
+            raise ConceptError(f"cannot fuse {layer}: grouped or string-padded convolutions are not supported")
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    else:
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(-1, x.shape[-1])
+    if not with_bias:
+        return rows
+
+    def rows_and_one(x: torch.Tensor) -> torch.Tensor:
+        r = rows(x)
+        return torch.cat([r, torch.ones(r.shape[0], 1, dtype=r.dtype, device=r.device)], dim=1)
+    return rows_and_one
 
 
 @contextmanager
-def _recording(root: nn.Module, stats: dict[str, LayerStats],
+def _recording(root: nn.Module, stats: dict[str, LayerStats], biased: frozenset[str] = frozenset(),
                select: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
-    """Stream every input of the named linears into its statistics (hooks removed in `finally`)."""
+    """Stream every input of the named layers into its statistics (hooks removed in `finally`)."""
     handles = []
     try:
         for name, st in stats.items():
-            def hook(module, args, _st=st):
-                x = args[0]
-                _st.add(select(x) if select is not None else x)
+            layer = root.get_submodule(name)
+            rows = _layer_rows(layer, name in biased)
 
-            handles.append(root.get_submodule(name).register_forward_pre_hook(hook))
+            def hook(module, args, _st=st, _rows=rows):
+                x = args[0]
+                _st.add(_rows(select(x) if select is not None else x))
+
+            handles.append(layer.register_forward_pre_hook(hook))
         yield
     finally:
         for h in handles:
             h.remove()
 
 
-def _delta(st: LayerStats, concept: Concept, lora: str, name: str, weight: float) -> torch.Tensor:
-    """dW_i of one layer at the concept's merge weight (zero where the concept has no LoRA)."""
+def _delta(root: nn.Module, concept: Concept, lora: str, name: str, weight: float, with_bias: bool) -> torch.Tensor | None:
+    """dW_i of one layer at the concept's merge weight as [out, in_unfolded (+1 for the bias)],
+    float64; None where the concept does not change the layer."""
     f = (concept.unet_lora if lora == "unet" else concept.text_lora).get(name)
     if f is None or weight == 0:
-        return torch.zeros_like(st.w0, dtype=torch.float64)
-    return weight * f.delta(torch.float64).to(st.w0.device)
+        return None
+    layer = root.get_submodule(name)
+    base = layer.weight.data.to(torch.float64)
+    change = weight * f.matrix(torch.float64, base=base).to(base.device)
+    if with_bias:
+        extra = f.bias_delta()
+        column = (weight * extra.to(base.device, torch.float64) if extra is not None
+                  else torch.zeros(change.shape[0], dtype=torch.float64, device=base.device))
+        change = torch.cat([change, column[:, None]], dim=1)
+    return change
+
+
+def _base_matrix(layer: nn.Module, with_bias: bool) -> torch.Tensor:
+    """W0 as [out, in_unfolded], with the bias as a last column when it is fused too."""
+    w = layer.weight.data.float()
+    w = w.reshape(w.shape[0], -1)
+    if with_bias:
+        w = torch.cat([w, layer.bias.data.float()[:, None]], dim=1)
+    return w
 
 
 @dataclass
@@ -224,35 +306,46 @@ class _StageStats:
     solve: dict[str, LayerStats]
     valid: dict[str, LayerStats]
     held: dict[str, LayerStats]
+    root: nn.Module
+    biased: frozenset[str]  # layers whose bias is fused as well (a concept changes it)
 
-    def sets(self) -> list[tuple[dict[str, LayerStats], tuple[str, ...]]]:
-        """(statistics, prompt templates) of each recorded set."""
-        return [(d, t) for d, t in ((self.solve, PROMPT_TEMPLATES), (self.valid, VALIDATION_TEMPLATES),
-                                    (self.held, HELD_OUT_TEMPLATES)) if d]
+    def sets(self, concept: Concept, settings: FusionSettings) -> list[tuple[dict[str, LayerStats], tuple[str, ...]]]:
+        """(statistics, prompt templates for `concept`) of each recorded set."""
+        return [(d, t) for d, t in ((self.solve, solve_templates(concept, settings)),
+                                    (self.valid, VALIDATION_TEMPLATES), (self.held, HELD_OUT_TEMPLATES)) if d]
+
+
+def _biased(inputs: Sequence[FusionInput], lora: str, names: Sequence[str]) -> frozenset[str]:
+    """Layers where some concept changes the bias too."""
+    return frozenset(n for n in names for i in inputs
+                     if (f := (i.concept.unet_lora if lora == "unet" else i.concept.text_lora).get(n)) is not None
+                     and f.bias_delta() is not None)
 
 
 def _new_stats(root: nn.Module, names: Sequence[str], device: torch.device, settings: FusionSettings, *,
-               dense: bool = True) -> _StageStats:
+               dense: bool = True, biased: frozenset[str] = frozenset()) -> _StageStats:
     """Per-layer statistics. Float32 per-concept report factors are spilled to disk; the solve's G
     and S are dense float64 (memory independent of the concept count) or, for layers that see a
     handful of rows per concept (attn2 k/v: 6), raw rows until they outgrow a dense Gram (smaller
     and faster there, and bounded by the dense size). Validation and held-out statistics share the
-    solve's W0 copy."""
-    solve = {n: LayerStats(root.get_submodule(n).weight.data.float(), device=device,
-                           per_concept_dtype=torch.float32, dense=dense) for n in names}
+    solve's W0 copy. Convolutions are linears over their unfolded input patches."""
+    solve = {n: LayerStats(_base_matrix(root.get_submodule(n), n in biased), device=device,
+                           per_concept_dtype=torch.float32, dense=dense, balanced=settings.balance) for n in names}
 
     def report_only(wanted: bool) -> dict[str, LayerStats]:
         return {n: LayerStats.held_out_for(st) for n, st in solve.items()} if wanted else {}
 
     use_valid = settings.validate and settings.solver == "exact"
-    return _StageStats(solve, report_only(use_valid), report_only(settings.held_out))
+    return _StageStats(solve, report_only(use_valid), report_only(settings.held_out), root, biased)
 
 
 def _begin_concept(stats: _StageStats, item: FusionInput, lora: str) -> None:
     """Open the concept in every layer of every set; they share one delta tensor per layer."""
     weight = item.unet_weight if lora == "unet" else item.text_weight
     for n, st in stats.solve.items():
-        delta = _delta(st, item.concept, lora, n, weight)
+        delta = _delta(stats.root, item.concept, lora, n, weight, n in stats.biased)
+        if delta is None:
+            delta = torch.zeros_like(st.w0, dtype=torch.float64)
         for target in (stats.solve, stats.valid, stats.held):
             if n in target:
                 target[n].begin_concept(delta=delta, copy=False)
@@ -315,6 +408,30 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
         return _fuse(model, inputs, settings or FusionSettings(), progress, should_stop, spill_dir)
 
 
+def _per_pass_bytes(stats_width: int, out: int) -> int:
+    """Statistics one layer holds while a concept streams past (the solve's G and S, the open
+    concept's Gram and its report factor, float32 validation and held-out Grams)."""
+    return 32 * stats_width * stats_width + 32 * out * stats_width
+
+
+def spatial_passes(root: nn.Module, names: Sequence[str], biased: frozenset[str], budget_gb: float,
+                   ) -> list[list[str]]:
+    """The spatial layers split into sampling passes whose statistics fit `budget_gb` together (a
+    layer larger than the budget gets a pass of its own): memory is bounded per layer, not by the
+    number of layers a LoRA changes. Attention-only concepts on SD1.5 fit one pass."""
+    passes: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        weight = root.get_submodule(name).weight
+        need = _per_pass_bytes(weight[0].numel() + (name in biased), weight.shape[0])
+        if passes[-1] and used + need > budget_gb * 2**30:
+            passes.append([])
+            used = 0
+        passes[-1].append(name)
+        used += need
+    return [p for p in passes if p]
+
+
 @torch.no_grad()
 def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettings, progress: Progress | None,
           should_stop: Callable[[], bool] | None, spill_dir: str) -> FusionResult:
@@ -323,23 +440,34 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
     device = next(unet.parameters()).device
     eos = model.tokenizer.eos_token_id
     result = FusionResult(concepts=[i.concept for i in inputs])
+    names = [i.concept.name for i in inputs]
 
     def stop_check(where: str) -> None:
         if should_stop is not None and should_stop():
             raise FusionInterrupted(f"interrupted during the {where} stage")
 
-    def finish(stage: str, stats: _StageStats, t0: float) -> dict[str, torch.Tensor]:
+    def solve(stage: str, stats: _StageStats) -> tuple[list[LayerMeasure], dict[str, torch.Tensor],
+                                                       dict[str, torch.Tensor]]:
+        """Solve every layer, measure it, and split the fused matrices into weights and biases."""
         fused, infos = _solve(stage, stats, settings, progress, should_stop)
-        result.report += stage_report(stage, [i.concept.name for i in inputs], stats.solve, stats.held, fused,
-                                      infos, result.warnings)
-        result.seconds[stage] = time.perf_counter() - t0
-        return fused
+        measured = measure_layers(stats.solve, stats.held, fused, infos)
+        weights, biases = {}, {}
+        for name, w in fused.items():
+            layer = stats.root.get_submodule(name)
+            if name in stats.biased:
+                w, biases[name] = w[:, :-1], w[:, -1].clone()
+            weights[name] = w.reshape(layer.weight.shape)
+        return measured, weights, biases
 
-    # ---- stage 1: text encoder
+    def finish(stage: str, measured: list[LayerMeasure], t0: float) -> None:
+        result.report += stage_report(stage, names, measured, result.warnings)
+        result.seconds[stage] = time.perf_counter() - t0
+
+    # ---- stage 1: text encoder, every layer a concept changes
     text_names = sorted({n for i in inputs for n in i.concept.text_lora})
     if "te" not in settings.skip and text_names:
         t0 = time.perf_counter()
-        stats = _new_stats(te, text_names, device, settings)
+        stats = _new_stats(te, text_names, device, settings, biased=_biased(inputs, "text", text_names))
         mask: list[torch.Tensor] = []
         lengths: dict[tuple[int, ...], int] = {}  # bound prompt ids -> tokens up to the real EOS
 
@@ -352,58 +480,75 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
             stop_check("text encoder")
             _begin_concept(stats, item, "text")
             binder = PromptBinder(model, [item.concept])
-            for _, templates in stats.sets():
+            sets = stats.sets(item.concept, settings)
+            for _, templates in sets:
                 for prompt in prompts_for(item.concept, templates):
                     ids, slots = binder.tokenize_bound(prompt)
                     lengths[tuple(ids)] = _eos_position(ids, slots, eos) + 1
             handle = te.register_forward_pre_hook(remember_mask, with_kwargs=True)
             try:
                 with applied([(item.concept, 0.0, item.text_weight)], unet, te):
-                    for target, templates in stats.sets():
-                        with _recording(te, target, select=lambda x: x[mask[0]]):
+                    for target, templates in sets:
+                        with _recording(te, target, stats.biased, select=lambda x: x[mask[0]]):
                             binder.encode(prompts_for(item.concept, templates))
             finally:
                 handle.remove()
             _end_concept(stats, spill_dir)
             if progress:
                 progress("te: recording", k + 1, len(inputs))
-        result.text_weights = finish("te", stats, t0)
+        measured, result.text_weights, result.text_biases = solve("te", stats)
+        finish("te", measured, t0)
         del stats
 
     # ---- stage 2: attn2 to_k / to_v from the fused text encoder
     kv_names = [f"{a}.{p}" for a in ATTN2_NAMES for p in KV_PROJECTIONS]
     kv_names = [n for n in kv_names if any(n in i.concept.unet_lora for i in inputs)]
+    fused_te = (result.text_weights, result.text_biases)
     if "kv" not in settings.skip and kv_names:
         t0 = time.perf_counter()
-        stats = _new_stats(unet, kv_names, device, settings, dense=False)
+        stats = _new_stats(unet, kv_names, device, settings, dense=False, biased=_biased(inputs, "unet", kv_names))
         if progress:
             progress("kv: recording", 0, len(inputs))
-        with _weights(te, result.text_weights):
+        with _weights(te, *fused_te):
             for k, item in enumerate(inputs):
                 stop_check("cross-attention k/v")
                 binder = PromptBinder(model, [item.concept])
                 _begin_concept(stats, item, "unet")
-                for target, templates in stats.sets():
+                for target, templates in stats.sets(item.concept, settings):
                     prompts = prompts_for(item.concept, templates)
                     z = binder.encode(prompts)  # [P, L, 77, D]
                     rows = []
-                    for p, prompt in enumerate(prompts):
+                    for p, (prompt, template) in enumerate(zip(prompts, templates)):
                         ids, slots = binder.tokenize_bound(prompt)
                         positions = [pos for pos, _ in slots] + [_eos_position(ids, slots, eos)]
+                        if not slots:
+                            # trigger words: the words and what follows up to the EOS, as tokens
+                            # are. The encoder is causal, so the template's words before them
+                            # encode alike for every concept and would only pull the solve toward
+                            # the average; the padding after the EOS would outweigh the concepts
+                            # whose rows are their tokens and EOS.
+                            prefix, _ = binder.tokenize_bound(template.split("{}")[0])
+                            positions = list(range(_eos_position(prefix, [], eos), positions[-1] + 1))
                         rows.append(z[p][:, positions])  # [L, n_pos, D]
                     feats = torch.cat(rows, dim=1)
                     for n, st in target.items():
-                        st.add(feats[ATTN2_NAMES.index(n.rsplit(".", 1)[0])])
+                        x = feats[ATTN2_NAMES.index(n.rsplit(".", 1)[0])]
+                        st.add(_layer_rows(unet.get_submodule(n), n in stats.biased)(x))
                 _end_concept(stats, spill_dir)
                 if progress:
                     progress("kv: recording", k + 1, len(inputs))
-        result.unet_weights.update(finish("kv", stats, t0))
+        measured, kv_weights, kv_biases = solve("kv", stats)
+        result.unet_weights.update(kv_weights)
+        result.unet_biases.update(kv_biases)
+        finish("kv", measured, t0)
         del stats
 
-    # ---- stage 3: spatial layers, recorded while sampling each concept with its own spatial LoRA:
+    # ---- stage 3: every other UNet layer a concept changes (attention q/out, feed-forward,
+    # proj_in/out, resnet convs, ...), recorded while sampling each concept with its own UNet changes:
     # `spatial_seeds` training samples (prompts alternating between the templates), then one
     # validation and one held-out sample (each its own seed and prompt) in one batch; the hooks
-    # split the batch rows
+    # split the batch rows. Layers whose statistics do not fit the memory budget together are
+    # recorded in further sampling passes.
     kv_set = {f"{a}.{p}" for a in ATTN2_NAMES for p in KV_PROJECTIONS}
     spatial_names = sorted({n for i in inputs for n in i.concept.unet_lora if n not in kv_set})
     if "spatial" not in settings.skip and spatial_names:
@@ -411,41 +556,54 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
         shortfall = spatial_shortfall(model.config, settings)
         if shortfall:
             result.warnings.append(shortfall)
-        stats = _new_stats(unet, spatial_names, device, settings)
-        fused_kv = {n: w for n, w in result.unet_weights.items() if n in kv_set}
+        biased = _biased(inputs, "unet", spatial_names)
+        passes = spatial_passes(unet, spatial_names, biased, settings.memory_gb)
+        fused_kv = ({n: w for n, w in result.unet_weights.items() if n in kv_set},
+                    {n: b for n, b in result.unet_biases.items() if n in kv_set})
         train = settings.spatial_seeds
-        templates = [PROMPT_TEMPLATES[j % len(PROMPT_TEMPLATES)] for j in range(train)]
-        templates += [t[0] for d, t in stats.sets()[1:]]  # validation, held-out: one row each
-        seeds = [settings.seed + j for j in range(len(templates))]
-        valid = 1 if stats.valid else 0
-        with _weights(te, result.text_weights), _weights(unet, fused_kv):
-            for k, item in enumerate(inputs):
-                stop_check("spatial")
-                spatial_only = dataclasses.replace(
-                    item.concept, text_lora={},
-                    unet_lora={n: f for n, f in item.concept.unet_lora.items() if n not in kv_set})
-                _begin_concept(stats, item, "unet")
-                cond = PromptBinder(model, [item.concept]).encode(prompts_for(item.concept, templates))
-
-                def on_step(step: int, x: torch.Tensor, _k=k) -> None:
+        extra = [VALIDATION_TEMPLATES[0]] * bool(settings.validate and settings.solver == "exact")
+        extra += [HELD_OUT_TEMPLATES[0]] * bool(settings.held_out)
+        seeds = [settings.seed + j for j in range(train + len(extra))]
+        valid = 1 if extra and extra[0] == VALIDATION_TEMPLATES[0] else 0
+        measured: list[LayerMeasure] = []
+        with _weights(te, *fused_te), _weights(unet, *fused_kv):
+            for g, group in enumerate(passes):
+                stats = _new_stats(unet, group, device, settings, biased=biased)
+                label = "spatial" + (f" (pass {g + 1}/{len(passes)})" if len(passes) > 1 else "")
+                for k, item in enumerate(inputs):
                     stop_check("spatial")
+                    solve_set = solve_templates(item.concept, settings)
+                    templates = [solve_set[j % len(solve_set)] for j in range(train)] + extra
+                    spatial_only = dataclasses.replace(
+                        item.concept, text_lora={},
+                        unet_lora={n: f for n, f in item.concept.unet_lora.items() if n not in kv_set})
+                    _begin_concept(stats, item, "unet")
+                    cond = PromptBinder(model, [item.concept]).encode(prompts_for(item.concept, templates))
+                    what = f"{label}: sampling concept {k + 1}/{len(inputs)}"
+
+                    def on_step(step: int, x: torch.Tensor, _what=what) -> None:
+                        stop_check("spatial")
+                        if progress:
+                            progress(_what, step + 1, settings.spatial_steps)
+
                     if progress:
-                        progress(f"spatial: sampling concept {_k + 1}/{len(inputs)}", step + 1, settings.spatial_steps)
+                        progress(what, 0, settings.spatial_steps)
+                    with applied([(spatial_only, item.unet_weight, 0.0)], unet, te), \
+                            _recording(unet, stats.solve, biased, select=lambda x: x[:train]), \
+                            _recording(unet, stats.valid, biased, select=lambda x: x[train:train + valid]), \
+                            _recording(unet, stats.held, biased, select=lambda x: x[train + valid:]):
+                        sampling.sample_euler(model, cond.to(device), None, seeds=seeds,
+                                              height=settings.spatial_size, width=settings.spatial_size,
+                                              steps=settings.spatial_steps, cfg_scale=1.0, callback=on_step)
+                    _end_concept(stats, spill_dir)
+                group_measured, weights, biases = solve("spatial", stats)
+                measured += group_measured
+                result.unet_weights.update(weights)
+                result.unet_biases.update(biases)
+                del stats
+        finish("spatial", measured, t0)
 
-                if progress:
-                    progress(f"spatial: sampling concept {k + 1}/{len(inputs)}", 0, settings.spatial_steps)
-
-                with applied([(spatial_only, item.unet_weight, 0.0)], unet, te), \
-                        _recording(unet, stats.solve, select=lambda x: x[:train]), \
-                        _recording(unet, stats.valid, select=lambda x: x[train:train + valid]), \
-                        _recording(unet, stats.held, select=lambda x: x[train + valid:]):
-                    sampling.sample_euler(model, cond.to(device), None, seeds=seeds,
-                                          height=settings.spatial_size, width=settings.spatial_size,
-                                          steps=settings.spatial_steps, cfg_scale=1.0, callback=on_step)
-                _end_concept(stats, spill_dir)
-        result.unet_weights.update(finish("spatial", stats, t0))
-        del stats
-
-    result.text_weights = {n: w.float().cpu() for n, w in result.text_weights.items()}
-    result.unet_weights = {n: w.float().cpu() for n, w in result.unet_weights.items()}
+    for table in (result.text_weights, result.unet_weights, result.text_biases, result.unet_biases):
+        for n, w in table.items():
+            table[n] = w.float().cpu()
     return result

@@ -3,8 +3,9 @@
 The WebUI's tab runs fusion this way so that the WebUI's own memory goes back to where it was
 (a fusion loads a second copy of the model and streams statistics; freed tensors are not returned
 to the system while the process lives), and so that a crash of the fusion (out of memory, a bug)
-cannot take the WebUI down. The child reports progress and its result as JSON lines on stdout;
-an error is one `error: ...` line on stderr and a non-zero exit code.
+cannot take the WebUI down. The child reports progress, notes (which trigger words each LoRA
+without tokens uses) and its result as JSON lines on stdout; an error is one `error: ...` line on
+stderr and a non-zero exit code.
 
 The parent turns all of that into callbacks and one exception with one clear message, stops the
 child when asked (terminate, then kill), and removes what a killed child may leave behind: the
@@ -65,7 +66,8 @@ def run_fusion_process(fuse_args: Sequence[str], out: str | os.PathLike[str], *,
                        cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
                        poll: float = 0.2) -> dict:
     """Run `python -m lib_mos fuse <fuse_args> --out <out> --progress jsonl` and return its result
-    (the JSON object it prints last: path, report, warnings, seconds).
+    (the JSON object it prints last: path, report, warnings, seconds) with the notes it printed
+    before it started ("notes": one line per trigger-word concept).
 
     `cwd` must be a folder from which `lib_mos` imports (the extension's folder); `env` defaults to
     this process's environment with PYTHONPATH set to this process's `sys.path`, so the child finds
@@ -83,6 +85,7 @@ def run_fusion_process(fuse_args: Sequence[str], out: str | os.PathLike[str], *,
     err_thread = threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True)
     err_thread.start()
     result: dict | None = None
+    notes: list[str] = []
     stopped: float | None = None  # when the stop was asked for
     try:
         while True:
@@ -104,6 +107,8 @@ def run_fusion_process(fuse_args: Sequence[str], out: str | os.PathLike[str], *,
             if "progress" in message and progress is not None:
                 p = message["progress"]
                 progress(str(p["what"]), int(p["done"]), int(p["total"]))
+            elif "note" in message:
+                notes.append(str(message["note"]))
             elif "result" in message:
                 result = message["result"]
         code = proc.wait()
@@ -127,5 +132,5 @@ def run_fusion_process(fuse_args: Sequence[str], out: str | os.PathLike[str], *,
         tail = " ".join(ln.strip() for ln in errors[-3:])
         raise FusionProcessError(f"the fusion process failed (exit code {code}): {tail or 'no message'}; "
                                  "nothing was written")
-    return result
+    return {**result, "notes": notes}
 

@@ -39,6 +39,7 @@ __all__ = [
     "solve_exact",
     "solve_lbfgs",
     "weight_average",
+    "weight_stack",
 ]
 
 _F64 = torch.float64
@@ -132,7 +133,7 @@ class LayerStats:
 
     def __init__(self, w0: Tensor, *, device: torch.device | str | None = None,
                  keep_per_concept: bool = True, per_concept_dtype: torch.dtype = _F64,
-                 dense: bool = False, report_only: bool = False) -> None:
+                 dense: bool = False, report_only: bool = False, balanced: bool = False) -> None:
         if w0.dim() != 2:
             raise ValueError(f"w0 must be a 2-D [out, in] weight, got shape {tuple(w0.shape)}")
         if not w0.is_floating_point():
@@ -156,7 +157,14 @@ class LayerStats:
         self.concepts: list[ConceptStats | SpilledConceptStats] = []
         self.delta_energy = torch.zeros((), dtype=_F64, device=self.device)
         # per-concept float64 factors are the solve's statistics too: no dense copy needed
-        self._factors_are_stats = keep_per_concept and per_concept_dtype == _F64 and not report_only
+        # balanced: concept i's rows weigh c_i in G and S (`concept_weights`), known only once every
+        # concept has streamed, so G and S are assembled from the per-concept factors at solve time
+        self.balanced = balanced and not report_only
+        if self.balanced and not keep_per_concept:
+            raise ValueError("balanced statistics need the per-concept factors: keep_per_concept must be True")
+        self.energies: list[float] = []  # ||dW_i X_i||^2 per concept (with the factors kept)
+        self._factors_are_stats = keep_per_concept and (per_concept_dtype == _F64 or self.balanced) \
+            and not report_only
         self._gram: Tensor | None = None  # dense parts, created on first need
         self._delta_rhs: Tensor | None = None
         self._pending: list[tuple[Tensor, Tensor]] = []  # row factors not yet folded into the dense parts
@@ -217,10 +225,25 @@ class LayerStats:
         return gram, delta_rhs
 
     def _row_factors(self) -> list[tuple[Tensor, Tensor]]:
-        """The (F, Q) pairs not contained in the dense parts."""
+        """The (F, Q) pairs not contained in the dense parts (balanced: scaled by sqrt(c_i))."""
         if self._factors_are_stats:
-            return [(c.factor, c.projected_delta) for c in self.concepts]
+            pairs = [c.tensors() for c in self.concepts]
+            if self.balanced:
+                pairs = [(f * math.sqrt(w), q * math.sqrt(w)) for (f, q), w in zip(pairs, self.concept_weights())]
+            return pairs
         return self._pending
+
+    def concept_weights(self) -> list[float]:
+        """Balanced statistics: the weight c_i of concept i's rows, so that the solve minimises
+        sum_i c_i ||(W - W_i) X_i||^2 = the sum of squared relative errors (c_i = 1/||dW_i X_i||^2):
+        every concept counts alike whatever the size of its change or its number of rows. A concept
+        that does not change this layer (its target is W0 here) gets the mean total weight of the
+        others, c_i = mean_j(c_j n_j) / n_i. Unbalanced: all 1."""
+        if not self.balanced:
+            return [1.0] * self.concept_count
+        changing = [(n, 1.0 / e) for n, e in zip(self.rows, self.energies) if e > 0]
+        share = sum(n * c for n, c in changing) / len(changing) if changing else 1.0
+        return [1.0 / e if e > 0 else (share / n if n else 0.0) for n, e in zip(self.rows, self.energies)]
 
     def _dense(self) -> tuple[Tensor, Tensor]:
         if self._gram is None or self._delta_rhs is None:
@@ -329,6 +352,7 @@ class LayerStats:
                 if self._buffer is None:  # a Gram factor; raw rows stay in their own (exact) dtype
                     factor = factor.to(dtype)
                 self.concepts.append(ConceptStats(self._concept_rows, factor, projected.to(dtype)))
+                self.energies.append(float(projected.to(_F64).square().sum()))
             if not self.report_only:
                 self._delta_sum += delta.to(torch.float32)
             self.delta_norms.append(float(torch.linalg.vector_norm(delta)))
@@ -343,7 +367,7 @@ class LayerStats:
         """Move every finished concept's report statistics into files under `folder` (which must
         outlive this object's use). Only when the solve does not read them (float64 per-concept
         factors double as the solve's statistics: use `per_concept_dtype=torch.float32`)."""
-        if self._factors_are_stats:
+        if self._factors_are_stats and not self.balanced:
             raise RuntimeError("spill() needs per_concept_dtype other than float64 (the solve reads those factors)")
         for i, c in enumerate(self.concepts):
             if isinstance(c, ConceptStats):
@@ -450,7 +474,9 @@ def solve_exact(stats: LayerStats, ridge: float = RIDGE, *, refine: int = 2, pri
         delta = path[1](ridge * path[0])
     scale, filtered = path
     if validation is not None and ridges:
-        ridge = _select_ridge(validation, toward, scale, filtered, ridges)
+        # the solve's own concept weights (balanced statistics) on the validation rows too
+        weights = stats.concept_weights() if stats.balanced else None
+        ridge = _select_ridge(validation, toward, scale, filtered, weights, ridges)
         delta = filtered(ridge * scale)
     lam, capped = ridge * scale, False
     if max_change is not None:
@@ -472,7 +498,7 @@ SELECTION_ROWS = 128  # output rows the ridge is chosen on (every k-th): lam act
 SELECTION_TOLERANCE = 0.01  # the smallest ridge within 1 % of the best validation objective wins
 
 
-def _select_ridge(validation: LayerStats, toward: Tensor, scale: float, filtered: Filter,
+def _select_ridge(validation: LayerStats, toward: Tensor, scale: float, filtered: Filter, weights: list[float] | None,
                   ridges: Sequence[float]) -> float:
     """The candidate ridge with the smallest sum_i ||(W - W_i) V_i||^2 over the validation inputs
     V_i: the solve's own objective on inputs it did not see (cross-validation; relative errors
@@ -486,8 +512,8 @@ def _select_ridge(validation: LayerStats, toward: Tensor, scale: float, filtered
     out = toward.shape[0]
     rows = torch.arange(0, out, max(1, out // SELECTION_ROWS), device=toward.device)
     residuals = []  # (F, Dp F^T - Q) on those rows: (W - W_i) V_i = E F^T + that for W = P + E
-    for c in validation.concepts:
-        factor, projected = (t.to(_F64) for t in c.tensors())
+    for c, w in zip(validation.concepts, weights or [1.0] * validation.concept_count):
+        factor, projected = (t.to(_F64) * math.sqrt(w) for t in c.tensors())
         residuals.append((factor, toward[rows] @ factor.mT - projected[rows]))
     errors = {}
     for ridge in sorted(ridges):
@@ -690,6 +716,15 @@ def relative_errors_many(weights: Sequence[Tensor], stats: LayerStats) -> list[l
             else:
                 errors.append(num / den)
     return out
+
+
+def weight_stack(stats: LayerStats) -> Tensor:
+    """LoRA stacking, W0 + sum_i dW_i (float32): every concept applied at once at its weight, what
+    users get by putting all the LoRAs in one prompt."""
+    stats._require_closed("weight_stack")
+    if stats.report_only:
+        raise RuntimeError("weight_stack needs the training statistics, not report-only ones")
+    return stats.w0.to(torch.float32) + stats._delta_sum
 
 
 def weight_average(stats: LayerStats) -> Tensor:

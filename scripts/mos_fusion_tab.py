@@ -10,12 +10,13 @@ top one) show the new file at once. The live model is never touched."""
 from __future__ import annotations
 
 import html
+import math
 import os
 from pathlib import Path
 
 import gradio as gr
 
-from lib_mos.concept_files import read_concept
+from lib_mos.concept_files import read_concept, sidecar_path
 from lib_mos.files import import_sibling
 from lib_mos.fusion_process import FusionProcessInterrupted, run_fusion_process
 from modules import call_queue, devices, script_callbacks, sd_models, shared
@@ -26,13 +27,22 @@ concept_folder = mos_host_binding.concept_folder
 EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `python -m lib_mos` runs here
 TAB_TITLE = "Mix-of-Show fusion"
 STAGE_LABELS = {"text encoder": "te", "cross-attention k/v": "kv", "spatial layers": "spatial"}
-TABLE_HEADERS = ["concept file", "tokens (rename as <a>+<b>)", "UNet weight", "text weight"]
+TABLE_HEADERS = ["concept file", "tokens (rename as <a>+<b>)", "trigger words (LoRAs without tokens)",
+                 "UNet weight", "text weight"]
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".pth")  # what the host's Lora lists, and the authors' .pth
+NO_TRIGGER_WORDS = "(no tokens, and no trigger words found: type them in the trigger words column)"
 
 
 def concept_choices() -> list[str]:
-    """Concept files in the Lora folder (ordinary LoRAs are not listed)."""
-    scan = mos_host_binding.LIBRARY.scan(concept_folder())
-    return [os.path.relpath(e.path, scan.folder) for e in scan.entries]
+    """Every LoRA file in the Lora folder and its subfolders, as the host's Lora lists them (any
+    kind: our concept files, kohya and LyCORIS LoRAs, which fuse by their trigger words), and the
+    authors' .pth files; not the files the concept library found unreadable (`folder_problems`)."""
+    folder = Path(concept_folder())
+    if not folder.is_dir():
+        return []
+    broken = {path for path, _ in mos_host_binding.LIBRARY.scan(folder).problems}
+    return [os.path.relpath(p, folder) for p in sorted(folder.rglob("*"))
+            if p.suffix.lower() in LORA_SUFFIXES and p not in broken and p.is_file()]
 
 
 def folder_problems() -> str:
@@ -41,33 +51,57 @@ def folder_problems() -> str:
     return f"<p>Unreadable files in the Lora folder: {html.escape(text)}</p>" if text else ""
 
 
+def _cell(value) -> str:
+    """A text cell as the page sends it back: an emptied cell may come as None or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def concept_row(rel: str) -> list:
+    """[file, tokens, trigger words, UNet weight, text weight] of one file. A concept with tokens
+    has no trigger words; a LoRA without tokens shows the words it would use (its sidecar json's
+    activation text, else its most frequent training tag) and where they came from, or, when it
+    has none, asks for them: the user types them in the trigger words column."""
+    path = os.path.join(concept_folder(), rel)
+    try:
+        concept = read_concept(path)
+    except Exception as e:  # shown in the table; fusing it will report the full error
+        try:  # a LoRA that is readable but has no trigger words anywhere (or a broken sidecar json)
+            read_concept(path, trigger="-")
+        except Exception:
+            return [rel, f"(unreadable: {e})", "", 1.0, 1.0]
+        side, why = str(sidecar_path(path)), str(e)
+        if side in why:  # its json is broken: say so
+            return [rel, f"{NO_TRIGGER_WORDS[:-1]}; {why.replace(side, os.path.basename(side))})", "", 1.0, 1.0]
+        return [rel, NO_TRIGGER_WORDS, "", 1.0, 1.0]
+    if concept.tokens:
+        return [rel, "+".join(concept.tokens), "", 1.0, 1.0]
+    source = concept.trigger_source or "the file"
+    return [rel, f"(no tokens: trigger words from {source})", concept.prompt_words, 1.0, 1.0]
+
+
 def concept_table(selected: list[str], current=None) -> list[list]:
     """One row per selected file; rows the user already edited keep their values."""
     kept = {}
     if current is not None:
         rows = current.values.tolist() if hasattr(current, "values") else current
-        kept = {r[0]: r for r in rows if r and r[0]}
-    rows = []
-    for rel in selected or []:
-        if rel in kept:
-            rows.append(list(kept[rel]))
-            continue
-        try:
-            tokens = "+".join(read_concept(os.path.join(concept_folder(), rel)).tokens)
-        except Exception as e:  # shown in the table; fusing it will report the full error
-            tokens = f"(unreadable: {e})"
-        rows.append([rel, tokens, 1.0, 1.0])
-    return rows
+        kept = {r[0]: r for r in rows if r and r[0] and len(r) == len(TABLE_HEADERS)}
+    return [list(kept[rel]) if rel in kept else concept_row(rel) for rel in selected or []]
 
 
 def _concept_args(table) -> list[str]:
-    """`--concept` arguments, one per table row: `FILE[:<a>+<b>]@UNET,TEXT` (`fused_checkpoint.parse_concept_spec`)."""
+    """`--concept` arguments, one per table row: `FILE[:<a>+<b>][#trigger words]@UNET,TEXT`
+    (`fused_checkpoint.parse_concept_spec`; the listed files all end in a suffix, so '#' starts
+    the words). The trigger words are passed as the table shows them, edited or not; on a row
+    of a concept with tokens the child refuses them, naming the file."""
     rows = table.values.tolist() if hasattr(table, "values") else (table or [])
     args = []
-    for rel, tokens, unet_weight, text_weight in (r[:4] for r in rows if r and r[0]):
+    for rel, tokens, trigger, unet_weight, text_weight in (r[:5] for r in rows if r and r[0]):
         path = os.path.join(concept_folder(), rel)
-        renamed = f":{tokens}" if str(tokens).startswith("<") else ""
-        args += ["--concept", f"{path}{renamed}@{float(unet_weight):g},{float(text_weight):g}"]
+        renamed = f":{_cell(tokens)}" if _cell(tokens).startswith("<") else ""
+        words = f"#{_cell(trigger)}" if _cell(trigger) else ""
+        args += ["--concept", f"{path}{renamed}{words}@{float(unet_weight):g},{float(text_weight):g}"]
     return args
 
 
@@ -123,6 +157,10 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
     concurrently, so a table update for an earlier selection may have arrived last."""
     if files is not None:
         table = concept_table(files, table)
+    for row in table.values.tolist() if hasattr(table, "values") else (table or []):
+        if row and row[0] and _cell(row[1]).startswith(NO_TRIGGER_WORDS[:-1]) and not _cell(row[2]):
+            raise ValueError(f"{row[0]}: a LoRA without tokens and without trigger words: type its trigger words in "
+                             "the table")
     base_title = base_title or loaded_checkpoint()
     info = sd_models.get_closet_checkpoint_match(base_title)
     if info is None:
@@ -151,9 +189,18 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
     sd_models.list_models()
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
     warnings = "".join(f"<p class='mos-warning'>&#9888; {html.escape(w)}</p>" for w in result["warnings"])
+    notes = "".join(f"<p>{html.escape(_short_note(n))}</p>" for n in result.get("notes", ()))
     return (_report_rows(result["report"]), gr.update(choices=sd_models.checkpoint_tiles(), value=base_title),
-            f"{warnings}<p>Saved <code>{html.escape(str(result['path']))}</code> ({seconds}). It is in the checkpoint "
+            f"{warnings}{notes}<p>Saved <code>{html.escape(str(result['path']))}</code> ({seconds}). It is in the checkpoint "
             "list now.</p>")
+
+
+def _short_note(note: str) -> str:
+    """The child's line on a LoRA's trigger words, with the file relative to the Lora folder and
+    without the command-line hint (here the words are edited in the table)."""
+    folder = os.path.join(concept_folder(), "")
+    note = note.removeprefix(folder)
+    return note.rpartition("; ")[0] if note.endswith("to choose others") else note
 
 
 def interrupt() -> None:
@@ -174,8 +221,9 @@ def on_ui_tabs():
             files = gr.Dropdown(label="Concept files (models/Lora)", choices=concept_choices(), multiselect=True,
                                 elem_id="mos_fusion_files")
             refresh = gr.Button("Refresh", elem_id="mos_fusion_refresh")
-        table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "number", "number"], row_count=(0, "dynamic"),
-                             col_count=(4, "fixed"), interactive=True, elem_id="mos_fusion_table")
+        table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "str", "number", "number"],
+                             row_count=(0, "dynamic"), col_count=(len(TABLE_HEADERS), "fixed"), interactive=True,
+                             elem_id="mos_fusion_table")
         with gr.Row():
             stages = gr.CheckboxGroup(label="Stages", choices=list(STAGE_LABELS), value=list(STAGE_LABELS))
             solver = gr.Radio(label="Solver", choices=["exact", "lbfgs"], value="exact")

@@ -354,12 +354,23 @@ def test_report_text_marks_flags_and_reads_old_reports():
     new = {**old, "stage": "spatial", "layers": 96, "held_out": 1.3, "held_out_average": 0.7, "distance": 12.3,
            "rows": 32, "held_out_rows": 8, "width": 128, "capped": 3, "flags": ["held-out", "distance"]}
     text = fusion_report.format_report([old, new], ["spatial: the fused change is 9x"]).splitlines()
-    assert text[0].split() == ["concept", "stage", "layers", "fused", "averaged", "held-out", "averaged",
-                               "distance", "rows/width", "flags"]
-    assert text[1].split() == ["cat", "te", "48", "0.1000", "0.7000", "-", "-", "-", "-"]
-    assert text[2].split()[5:] == ["1.3000", "0.7000", "12.30x", "32/128", "!", "held-out,", "distance"]
-    assert text[3].startswith("note: spatial: the trust region capped 3 of 96 layers")
+    assert text[0].split() == ["concept", "stage", "layers", "fused", "averaged", "stacked", "held-out", "averaged",
+                               "stacked", "distance", "rows/width", "flags"]
+    assert text[1].split() == ["cat", "te", "48", "0.1000", "0.7000", "-", "-", "-", "-", "-", "-"]
+    assert text[2].split()[6:] == ["1.3000", "0.7000", "-", "12.30x", "32/128", "!", "held-out,", "distance"]
+    assert text[3].startswith("note: spatial: the trust region capped 3 of 96 layers")  # no summary: no stacking
     assert text[4] == "WARNING: spatial: the fused change is 9x"
+
+
+def test_report_summary_line_per_concept_compares_fused_with_averaging_and_stacking():
+    rows = [{"concept": c, "stage": st, "layers": 4, "fused": f, "average": 0.8, "stacked": 1.4, "held_out": h,
+             "held_out_average": 0.8, "held_out_stacked": s} for c, st, f, h, s in
+            [("cat", "te", 0.2, 0.3, 1.5), ("cat", "spatial", 0.4, 0.5, 1.3), ("dog", "te", 0.1, 0.9, 0.7)]]
+    summary = fusion_report.concept_summary(rows)
+    assert summary == [
+        "cat: held-out error over 2 stage(s): fused 0.400, averaged 0.800, stacked 1.400 (best: fused)",
+        "dog: held-out error over 1 stage(s): fused 0.900, averaged 0.800, stacked 0.700 (best: stacked)"]
+    assert fusion_report.format_report(rows).splitlines()[-2:] == summary
 
 
 def test_kv_stage_records_the_concept_tokens_and_the_real_eos(tiny, inputs, monkeypatch):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from browser import pick_option
 from test_binding import make_concept
+from test_cli_trigger_words import tag_frequency, write_kohya_lora
 
 from lib_mos import fused_checkpoint, sd1
 from lib_mos.concept_files import write_concept
@@ -147,7 +148,7 @@ def test_tab_weights_renamed_tokens_and_settings_reach_the_child(tab):
     harness, module = tab
     table = module.concept_table(module.concept_choices())
     table[1][1] = "<pup1>+<pup2>"
-    table[1][2], table[1][3] = 0.5, 0.25
+    table[1][3], table[1][4] = 0.5, 0.25
     *_, status = run_job(module, *fuse_args(harness, module, table=table, spatial_steps=3, spatial_seeds=3))
     assert "Saved" in status, status
     import json
@@ -168,7 +169,7 @@ def test_run_reconciles_a_stale_table_with_the_selection(tab):
 
     harness, module = tab
     stale = module.concept_table(["dog1.safetensors"])
-    stale[0][2] = 0.5
+    stale[0][3] = 0.5
     *_, status = run_job(module, *fuse_args(harness, module, table=stale),
                          ["cat1.safetensors", "dog1.safetensors"])
     assert "Saved" in status, status
@@ -208,6 +209,104 @@ def test_tab_bad_output_name(tab):
     harness, module = tab
     *_, status = run_job(module, *fuse_args(harness, module, name="../escape"))
     assert "error" in status and "without folders" in status
+
+
+def write_loras(folder: Path) -> None:
+    """Ordinary LoRAs (kohya keys, none of our metadata): trigger words from the host's sidecar
+    json, from the training tags (in a subfolder), from nowhere, and a broken sidecar json."""
+    write_kohya_lora(folder / "hero.safetensors", activation_text="ohwx man", metadata=tag_frequency(a={"man": 9}))
+    (folder / "styles").mkdir()
+    write_kohya_lora(folder / "styles" / "ink.safetensors", seed=4,
+                     metadata=tag_frequency(**{"10_ink": {"ink style": 4, "1girl": 2}, "1_reg": {"1girl": 1}}))
+    write_kohya_lora(folder / "bare.safetensors", seed=5)
+    write_kohya_lora(folder / "broken.safetensors", seed=6)
+    (folder / "broken.json").write_text("{not json")
+    (folder / "notes.txt").write_text("not a LoRA")
+
+
+def test_tab_lists_every_lora_with_its_trigger_words(tab):
+    """Kohya files without our metadata are listed; the table shows a LoRA's trigger words and
+    where they came from, and a file without any says so in its row instead of failing."""
+    from modules import shared
+
+    _, module = tab
+    write_loras(Path(shared.cmd_opts.lora_dir))
+    choices = module.concept_choices()
+    assert choices == ["bare.safetensors", "broken.safetensors", "cat1.safetensors", "dog1.safetensors",
+                       "hero.safetensors", "styles/ink.safetensors"]
+    assert module.folder_problems() == ""
+    rows = {r[0]: r for r in module.concept_table(choices)}
+    assert rows["hero.safetensors"][1:] == ["(no tokens: trigger words from activation text of hero.json)",
+                                            "ohwx man", 1.0, 1.0]
+    assert rows["styles/ink.safetensors"][1:3] == [
+        "(no tokens: trigger words from most frequent training tag (4 times in ss_tag_frequency))", "ink style"]
+    assert rows["cat1.safetensors"][1:3] == ["<cat1>+<cat2>", ""]
+    assert rows["bare.safetensors"][1:3] == [module.NO_TRIGGER_WORDS, ""]
+    broken = rows["broken.safetensors"][1]
+    assert broken.startswith(module.NO_TRIGGER_WORDS[:-1]) and "broken.json" in broken and "cannot be read" in broken
+    assert str(shared.cmd_opts.lora_dir) not in broken
+
+
+def run_captured(module, monkeypatch, harness, table, files=None) -> tuple[list[list[str]], str]:
+    """Runs the tab's job with the child replaced: the `--concept` specs it would get, and the status."""
+    calls = []
+
+    def child(args, out, **kwargs):
+        calls.append(list(args))
+        return {"path": str(out), "report": [], "warnings": [], "seconds": {}, "notes": []}
+
+    monkeypatch.setattr(module, "run_fusion_process", child)
+    *_, status = run_job(module, *fuse_args(harness, module, table=table), *([files] if files else []))
+    specs = [[a[i + 1] for i, arg in enumerate(a) if arg == "--concept"] for a in calls]
+    return specs, status
+
+
+def test_edited_trigger_words_reach_the_child(tab, monkeypatch):
+    from modules import shared
+
+    harness, module = tab
+    folder = Path(shared.cmd_opts.lora_dir)
+    write_loras(folder)
+    files = ["cat1.safetensors", "hero.safetensors", "styles/ink.safetensors"]
+    table = module.concept_table(files)
+    table[1][2] = " sks person, red coat "
+    table[1][3] = 0.5
+    specs, status = run_captured(module, monkeypatch, harness, table, files)
+    assert "Saved" in status, status
+    parsed = [fused_checkpoint.parse_concept_spec(s) for s in specs[0]]
+    assert [(Path(s.path).relative_to(folder).as_posix(), s.tokens, s.trigger, s.unet_weight) for s in parsed] == [
+        ("cat1.safetensors", ("<cat1>", "<cat2>"), None, 1.0), ("hero.safetensors", None, "sks person, red coat", 0.5),
+        ("styles/ink.safetensors", None, "ink style", 1.0)]
+
+    # a LoRA without words is refused before the child starts, naming it; typed words are used
+    table = module.concept_table(["bare.safetensors"])
+    specs, status = run_captured(module, monkeypatch, harness, table)
+    assert specs == [] and "error" in status and "bare.safetensors" in status and "trigger words" in status
+    table[0][2] = "zwx cat"
+    specs, status = run_captured(module, monkeypatch, harness, table)
+    assert "Saved" in status and fused_checkpoint.parse_concept_spec(specs[0][0]).trigger == "zwx cat"
+
+
+def test_tab_fuses_a_kohya_lora_by_its_edited_trigger_words(tab):
+    """Through the real child: the edited words are the ones it uses (its note, shown in the
+    status), and trigger words typed on a concept with tokens are refused naming the file."""
+    from modules import sd_models, shared
+
+    harness, module = tab
+    write_loras(Path(shared.cmd_opts.lora_dir))
+    table = module.concept_table(["cat1.safetensors", "hero.safetensors"])
+    table[1][2] = "sks person"
+    rows, _, status = run_job(module, *fuse_args(harness, module, table=table, stages=["text encoder"]))
+    assert "Saved" in status, status
+    assert "<p>hero.safetensors: trigger words &quot;sks person&quot; as given</p>" in status
+    assert {r[0] for r in rows} == {"cat1", "hero"}
+    assert "fused-pets.safetensors" in checkpoint_folder_files()
+    (Path(sd_models.model_path) / "fused-pets.safetensors").unlink()
+
+    table[0][2] = "ohwx cat"
+    *_, status = run_job(module, *fuse_args(harness, module, table=table))
+    assert "error" in status and "cat1.safetensors" in status and "trigger words" in status, status
+    assert checkpoint_folder_files() == ["tiny-sd1.safetensors"]
 
 
 def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tmp_path, tiny_checkpoint, browser_page):

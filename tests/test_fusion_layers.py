@@ -1,0 +1,242 @@
+"""Fusion over every layer a LoRA changes: convolutions solved as linears over their input patches
+(checked against a brute-force least squares built from the convolution itself), biases fused with
+their weights, spatial layers recorded in passes under a memory budget, and mixed sets (ED-LoRA,
+kohya LoRA/LoCon and LoHa trigger-word concepts) that beat averaging and stacking."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_binding import make_concept
+from torch import nn
+
+from lib_mos import fused_checkpoint, fusion, sd1
+from lib_mos.concepts import Concept, ModuleDelta
+from lib_mos.fusion_solver import LayerStats, solve_exact
+
+FAST = fusion.FusionSettings(spatial_steps=2, spatial_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> sd1.SD1Model:
+    return sd1.build_tiny_sd1(0)
+
+
+# Sizes: changes of about the size of `synthetic.random_concept`'s ED-LoRA (entries ~0.02), so a
+# mixed set's concepts weigh alike in the shared layers.
+def _lora(weight: torch.Tensor, gen: torch.Generator, rank: int = 4, size: float = 0.12) -> ModuleDelta:
+    """A kohya LoRA / LoCon layer for a weight of this shape (conv: down carries the kernel)."""
+    if weight.dim() == 4:
+        down = torch.randn(rank, *weight.shape[1:], generator=gen) * size
+        up = torch.randn(weight.shape[0], rank, 1, 1, generator=gen) * size
+    else:
+        down = torch.randn(rank, weight.shape[1], generator=gen) * size
+        up = torch.randn(weight.shape[0], rank, generator=gen) * size
+    return ModuleDelta.of("lora", {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(1.0)})
+
+
+def _loha(weight: torch.Tensor, gen: torch.Generator, rank: int = 2, size: float = 0.3) -> ModuleDelta:
+    cols = weight[0].numel()
+    parts = {"hada_w1_a": torch.randn(weight.shape[0], rank, generator=gen) * size,
+             "hada_w1_b": torch.randn(rank, cols, generator=gen) * size,
+             "hada_w2_a": torch.randn(weight.shape[0], rank, generator=gen) * size,
+             "hada_w2_b": torch.randn(rank, cols, generator=gen) * size, "alpha": torch.tensor(float(rank))}
+    return ModuleDelta.of("loha", parts)
+
+
+def _layers(root: nn.Module, keep) -> list[str]:
+    return [n for n, m in root.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and keep(n)]
+
+
+# One of each layer kind a LoCon trains, at every resolution but not in every block (the solve of
+# each kind is the same; all 236 tiny layers would cost a minute per fusion): the attention blocks'
+# linears and 1x1 proj convs, resnet 3x3 convs, a 1x1 shortcut, time-embedding projections, a
+# downsampler and an upsampler.
+UNET_LAYERS = ("input_blocks.1.1.", "middle_block.1.", "output_blocks.10.1.", "input_blocks.1.0.",
+               "input_blocks.4.0.skip_connection", "input_blocks.3.0.op", "output_blocks.8.2.conv",
+               "output_blocks.6.0.in_layers.2", "middle_block.0.emb_layers.1")
+TEXT_LAYERS = ("layers.0.", "layers.5.", "layers.11.")
+
+
+def trigger_concept(model: sd1.SD1Model, name: str, words: str, seed: int, make=_lora) -> Concept:
+    """A kohya-style LoRA with LoCon layers (UNET_LAYERS) and text-encoder attention and MLP."""
+    gen = torch.Generator().manual_seed(seed)
+    unet = {n: make(model.unet.get_submodule(n).weight, gen)
+            for n in _layers(model.unet, lambda n: any(n.startswith(k) for k in UNET_LAYERS))}
+    text = {n: make(model.text_encoder.get_submodule(n).weight, gen)
+            for n in _layers(model.text_encoder, lambda n: any(k in n for k in TEXT_LAYERS))}
+    return Concept(name=name, tokens=(), embeddings=torch.zeros(0, 16, 0), unet_lora=unet, text_lora=text,
+                   triggers=(words,), source_sha256=f"{seed:064d}")
+
+
+def _conv_outputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d) -> torch.Tensor:
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding)
+
+
+@pytest.mark.parametrize("stride,with_bias", [(1, False), (2, False), (1, True)])
+def test_conv_solve_matches_brute_force_least_squares(stride, with_bias):
+    """The fused conv weight minimises sum_i ||conv(X_i; W) - conv(X_i; W_i)||^2: built here from
+    the convolution itself (its output on each basis weight), independent of the unfolding."""
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=1, bias=True).double()
+    w0, b0 = conv.weight.data.clone(), conv.bias.data.clone()
+    deltas = [_lora(w0, gen, rank=2) for _ in range(2)]
+    bias_deltas = [torch.randn(4, generator=gen, dtype=torch.float64) * 0.5 if with_bias else None for _ in range(2)]
+    images = [torch.randn(3, 3, 7, 7, generator=gen, dtype=torch.float64) for _ in range(2)]
+
+    rows = fusion._layer_rows(conv, with_bias)
+    base = fusion._base_matrix(conv, with_bias).double()
+    stats = LayerStats(base, per_concept_dtype=torch.float64)
+    for d, db, x in zip(deltas, bias_deltas, images):
+        change = d.matrix(torch.float64)
+        if with_bias:
+            change = torch.cat([change, db[:, None]], dim=1)
+        stats.begin_concept(delta=change)
+        stats.add(rows(x))
+        stats.end_concept()
+    fused = solve_exact(stats, ridge=0.0, max_change=None).double()
+
+    n_w = w0.numel()
+    basis = torch.eye(n_w + (4 if with_bias else 0), dtype=torch.float64)
+    design, target = [], []
+    for d, db, x in zip(deltas, bias_deltas, images):
+        cols = [_conv_outputs(x, e[:n_w].reshape(w0.shape), e[n_w:] if with_bias else None, conv).flatten()
+                for e in basis]
+        design.append(torch.stack(cols, dim=1))
+        w_i = w0 + d.matrix(torch.float64).reshape(w0.shape)
+        b_i = b0 + db if with_bias else None
+        # a fixed bias is the same on both sides, so it only enters when fused
+        target.append(_conv_outputs(x, w_i, b_i, conv).flatten())
+    best = torch.linalg.lstsq(torch.cat(design), torch.cat(target)[:, None]).solution[:, 0]
+    expect = best[:n_w].reshape(4, -1)
+    if with_bias:
+        expect = torch.cat([expect, best[n_w:, None]], dim=1)
+    torch.testing.assert_close(fused, expect, rtol=1e-6, atol=1e-8)
+
+
+def test_one_locon_concept_fuses_to_its_own_weights(tiny):
+    """One concept alone keeps its own change on every layer kind, convs in their 4-D shape."""
+    concept = trigger_concept(tiny, "dog", "ohwx dog", seed=3)
+    result = fusion.fuse(tiny, [fusion.FusionInput(concept, unet_weight=0.7)], FAST)
+    convs = [n for n in concept.unet_lora if isinstance(tiny.unet.get_submodule(n), nn.Conv2d)]
+    assert len(convs) >= 8 and set(result.unet_weights) == set(concept.unet_lora)
+    layers = (*concept.unet_lora, *concept.text_lora)
+    for kind in ("mlp.fc1", "mlp.fc2", "ff.net.2", "proj_in", "in_layers.2", ".op", ".2.conv", "skip_connection",
+                 "emb_layers.1"):
+        assert any(n.endswith(kind) for n in layers), kind
+    for name, f in concept.unet_lora.items():
+        base = tiny.unet.get_submodule(name).weight
+        want = base + 0.7 * f.matrix(torch.float32).reshape(base.shape)
+        assert result.unet_weights[name].shape == base.shape
+        torch.testing.assert_close(result.unet_weights[name], want, rtol=1e-4, atol=1e-5)
+
+
+def test_spatial_passes_under_a_small_budget_give_the_same_weights(tiny):
+    """Recording the spatial layers in several sampling passes (a memory budget smaller than all of
+    them) reproduces the one-pass result exactly: the same seeds, the same inputs per layer."""
+    concepts = [fusion.FusionInput(trigger_concept(tiny, f"c{k}", w, seed=10 + k)) for k, w in enumerate(("sks", "zxq"))]
+    settings = dataclasses.replace(FAST, skip=frozenset({"te", "kv"}))
+    names = sorted(concepts[0].concept.unet_lora)
+    one = fusion.fuse(tiny, concepts, settings)
+    spatial = [n for n in names if "attn2.to_" not in n]
+    total = sum(fusion._per_pass_bytes(tiny.unet.get_submodule(n).weight[0].numel(),
+                                       tiny.unet.get_submodule(n).weight.shape[0]) for n in spatial)
+    budget = total / 2.5 / 2**30
+    passes = fusion.spatial_passes(tiny.unet, spatial, frozenset(), budget)
+    assert len(passes) == 3 and [n for p in passes for n in p] == spatial
+    split = fusion.fuse(tiny, concepts, dataclasses.replace(settings, memory_gb=budget))
+    assert set(split.unet_weights) == set(one.unet_weights)
+    for name, w in one.unet_weights.items():
+        assert torch.equal(split.unet_weights[name], w), name
+    assert [r["fused"] for r in split.report] == pytest.approx([r["fused"] for r in one.report], rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny):
+    ed = dataclasses.replace(make_concept(tiny, ("<cat1>", "<cat2>"), seed=1), name="cat", source_sha256="a" * 64)
+    items = [fusion.FusionInput(ed), fusion.FusionInput(trigger_concept(tiny, "dog", "ohwx dog", seed=2)),
+             fusion.FusionInput(trigger_concept(tiny, "bird", "zkq bird", seed=4, make=_loha), unet_weight=0.8)]
+    # 4 steps: with FAST's 2 the widest spatial layers see too few rows to move off the average
+    return items, fusion.fuse(tiny, items, dataclasses.replace(FAST, spatial_steps=4))
+
+
+def test_mixed_set_beats_averaging_and_stacking_on_every_stage(mixed):
+    """Every concept's relative error, fused, is below averaging's in every stage; below stacking's
+    too, except for the ED-LoRA concept: it alone changes most of its layers, where stacking is its
+    own weight exactly and the report (which measures a concept where it changes something) does
+    not see what that costs the other concepts."""
+    _, result = mixed
+    assert {(r["concept"], r["stage"]) for r in result.report} == {
+        (c, s) for c in ("cat", "dog", "bird") for s in ("te", "kv", "spatial")}
+    for row in result.report:
+        assert row["fused"] < row["average"], row
+        assert row["fused"] < row["stacked"] or row["concept"] == "cat", row
+
+
+def test_balanced_solve_keeps_the_concept_with_the_smaller_change(tiny, mixed):
+    """The authors' plain sum of squared errors lets the concepts with larger changes or more rows
+    (here the trigger-word LoRAs) crowd out the others; the balanced solve (the default) minimises
+    the sum of relative errors and leaves no concept worse off than averaging."""
+    items, balanced = mixed
+    plain = fusion.fuse(tiny, items, dataclasses.replace(FAST, spatial_steps=4, balance=False,
+                                                         skip=frozenset({"spatial"})))
+    worst = {name: max(r["fused"] / r["average"] for r in report if r["stage"] != "spatial")
+             for name, report in (("plain", plain.report), ("balanced", balanced.report))}
+    assert worst["balanced"] < 1.0 < worst["plain"], worst
+
+
+def test_mixed_fused_checkpoint_loads_in_the_host(tmp_path, tiny, mixed):
+    """Conv and linear layers land in the checkpoint in the host's layout; the double loads it and
+    the live layers are the fused weights (fp16 as shipped)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from host_harness import HostHarness
+
+    items, result = mixed
+    base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
+    sd = fused_checkpoint.fused_state_dict(fused_checkpoint.read_base_state_dict(base_path), result)
+    ckpt = fused_checkpoint.write_fused_checkpoint(sd, tmp_path / "fused-mixed.safetensors",
+                                                   fused_checkpoint.fused_metadata(
+                                                       items, FAST, result, {"lib_mos.sd1_config": tiny.config.to_json()}))
+    concepts = fused_checkpoint.read_fused_concepts(ckpt)
+    assert [c.tokens for c in concepts] == [("<cat1>", "<cat2>"), (), ()]
+    assert [c.triggers for c in concepts] == [(), ("ohwx dog",), ("zkq bird",)]
+    host = HostHarness(tmp_path / "root", ckpt)
+    try:
+        unet = host.model.model.diffusion_model
+        for name in ("input_blocks.1.0.in_layers.2", "output_blocks.8.2.conv", "input_blocks.3.0.op",
+                     "middle_block.1.transformer_blocks.0.ff.net.2", "input_blocks.1.1.proj_in"):
+            assert torch.equal(unet.get_submodule(name).weight, result.unet_weights[name].half().float()), name
+        text = host.model.cond_stage_model.wrapped.transformer
+        assert torch.equal(text.get_submodule("text_model.encoder.layers.5.mlp.fc1").weight,
+                           result.text_weights["text_model.encoder.layers.5.mlp.fc1"].half().float())
+        assert host.txt2img("a photo of ohwx dog", steps=2).images
+    finally:
+        host.close()
+
+
+def test_trigger_words_kv_rows_start_at_the_words(tiny, monkeypatch):
+    """The encoder is causal, so a template's words before the trigger words encode alike for every
+    concept; the k/v rows of a trigger-word concept run from its words to the EOS, as a token
+    concept's rows are its tokens and the EOS."""
+    concept = trigger_concept(tiny, "dog", "ohwx dog", seed=2)
+    seen: list[int] = []
+    original = fusion.LayerStats.add
+
+    def spy(self, x):
+        if not self.report_only and self.in_features == 32 and self.out_features == 32 and len(seen) < 100:
+            seen.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(fusion.LayerStats, "add", spy)
+    settings = dataclasses.replace(FAST, skip=frozenset({"te", "spatial"}), templates=("photo of a {}", "{}"),
+                                   validate=False, held_out=False)
+    fusion.fuse(tiny, [fusion.FusionInput(concept)], settings)
+    # BOS photo of a ohwx dog EOS: rows 4..6, and for "{}" BOS ohwx dog EOS: rows 1..3
+    words = len(tiny.tokenizer("ohwx dog", add_special_tokens=False)["input_ids"])
+    assert words >= 2 and seen[:1] == [2 * (words + 1)]

@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="the solve's prompt templates, separated by ';', each with one {} where the concept's "
                            "tokens or trigger words go (default: the authors' two for token concepts, a few "
                            "caption forms for trigger words)")
+    fuse.add_argument("--memory-gb", type=float, default=8.0,
+                      help="statistics the spatial stage holds at once; layers beyond it are recorded in further "
+                           "sampling passes (default 8)")
+    fuse.add_argument("--no-balance", action="store_true",
+                      help="the authors' plain sum of squared errors instead of weighing every concept alike")
     fuse.add_argument("--ridge", type=float, default=None,
                       help="one fixed regularisation strength for every layer (relative to its mean input "
                            "energy) instead of choosing it per layer on validation prompts and a seed")
@@ -245,6 +250,7 @@ def _fuse(args: argparse.Namespace) -> int:
                                          spatial_size=args.spatial_size, spatial_seeds=args.spatial_seeds,
                                          seed=args.seed, skip=frozenset(args.skip_stage),
                                          held_out=not args.no_held_out, templates=_templates(args.templates),
+                                         memory_gb=args.memory_gb, balance=not args.no_balance,
                                          **extra)
         specs = [fused_checkpoint.parse_concept_spec(c, args.unet_weight, args.text_weight) for c in args.concept]
         # read here (once: fuse_checkpoint takes them as read) to say which trigger words are used

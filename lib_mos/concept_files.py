@@ -508,8 +508,8 @@ def _kohya_lora(tensors: Mapping[str, Any], where: str, extra_ok: str | None = N
     for key in tensors:
         if not isinstance(key, str):
             raise ConceptError(f"{where}: non-string key {key!r}")
-    sdxl = next((k for k in tensors if k.startswith(("lora_te2_", "lora_te1_text_model"))), None)
-    if sdxl is not None and any(k.startswith("lora_te2_") for k in tensors):
+    sdxl = next((k for k in tensors if k.startswith("lora_te2_")), None)  # name the key SD1 lacks
+    if sdxl is not None:
         raise ConceptError(f"{where}: key {sdxl!r} belongs to an SDXL LoRA (two text encoders); this is an SD1 model")
     for key, value in tensors.items():
         if extra_ok is not None and key.startswith(extra_ok):
@@ -804,7 +804,7 @@ def _validate_for_writing(concept: Concept, where: str) -> None:
     else:
         _check_embeddings(tokens, [_float_tensor(emb[i], where, f"embedding of {t!r}", 2) for i, t in enumerate(tokens)],
                           emb.shape[1], where)
-    known = {(kind, name) for kind, name, _ in _layer_table().values()}
+    known = {(kind, name): conv for kind, name, conv in _layer_table().values()}
     for kind, lora in (("unet", concept.unet_lora), ("text", concept.text_lora)):
         for module, f in lora.items():
             if (kind, module) not in known:
@@ -814,6 +814,9 @@ def _validate_for_writing(concept: Concept, where: str) -> None:
                         alpha_is_scale=True)
                 if not math.isfinite(f.scale):
                     raise ConceptError(f"{where}: {kind} LoRA {module!r} has a non-finite scale {f.scale}")
+            else:  # the reader's checks of a layer's parts, so that what is written reads back
+                _module_delta({part: (f"{module}.{part}", t) for part, t in f.parts.items()}, where, module,
+                              known[(kind, module)])
 
 
 def _layer_tensors(stem: str, f: LoraFactor | ModuleDelta) -> dict[str, torch.Tensor]:

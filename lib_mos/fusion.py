@@ -409,9 +409,11 @@ def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSetting
 
 
 def _per_pass_bytes(stats_width: int, out: int) -> int:
-    """Statistics one layer holds while a concept streams past (the solve's G and S, the open
-    concept's Gram and its report factor, float32 validation and held-out Grams)."""
-    return 32 * stats_width * stats_width + 32 * out * stats_width
+    """Statistics one layer holds while the concepts stream past: the open concept's Gram (float64)
+    and the validation and held-out ones (float32), the concept's change (float64), W0 and the sum
+    of changes (float32). The per-concept factors go to disk; a concept's factor when it ends and
+    the solve are transient, one layer at a time."""
+    return 16 * stats_width * stats_width + 16 * out * stats_width
 
 
 def spatial_passes(root: nn.Module, names: Sequence[str], biased: frozenset[str], budget_gb: float,

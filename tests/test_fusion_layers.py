@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from test_binding import make_concept
 from torch import nn
 
-from lib_mos import fused_checkpoint, fusion, sd1
+from lib_mos import fused_checkpoint, fusion, fusion_report, sd1
 from lib_mos.concepts import Concept, ModuleDelta
 from lib_mos.fusion_solver import LayerStats, solve_exact
 
@@ -240,3 +240,72 @@ def test_trigger_words_kv_rows_start_at_the_words(tiny, monkeypatch):
     # BOS photo of a ohwx dog EOS: rows 4..6, and for "{}" BOS ohwx dog EOS: rows 1..3
     words = len(tiny.tokenizer("ohwx dog", add_special_tokens=False)["input_ids"])
     assert words >= 2 and seen[:1] == [2 * (words + 1)]
+
+
+def test_three_trigger_word_loras_fuse_better_than_averaging_and_stacking(tiny):
+    """Three kohya-style LoRAs with the same layers, as users merge them: the fused error is below
+    averaging's and stacking's in every stage, on the recorded inputs and on the held-out ones."""
+    items = [fusion.FusionInput(trigger_concept(tiny, f"c{k}", w, seed=20 + k))
+             for k, w in enumerate(("ohwx dog", "sks cat", "zkq bird"))]
+    # 128 px: at 64 px the widest layers' held-out samples (one seed, 2 steps of an 8x8 latent) are
+    # too few to tell fused from averaged apart (0.84-0.91 against 0.83-0.85, no flag)
+    result = fusion.fuse(tiny, items, dataclasses.replace(FAST, spatial_steps=4, spatial_size=128))
+    assert len(result.report) == 9
+    for row in result.report:
+        for pre in ("", "held_out_"):
+            fused = row["fused" if not pre else "held_out"]
+            assert fused < row[pre + "average"] and fused < row[pre + "stacked"], (pre, row)
+    summary = fusion_report.concept_summary(result.report)
+    assert len(summary) == 3 and all(line.endswith("(best: fused)") for line in summary), summary
+
+
+def test_lora_files_of_every_kind_convert_and_fuse_with_an_ed_lora(tmp_path, tiny):
+    """Files as the trainers write them (a kohya LoCon with its sidecar json, a LyCORIS LoHa) convert
+    with the CLI, fuse with an authors' ED-LoRA file, and the fused checkpoint loads in the double
+    with every changed layer, convolutions included, at its fused weight."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lora_layouts as layouts
+    from host_harness import HostHarness
+
+    from lib_mos import synthetic
+
+    repo = Path(__file__).resolve().parents[1]
+    hero = layouts.kohya_locon(tiny, few=True).save(tmp_path, "hero")
+    layouts.write_sidecar(hero, "ohwx man")
+    bird = layouts.loha(tiny, few=True).save(tmp_path, "bird")
+    cat = make_concept(tiny, ("<cat1>", "<cat2>"), seed=1)
+    synthetic.save_torch_file(synthetic.authors_params(cat), tmp_path / "cat.pth")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lib_mos", *map(str, args)], capture_output=True, text=True,
+                              cwd=repo, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+    for src, extra in ((hero, ()), (bird, ("--trigger", "zkq bird"))):
+        proc = cli("convert", src, tmp_path / f"{src.stem}-mos.safetensors", *extra)
+        assert proc.returncode == 0, proc.stderr
+    base = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
+    out = tmp_path / "fused.safetensors"
+    proc = cli("fuse", "--base", base, "--out", out, "--spatial-steps", "2", "--spatial-size", "64", "--dtype", "fp32",
+               "--concept", tmp_path / "cat.pth", "--concept", tmp_path / "hero-mos.safetensors",
+               "--concept", tmp_path / "bird-mos.safetensors")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'trigger words "ohwx man"' in proc.stdout and 'trigger words "zkq bird"' in proc.stdout
+    assert all(f"{c} " in proc.stdout and f"{c}: held-out error" in proc.stdout for c in ("cat", "hero", "bird"))
+    fused = sd1.load_checkpoint(out)
+    changed = {(kind, name) for f in (hero, bird) for kind, name in layouts.kohya_locon(tiny, few=True).layers
+               + layouts.loha(tiny, few=True).layers}
+    convs = [name for kind, name in changed if kind == "unet" and name.endswith(("in_layers.2", ".op", ".conv"))]
+    assert len(convs) >= 5
+    for name in convs:
+        assert not torch.equal(fused.unet.get_submodule(name).weight, tiny.unet.get_submodule(name).weight), name
+    host = HostHarness(tmp_path / "root", out)
+    try:
+        live = host.model.model.diffusion_model
+        for name in convs:
+            assert torch.equal(live.get_submodule(name).weight, fused.unet.get_submodule(name).weight), name
+        assert host.txt2img("a photo of <cat1> <cat2> and ohwx man", steps=2).images
+    finally:
+        host.close()

@@ -15,6 +15,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from webui_process import HostError, images, infotexts
 
 from lib_mos import sd1, synthetic
@@ -145,6 +146,90 @@ def test_fuse_authors_files_with_the_cli_and_load_the_result(realhost, authors):
     info = infotexts(result)[0]
     print("fused infotext:", info)
     assert "from the checkpoint" in info and "fused-cli" in info
+
+
+@pytest.fixture(scope="module")
+def everyday(realhost):
+    """LoRAs as users download them, for SD1.5 (random values): a kohya LoCon with `ss_tag_frequency`
+    and the host's sidecar json, a LyCORIS LoHa, both on a sample of every layer type; and smaller
+    ones (attention, text encoder, the first resnets' convs and the first downsampler) for a fusion
+    this CPU can run next to the WebUI."""
+    import lora_layouts as layouts
+
+    skeleton = sd1.build_sd15_skeleton()
+    hero = layouts.kohya_locon(skeleton, few=True).save(realhost.loras, "hero")
+    layouts.write_sidecar(hero, "ohwx man")
+    layouts.loha(skeleton, few=True).save(realhost.loras, "bird")
+    small = realhost.data / "small"
+    small.mkdir(exist_ok=True)
+    cheap = (layouts.attention_layers(skeleton) + layouts.text_layers(skeleton)
+             + [layer for layer in layouts.resnet_layers(skeleton) + layouts.sampler_layers(skeleton)
+                if layer[1].startswith(("input_blocks.1.", "input_blocks.2.", "input_blocks.3."))])
+    for name, seed, make in (("hero-small", 5, layouts.lora_parts), ("bird-small", 6, layouts.loha_parts)):
+        gen = torch.Generator().manual_seed(seed)
+        layouts._build(skeleton, cheap, lambda i, layer, m, _make=make, _gen=gen: _make(m.weight.shape, 4, _gen),
+                       spelling="diffusers", dtype=torch.float16 if make is layouts.lora_parts else torch.float32,
+                       metadata=layouts.kohya_metadata(), few=False).save(small, name)
+    realhost.post("/sdapi/v1/refresh-loras")
+    return small
+
+
+def test_everyday_loras_apply_convert_and_fuse(realhost, authors, everyday):
+    """A kohya LoCon and a LyCORIS LoHa apply in the real host without errors; converted to our
+    format (trigger words from the sidecar json, and given) they give pixel-identical images; a mixed
+    set (an authors' ED-LoRA, the LoCon by its activation text, the LoHa by given trigger words)
+    fuses with the CLI and the report compares fused, averaged and stacked."""
+    prompts = {"hero": "a photo of ohwx man", "bird": "a photo of zkq bird"}
+    before = {}
+    for name, prompt in prompts.items():
+        result = realhost.txt2img(f"<lora:{name}:1> {prompt}", seed=5)
+        info = infotexts(result)[0]
+        print(f"{name} infotext:", info)
+        assert "Networks with errors" not in info and "Lora hashes" in info
+        before[name] = pixels(result)
+    assert not np.array_equal(before["hero"], pixels(realhost.txt2img(prompts["hero"], seed=5)))
+    convert = {"hero": [], "bird": ["--trigger", "zkq bird"]}
+    for name, extra in convert.items():
+        proc = realhost.run_python("-m", "lib_mos", "convert", str(realhost.loras / f"{name}.safetensors"),
+                                   str(realhost.loras / f"{name}-mos.safetensors"), *extra)
+        print(f"convert {name}: rc={proc.returncode} {proc.stdout.strip()} {proc.stderr.strip()}")
+        assert proc.returncode == 0, proc.stderr
+    assert "activation text of hero.json" in realhost.run_python(
+        "-m", "lib_mos", "convert", str(realhost.loras / "hero.safetensors"), str(realhost.data / "x.safetensors")).stdout
+    realhost.post("/sdapi/v1/refresh-loras")
+    for name, prompt in prompts.items():
+        after = pixels(realhost.txt2img(f"<lora:{name}-mos:1> {prompt}", seed=5))
+        print(f"{name}: original vs converted, max pixel difference {np.abs(after.astype(int) - before[name]).max()}")
+        assert np.array_equal(after, before[name])
+
+    out = realhost.checkpoints / "fused-everyday.safetensors"
+    proc = realhost.run_python(
+        "-m", "lib_mos", "fuse", "--base", str(realhost.checkpoints / "sd15-random.safetensors"), "--out", str(out),
+        "--spatial-steps", "1", "--spatial-size", "128", "--concept", str(authors / "potter.pth"),
+        "--concept", str(everyday / "hero-small.safetensors"), "--concept", f"{everyday / 'bird-small.safetensors'}#zkq bird")
+    print("fuse:", proc.stdout[-3000:], proc.stderr[-1500:])
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-3000:]
+    assert "stacked" in proc.stdout and "trigger words \"zkq bird\" as given" in proc.stdout
+    realhost.post("/sdapi/v1/refresh-checkpoints")
+    result = realhost.txt2img("a photo of <potter1> <potter2> and ohwx man", seed=4,
+                              override_settings={"sd_model_checkpoint": "fused-everyday"})
+    assert "fused-everyday" in infotexts(result)[0]
+
+
+def test_fusion_tab_lists_a_kohya_lora_with_its_trigger_words(realhost, everyday):
+    from browser import Browser, pick_option
+
+    with Browser() as browser:
+        page = browser.page
+        page.goto(realhost.url, timeout=120_000)
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')", timeout=120_000)
+        page.click("#mos_fusion_refresh")
+        pick_option(page, "mos_fusion_files", "hero.safetensors")
+        page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 1")
+        table = page.evaluate("() => gradioApp().querySelector('#mos_fusion_table tbody').textContent")
+        print("tab table:", table)
+        assert "ohwx man" in table and "hero.json" in table
+        assert not browser.errors, browser.errors
 
 
 def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):

@@ -571,8 +571,8 @@ def _row_space_filter(stats: LayerStats, refine: int, toward: Tensor) -> tuple[f
     construction. tr(K) = tr(G) sets the same lam. The filter returns None if K + lam I does not
     factor (the caller then takes the dense path).
     """
-    if stats._gram is not None:
-        return None
+    if stats._gram is not None or sum(stats.rows) >= stats.in_features:
+        return None  # (a factor has at most its concept's rows: no need to read them to know)
     pairs = stats._row_factors()
     count = sum(f.shape[0] for f, _ in pairs)
     if count == 0 or count >= stats.in_features:

@@ -5,6 +5,8 @@ synthetic concepts, on this CPU, and the cost of the held-out check.
     .venv/bin/python bench/fusion.py --quick
     .venv/bin/python bench/fusion.py --concepts 2 4 8 --lbfgs-layers 2 --spatial-steps 4
     .venv/bin/python bench/fusion.py --process sd15    # in-process fusion against the tab's child process
+    .venv/bin/python bench/fusion.py --mixed           # the real fuse() on a mixed concept set
+    .venv/bin/python bench/fusion.py --mixed --quick   # the same on the tiny model, a few layers of each kind
 
 Stages as lib_mos.fusion runs them (docs/method.md): "te" = 48 text-encoder linears 768x768,
 176 rows per concept per layer, 500 LBFGS iterations; "kv" = 32 attn2 to_k/to_v (in 768, out
@@ -24,6 +26,44 @@ authors and its per-layer time is extrapolated to the stage (marked "extrapolate
 layers it also scores every method on held-out rows (ours, the unregularised least squares the
 project used before, LBFGS, averaging). Prints one JSON line per configuration on stdout; a
 benchmark reports, it never asserts on timings.
+
+`--mixed` runs the real `lib_mos.fusion.fuse` (hooks, sampling, solve, report) on a random-weight
+SD1-topology model with a mixed concept set, cycling through four kinds: an ED-LoRA-like concept
+(two tokens; LoRA on every UNet and text-encoder attention linear), a kohya LoCon (trigger words;
+every text-encoder linear including the MLP, every UNet transformer-block linear including the
+feed-forward, proj_in / proj_out, every resnet 3x3 conv at conv_dim 2), a LyCORIS LoHa on the same
+layers, and a kohya LoRA without convs (`lib_mos.synthetic`). The first two already change every
+layer the others change, so from 2 concepts on the layer set, and with it the statistics the
+solve holds, is the same: what changes with the count is the concept count alone. Each (concept
+count, stage) runs in a fresh worker that builds the model and concepts, loads the earlier
+stages' fused weights (written by the previous worker, so the stage sees exactly the inputs it
+sees inside one fusion) and runs `fuse()` with every other stage skipped: its peak RSS
+(ru_maxrss) is that stage's, and `rss_setup_mb` (resident memory after building the model and
+concepts, before the stage) tells the stage's own part from the model's. A last JSON line gives
+the peak RSS ratio between the largest and the smallest concept count, per stage and for the
+whole fusion (the largest stage peak), and whether it is within 10 %.
+
+Model (`--model`, default "mid"): SD1.5's text encoder at full size (768 wide, MLP 3072: the text
+stage's real widths, and the real 768-wide context of attn2 k/v) and the SD1 UNet topology at 64
+channels (1/5 of SD1.5's 320; heads 8), so the 44 resnet 3x3 convs unfold to 576 ... 4608 inputs.
+SD1.5's own UNet widths are out of reach on this machine (2 cores, 24 GB shared), not by a little:
+its resnet convs unfold to up to 23,040 inputs (output_blocks 0-4 conv1: 2560 channels x 3 x 3),
+8.3 GiB of statistics per layer by `fusion.spatial_passes`' own estimate (more than the 8 GiB
+default budget: such a layer gets a pass of its own; 16 sampling passes for the resnet convs alone), a 4.2 GB float64
+Gram at solve time, and a Cholesky of 4 TFLOP per ridge candidate (about 100 s each at the
+40 GFLOP/s this CPU reaches). At 64 channels the widest solves take seconds and the default run
+(2 and 8 concepts, six workers) finishes in 4-6 minutes here. Spatial
+sampling: 128 px, 2 steps, 4 seeds (+1 validation, +1 held-out seed).
+`--quick`: the tiny model (UNet 32...128 channels, text encoder 32 wide), the concepts on the first
+and last transformer block and resnet and the first and last text-encoder layer only, 64 px,
+1 step: a few seconds per stage.
+
+Peak RSS under glibc's default allocator depends on allocation history as well as on what is
+live: its dynamic mmap threshold rises to the size of the first large buffer freed, after which
+such buffers (a layer's float64 change, ~5-19 MB in the text encoder, allocated anew for every
+concept) come from the heap and are not all given back. The fuse command fixes the threshold at
+4 MiB for itself (lib_mos.__main__._steady_allocator); `--mmap-threshold BYTES` runs the workers
+with that (default) or another fixed threshold (MALLOC_MMAP_THRESHOLD_), 0 with glibc's own.
 """
 
 from __future__ import annotations
@@ -31,6 +71,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import resource
 import subprocess
 import sys
@@ -402,6 +444,171 @@ def _bench_process(args: argparse.Namespace) -> None:
                       flush=True)
 
 
+# ------------------------------------------------------------------------------- the mixed set
+MIXED_KINDS = ("edlora", "locon", "loha", "lora")  # concept k is of kind k % 4
+_MIXED_STAGES = ("te", "kv", "spatial")
+_NOUNS = ("dog", "cat", "bird", "car", "tree", "house", "boat", "lamp")
+# --quick: the first and last transformer block and resnet, the first and last text-encoder layer
+_QUICK_UNET = ("input_blocks.1.", "output_blocks.11.")
+_QUICK_TEXT = ("text_model.encoder.layers.0.", "text_model.encoder.layers.11.")
+
+
+def _mixed_model(name: str, seed: int):
+    """The tiny model, or "mid": SD1.5's text encoder at full size and the SD1 UNet at 64 channels."""
+    from lib_mos import sd1
+
+    if name == "tiny":
+        return sd1.build_tiny_sd1(seed)
+    from lib_mos.clip_tokenizer import load_clip_tokenizer
+
+    config = sd1.SD1Config(model_channels=64)
+    with torch.random.fork_rng(devices=[]):
+        unet, text = sd1.build_unet(config), sd1.build_text_encoder(config)
+    gen = torch.Generator().manual_seed(seed)
+    sd1._randomise(unet, gen)  # N(0, 1/fan_in) weights, as the tiny model's
+    sd1._randomise(text, gen)
+    return sd1.SD1Model(unet.float().eval(), text.float().eval(), load_clip_tokenizer(), sd1.sd1_alphas_cumprod(),
+                        config)
+
+
+def _mixed_concepts(model, count: int, quick: bool) -> list:
+    """`count` concepts, kind k % 4 of MIXED_KINDS, each with its own seed, tokens or trigger words."""
+    from lib_mos import sd1, synthetic
+
+    def keep(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
+        return [n for n in names if n.startswith(prefixes)] if quick else names
+
+    concepts = []
+    for k in range(count):
+        kind = MIXED_KINDS[k % len(MIXED_KINDS)]
+        seed = 1000 + k
+        if kind == "edlora":
+            text_names = sd1.text_attention_linear_names(model.config.text_layers)
+            concepts.append(synthetic.random_concept(
+                model, (f"<c{k}a>", f"<c{k}b>"), seed=seed, name=f"c{k}-edlora",
+                unet_names=keep(sd1.unet_attention_linear_names(), _QUICK_UNET),
+                text_names=keep(text_names, _QUICK_TEXT)))
+        else:
+            unet_names, text_names = synthetic.lora_layer_names(model, kind)
+            concepts.append(synthetic.random_lora_concept(
+                model, kind, triggers=(f"ohwx{k} {_NOUNS[k % len(_NOUNS)]}",), seed=seed, name=f"c{k}-{kind}",
+                unet_names=keep(unet_names, _QUICK_UNET), text_names=keep(text_names, _QUICK_TEXT)))
+    return concepts
+
+
+def _mixed_worker(args: argparse.Namespace) -> dict:
+    """One stage of one fusion, alone in this process (see the module docstring)."""
+    import gc
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lib_mos import fusion
+
+    stage = args.stages[0]
+    count = args.concepts[0]
+    handoff = Path(args.out)
+    t0 = time.perf_counter()
+    model = _mixed_model(args.model, args.seed)
+    concepts = _mixed_concepts(model, count, args.quick)
+    # the earlier stages' fused weights, as fuse() holds them while it runs this stage
+    for earlier, root in (("te", model.text_encoder), ("kv", model.unet)):
+        if _MIXED_STAGES.index(earlier) < _MIXED_STAGES.index(stage):
+            with safe_open(str(handoff / f"{earlier}-{count}.safetensors"), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    name, attr = key.rsplit(".", 1)
+                    param = getattr(root.get_submodule(name), attr)
+                    param.data.copy_(f.get_tensor(key).reshape(param.shape))
+    setup_s = time.perf_counter() - t0
+    gc.collect()
+    rss_setup = _rss_mb()
+    passes = {"count": 0}
+
+    def progress(what: str, done: int, total: int) -> None:
+        if what.startswith("spatial"):
+            found = re.search(r"\(pass \d+/(\d+)\)", what)
+            passes["count"] = int(found[1]) if found else 1
+
+    settings = fusion.FusionSettings(spatial_steps=args.spatial_steps, spatial_size=args.spatial_size,
+                                     spatial_seeds=args.seeds, seed=args.seed, memory_gb=args.memory_gb,
+                                     skip=tuple(s for s in _MIXED_STAGES if s != stage))
+    result = fusion.fuse(model, [fusion.FusionInput(c) for c in concepts], settings, progress=progress)
+    peak = _peak_rss_mb()
+    fused = {f"{n}.weight": w for n, w in (result.text_weights if stage == "te" else result.unet_weights).items()}
+    fused |= {f"{n}.bias": b for n, b in (result.text_biases if stage == "te" else result.unet_biases).items()}
+    if stage != "spatial":
+        save_file({k: v.contiguous() for k, v in fused.items()}, str(handoff / f"{stage}-{count}.safetensors"))
+    rows = [r for r in result.report if r["stage"] == stage]
+
+    def mean(key: str, kind: str | None = None) -> float | None:
+        values = [r[key] for r, c in zip(rows, concepts) if kind is None or c.name.endswith("-" + kind)]
+        return sum(values) / len(values) if values and None not in values else None
+
+    kinds = [k for k in MIXED_KINDS if any(c.name.endswith("-" + k) for c in concepts)]
+    return {"model": args.model, "concepts": count, "kinds": [c.name.rsplit("-", 1)[1] for c in concepts],
+            "stage": stage, "layers": rows[0]["layers"] if rows else 0,
+            "conv3x3_layers": sum(getattr(model.unet.get_submodule(n), "kernel_size", (1, 1)) != (1, 1)
+                               for n in {n.rsplit(".", 1)[0] for n in fused}) if stage == "spatial" else 0,
+            "spatial_passes": passes["count"] if stage == "spatial" else None,
+            "seconds": result.seconds.get(stage, 0.0), "setup_s": setup_s,
+            "rss_setup_mb": round(rss_setup, 1), "peak_rss_mb": round(peak, 1),
+            "held_out_fused": mean("held_out"), "held_out_averaged": mean("held_out_average"),
+            "held_out_stacked": mean("held_out_stacked"), "recorded_fused": mean("fused"),
+            "held_out_by_kind": {k: {"fused": mean("held_out", k), "averaged": mean("held_out_average", k),
+                                     "stacked": mean("held_out_stacked", k)} for k in kinds},
+            "flagged": sum(bool(r["flags"]) for r in rows), "warnings": len(result.warnings),
+            "spatial": {"size": args.spatial_size, "steps": args.spatial_steps, "seeds": args.seeds,
+                        "memory_gb": args.memory_gb},
+            "mmap_threshold": int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 0)) or "glibc default"}
+
+
+def _bench_mixed(args: argparse.Namespace) -> None:
+    """Every concept count, stage by stage, each stage in a fresh worker (`_mixed_worker`)."""
+    peaks: dict[int, dict[str, float]] = {}
+    print(f"# --mixed: model {args.model}, concepts {args.concepts}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="mos-bench-mixed-") as handoff:
+        for count in args.concepts:
+            for stage in _MIXED_STAGES:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--method", "mixed", "--mixed",
+                       "--model", args.model, "--concepts", str(count), "--stages", stage, "--out", handoff,
+                       "--spatial-steps", str(args.spatial_steps), "--spatial-size", str(args.spatial_size),
+                       "--seeds", str(args.seeds), "--memory-gb", str(args.memory_gb), "--seed", str(args.seed)]
+                if args.quick:
+                    cmd.append("--quick")
+                env = dict(os.environ)
+                env.pop("MALLOC_MMAP_THRESHOLD_", None)
+                if args.mmap_threshold:
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+                if done.returncode != 0:
+                    sys.stderr.write(done.stderr)
+                    raise SystemExit(f"worker failed: {' '.join(cmd)}")
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                peaks.setdefault(count, {})[stage] = row["peak_rss_mb"]
+                print(json.dumps(_rounded(row)), flush=True)
+    low, high = min(args.concepts), max(args.concepts)
+    if low != high:
+        ratios = {stage: peaks[high][stage] / peaks[low][stage] for stage in _MIXED_STAGES}
+        whole = max(peaks[high].values()) / max(peaks[low].values())
+        print(json.dumps(_rounded({
+            "summary": f"peak RSS, {high} vs {low} concepts", "model": args.model,
+            "mmap_threshold": args.mmap_threshold or "glibc default",
+            "peak_rss_mb": {str(c): peaks[c] for c in (low, high)}, "peak_rss_ratio": ratios,
+            "fusion_peak_rss_ratio": whole, "within_10_percent": abs(whole - 1.0) <= 0.10,
+            "stages_within_10_percent": [s for s, r in ratios.items() if abs(r - 1.0) <= 0.10]})), flush=True)
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 # -------------------------------------------------------------------------------------------- main
 def _run_worker(args: argparse.Namespace, concepts: int, stage: str, method: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--concepts", str(concepts),
@@ -430,14 +637,15 @@ def _stage_names(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--concepts", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--concepts", type=int, nargs="+", default=None, help="concept counts (default 2 4 8; --mixed: 2 8)")
     ap.add_argument("--stages", nargs="+", default=["te", "kv", "spatial"],
                     help="te, kv, spatial (= spatial320 spatial640 spatial1280) or one spatialW")
     ap.add_argument("--lbfgs-layers", type=int, default=1,
                     help="layers per stage the LBFGS reference runs on; its stage time is extrapolated")
     ap.add_argument("--layers", type=int, default=None,
                     help="cap the layers the exact side fuses per stage (default: te/kv all, spatial 2)")
-    ap.add_argument("--spatial-steps", type=int, default=4, help="sampling steps recorded (authors: 20)")
+    ap.add_argument("--spatial-steps", type=int, default=None,
+                    help="sampling steps recorded (authors: 20; default 4; --mixed: 2, with --quick 1)")
     ap.add_argument("--seeds", type=int, default=4, help="noise seeds per concept in the spatial stage (authors: 1)")
     ap.add_argument("--no-held-out", action="store_true",
                     help="exact side without validation and held-out rows (a fixed ridge, no held-out errors)")
@@ -449,12 +657,38 @@ def main() -> None:
                     help="instead: a whole fusion in this process against one in a child process (as the "
                          "tab runs it): time, the parent's RSS after, the peaks")
     ap.add_argument("--repeat", type=int, default=1, help="with --process: runs of each")
+    ap.add_argument("--mixed", action="store_true",
+                    help="instead: the real fuse() on a mixed set (ED-LoRA, LoCon, LoHa, LoRA concepts), per concept "
+                         "count and stage in a fresh process: time, peak RSS, layers, passes, held-out errors")
+    ap.add_argument("--model", choices=["tiny", "mid"], default=None,
+                    help="with --mixed: the model (default mid; --quick: tiny)")
+    ap.add_argument("--spatial-size", type=int, default=None, help="with --mixed: spatial sampling size in px")
+    ap.add_argument("--memory-gb", type=float, default=8.0,
+                    help="with --mixed: FusionSettings.memory_gb (spatial statistics held at once)")
+    ap.add_argument("--mmap-threshold", type=int, default=4 << 20, metavar="BYTES",
+                    help="with --mixed: run the workers with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (a fixed "
+                         "threshold: every buffer that large is mapped on its own and goes back to the system when "
+                         "freed); default 4 MiB, what `python -m lib_mos fuse` (and so the tab) sets for itself; "
+                         "0: glibc's own dynamic threshold")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--method", choices=["exact", "lbfgs", "inprocess", "child", "files"], help=argparse.SUPPRESS)
+    ap.add_argument("--method", choices=["exact", "lbfgs", "inprocess", "child", "files", "mixed"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--concept", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.mixed:
+        args.concepts = args.concepts or [2, 8]
+        args.model = args.model or ("tiny" if args.quick else "mid")
+        args.spatial_steps = args.spatial_steps or (1 if args.quick else 2)
+        args.spatial_size = args.spatial_size or (64 if args.model == "tiny" else 128)
+        if args.worker:
+            print(json.dumps(_mixed_worker(args)))
+        else:
+            _bench_mixed(args)
+        return
+    args.concepts = args.concepts or [2, 4, 8]
+    args.spatial_steps = args.spatial_steps or 4
 
     if args.worker and args.method == "files":
         base, concepts = _process_files(args.process, Path(args.out))

@@ -5,7 +5,12 @@
    them to our `.safetensors` concept format;
 3. fuse both concepts into one checkpoint (gradient fusion) and print the fusion report;
 4. sample with the fused checkpoint, binding both concepts' tokens in one prompt;
-5. render a two-region image: a global prompt, one concept on each half (regional attention).
+5. render a two-region image: a global prompt, one concept on each half (regional attention);
+6. a mixed set: write a kohya LoCon (LoRA on the text encoder's attention and MLP and the UNet's
+   transformer blocks, LoCon on resnet 3x3 convs) with kohya's `ss_tag_frequency` metadata and a
+   LyCORIS LoHa, both as trainers save them (no tokens: trigger words, read from the tag
+   frequencies), convert them, fuse them with the two ED-LoRA concepts and print that report;
+   sample with the mixed checkpoint, tokens and trigger words in one prompt.
 Every file written is printed. Later features add their steps here.
 """
 
@@ -39,6 +44,63 @@ def regional_image(model: sd1.SD1Model, binder: binding.PromptBinder, path: Path
                                     cfg_scale=7.5, processor=processor)
     sampling.latents_to_images(latents)[0].save(path)
     return path
+
+
+# The mixed set's LoRAs change every attention linear, as a trainer's file does, but the other kinds
+# (feed-forward, proj_in/out, resnet 3x3 convs, text-encoder MLP) in a few blocks only, so the demo
+# stays fast (`lib_mos.synthetic.lora_layer_names` lists all of them): the first and last transformer
+# blocks and resnets for the LoCon, the middle block's for the LoHa, two text-encoder layers each.
+_LOCON_LAYERS = ("input_blocks.1.", "output_blocks.11.", "text_model.encoder.layers.10.", "text_model.encoder.layers.11.")
+_LOHA_LAYERS = ("middle_block.", "text_model.encoder.layers.0.", "text_model.encoder.layers.1.")
+LOCON_TAGS = {"10_ohwx corgi": {"ohwx corgi": 15, "dog": 11, "grass": 4}}  # kohya: {"<repeats>_<folder>": {tag: count}}
+LOHA_TAGS = {"8_sks vase": {"sks vase": 12, "flowers": 5, "table": 3}}
+
+
+def mixed_set(model: sd1.SD1Model, base: Path, specs: list[fused_checkpoint.ConceptSpec], concept_dir: Path, out: Path,
+              *, seed: int, size: int, steps: int, wrote) -> list[str]:
+    """Write a kohya LoCon and a LyCORIS LoHa as trainers save them, read them back as trigger-word
+    concepts (trigger words from `ss_tag_frequency`), convert them, fuse them with the ED-LoRA
+    concepts in `specs`, print the report and sample with the fused checkpoint. Returns the fused
+    concepts' names."""
+    loras = []
+    for kind, tags, layers, what in (
+            ("locon", LOCON_TAGS, _LOCON_LAYERS, "kohya LoCon: LoRA on text-encoder attention + MLP and UNet "
+                                                 "attention, feed-forward, proj_in/out; LoCon on resnet 3x3 convs"),
+            ("loha", LOHA_TAGS, _LOHA_LAYERS, "LyCORIS LoHa on the same kinds of layers")):
+        unet_names, text_names = synthetic.lora_layer_names(model, kind)
+        tag_counts = next(iter(tags.values()))
+        concept = synthetic.random_lora_concept(
+            model, kind, triggers=(max(tag_counts, key=tag_counts.get),), seed=seed + 20 + len(loras),
+            unet_names=[n for n in unet_names if n.startswith(layers) or ".attn" in n],
+            text_names=[n for n in text_names if n.startswith(layers) or ".self_attn." in n])
+        folder = next(iter(tags)).split("_", 1)[1].replace(" ", "-")
+        path = synthetic.write_lora_file(concept, concept_dir / f"{folder}-{kind}.safetensors", tags=tags)
+        wrote(path, f"{what} ({len(concept.unet_lora)} UNet + {len(concept.text_lora)} text-encoder layers), "
+                    "trainer's layout, ss_tag_frequency metadata, no tokens")
+        read = read_concept(path, name=folder)
+        print(f"  trigger word {read.prompt_words!r}: {read.trigger_source}")
+        ours = write_concept(read, concept_dir / f"{folder}.safetensors", overwrite=True)
+        wrote(ours, "  converted to our concept format (trigger words in its metadata)")
+        loras.append(fused_checkpoint.ConceptSpec(str(ours)))
+
+    settings = fusion.FusionSettings(spatial_steps=steps, spatial_size=size, seed=seed)
+    path, result = fused_checkpoint.fuse_checkpoint(base, [*specs, *loras], out / "fused-mixed.safetensors", settings,
+                                                    dtype=torch.float32, overwrite=True)
+    print("gradient fusion report, mixed set (2 ED-LoRA concepts with tokens, a LoCon and a LoHa with trigger words):")
+    print("  " + fusion_report.format_report(result.report, result.warnings).replace("\n", "\n  "))
+    wrote(path, "fused checkpoint, mixed set (" + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()) + ")")
+
+    fused = sd1.load_checkpoint(path)
+    concepts = fused_checkpoint.read_fused_concepts(path)
+    binder = binding.PromptBinder(fused, concepts)
+    words = {c.name: c.prompt_words for c in concepts}
+    prompt = f"a photo of <cat1> <cat2> and {words['ohwx-corgi']} next to a {words['sks-vase']}"
+    latents = sampling.sample_euler(fused, binder.encode([prompt]), binding.encode_prompts(fused, ["blurry"]),
+                                    seeds=[seed], height=size, width=size, steps=steps, cfg_scale=7.5)
+    image_path = out / "fused-mixed.png"
+    sampling.latents_to_images(latents)[0].save(image_path)
+    wrote(image_path, f"sampled {prompt!r} with the mixed checkpoint (tokens bound, trigger words as plain text)")
+    return [c.name for c in concepts]
 
 
 def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> list[Path]:
@@ -94,5 +156,8 @@ def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> li
 
     wrote(regional_image(fused, binder, out / "regional-cat-left-dog-right.png", seed=seed, size=size, steps=steps),
           "two regions: <cat1> <cat2> on the left half, <dog1> <dog2> on the right (regional cross-attention)")
+
+    mixed = mixed_set(model, base, specs, concept_dir, out, seed=seed, size=size, steps=steps, wrote=wrote)
+    print(f"mixed set fused: {', '.join(mixed)}")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; wrote {len(written)} files under {out}/")
     return written

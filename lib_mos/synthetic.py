@@ -1,17 +1,24 @@
 """Random concepts for the demo, tests and benchmarks (no training data or weights can be
-downloaded here), and the authors' ED-LoRA file layout to write them in."""
+downloaded here): ED-LoRA concepts with tokens, written in the authors' `.pth` layout, and
+trigger-word LoRAs of the kinds users download (kohya LoRA / LoCon, LyCORIS LoHa), written in the
+trainers' `.safetensors` layout with kohya's `ss_*` metadata."""
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
+import re
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lib_mos import sd1
-from lib_mos.concepts import Concept, LoraFactor, unet_ldm_to_diffusers
+from lib_mos.concepts import Concept, LoraFactor, ModuleDelta, unet_ldm_to_diffusers
 
 
 def random_concept(model: sd1.SD1Model, tokens: tuple[str, ...] = ("<cat1>", "<cat2>"), *, seed: int = 1,
@@ -81,3 +88,141 @@ def save_torch_file(obj: Any, path: str | os.PathLike[str], *, style: str = "cur
             for entry, value in ((".format_version", "1"), (".storage_alignment", "64")):
                 if f"{prefix}/{entry}" not in names:
                     dst.writestr(f"{prefix}/{entry}", value)
+
+
+# ------------------------------------------------------------------ trigger-word LoRAs (kohya, LyCORIS)
+LORA_KINDS = ("lora", "locon", "loha")  # kohya LoRA, kohya LoCon (conv_dim), LyCORIS LoHa
+_TRANSFORMER_LAYER = re.compile(
+    r".*\.transformer_blocks\.0\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
+    r"|.*\.1\.proj_(in|out)")
+_RESNET_CONV = re.compile(r"(input_blocks\.\d+\.0|middle_block\.[02]|output_blocks\.\d+\.0)\.(in_layers\.2|out_layers\.3)")
+
+
+def lora_layer_names(model: sd1.SD1Model, kind: str = "locon") -> tuple[list[str], list[str]]:
+    """(UNet, text-encoder) layers a kohya trainer changes, as ldm / transformers names: every
+    text-encoder linear (attention and MLP), every transformer-block linear of the UNet (attn1,
+    attn2, feed-forward) with proj_in / proj_out (1x1 convs in SD1), and for LoCon and LoHa
+    (`conv_dim`) the resnets' 3x3 convs as well."""
+    if kind not in LORA_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(LORA_KINDS)}, got {kind!r}")
+    unet = [n for n, m in model.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and (_TRANSFORMER_LAYER.fullmatch(n) or (kind != "lora" and _RESNET_CONV.fullmatch(n)))]
+    text = [n for n, m in model.text_encoder.named_modules() if isinstance(m, nn.Linear)
+            and n.startswith("text_model.encoder.layers.")]
+    return unet, text
+
+
+def _lora_parts(weight: torch.Tensor, rank: int, strength: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """kohya LoRA / LoCon factors (alpha = rank: scale 1) whose change has about `strength` times the
+    spread of a weight initialised with std 1/sqrt(fan_in)."""
+    out, inp, *kernel = weight.shape
+    fan_in = math.prod(weight.shape[1:])
+    down = torch.randn(rank, inp, *kernel, generator=gen) / math.sqrt(fan_in)
+    up = torch.randn(out, rank, *([1, 1] if kernel else []), generator=gen) * strength / math.sqrt(rank)
+    return {"lora_down.weight": down, "lora_up.weight": up, "alpha": torch.tensor(float(rank))}
+
+
+def _loha_parts(weight: torch.Tensor, rank: int, strength: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """LyCORIS LoHa factors: (w1_a @ w1_b) * (w2_a @ w2_b) over the unfolded input, alpha = rank."""
+    out, fan_in = weight.shape[0], math.prod(weight.shape[1:])
+    std = (strength / math.sqrt(fan_in) / rank) ** 0.25
+    parts = {}
+    for i in (1, 2):
+        parts[f"hada_w{i}_a"] = torch.randn(out, rank, generator=gen) * std
+        parts[f"hada_w{i}_b"] = torch.randn(rank, fan_in, generator=gen) * std
+    return parts | {"alpha": torch.tensor(float(rank))}
+
+
+def random_lora_concept(model: sd1.SD1Model, kind: str = "locon", *, triggers: tuple[str, ...] = ("ohwx dog",),
+                        seed: int = 1, rank: int = 4, conv_rank: int = 2, strength: float = 0.3,
+                        name: str | None = None, unet_names: list[str] | None = None,
+                        text_names: list[str] | None = None) -> Concept:
+    """A trigger-word concept as `concept_files.read_concept` reads a LoRA file of `kind` (see
+    LORA_KINDS): plain linear LoRA layers as `LoraFactor`, every other layer as a `ModuleDelta` with
+    the file's parts; on `lora_layer_names(model, kind)` or the given subsets; deterministic in `seed`.
+    3x3 convs get `conv_rank` (kohya's conv_dim)."""
+    default_unet, default_text = lora_layer_names(model, kind)
+    unet_names = default_unet if unet_names is None else unet_names
+    text_names = default_text if text_names is None else text_names
+    g = torch.Generator().manual_seed(seed)
+
+    def change(layer: nn.Module) -> LoraFactor | ModuleDelta:
+        w = layer.weight
+        r = conv_rank if w.dim() == 4 and w.shape[2:] != (1, 1) else rank
+        if kind == "loha":
+            return ModuleDelta.of("loha", _loha_parts(w, r, strength, g))
+        parts = _lora_parts(w, r, strength, g)
+        if w.dim() == 2:
+            return LoraFactor(parts["lora_down.weight"], parts["lora_up.weight"], float(parts["alpha"]) / r)
+        return ModuleDelta.of("lora", parts)
+
+    return Concept(name=name or triggers[0].replace(" ", "-"), tokens=(), embeddings=torch.zeros(0, len(sd1.ATTN2_NAMES), 0),
+                   unet_lora={n: change(model.unet.get_submodule(n)) for n in unet_names},
+                   text_lora={n: change(model.text_encoder.get_submodule(n)) for n in text_names},
+                   triggers=tuple(triggers))
+
+
+_RESNET_PARTS = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
+                 "skip_connection": "conv_shortcut"}
+
+
+def kohya_key_stem(kind: str, name: str) -> str:
+    """The key stem kohya's sd-scripts write for a layer (diffusers spelling):
+    `lora_unet_down_blocks_0_attentions_0_proj_in`, `lora_unet_down_blocks_0_resnets_0_conv1`,
+    `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
+    if kind == "text":
+        return "lora_te_" + name.replace(".", "_")
+    try:
+        path = unet_ldm_to_diffusers(name)
+    except KeyError:
+        path = None
+        if m := re.fullmatch(r"input_blocks\.(\d+)\.0\.(.+)", name):
+            n = int(m[1])
+            path = f"down_blocks.{(n - 1) // 3}.resnets.{(n - 1) % 3}.{_RESNET_PARTS[m[2]]}"
+        elif m := re.fullmatch(r"middle_block\.([02])\.(.+)", name):
+            path = f"mid_block.resnets.{int(m[1]) // 2}.{_RESNET_PARTS[m[2]]}"
+        elif m := re.fullmatch(r"output_blocks\.(\d+)\.0\.(.+)", name):
+            n = int(m[1])
+            path = f"up_blocks.{n // 3}.resnets.{n % 3}.{_RESNET_PARTS[m[2]]}"
+        if path is None:
+            raise ValueError(f"no kohya key for UNet layer {name}") from None
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def write_lora_file(concept: Concept, path: str | os.PathLike[str], *, tags: dict[str, dict[str, int]],
+                    dtype: torch.dtype = torch.float16) -> Path:
+    """`concept`'s LoRA as the trainers save it: kohya key stems (`kohya_key_stem`), each layer's
+    parts (`lora_down.weight` / `lora_up.weight` / `alpha`, or LyCORIS' `hada_*`) in `dtype`, and
+    kohya's `ss_*` metadata with `ss_tag_frequency` = `tags` ({dataset folder: {tag: count}}), where
+    readers find a trigger word when the user gives none. No Mix-of-Show metadata: it reads as a
+    plain kohya / LyCORIS file."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    kinds, ranks, conv_ranks = set(), set(), set()
+    for kind, lora in (("unet", concept.unet_lora), ("text", concept.text_lora)):
+        for module, f in lora.items():
+            stem = kohya_key_stem(kind, module)
+            if isinstance(f, LoraFactor):
+                parts = {"lora_down.weight": f.down, "lora_up.weight": f.up,
+                         "alpha": torch.tensor(f.scale * f.rank)}
+            else:
+                parts = f.parts
+            kinds.add(f.kind if isinstance(f, ModuleDelta) else "lora")
+            rank = int(parts["hada_w1_b"].shape[0] if "hada_w1_b" in parts else parts["lora_down.weight"].shape[0])
+            is_conv = any(t.dim() == 4 and t.shape[2:] != (1, 1) for t in parts.values())
+            (conv_ranks if is_conv else ranks).add(rank)
+            tensors.update({f"{stem}.{part}": t.detach().to(dtype).contiguous() for part, t in parts.items()})
+    lycoris = kinds != {"lora"}
+    args = {"algo": "loha"} if "loha" in kinds else {}
+    if conv_ranks:
+        args |= {"conv_dim": str(max(conv_ranks)), "conv_alpha": str(max(conv_ranks))}
+    metadata = {"ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+                "ss_network_dim": str(max(ranks, default=0)), "ss_network_alpha": str(max(ranks, default=0)),
+                "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_resolution": "(512, 512)",
+                "ss_tag_frequency": json.dumps(tags)}
+    if args:
+        metadata["ss_network_args"] = json.dumps(args)
+    path = Path(path)
+    save_file(tensors, str(path), metadata=metadata)
+    return path

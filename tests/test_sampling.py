@@ -61,14 +61,72 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == ["concepts/cat1-edlora-main.pth", "concepts/cat1.safetensors",
                        "concepts/dog1-edlora-research_branch.pth", "concepts/dog1.safetensors",
-                       "fused-cat-and-dog.png", "fused-cat-dog.safetensors", "regional-cat-left-dog-right.png",
-                       "tiny-sd1.safetensors",
+                       "concepts/ohwx-corgi-locon.safetensors", "concepts/ohwx-corgi.safetensors",
+                       "concepts/sks-vase-loha.safetensors", "concepts/sks-vase.safetensors",
+                       "fused-cat-and-dog.png", "fused-cat-dog.safetensors", "fused-mixed.png", "fused-mixed.safetensors",
+                       "regional-cat-left-dog-right.png", "tiny-sd1.safetensors",
                        "txt2img-a-photo-of-a-cat.png", "txt2img-a-photo-of-a-dog.png"]
     for name in written:
         assert str(out / name) in proc.stdout
     assert "gradient fusion report" in proc.stdout
     loaded = sd1.load_checkpoint(out / "tiny-sd1.safetensors")
     assert len(sd1.attn2_modules(loaded.unet)) == 16
+    _check_mixed_set(out, proc.stdout, loaded)
+
+
+def _check_mixed_set(out: Path, stdout: str, base: sd1.SD1Model) -> None:
+    """The demo's mixed set: trigger words found in the kohya and LyCORIS files, all four concepts
+    fused in every stage, the LoCon's and LoHa's convs and text-encoder MLPs changed."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lib_mos.concept_files import read_concept
+    from lib_mos.concepts import LoraFactor, ModuleDelta
+    from lib_mos.fused_checkpoint import FUSED_METADATA_KEY
+
+    for stem, words, kinds in (("ohwx-corgi-locon", "ohwx corgi", {"lora"}), ("sks-vase-loha", "sks vase", {"loha"})):
+        path = out / "concepts" / f"{stem}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert "mos_concept" not in meta and not any(k.startswith("mos_concept") for k in load_file(str(path)))
+        assert any(words in tags for tags in json.loads(meta["ss_tag_frequency"]).values())  # a trainer's file
+        concept = read_concept(out / "concepts" / f"{stem}.safetensors")
+        assert concept.tokens == () and concept.triggers == (words,), concept.triggers
+        assert "ss_tag_frequency" in concept.trigger_source
+        assert f"trigger word {words!r}: most frequent training tag" in stdout
+        assert {f.kind for f in concept.unet_lora.values() if isinstance(f, ModuleDelta)} == kinds
+        convs = [n for n, f in concept.unet_lora.items() if "in_layers.2" in n or "out_layers.3" in n]
+        assert convs and any(n.endswith("mlp.fc1") for n in concept.text_lora)
+        if kinds == {"lora"}:
+            assert any(isinstance(f, LoraFactor) for f in concept.unet_lora.values())
+    assert "mixed set (2 ED-LoRA concepts with tokens, a LoCon and a LoHa with trigger words)" in stdout
+
+    with safe_open(str(out / "fused-mixed.safetensors"), "pt") as f:
+        info = json.loads(f.metadata()[FUSED_METADATA_KEY])
+    fused = load_file(str(out / "fused-mixed.safetensors"))
+    assert [c["name"] for c in info["concepts"]] == ["cat1", "dog1", "ohwx-corgi", "sks-vase"]
+    assert [c["triggers"] for c in info["concepts"]][2:] == [["ohwx corgi"], ["sks vase"]]
+    rows = {(r["concept"], r["stage"]): r for r in info["report"]}
+    assert set(rows) == {(c, s) for c in ("cat1", "dog1", "ohwx-corgi", "sks-vase") for s in ("te", "kv", "spatial")}
+    for concept in ("ohwx-corgi", "sks-vase"):
+        for stage in ("te", "spatial"):
+            row = rows[(concept, stage)]
+            for key in ("held_out", "held_out_average", "held_out_stacked"):
+                assert isinstance(row[key], float), (concept, stage, key, row[key])
+        assert f"{concept}: held-out error over 3 stage(s): fused" in stdout
+    assert rows[("cat1", "spatial")]["layers"] > 96  # the ED-LoRA attention layers and the LoRAs' others
+    # the layers only the LoCon / LoHa change moved: resnet 3x3 convs, proj_in, feed-forward, text MLP
+    for key, module in (("model.diffusion_model.input_blocks.1.0.in_layers.2.weight", "input_blocks.1.0.in_layers.2"),
+                        ("model.diffusion_model.middle_block.2.out_layers.3.weight", "middle_block.2.out_layers.3"),
+                        ("model.diffusion_model.output_blocks.11.1.proj_in.weight", "output_blocks.11.1.proj_in"),
+                        ("model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.2.weight",
+                         "middle_block.1.transformer_blocks.0.ff.net.2")):
+        assert not torch.equal(fused[key], base.unet.get_submodule(module).weight.data), key
+    for layer in ("text_model.encoder.layers.11.mlp.fc1", "text_model.encoder.layers.0.mlp.fc2"):
+        key = f"cond_stage_model.transformer.{layer}.weight"
+        assert not torch.equal(fused[key], base.text_encoder.get_submodule(layer).weight.data), key
 
 
 def test_regional_sampling_whole_image_region_equals_its_prompt_alone():

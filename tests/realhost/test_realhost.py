@@ -225,7 +225,9 @@ def test_fusion_tab_lists_a_kohya_lora_with_its_trigger_words(realhost, everyday
         page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')", timeout=120_000)
         page.click("#mos_fusion_refresh")
         pick_option(page, "mos_fusion_files", "hero.safetensors")
-        page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 1")
+        # the table starts with one empty row: wait for the file's own
+        page.wait_for_function("() => gradioApp().querySelector('#mos_fusion_table tbody').textContent"
+                               ".includes('hero.safetensors')", timeout=60_000)
         table = page.evaluate("() => gradioApp().querySelector('#mos_fusion_table tbody').textContent")
         print("tab table:", table)
         assert "ohwx man" in table and "hero.json" in table

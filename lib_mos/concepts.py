@@ -215,7 +215,16 @@ class ModuleDelta:
         cast back to the weight's dtype): bias diff, reshape, scale, DoRA, in the host's order.
         `dtype` is the host's compute dtype for LoRA factors (default: `base`'s)."""
         dtype = dtype or base.dtype
-        updown, out = self._updown(dtype, upcast=upcast, layer_shape=tuple(base.shape))
+        try:
+            updown, out = self._updown(dtype, upcast=upcast, layer_shape=tuple(base.shape))
+        except RuntimeError as exc:
+            # torch before 2.2 has no float16 matmul on the CPU (the WebUI's 2.1.2): there the host
+            # itself fails; we compute in float32 and round to the file's dtype, as its result is
+            if upcast or "not implemented for 'Half'" not in str(exc):
+                raise
+            stored = next(t.dtype for t in self.parts.values() if t.dim() > 0)
+            updown, out = self._updown(torch.float32, upcast=True, layer_shape=tuple(base.shape))
+            updown = updown.to(stored)
         if "bias" in self.parts:
             bias = self.parts["bias"]
             updown = (updown.reshape(bias.shape) + bias.to(base.device, dtype=updown.dtype)).reshape(out)

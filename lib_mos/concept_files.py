@@ -52,6 +52,7 @@ import torch
 from lib_mos import sd1
 from lib_mos.concepts import (
     KIND_PARTS,
+    SHARED_PARTS,
     Concept,
     ConceptError,
     LoraFactor,
@@ -150,7 +151,7 @@ def _layer_table() -> dict[str, tuple[str, str, bool]]:
     return table
 
 
-_RESNET_PARTS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
+RESNET_PARTS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
                  "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
 _DIFFUSERS_STEMS = (
     # (pattern, how the SD1 ldm layer key follows from its groups), as the host converts kohya's
@@ -173,7 +174,7 @@ _DIFFUSERS_STEMS = (
 
 def _block(kind: str, rest: str) -> str:
     """`1_<rest>` inside an attention block, `0_<ldm part>` inside a resnet."""
-    return f"1_{rest}" if kind == "attentions" else f"0_{_RESNET_PARTS.get(rest, rest)}"
+    return f"1_{rest}" if kind == "attentions" else f"0_{RESNET_PARTS.get(rest, rest)}"
 
 
 def _resolve_stem(stem: str) -> tuple[str, str, bool] | None:
@@ -443,9 +444,8 @@ def _read_pth_params(obj: Mapping[str, Any], where: str, layers: int,
 
 
 # ------------------------------------------------------------------------------------------ kohya
-# Parts the host reads besides a kind's own (extensions-builtin/Lora/network.py) and the kinds it
-# applies that a concept does not take (they change norms or need the functional path).
-_SHARED_PARTS = {"alpha", "scale", "dora_scale", "bias"}
+# PEFT's names of LoRA factors (the host renames them), and the kinds the host applies that a
+# concept does not take (they change norms or need the functional path), by one of their parts.
 _PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 _OTHER_KINDS = {"w_norm": "Norm", "b_norm": "Norm", "on_input": "IA3", "oft_blocks": "OFT", "oft_diag": "OFT",
                 "a1.weight": "GLoRA", "a2.weight": "GLoRA"}
@@ -473,7 +473,7 @@ def _module_delta(parts: dict[str, tuple[str, Any]], where: str, stem: str, is_c
                                "(LoRA, LoCon, LoHa, LoKr, full diffs and DoRA can be)")
         raise ConceptError(f"{where}: key {key!r}: the parts of its layer ({', '.join(sorted(parts))}) are no "
                            "LoRA kind the host knows (LoRA lora_up/lora_down, LoHa hada_*, LoKr lokr_*, full diff)")
-    allowed = KIND_PARTS[kind] | _SHARED_PARTS
+    allowed = KIND_PARTS[kind] | SHARED_PARTS
     for part, (key, _) in parts.items():
         if part not in allowed:
             raise ConceptError(f"{where}: key {key!r} does not belong to a {kind} layer (unexpected part {part!r})")
@@ -819,7 +819,7 @@ def _validate_for_writing(concept: Concept, where: str) -> None:
                               known[(kind, module)])
 
 
-def _layer_tensors(stem: str, f: LoraFactor | ModuleDelta) -> dict[str, torch.Tensor]:
+def layer_tensors(stem: str, f: LoraFactor | ModuleDelta) -> dict[str, torch.Tensor]:
     """A layer's keys in the file: a LoRA factor as lora_down/lora_up/alpha (alpha = scale * rank),
     any other change with the parts it was read with, unchanged, so the host applies the same."""
     if isinstance(f, ModuleDelta):
@@ -847,7 +847,7 @@ def write_concept(concept: Concept, path: str | os.PathLike[str], *, overwrite: 
     alphas = set()
     for kind, lora in (("unet", concept.unet_lora), ("text", concept.text_lora)):
         for module, f in lora.items():
-            layer = _layer_tensors(_kohya_name(kind, module), f)
+            layer = layer_tensors(_kohya_name(kind, module), f)
             alphas.update(float(t) for k, t in layer.items() if k.endswith(".alpha"))
             tensors.update(layer)
     rank = concept.rank

@@ -40,11 +40,6 @@ class LoraFactor:
         return self.down.shape[0]
 
     @property
-    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(up [out, r], down [r, in], scale) over the layer's (unfolded) input."""
-        return self.up, self.down, self.scale
-
-    @property
     def shape(self) -> tuple[int, ...]:
         return (self.up.shape[0], self.down.shape[1])
 
@@ -59,10 +54,9 @@ class LoraFactor:
         return None
 
 
-# The file parts each LyCORIS kind is recognised by, in the host's order of trying them
-# (extensions-builtin/Lora/networks.py: LoRA, LoHa, (IA3), LoKr, full).
-DELTA_KINDS = ("lora", "loha", "lokr", "full")
-_COMMON_PARTS = {"alpha", "scale", "dora_scale", "bias"}
+# The file parts of each kind (`delta_kind` tries them in the host's order: LoRA, LoHa, (IA3),
+# LoKr, full), and the parts the host reads for every kind (extensions-builtin/Lora/network.py).
+SHARED_PARTS = {"alpha", "scale", "dora_scale", "bias"}
 KIND_PARTS = {
     "lora": {"lora_up.weight", "lora_down.weight", "lora_mid.weight"},
     "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
@@ -119,16 +113,6 @@ class ModuleDelta:
         if self.kind == "lora":
             return int(self.parts["lora_down.weight"].shape[0])
         return None
-
-    @property
-    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(up [out, r], down [r, in_unfolded], scale) when the change is a plain low-rank product
-        over the unfolded input (a LoRA or LoCon layer without Tucker core, DoRA or bias diff)."""
-        p = self.parts
-        if self.kind != "lora" or "lora_mid.weight" in p or "dora_scale" in p or "bias" in p:
-            return None
-        up, down = p["lora_up.weight"], p["lora_down.weight"]
-        return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1), self.scale
 
     def _dim(self) -> int | None:
         """The rank alpha is divided by, as the host picks it for each kind."""
@@ -363,11 +347,13 @@ def _fits(delta: Delta, layer: nn.Linear | nn.Conv2d) -> bool:
     if isinstance(delta, LoraFactor):
         return isinstance(layer, nn.Linear) and tuple(delta.down.shape) == (delta.rank, weight.shape[1]) \
             and tuple(delta.up.shape) == (weight.shape[0], delta.rank)
+    # the factors multiply out to `shape` (checked when the change was made, `ModuleDelta.of`)
     if delta.shape[0] != weight.shape[0] or math.prod(delta.shape) != weight.numel():
         return False
-    try:
-        delta.weight_delta(torch.ones(weight.shape), torch.float32, upcast=True)
-    except RuntimeError:  # factors that do not multiply out to the layer's shape
+    parts = delta.parts
+    if "bias" in parts and parts["bias"].numel() != weight.numel():
+        return False
+    if "dora_scale" in parts and parts["dora_scale"].numel() != weight.shape[1]:
         return False
     bias = delta.bias_delta()
     return bias is None or (layer.bias is not None and tuple(bias.shape) == tuple(layer.bias.shape))

@@ -162,28 +162,28 @@ def random_lora_concept(model: sd1.SD1Model, kind: str = "locon", *, triggers: t
                    triggers=tuple(triggers))
 
 
-_RESNET_PARTS = {"in_layers.2": "conv1", "out_layers.3": "conv2", "emb_layers.1": "time_emb_proj",
-                 "skip_connection": "conv_shortcut"}
-
-
 def kohya_key_stem(kind: str, name: str) -> str:
     """The key stem kohya's sd-scripts write for a layer (diffusers spelling):
     `lora_unet_down_blocks_0_attentions_0_proj_in`, `lora_unet_down_blocks_0_resnets_0_conv1`,
     `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
+    from lib_mos.concept_files import RESNET_PARTS
+
     if kind == "text":
         return "lora_te_" + name.replace(".", "_")
+    # RESNET_PARTS spells the ldm side as host layer keys (`in_layers_2`): dotted here
+    diffusers_part = {re.sub(r"_(\d+)$", r".\1", ldm): part for part, ldm in RESNET_PARTS.items()}
     try:
         path = unet_ldm_to_diffusers(name)
     except KeyError:
         path = None
         if m := re.fullmatch(r"input_blocks\.(\d+)\.0\.(.+)", name):
             n = int(m[1])
-            path = f"down_blocks.{(n - 1) // 3}.resnets.{(n - 1) % 3}.{_RESNET_PARTS[m[2]]}"
+            path = f"down_blocks.{(n - 1) // 3}.resnets.{(n - 1) % 3}.{diffusers_part[m[2]]}"
         elif m := re.fullmatch(r"middle_block\.([02])\.(.+)", name):
-            path = f"mid_block.resnets.{int(m[1]) // 2}.{_RESNET_PARTS[m[2]]}"
+            path = f"mid_block.resnets.{int(m[1]) // 2}.{diffusers_part[m[2]]}"
         elif m := re.fullmatch(r"output_blocks\.(\d+)\.0\.(.+)", name):
             n = int(m[1])
-            path = f"up_blocks.{n // 3}.resnets.{n % 3}.{_RESNET_PARTS[m[2]]}"
+            path = f"up_blocks.{n // 3}.resnets.{n % 3}.{diffusers_part[m[2]]}"
         if path is None:
             raise ValueError(f"no kohya key for UNet layer {name}") from None
     return "lora_unet_" + path.replace(".", "_")
@@ -198,21 +198,20 @@ def write_lora_file(concept: Concept, path: str | os.PathLike[str], *, tags: dic
     plain kohya / LyCORIS file."""
     from safetensors.torch import save_file
 
+    from lib_mos.concept_files import layer_tensors
+
     tensors: dict[str, torch.Tensor] = {}
     kinds, ranks, conv_ranks = set(), set(), set()
     for kind, lora in (("unet", concept.unet_lora), ("text", concept.text_lora)):
         for module, f in lora.items():
             stem = kohya_key_stem(kind, module)
-            if isinstance(f, LoraFactor):
-                parts = {"lora_down.weight": f.down, "lora_up.weight": f.up,
-                         "alpha": torch.tensor(f.scale * f.rank)}
-            else:
-                parts = f.parts
+            layer = layer_tensors(stem, f)
+            parts = {key.split(".", 1)[1]: t for key, t in layer.items()}
             kinds.add(f.kind if isinstance(f, ModuleDelta) else "lora")
             rank = int(parts["hada_w1_b"].shape[0] if "hada_w1_b" in parts else parts["lora_down.weight"].shape[0])
             is_conv = any(t.dim() == 4 and t.shape[2:] != (1, 1) for t in parts.values())
             (conv_ranks if is_conv else ranks).add(rank)
-            tensors.update({f"{stem}.{part}": t.detach().to(dtype).contiguous() for part, t in parts.items()})
+            tensors.update({key: t.to(dtype).contiguous() for key, t in layer.items()})
     lycoris = kinds != {"lora"}
     args = {"algo": "loha"} if "loha" in kinds else {}
     if conv_ranks:

@@ -557,3 +557,25 @@ def test_held_out_statistics_measure_without_entering_the_solve(tmp_path) -> Non
         solve_exact(held)
     with pytest.raises(RuntimeError, match="report-only"):
         weight_average(held)
+
+
+def test_stacking_baseline_adds_every_concept_change():
+    """LoRA stacking is W0 + sum_i dW_i, so concept 1's relative error under it is exactly what the
+    other concept's change does to concept 1's outputs, ||dW_2 X_1|| / ||dW_1 X_1||."""
+    from lib_mos.fusion_solver import weight_stack
+
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    deltas = [torch.randn(5, 7, generator=gen, dtype=torch.float64) for _ in range(2)]
+    rows = [torch.randn(20, 7, generator=gen, dtype=torch.float64) for _ in range(2)]
+    stats = LayerStats(w0)
+    for d, x in zip(deltas, rows):
+        stats.begin_concept(delta=d)
+        stats.add(x)
+        stats.end_concept()
+    stacked = weight_stack(stats)
+    torch.testing.assert_close(stacked.double(), w0 + deltas[0] + deltas[1], rtol=1e-6, atol=1e-6)
+    errors = relative_errors(stacked, stats)
+    for i, j in ((0, 1), (1, 0)):
+        want = float(torch.linalg.vector_norm(rows[i] @ deltas[j].T) / torch.linalg.vector_norm(rows[i] @ deltas[i].T))
+        assert errors[i] == pytest.approx(want, rel=1e-5)

@@ -18,6 +18,13 @@ restored from what was saved with it:
   means plain sampling with the global prompt.
 - `feather` (latent pixels at the first pass's full latent resolution; 0 = hard edges as the
   authors) softens every region's edge with a separable Gaussian blur of that sigma.
+- `loras` (per region): LoRAs applied only inside that region, `[{"name": "potter", "weight": 1}]`
+  with names as in the Lora folder (file stems). A `<lora:name:weight>` tag in a region's prompt
+  means the same (`Region.lora_refs` takes it out of the text, `Region.text` is what is encoded).
+- `global_weight` (per spec, and per region to override it): how much of the global prompt is
+  kept inside a region, in [0, 1]. 0 (the default) is the authors' behaviour: a region's prompt
+  replaces the global one inside it; 0.3 keeps 30 % of the global attention there (Regional
+  Prompter's "base ratio").
 
 The authors' textual form `[prompt]-*-[negative]-*-[top, left, bottom, right]|...` (`[]` = the
 whole image) is read too (`parse_authors_spec`), so their example commands paste as they are.
@@ -58,6 +65,7 @@ __all__ = [
     "LATENT_FACTOR",
     "MAX_FEATHER",
     "MAX_REGIONS",
+    "LoraRef",
     "Region",
     "RegionError",
     "RegionSpec",
@@ -69,6 +77,7 @@ __all__ = [
     "masks_for_layers",
     "parse_authors_spec",
     "region_masks",
+    "split_lora_tags",
 ]
 
 MAX_REGIONS = 16  # regions per spec; each costs one extra attention per layer and row
@@ -83,8 +92,12 @@ Units = Literal["px", "fraction"]
 Box = tuple[float, float, float, float]
 _BOX_FIELDS = ("top", "left", "bottom", "right")
 _COLOR = re.compile(r"#[0-9a-f]{6}")
-_REGION_KEYS = frozenset({"prompt", "negative", "box", "units", "color"})
-_SPEC_KEYS = frozenset({"regions", "mask_image", "feather"})
+_REGION_KEYS = frozenset({"prompt", "negative", "box", "units", "color", "loras", "global_weight"})
+_SPEC_KEYS = frozenset({"regions", "mask_image", "feather", "global_weight"})
+_LORA_KEYS = frozenset({"name", "weight"})
+# the host's extra-network tag (modules/extra_networks.py): <kind:arg:arg...>
+_EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+_LORA_TAG_KINDS = ("lora", "lyco")  # the built-in Lora registers "lyco" as an alias
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?((?:;[\w=.+-]+)*);base64,", re.ASCII)
 
@@ -113,12 +126,16 @@ class Region:
     box: Box | None = None
     units: Units = "px"
     color: str | None = None
+    loras: tuple[LoraRef, ...] = ()
+    global_weight: float | None = None  # None: the spec's
 
     def __post_init__(self) -> None:
         if isinstance(self.box, list):
             object.__setattr__(self, "box", tuple(self.box))
         if isinstance(self.color, str):
             object.__setattr__(self, "color", self.color.lower())
+        if isinstance(self.loras, list):
+            object.__setattr__(self, "loras", tuple(self.loras))
         self.check()
         if self.box is not None:
             object.__setattr__(self, "box", tuple(float(v) for v in self.box))
@@ -126,6 +143,20 @@ class Region:
     def check(self, index: int | None = None) -> None:
         """Raise RegionError naming `index` and the field for anything unusable."""
         _check_region(self.prompt, self.negative, self.box, self.units, self.color, index)
+        if not isinstance(self.loras, tuple) or not all(isinstance(ref, LoraRef) for ref in self.loras):
+            raise RegionError(f"{_where(index, 'loras')} must be a list of LoRAs")
+        if self.global_weight is not None:
+            _check_global_weight(self.global_weight, index)
+        self.lora_refs(index)  # tags in the prompt parse, and no LoRA is listed twice
+
+    @property
+    def text(self) -> str:
+        """The prompt as it is encoded: without its `<lora:...>` tags."""
+        return split_lora_tags(self.prompt)[0]
+
+    def lora_refs(self, index: int | None = None) -> tuple[LoraRef, ...]:
+        """Every LoRA of the region: the `loras` field, then the prompt's `<lora:name:w>` tags."""
+        return _lora_refs(self.prompt, self.loras, index)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON object with the defaults left out (infotext stays short)."""
@@ -138,6 +169,10 @@ class Region:
                 out["units"] = self.units
         if self.color is not None:
             out["color"] = self.color
+        if self.loras:
+            out["loras"] = [ref.to_dict() for ref in self.loras]
+        if self.global_weight is not None:
+            out["global_weight"] = _number_json(self.global_weight)
         return out
 
     @classmethod
@@ -164,7 +199,93 @@ class Region:
             color.lower() if color is not None else None,
         )
         _check_region(*values, index)
-        return cls(*values)
+        loras = data.get("loras", [])
+        if not isinstance(loras, list):
+            raise RegionError(f"{_where(index, 'loras')} must be a list of {{\"name\": ..., \"weight\": ...}}, "
+                              f"got {loras!r}")
+        refs = tuple(LoraRef.from_dict(item, index, j) for j, item in enumerate(loras))
+        _lora_refs(values[0], refs, index)
+        global_weight = data.get("global_weight")
+        if global_weight is not None:
+            _check_global_weight(global_weight, index)
+            global_weight = float(global_weight)
+        return cls(*values, loras=refs, global_weight=global_weight)
+
+
+def _lora_refs(prompt: str, loras: tuple[LoraRef, ...], index: int | None) -> tuple[LoraRef, ...]:
+    refs = loras + split_lora_tags(prompt, index)[1]
+    seen: set[str] = set()
+    for ref in refs:
+        if ref.name in seen:
+            raise RegionError(f"{_where(index, 'loras')}: LoRA {ref.name!r} is given twice (in 'loras' or as a "
+                              "<lora:...> tag in the prompt); give it once")
+        seen.add(ref.name)
+    return refs
+
+
+def _number_json(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _check_global_weight(value: Any, index: int | None) -> None:
+    if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise RegionError(f"{_where(index, 'global_weight')} must be a number in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA applied inside one region: its name in the Lora folder (the file's stem, as the host's
+    `<lora:name>` names it) and its weight (the host's multiplier, for text encoder and UNet)."""
+
+    name: str
+    weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": _number_json(self.weight)}
+
+    @classmethod
+    def from_dict(cls, data: Any, index: int | None, j: int) -> LoraRef:
+        where = _where(index, f"loras[{j}]")
+        if not isinstance(data, Mapping):
+            raise RegionError(f"{where} must be an object {{\"name\": ..., \"weight\": ...}}, got {data!r}")
+        unknown = sorted(set(data) - _LORA_KEYS)
+        if unknown:
+            raise RegionError(f"{where}: unknown field {unknown[0]!r} (known: {sorted(_LORA_KEYS)})")
+        return cls.checked(data.get("name"), data.get("weight", 1.0), where)
+
+    @classmethod
+    def checked(cls, name: Any, weight: Any, where: str) -> LoraRef:
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "<>:"):
+            raise RegionError(f"{where}: 'name' must be a LoRA's name as in the Lora folder, got {name!r}")
+        if not _is_number(weight) or not math.isfinite(weight):
+            raise RegionError(f"{where}: the weight of LoRA {name!r} must be a number, got {weight!r}")
+        return cls(name.strip(), float(weight))
+
+
+def split_lora_tags(text: str, index: int | None = None) -> tuple[str, tuple[LoraRef, ...]]:
+    """A region prompt without its `<lora:name>` / `<lora:name:weight>` tags, and those LoRAs (as
+    the host takes such tags out of the main prompt). Other extra-network tags, and LoRA tags with
+    separate text-encoder/UNet multipliers, are refused: a region applies one weight to both."""
+    refs: list[LoraRef] = []
+
+    def take(match: re.Match) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        tag = match.group(0)
+        if kind not in _LORA_TAG_KINDS:
+            raise RegionError(f"{_where(index, 'prompt')}: {tag}: only <lora:name:weight> tags work in a region's prompt")
+        if len(args) > 2 or "=" in match.group(2):
+            raise RegionError(f"{_where(index, 'prompt')}: {tag}: a region LoRA takes one weight, <lora:name:weight>")
+        weight: Any = 1.0
+        if len(args) == 2:
+            try:
+                weight = float(args[1])
+            except ValueError:
+                raise RegionError(f"{_where(index, 'prompt')}: {tag}: the weight {args[1]!r} is not a number") from None
+        refs.append(LoraRef.checked(args[0], weight, f"{_where(index, 'prompt')}: {tag}"))
+        return ""
+
+    cleaned = _EXTRA_NETWORK_TAG.sub(take, text)
+    return (cleaned if refs else text), tuple(refs)
 
 
 def _check_region(
@@ -215,6 +336,7 @@ class RegionSpec:
     regions: tuple[Region, ...] = ()
     mask_image: str | None = None
     feather: float = 0.0
+    global_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.regions, (list, tuple)):
@@ -230,6 +352,7 @@ class RegionSpec:
             raise RegionError(f"field 'feather' must be a finite number, got {self.feather!r}")
         if not 0 <= self.feather <= MAX_FEATHER:
             raise RegionError(f"field 'feather' must be in [0, {MAX_FEATHER:g}] latent pixels, got {self.feather}")
+        _check_global_weight(self.global_weight, None)
         colors = [(i, r.color) for i, r in enumerate(self.regions) if r.color is not None]
         seen: dict[str, int] = {}
         for i, color in colors:
@@ -250,8 +373,14 @@ class RegionSpec:
         if self.mask_image is not None:
             out["mask_image"] = self.mask_image
         if self.feather:
-            out["feather"] = int(self.feather) if float(self.feather).is_integer() else float(self.feather)
+            out["feather"] = _number_json(self.feather)
+        if self.global_weight:
+            out["global_weight"] = _number_json(self.global_weight)
         return out
+
+    def global_weights(self) -> list[float]:
+        """Each region's share of the global prompt inside it (its own, else the spec's)."""
+        return [self.global_weight if r.global_weight is None else r.global_weight for r in self.regions]
 
     def to_json(self) -> str:
         """Compact JSON; `from_json(spec.to_json()) == spec`."""
@@ -282,10 +411,14 @@ class RegionSpec:
         feather = data.get("feather", 0.0)
         if not _is_number(feather):
             raise RegionError(f"field 'feather' must be a number, got {feather!r}")
+        global_weight = data.get("global_weight")
+        global_weight = 0.0 if global_weight is None else global_weight  # null: not set, as in a region
+        _check_global_weight(global_weight, None)
         return cls(
             regions=tuple(Region.from_dict(r, i) for i, r in enumerate(regions)),
             mask_image=data.get("mask_image"),
             feather=float(feather),
+            global_weight=float(global_weight),
         )
 
 

@@ -14,7 +14,7 @@ prompt's attention with its regions' attentions by mask weights, computed in one
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -75,16 +75,26 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
     return t.unflatten(-1, (h, t.shape[-1] // h)).transpose(-3, -2)
 
 
-def region_blend_weights(region_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def region_blend_weights(region_weight: torch.Tensor, global_weight: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend weights from masks m [B, K, N] in [0, 1]: (w_global [B, N], w_regions [B, K, N]).
 
     With coverage c = sum_k m_k: w_k = m_k / max(c, 1), w_g = 1 - min(c, 1). Global attention is
     kept outside every region, replaced inside one, averaged where regions overlap, and blended
-    along soft edges; the weights sum to 1 at every position.
+    along soft edges; the weights sum to 1 at every position. `global_weight` [K] (each region's
+    share of the global prompt inside it, in [0, 1]) moves that share of w_k to w_g.
     """
     m = region_weight.float().clamp(0.0, 1.0)
     coverage = m.sum(1)
-    return 1.0 - coverage.clamp(max=1.0), m / coverage.clamp(min=1.0).unsqueeze(1)
+    w_global, w_regions = 1.0 - coverage.clamp(max=1.0), m / coverage.clamp(min=1.0).unsqueeze(1)
+    if global_weight is not None:
+        g = global_weight.to(w_regions.device, w_regions.dtype).reshape(1, -1, 1)
+        w_global = w_global + (w_regions * g).sum(1)
+        w_regions = w_regions * (1.0 - g)
+    return w_global, w_regions
+
+
+ContextDelta = Callable[[nn.Module, torch.Tensor], "torch.Tensor | None"]
 
 
 def regional_attention(
@@ -93,10 +103,16 @@ def regional_attention(
     context: torch.Tensor,
     region_context: torch.Tensor,
     region_weight: torch.Tensor,
+    global_weight: torch.Tensor | None = None,
+    context_delta: ContextDelta | None = None,
 ) -> torch.Tensor:
     """Cross-attention of `x` [B, N, C] over the global `context` [B, T, D] and, per region k, over
     `region_context[:, k]` ([B, K, Tr, D]), blended by the masks `region_weight` [B, K, N] (see
-    `region_blend_weights`; a row whose masks are all zero gets global attention only).
+    `region_blend_weights`, with each region's `global_weight` share; a row whose masks are all
+    zero gets global attention only).
+
+    `context_delta(projection, region_context)` -> [B, K, Tr, out] or None adds region LoRAs'
+    changes of to_k / to_v, region k's on region k's context only (`region_loras.RegionDeltas`).
 
     to_q runs once; the global (when T == Tr) and all K region attentions are one batched
     scaled_dot_product_attention call; the blend happens before to_out so that runs once too.
@@ -115,7 +131,7 @@ def regional_attention(
     q = module.to_q(x)
     inner = q.shape[-1]
     q = _heads(q, h)  # [B, h, N, d]
-    w_global, w_regions = region_blend_weights(region_weight)
+    w_global, w_regions = region_blend_weights(region_weight, global_weight)
     fold = context.shape[1] == region_context.shape[2]
     if fold:  # the global context is slot 0 of the same batched call
         keys = torch.cat([context.unsqueeze(1), region_context.to(context.dtype)], 1)
@@ -123,7 +139,14 @@ def regional_attention(
     else:
         keys, weights = region_context.to(context.dtype), w_regions
     s = keys.shape[1]
-    kk, vv = _heads(module.to_k(keys), h), _heads(module.to_v(keys), h)  # [B, S, h, T, d]
+    kk, vv = module.to_k(keys), module.to_v(keys)  # [B, S, T, inner]
+    if context_delta is not None:
+        first = s - k  # the region slots (after the global one when folded)
+        for projection, projected in ((module.to_k, kk), (module.to_v, vv)):
+            change = context_delta(projection, keys[:, first:])
+            if change is not None:
+                projected[:, first:] += change.to(projected.dtype)
+    kk, vv = _heads(kk, h), _heads(vv, h)  # [B, S, h, T, d]
     qq = q.unsqueeze(1).expand(b, s, *q.shape[1:]).reshape(b * s, *q.shape[1:])
     out = F.scaled_dot_product_attention(qq, kk.flatten(0, 1), vv.flatten(0, 1)).view(b, s, *q.shape[1:])
     weights = weights.to(out.dtype)[:, :, None, :, None]
@@ -150,6 +173,9 @@ class RegionalContext:
       layer's resolution (`regions.layer_masks`), or [K, N_l] shared by all rows.
     - context: optional [B, T, D] or [B, L, T, D] replacing the UNet call's own context (e.g. the
       layer-wise bound global prompt); by default the call's context is used, [:, l] when 4-D.
+    - global_weight: optional [K], each region's share of the global prompt inside it.
+
+    `context_delta` (attribute) adds region LoRAs' to_k / to_v changes (see `regional_attention`).
 
     A call whose batch or resolution does not match the plan raises, never broadcasts silently.
     """
@@ -162,6 +188,8 @@ class RegionalContext:
     ) -> None:
         self._plan: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None] | None = None
         self._active: list[bool] = []
+        self.global_weight: torch.Tensor | None = None
+        self.context_delta: ContextDelta | None = None
         if region_context is not None or weights is not None:
             if region_context is None or weights is None:
                 raise ValueError("RegionalContext needs both region_context and weights, or neither")
@@ -172,6 +200,7 @@ class RegionalContext:
         region_context: torch.Tensor,
         weights: Sequence[torch.Tensor],
         context: torch.Tensor | None = None,
+        global_weight: torch.Tensor | None = None,
     ) -> None:
         """Install the row plan for the next UNet call(s); see the class docstring for shapes."""
         if region_context.dim() not in (4, 5):
@@ -191,7 +220,10 @@ class RegionalContext:
             plan.append(w)
         if context is not None and context.shape[0] != b:
             raise ValueError(f"context has {context.shape[0]} rows, region_context {b}")
+        if global_weight is not None and tuple(global_weight.shape) != (k,):
+            raise ValueError(f"global_weight {tuple(global_weight.shape)} does not match {k} regions")
         self._plan = (region_context, plan, context)
+        self.global_weight = global_weight if global_weight is not None and bool(global_weight.any()) else None
         self._active = [k > 0 and bool(w.any()) for w in plan]  # all-zero layer: plain attention
 
     def clear_rows(self) -> None:
@@ -220,7 +252,8 @@ class RegionalContext:
         if region_context.dim() == 5:
             region_context = region_context[:, layer]
         return regional_attention(
-            module, x, context.to(x.device, x.dtype), region_context.to(x.device, x.dtype), w.to(x.device)
+            module, x, context.to(x.device, x.dtype), region_context.to(x.device, x.dtype), w.to(x.device),
+            self.global_weight, self.context_delta,
         )
 
 
@@ -238,14 +271,17 @@ class SteppedRegionalContext:
     def __init__(self) -> None:
         self.inner = RegionalContext()
         self._step: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None] | None = None
+        self._global_weight: torch.Tensor | None = None
         self._cursor = 0
         self.error: BaseException | None = None  # raised at the next call (hosts swallow callback errors)
 
     def set_step(self, region_context: torch.Tensor, weights: Sequence[torch.Tensor],
-                 context: torch.Tensor | None = None) -> None:
+                 context: torch.Tensor | None = None, global_weight: torch.Tensor | None = None) -> None:
         """Rows of the whole step: region_context [R, (L,) K, Tr, D], weights per layer [R, K, N_l]
-        or [K, N_l], optional context [R, (L,) T, D] replacing the call's own."""
+        or [K, N_l], optional context [R, (L,) T, D] replacing the call's own, optional [K] shares
+        of the global prompt inside the regions."""
         self._step = (region_context, list(weights), context)
+        self._global_weight = global_weight
         self._cursor = 0
 
     def clear(self) -> None:
@@ -265,5 +301,5 @@ class SteppedRegionalContext:
                 raise RuntimeError(f"the UNet call needs rows {a}:{b} but the step has {region_context.shape[0]}")
             self._cursor = b
             self.inner.set_rows(region_context[a:b], [w[a:b] if w.dim() == 3 else w for w in weights],
-                                None if override is None else override[a:b])
+                                None if override is None else override[a:b], self._global_weight)
         return self.inner(module, layer, x, context)

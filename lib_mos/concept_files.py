@@ -648,7 +648,8 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
 
     `trigger` gives the trigger words ("ohwx man", commas separate several); without it they come
     from the host's sidecar `<file>.json` ("activation text"), else from the file's tag
-    frequencies (`Concept.trigger_source` says which).
+    frequencies (`Concept.trigger_source` says which). `trigger=""` reads a LoRA for its weights
+    alone (applied inside a region): words are looked up as above but may be missing.
 
     `name` overrides the concept name (default: the file stem, or the name stored in our format;
     for kohya + embedding it is the base of the token names, default the embedding's stem).
@@ -664,7 +665,7 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
     if kind == "torch":
         obj = torch_load_weights(path)
         if isinstance(obj, Mapping) and ("params" in obj or "new_concept_embedding" in obj):
-            if embedding is not None or trigger is not None:
+            if embedding is not None or trigger:
                 raise ConceptError(f"{where}: is an ED-LoRA file with its own embeddings; embedding= and trigger= "
                                    "are only for LoRAs without them")
             tokens, embeddings, unet, text = _read_pth_params(obj, where, layers)
@@ -681,14 +682,14 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
         if embedding is not None:
             raise ConceptError(f"{where}: is a Mix-of-Show concept with its own embeddings; embedding= is only for kohya LoRAs")
         info, tokens, embeddings, unet, text = _read_ours(tensors, metadata, where, layers)
-        if tokens and trigger is not None:
+        if tokens and trigger:
             raise ConceptError(f"{where}: is a Mix-of-Show concept with tokens; trigger words are for LoRAs without them")
         triggers = tuple(info.get("triggers", ()))
-        if trigger is not None:
+        if trigger:
             triggers = _parse_triggers(trigger, where)
         return Concept(name=name or info["name"], tokens=tokens, embeddings=embeddings, unet_lora=unet,
                        text_lora=text, class_word=info.get("class_word"), triggers=() if tokens else triggers,
-                       trigger_source=None if tokens else ("given" if trigger is not None else "the file"),
+                       trigger_source=None if tokens else ("given" if trigger else "the file"),
                        base_model_hash=info.get("base_model_hash"), source_path=where,
                        source_sha256=info.get("source_sha256"))
     if any(k.startswith(EMBEDDING_PREFIX) for k in tensors):
@@ -774,7 +775,13 @@ def _read_kohya_pair(path: Path, tensors: Mapping[str, Any], metadata: Mapping[s
                            f"{'SDXL' if base_version.startswith('sdxl') else 'SD2'}; this is an SD1 model")
     unet, text = _kohya_lora(tensors, where)
     if embedding is None:
-        triggers, source = find_triggers(path, metadata, trigger)
+        if trigger == "":  # read for its weights only (a region LoRA): trigger words are optional
+            try:
+                triggers, source = find_triggers(path, metadata, None)
+            except ConceptError:
+                triggers, source = (), None
+        else:
+            triggers, source = find_triggers(path, metadata, trigger)
         return Concept(name=name or path.stem, tokens=(), embeddings=torch.zeros(0, layers, 0), unet_lora=unet,
                        text_lora=text, triggers=triggers, trigger_source=source, source_path=where,
                        source_sha256=sha256_file(path))

@@ -22,9 +22,11 @@ from pathlib import Path
 from lib_mos.concept_files import METADATA_KEY, read_concept, sha256_file, torch_load_weights
 from lib_mos.concepts import Concept, ConceptError
 
-__all__ = ["ConceptLibrary", "FoundConcepts", "LibraryEntry", "Scan", "lora_hash", "resolve"]
+__all__ = ["LORA_SUFFIXES", "ConceptLibrary", "FoundConcepts", "LibraryEntry", "Scan", "lora_files", "lora_hash",
+           "resolve"]
 
 _TORCH_SUFFIXES = (".pth", ".pt")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # what the host's Lora lists as networks
 _LISTED = 24  # tokens named in a message before "and N more"
 
 
@@ -104,6 +106,7 @@ class ConceptLibrary:
         self._seen: dict[Path, tuple[tuple[int, int], LibraryEntry | str | None]] = {}
         self._concepts: dict[Path, tuple[tuple[int, int], Concept]] = {}
         self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
+        self._loras: dict[Path, tuple[tuple[int, int], Concept]] = {}
 
     def scan(self, folder: str | os.PathLike[str]) -> Scan:
         root = Path(folder)
@@ -141,6 +144,15 @@ class ConceptLibrary:
             cached = self._concepts[entry.path] = (key, read_concept(entry.path))
         return cached[1]
 
+    def lora(self, path: str | os.PathLike[str]) -> Concept:
+        """Any LoRA file read for its weights (trigger words optional), once per file version."""
+        path = Path(path)
+        key = _stat_key(path)
+        cached = self._loras.get(path)
+        if cached is None or cached[0] != key:
+            cached = self._loras[path] = (key, read_concept(path, trigger=""))
+        return cached[1]
+
     def short_hash(self, path: str | os.PathLike[str]) -> str:
         """The hash the WebUI's Lora shows for this file in "Lora hashes" (`lora_hash`), 12 digits."""
         path = Path(path)
@@ -166,6 +178,20 @@ def lora_hash(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def lora_files(folder: str | os.PathLike[str]) -> dict[str, Path]:
+    """Every LoRA file in `folder` and its subfolders by the name `<lora:name>` uses (the file's
+    stem, as the host names networks), sorted by name; of two files with one name, the first in
+    path order."""
+    root = Path(folder)
+    if not root.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in LORA_SUFFIXES and path.is_file():
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items(), key=lambda item: item[0].lower()))
+
+
 @dataclass
 class FoundConcepts:
     """The concepts a generation binds, where each came from (for the infotext), and what the
@@ -174,6 +200,7 @@ class FoundConcepts:
     concepts: list[Concept] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)  # token -> the concept file defining it (not fused)
 
     def infotext(self) -> str:
         return "; ".join(self.sources)
@@ -216,6 +243,7 @@ def resolve(wanted: set[str], fused: list[Concept], library: ConceptLibrary, fol
         concept = library.concept(entry)
         found.concepts.append(concept)
         found.sources.append(f"{' '.join(concept.tokens)} from {entry.path.name}@{library.short_hash(entry.path)}")
+        found.files.update(dict.fromkeys(concept.tokens, entry.path))
         have.update(concept.tokens)
     unknown = sorted(wanted - have)
     if unknown:

@@ -359,11 +359,12 @@ def _fits(delta: Delta, layer: nn.Linear | nn.Conv2d) -> bool:
     return bias is None or (layer.bias is not None and tuple(bias.shape) == tuple(layer.bias.shape))
 
 
-def check_fits(concept: Concept, unet: nn.Module, text_encoder: nn.Module) -> None:
-    """Every changed layer exists with matching shapes and the embedding width is the text width."""
+def check_fits(concept: Concept, unet: nn.Module, text_encoder: nn.Module, *, embeddings: bool = True) -> None:
+    """Every changed layer exists with matching shapes and (unless not `embeddings`: only the
+    LoRA is used) the embedding width is the text width."""
     what = concept.source_path or concept.name
-    width = text_encoder.get_input_embeddings().weight.shape[1]
-    if concept.tokens and concept.dim != width:
+    width = text_encoder.get_input_embeddings().weight.shape[1] if embeddings and concept.tokens else None
+    if width is not None and concept.dim != width:
         raise ConceptError(f"{what}: embeddings are {concept.dim} wide but the model's text encoder is {width} "
                            "(a concept for another model family?)")
     for root, lora in ((unet, concept.unet_lora), (text_encoder, concept.text_lora)):

@@ -13,20 +13,40 @@ and acts only on a generation that has a job.
 from __future__ import annotations
 
 import html
+from pathlib import Path
 
 import gradio as gr
 
+from lib_mos.concept_library import lora_files
 from lib_mos.files import import_sibling
 from lib_mos.regions import RegionSpec
 from modules import processing, script_callbacks, scripts
 
 mos_job = import_sibling(__file__, "mos_job")
+mos_host_binding = import_sibling(__file__, "mos_host_binding")
 
 TITLE = "Mix-of-Show"
 CONCEPTS_TITLE = "Mix-of-Show concepts"
 INFOTEXT_KEY = mos_job.REGIONS_KEY
 
 script_callbacks.on_cfg_denoiser(mos_job.on_cfg_denoiser, name="mix_of_show")
+LORAS_ROUTE = "/mix-of-show/loras"
+
+
+def lora_list() -> dict:
+    """The LoRA files a region may use, for the canvas' picker: name (as `<lora:name>` says it),
+    path in the Lora folder, and concept tokens of our concept files."""
+    folder = Path(mos_host_binding.concept_folder())
+    tokens = {entry.path: entry.tokens for entry in mos_host_binding.LIBRARY.scan(folder).entries}
+    return {"loras": [{"name": name, "path": path.relative_to(folder).as_posix(), "tokens": list(tokens.get(path, ()))}
+                      for name, path in lora_files(folder).items()]}
+
+
+def _add_routes(demo, app) -> None:
+    app.add_api_route(LORAS_ROUTE, lora_list, methods=["GET"])
+
+
+script_callbacks.on_app_started(_add_routes, name="mix_of_show_loras")
 
 
 def canvas_html(regions_id: str, tab: str) -> str:
@@ -47,8 +67,10 @@ class MixOfShowScript(scripts.Script):
         the one input, so infotext, the API and "Send to txt2img" need no canvas."""
         regions_id = self.elem_id("regions")
         gr.HTML(canvas_html(regions_id, "img2img" if is_img2img else "txt2img"), elem_id=self.elem_id("canvas"))
-        gr.Markdown("The main prompt and negative apply everywhere outside the regions; inside a region, its own "
-                    "prompt and negative replace them.", elem_classes=["mos-hint"])
+        gr.Markdown("The main prompt and negative apply everywhere outside the regions. Inside a region its own "
+                    "prompt, negative and LoRAs apply; the main prompt is kept there only at the *global prompt* "
+                    "weight (0 by default: the region's prompt replaces it, as Mix-of-Show's authors do; set it "
+                    "for the whole spec beside Feather, or per region).", elem_classes=["mos-hint"])
         regions = gr.Textbox(label="Regions (JSON)", lines=2, max_lines=6, elem_id=regions_id,
                              placeholder='{"regions": [{"prompt": "a photo of <cat1> <cat2>", "box": [0, 0, 1, 0.5], '
                                          '"units": "fraction"}]}')

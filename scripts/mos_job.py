@@ -24,8 +24,10 @@ import torch
 
 from lib_mos.attention import SteppedRegionalContext, attn2_processor
 from lib_mos.binding import PromptBinder
-from lib_mos.concepts import ConceptError
+from lib_mos.concept_library import lora_files
+from lib_mos.concepts import ConceptError, check_fits
 from lib_mos.files import import_sibling
+from lib_mos.region_loras import RegionDeltas, RegionLora, choose_region_loras, global_lora_names
 from lib_mos.regions import RegionSpec, attention_sizes, layer_masks
 from modules import prompt_parser, sd_samplers, shared
 
@@ -33,6 +35,7 @@ mos_host_binding = import_sibling(__file__, "mos_host_binding")
 
 REGIONS_KEY = "Mix-of-Show regions"
 CONCEPTS_KEY = "Mix-of-Show concepts"
+REGION_LORAS_KEY = "Mix-of-Show region LoRAs"
 
 
 def _as_list(value) -> list[str]:
@@ -88,9 +91,36 @@ class GenerationJob:
         self.sources = found.infotext()
         self.binder = binder
         self.cache: dict[str, torch.Tensor] = {}
+        self.lora_caches: dict[tuple, dict[str, torch.Tensor]] = {}  # per set of region LoRAs
         self.masks: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.plans: dict[tuple, tuple] = {}
         self._installed: contextlib.ExitStack | None = None
+        self.region_loras: list[RegionLora] = []
+        self.lora_notes = ""
+        self.unet_deltas: RegionDeltas | None = None
+        if self.spec.regions:
+            self._choose_region_loras(found)
+
+    def _choose_region_loras(self, found) -> None:
+        """Every region's LoRAs, read and checked against the live model before sampling starts
+        (errors name the region, the LoRA and the file)."""
+        p, folder = self.p, mos_host_binding.concept_folder()
+        main = _as_list(p.prompt) + (_as_list(p.hr_prompt) if getattr(p, "enable_hr", False) else [])
+        token_files = [{t: found.files[t] for t in self.binder.concept_tokens_in(r.text) if t in found.files}
+                       for r in self.spec.regions]
+        choices = choose_region_loras(self.spec, lora_files(folder), folder, token_files, global_lora_names(main))
+        model = shared.sd_model
+        unet, text_encoder = model.model.diffusion_model, model.cond_stage_model.wrapped.transformer
+        loras = []
+        for choice in choices:
+            concept = mos_host_binding.LIBRARY.lora(choice.path)
+            check_fits(concept, unet, text_encoder, embeddings=False)
+            loras.append(RegionLora(choice.region, concept, choice.weight, choice.name))
+        self.region_loras = loras
+        self.unet_deltas = RegionDeltas(unet, loras, len(self.spec.regions)) or None
+        self.lora_notes = "; ".join(
+            f"region {c.region}: {c.name} {c.weight:g}" + ("" if c.source == "listed" else f" ({c.source})")
+            for c in choices)
 
     @property
     def needed(self) -> bool:
@@ -102,15 +132,21 @@ class GenerationJob:
             self.p.extra_generation_params[REGIONS_KEY] = self.spec.to_json()
         if self.sources:
             self.p.extra_generation_params[CONCEPTS_KEY] = self.sources
+        if self.lora_notes:
+            self.p.extra_generation_params[REGION_LORAS_KEY] = self.lora_notes
 
     # ------------------------------------------------------------------------ hooks on the UNet
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         self.p.mos_job = self
+        deltas = self.unet_deltas
         try:
-            with attn2_processor(shared.sd_model.model.diffusion_model, self.processor):
+            with attn2_processor(shared.sd_model.model.diffusion_model, self.processor), \
+                    (deltas.installed() if deltas else contextlib.nullcontext()):
+                self.processor.inner.context_delta = deltas.context_delta if deltas else None
                 yield
         finally:
+            self.processor.inner.context_delta = None
             self.processor.clear()
             if getattr(self.p, "mos_job", None) is self:
                 del self.p.mos_job
@@ -145,12 +181,35 @@ class GenerationJob:
         except BaseException as e:  # the host only logs callback errors: fail the next UNet call
             self.processor.error = e
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
+    def encode(self, prompts: list[str], cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """[n, L, T, D] through the host's encoder (binding concept tokens), cached."""
         from modules.sd_hijack import model_hijack
 
         return mos_host_binding.encode_bound(shared.sd_model, model_hijack.embedding_db, self.binder, prompts,
-                                             self.cache)
+                                             self.cache if cache is None else cache)
+
+    def encode_regions(self, texts: list[str]) -> torch.Tensor:
+        """[K, L, T, D]: region k's text encoded with its LoRAs' text-encoder changes (regions with
+        the same LoRAs in one call, each set's encodings cached for the generation)."""
+        groups: dict[tuple, list[int]] = {}
+        for k in range(len(texts)):
+            key = tuple((lora.name, lora.weight) for lora in self.region_loras
+                        if lora.region == k and lora.weight and lora.concept.text_lora)
+            groups.setdefault(key, []).append(k)
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        text_encoder = shared.sd_model.cond_stage_model.wrapped.transformer
+        for key, members in groups.items():
+            prompts = [texts[k] for k in members]
+            if not key:
+                encoded = self.encode(prompts)
+            else:
+                loras = [RegionLora(0, lora.concept, lora.weight, lora.name) for lora in self.region_loras
+                         if lora.region == members[0] and lora.weight and lora.concept.text_lora]
+                with RegionDeltas(text_encoder, loras, 1, masked=False, text=True).installed():
+                    encoded = self.encode(prompts, self.lora_caches.setdefault(key, {}))
+            for k, e in zip(members, _common_length(*encoded.unbind(0))):
+                out[k] = e
+        return torch.stack(_common_length(*out))
 
     def _texts_now(self, prompts: list[str], step: int, hires: bool) -> tuple[str, ...]:
         """Each prompt's text at denoiser step `step`, as the host's prompt schedules pick it."""
@@ -175,7 +234,7 @@ class GenerationJob:
         key = (n_cond, n_uncond, width, height, prompts, negatives)
         if key not in self.plans:
             self.plans = {key: self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)}
-        region, weights, cond, uncond = self.plans[key]
+        region, weights, cond, uncond, global_weight = self.plans[key]
         context = None
         if cond is not None or uncond is not None:  # the host's own rows change with prompt editing
             layers = self.binder.layers
@@ -185,7 +244,9 @@ class GenerationJob:
                 uncond = params.text_uncond.unsqueeze(1).expand(-1, layers, -1, -1)
             cond, uncond = _common_length(cond.to(params.text_cond.dtype), uncond.to(params.text_cond.dtype))
             context = torch.cat([cond, uncond]).to(region.device)
-        self.processor.set_step(region, weights, context)
+        if self.unet_deltas:
+            self.unet_deltas.set_masks(weights, width, height)
+        self.processor.set_step(region, weights, context, global_weight)
 
     def _layer_masks(self, width: int, height: int) -> list[torch.Tensor]:
         if (width, height) not in self.masks:
@@ -198,8 +259,12 @@ class GenerationJob:
                     prompts: tuple[str, ...], negatives: tuple[str, ...]) -> tuple:
         device = params.x.device
         regions = self.spec.regions
+        global_weight = None
         if regions:
-            pos, neg = _common_length(self.encode([r.prompt for r in regions]), self.encode([r.negative for r in regions]))
+            pos, neg = _common_length(self.encode_regions([r.text for r in regions]),
+                                      self.encode_regions([r.negative for r in regions]))
+            if any(self.spec.global_weights()):
+                global_weight = torch.tensor(self.spec.global_weights(), device=device)
             region = torch.cat([pos.transpose(0, 1).unsqueeze(0).expand(n_cond, -1, -1, -1, -1),
                                 neg.transpose(0, 1).unsqueeze(0).expand(n_uncond, -1, -1, -1, -1)])
         else:  # binding only: no region, all-zero weights make every layer plain attention
@@ -212,7 +277,7 @@ class GenerationJob:
             cond = self.encode(list(prompts)).to(device)  # [B, L, T, D]
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in negatives):
             uncond = self.encode(list(negatives)).to(device)
-        return region.to(device), weights, cond, uncond
+        return region.to(device), weights, cond, uncond, global_weight
 
 
 def job_of(p) -> GenerationJob | None:

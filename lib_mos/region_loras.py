@@ -1,0 +1,366 @@
+"""Region LoRAs: unfused LoRAs applied only inside their regions, all in one UNet pass.
+
+For every UNet module a region LoRA changes, a forward hook adds
+
+    sum_r w_r(position) * weight_r * delta_r(x)
+
+to the module's output, with w_r the blend weights the regional attention gives region r at that
+output's resolution (`attention.region_blend_weights` of the same masks: 1 inside the region, 0
+outside, shared on overlaps, soft along feathered edges; the global prompt's share inside regions
+does not dilute a region's LoRA). The cross-attention `to_k`/`to_v` of attn2 see no positions:
+there region r's change is applied to region r's own context only (`RegionDeltas.context_delta`,
+called by `attention.regional_attention`), and the global context gets the base projection.
+
+A ResBlock's time-embedding projection (`emb_layers.1`) has no positions either: its output is
+added to every position of the block's feature map, so the hook keeps each region's change and a
+pre-hook on the block's `out_layers` adds it where the region is. The time embedding itself
+(`time_embed`) feeds every block at once and cannot be confined to a region: refused.
+
+How each change is computed: plain LoRAs (linear, LoCon conv without a Tucker core, no DoRA) stay
+low-rank, all regions' down-projections in one matmul (or conv), the mask weights applied on the
+rank columns, then one up-projection; every other kind (LoHa, LoKr, full diffs, DoRA, Tucker) is
+built once per generation as the host builds it (`concepts.layer_change`) and applied as one
+matmul per region. Nothing changes a weight: the hooks live on module instances and are removed in
+`finally` (`installed`), so the model is untouched by construction and the host's own Lora, which
+changes weights, keeps working alongside.
+
+The same class with `masked=False` adds the changes everywhere: the text encoder while a region's
+prompt is encoded with its LoRAs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib_mos.attention import region_blend_weights
+from lib_mos.concepts import Concept, ConceptError, Delta, LoraFactor, layer_change
+from lib_mos.regions import RegionError, RegionSpec, attention_sizes
+
+__all__ = ["RegionDeltas", "RegionLora", "RegionLoraChoice", "choose_region_loras", "global_lora_names"]
+
+_ATTN2_KV = re.compile(r"(^|\.)attn2\.to_[kv]$")
+_EMB = ".emb_layers.1"
+_NOT_LOW_RANK = {"lora_mid.weight", "dora_scale", "bias"}
+
+
+@dataclass(frozen=True)
+class RegionLora:
+    """One LoRA applied inside one region (index into the spec's regions) at `weight`."""
+
+    region: int
+    concept: Concept
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class RegionLoraChoice:
+    """Which file a region uses, at what weight, and why (for the infotext)."""
+
+    region: int
+    name: str
+    path: Path
+    weight: float
+    source: str  # "listed", or "token <x1>" when a concept token in the region's prompt brought it
+
+
+_HOST_TAG = re.compile(r"<(lora|lyco):([^>:]+)[^>]*>")
+
+
+def global_lora_names(prompts: Sequence[str]) -> set[str]:
+    """Names of the LoRAs the host applies to the whole image (`<lora:name...>` in the main prompts)."""
+    return {m.group(2).strip() for text in prompts for m in _HOST_TAG.finditer(str(text))}
+
+
+def choose_region_loras(spec: RegionSpec, available: Mapping[str, Path], folder: str,
+                        region_token_files: Sequence[Mapping[str, Path]], global_names: set[str],
+                        ) -> list[RegionLoraChoice]:
+    """The LoRAs each region applies, by these rules (the README states them):
+
+    - a region's `loras` and the `<lora:name:w>` tags in its prompt, by name in the Lora folder;
+      a name that is not there, or that the main prompt already applies to the whole image, is a
+      RegionError (one LoRA is never applied twice);
+    - a concept token of a concept *file* in a region's prompt (`region_token_files[i]`: token ->
+      file) brings that file's LoRA at weight 1, unless the region lists it already or the main
+      prompt applies it (a concept fused into the checkpoint has no file here: nothing to add).
+    """
+    chosen: list[RegionLoraChoice] = []
+    for i, region in enumerate(spec.regions):
+        paths: set[Path] = set()
+        for ref in region.lora_refs(i):
+            path = available.get(ref.name)
+            if path is None:
+                close = difflib.get_close_matches(ref.name, list(available), n=3)
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise RegionError(f"region {i}: field 'loras': no LoRA named {ref.name!r} in {folder}{hint}")
+            if ref.name in global_names:
+                raise RegionError(f"region {i}: field 'loras': LoRA {ref.name!r} is already applied to the whole "
+                                  f"image by <lora:{ref.name}> in the main prompt; remove one of the two")
+            chosen.append(RegionLoraChoice(i, ref.name, path, ref.weight, "listed"))
+            paths.add(path)
+        for token, path in region_token_files[i].items() if i < len(region_token_files) else ():
+            if path in paths or path.stem in global_names:
+                continue
+            chosen.append(RegionLoraChoice(i, path.stem, path, 1.0, f"token {token}"))
+            paths.add(path)
+    return chosen
+
+
+def _low_rank(delta: Delta) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(down [R, in(, kh, kw)], up [out, R] with the scale folded in) for a plain LoRA, else None."""
+    if isinstance(delta, LoraFactor):
+        return delta.down.float(), delta.up.float() * delta.scale
+    if delta.kind != "lora" or _NOT_LOW_RANK & set(delta.parts):
+        return None
+    down, up = delta.parts["lora_down.weight"].float(), delta.parts["lora_up.weight"].float()
+    return down, up.reshape(up.shape[0], -1) * delta.scale
+
+
+class _Plan:
+    """Every region change of one module: low-rank columns (one region each) and dense changes."""
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name, self.module = name, module
+        self.is_conv = isinstance(module, nn.Conv2d)
+        self.downs: list[torch.Tensor] = []
+        self.ups: list[torch.Tensor] = []
+        self.cols: list[int] = []
+        self.dense: list[tuple[int, Delta, float]] = []
+        self.biases: list[tuple[int, torch.Tensor]] = []
+        self._cast: dict[tuple, tuple] = {}
+
+    def add(self, region: int, delta: Delta, weight: float) -> None:
+        factors = _low_rank(delta)
+        if factors is not None:
+            down, up = factors
+            if self.is_conv and down.dim() == 2:
+                down = down.reshape(*down.shape, 1, 1)
+            self.downs.append(down)
+            self.ups.append(up * weight)
+            self.cols += [region] * down.shape[0]
+        else:
+            self.dense.append((region, delta, weight))
+        bias = delta.bias_delta()
+        if bias is not None:
+            self.biases.append((region, bias.float() * weight))
+
+    def tensors(self, dtype: torch.dtype, device: torch.device) -> tuple:
+        """(down, up, cols, [(region, dense change)], [(region, bias)]) in the call's dtype and device;
+        dense changes built once, as the host builds them, from the module's weight."""
+        key = (dtype, device)
+        if key not in self._cast:
+            down = up = cols = None
+            if self.downs:
+                down = torch.cat(self.downs).to(device, dtype)
+                up = torch.cat(self.ups, dim=1).to(device, dtype)
+                cols = torch.tensor(self.cols, device=device)
+            weight = self.module.weight
+            dense = [(r, layer_change(d, weight.detach()).to(device, dtype) * w) for r, d, w in self.dense]
+            biases = [(r, b.to(device, dtype)) for r, b in self.biases]
+            self._cast[key] = (down, up, cols, dense, biases)
+        return self._cast[key]
+
+
+class RegionDeltas:
+    """Forward hooks adding region LoRAs' changes to the modules of `root` (a UNet, or with
+    `masked=False` a text encoder). `set_masks` gives the per-layer masks before each UNet call."""
+
+    def __init__(self, root: nn.Module, loras: Sequence[RegionLora], regions: int, *, masked: bool = True,
+                 text: bool = False) -> None:
+        self.root, self.regions, self.masked = root, regions, masked
+        self.plans: dict[str, _Plan] = {}
+        for lora in loras:
+            if lora.weight == 0:  # exactly no change: nothing hooked for it
+                continue
+            if not 0 <= lora.region < regions:
+                raise ValueError(f"region LoRA {lora.name!r}: region {lora.region} of {regions}")
+            what = lora.concept.source_path or lora.name or lora.concept.name
+            for name, delta in (lora.concept.text_lora if text else lora.concept.unet_lora).items():
+                if masked and (name == "time_embed" or name.startswith("time_embed.")):
+                    raise ConceptError(f"{what}: changes the time embedding ({name}), which every position shares; "
+                                       "a region cannot confine it. Apply this LoRA to the whole image with "
+                                       "<lora:...> in the main prompt")
+                if name not in self.plans:
+                    self.plans[name] = _Plan(name, root.get_submodule(name))
+                self.plans[name].add(lora.region, delta, lora.weight)
+        self._by_module = {id(p.module): p for p in self.plans.values()}
+        self._weights: dict[tuple[int, int], torch.Tensor] = {}
+        self._levels: dict[int, tuple[int, int]] = {}
+        self._masks_key: tuple | None = None
+        self._cache: dict[tuple, torch.Tensor] = {}
+        self._stash: dict[int, torch.Tensor] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.plans)
+
+    # ------------------------------------------------------------------------------ positions
+    def set_masks(self, masks: Sequence[torch.Tensor], width: int, height: int) -> None:
+        """Region masks per attn2 layer ([K, N_l], `regions.layer_masks` for a width x height image);
+        the hooks use their blend weights at every resolution of the UNet: its levels are the attn2
+        layers' sizes, and an upsampler's output before the host crops it is its level doubled."""
+        key = (id(masks), width, height)
+        if key == self._masks_key:
+            return
+        weights: dict[tuple[int, int], torch.Tensor] = {}
+        for m, size in zip(masks, attention_sizes(width, height)):
+            if size not in weights:
+                weights[size] = region_blend_weights(m.reshape(1, *m.shape[-2:]))[1][0]
+        self._weights, self._masks_key, self._cache = weights, key, {}
+        self._levels = {h * w: (h, w) for h, w in weights}
+
+    def _region_weights(self, size: tuple[int, int], plan: _Plan) -> torch.Tensor:
+        w = self._weights.get(size)
+        if w is None:
+            h, w_ = size
+            level = self._weights.get((h // 2, w_ // 2)) if h % 2 == 0 and w_ % 2 == 0 else None
+            if level is None:
+                raise RuntimeError(f"region LoRAs: {plan.name} has a {h}x{w_} output, which is no resolution of this "
+                                   f"generation's UNet ({sorted(self._weights)}); set_masks() for this size")
+            k = level.shape[0]  # an upsampler's output: each cell of the level it doubled, nearest
+            w = level.reshape(k, h // 2, 1, w_ // 2, 1).expand(k, h // 2, 2, w_ // 2, 2).reshape(k, h * w_)
+            self._weights[size] = w
+        return w
+
+    def _position_weights(self, size: tuple[int, int] | int, plan: _Plan, like: torch.Tensor,
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([K, n] region weights, [n, R] weights of the plan's low-rank columns) for an output of
+        size (h, w), or of n positions of a transformer (always a level)."""
+        key = (size, id(plan), like.dtype, like.device)
+        if key not in self._cache:
+            if isinstance(size, int):
+                if size not in self._levels:
+                    raise RuntimeError(f"region LoRAs: {plan.name} has an output of {size} positions, which is no "
+                                       f"resolution of this generation's UNet; set_masks() for this size")
+                size = self._levels[size]
+            w = self._region_weights(size, plan).to(like.device, like.dtype)
+            cols = plan.tensors(like.dtype, like.device)[2]
+            self._cache[key] = (w, None if cols is None else w.index_select(0, cols).T.contiguous())
+        return self._cache[key]
+
+    # ---------------------------------------------------------------------------------- hooks
+    def _linear(self, plan: _Plan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        down, up, _, dense, biases = plan.tensors(out.dtype, out.device)
+        w = wcol = None
+        if self.masked:
+            w, wcol = self._position_weights(out.shape[-2], plan, out)
+        x = x.to(out.dtype)
+        if down is not None:
+            h = F.linear(x, down)
+            if wcol is not None:
+                h = h * wcol
+            out = out + F.linear(h, up)
+        for r, change in dense:
+            d = F.linear(x, change)
+            out = out + (d if w is None else d * w[r].unsqueeze(-1))
+        for r, b in biases:
+            out = out + (b if w is None else w[r].unsqueeze(-1) * b)
+        return out
+
+    def _conv(self, plan: _Plan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        m = plan.module
+        down, up, _, dense, biases = plan.tensors(out.dtype, out.device)
+        hh, ww = out.shape[-2:]
+        w = wcol = None
+        if self.masked:
+            w, wcol = self._position_weights((hh, ww), plan, out)
+        x = x.to(out.dtype)
+        if down is not None:
+            h = F.conv2d(x, down, None, m.stride, m.padding, m.dilation)
+            if wcol is not None:
+                h = h * wcol.T.reshape(1, -1, hh, ww)
+            out = out + torch.einsum("or,brhw->bohw", up, h)
+        for r, change in dense:
+            d = F.conv2d(x, change, None, m.stride, m.padding, m.dilation, m.groups)
+            out = out + (d if w is None else d * w[r].reshape(1, 1, hh, ww))
+        for r, bias in biases:
+            bias = bias.reshape(1, -1, 1, 1)
+            out = out + (bias if w is None else w[r].reshape(1, 1, hh, ww) * bias)
+        return out
+
+    def _per_region(self, plan: _Plan, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """[..., K, out]: each region's change of a linear applied to the same input x [..., in]."""
+        down, up, cols, dense, biases = plan.tensors(like.dtype, like.device)
+        x = x.to(like.dtype)
+        d = like.new_zeros(*x.shape[:-1], self.regions, like.shape[-1])
+        if down is not None:
+            select = (cols.unsqueeze(0) == torch.arange(self.regions, device=cols.device).unsqueeze(1)).to(like.dtype)
+            d = d + F.linear(F.linear(x, down).unsqueeze(-2) * select, up)  # [..., K, R] -> [..., K, out]
+        for r, change in dense:
+            d[..., r, :] += F.linear(x, change)
+        for r, bias in biases:
+            d[..., r, :] += bias
+        return d
+
+    def context_delta(self, projection: nn.Module, region_context: torch.Tensor) -> torch.Tensor | None:
+        """attn2 to_k / to_v: [B, K, T, out], region k's change applied to region k's context
+        [B, K, T, D]; None when no region LoRA changes this projection."""
+        plan = self._by_module.get(id(projection))
+        if plan is None:
+            return None
+        down, up, cols, dense, biases = plan.tensors(region_context.dtype, region_context.device)
+        k = region_context.shape[1]
+        out = None
+        if down is not None:
+            select = (cols.unsqueeze(0) == torch.arange(k, device=cols.device).unsqueeze(1)).to(down.dtype)
+            out = F.linear(F.linear(region_context, down) * select[None, :, None, :], up)
+        if dense or biases:
+            out = out if out is not None else region_context.new_zeros(*region_context.shape[:-1], plan.module.out_features)
+            for r, change in dense:
+                if r < k:
+                    out[:, r] += F.linear(region_context[:, r], change)
+            for r, bias in biases:
+                if r < k:
+                    out[:, r] += bias
+        return out
+
+    @contextmanager
+    def installed(self) -> Iterator[RegionDeltas]:
+        """Hooks on every changed module for the block; removed in `finally`."""
+        handles = []
+        try:
+            for name, plan in self.plans.items():
+                if self.masked and _ATTN2_KV.search(name):
+                    continue  # applied per region context by the regional attention
+                if self.masked and name.endswith(_EMB):
+                    handles += self._emb_hooks(name, plan)
+                    continue
+                body = self._conv if plan.is_conv else self._linear
+
+                def hook(module, args, output, _plan=plan, _body=body):
+                    return _body(_plan, args[0], output)
+
+                handles.append(plan.module.register_forward_hook(hook))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._stash.clear()
+
+    def _emb_hooks(self, name: str, plan: _Plan) -> list:
+        """emb_layers.1 keeps each region's change [B, K, C]; the block's out_layers adds it at the
+        region's positions to the feature map it receives (h + emb_out, ldm's ResBlock)."""
+        block = self.root.get_submodule(name[: -len(_EMB)])
+        key = id(block)
+
+        def keep(module, args, output):
+            self._stash[key] = self._per_region(plan, args[0], output)
+
+        def add(module, args):
+            d = self._stash.pop(key, None)
+            if d is None:
+                return None
+            h = args[0]
+            b, c, hh, ww = h.shape
+            w, _ = self._position_weights((hh, ww), plan, h)
+            return (h + torch.einsum("bkc,kn->bcn", d.to(h.dtype), w).reshape(b, c, hh, ww), *args[1:])
+
+        return [plan.module.register_forward_hook(keep), block.out_layers.register_forward_pre_hook(add)]

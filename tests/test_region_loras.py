@@ -1,0 +1,257 @@
+"""Region LoRAs (lib_mos.region_loras) at module level: inside region r a hooked module gives what
+the module gives with only r's LoRA merged into its weight (as the host's Lora merges it), outside
+every region it gives the base module, for every LoRA kind the reader supports; the live weights
+are never touched and the hooks go away."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lora_layouts as layouts
+import pytest
+import torch
+from torch import nn
+
+from lib_mos import sd1
+from lib_mos.attention import attend, regional_attention
+from lib_mos.concept_files import read_concept
+from lib_mos.concepts import Concept, ConceptError, layer_change
+from lib_mos.region_loras import (
+    RegionDeltas,
+    RegionLora,
+    RegionLoraChoice,
+    choose_region_loras,
+    global_lora_names,
+)
+from lib_mos.regions import Region, RegionError, RegionSpec, layer_masks
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+SIZE = 64  # px: an 8x8 latent, the UNet's first level
+# region 0: the left half; region 1: the bottom-right quarter; the top-right quarter is global only
+SPEC = RegionSpec((Region("a", box=(0.0, 0.0, 1.0, 0.5), units="fraction"),
+                   Region("b", box=(0.5, 0.5, 1.0, 1.0), units="fraction")))
+WEIGHTS = (1.0, 0.7)  # region 1's LoRA at a weight other than 1
+
+Build = Callable[..., layouts.LoraFile]
+KINDS: dict[str, Build] = {
+    "kohya LoRA fp16": lambda m, seed: layouts.kohya_lora(m, dtype=F16, seed=seed, few=True),
+    "LoCon bf16 (convs, time_emb_proj)": lambda m, seed: layouts.kohya_locon(m, spelling="ldm", dtype=BF16, seed=seed,
+                                                                              few=True),
+    "LoCon Tucker": lambda m, seed: layouts.kohya_locon(m, dtype=F16, tucker=True, seed=seed, few=True),
+    "LoHa": lambda m, seed: layouts.loha(m, dtype=F32, seed=seed, few=True),
+    "LoHa Tucker bf16": lambda m, seed: layouts.loha(m, spelling="ldm", dtype=BF16, tucker=True, seed=seed, few=True),
+    "LoKr": lambda m, seed: layouts.lokr(m, dtype=F32, seed=seed, few=True),
+    "full diff with diff_b": lambda m, seed: layouts.full(m, dtype=F32, seed=seed, few=True),
+    "DoRA fp16": lambda m, seed: layouts.dora(m, dtype=F16, seed=seed, few=True),
+    "LoRA with bias part": lambda m, seed: layouts.bias_diff(m, dtype=F32, seed=seed, few=True),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint) -> sd1.SD1Model:
+    return sd1.load_checkpoint(tiny_checkpoint)
+
+
+def without_time_embed(lora: layouts.LoraFile) -> layouts.LoraFile:
+    """The file minus its time-embedding layers, which a region cannot confine (tested below)."""
+    return layouts.LoraFile({k: v for k, v in lora.tensors.items() if "time_embed" not in k}, lora.metadata)
+
+
+def read(lora: layouts.LoraFile, folder: Path, name: str) -> Concept:
+    return read_concept(lora.save(folder, name), trigger="")
+
+
+def two_loras(model, build: Build, folder: Path) -> tuple[Concept, Concept]:
+    return (read(without_time_embed(build(model, 11)), folder, "a"),
+            read(without_time_embed(build(model, 12)), folder, "b"))
+
+
+@contextmanager
+def merged(model: sd1.SD1Model, concept: Concept, weight: float) -> Iterator[None]:
+    """The concept's changes (the host's arithmetic, `layer_change`) added to the weights in float32.
+    The host's own merge rounds a layer's weight to the file's dtype for LoHa/LoKr/full files in
+    fp16/bf16; a region's hook adds the change to the output and keeps the weight as it is, so the
+    reference here is the exact sum."""
+    saved = []
+    try:
+        for root, lora in ((model.unet, concept.unet_lora), (model.text_encoder, concept.text_lora)):
+            for name, delta in lora.items():
+                layer = root.get_submodule(name)
+                saved.append((layer, layer.weight.data, None if layer.bias is None else layer.bias.data))
+                change = layer_change(delta, layer.weight.data).float() * weight
+                layer.weight.data = layer.weight.data + change.reshape(layer.weight.shape)
+                bias = delta.bias_delta()
+                if bias is not None:
+                    layer.bias.data = layer.bias.data + bias.float() * weight
+        yield
+    finally:
+        for layer, weight_data, bias_data in reversed(saved):
+            layer.weight.data = weight_data
+            if bias_data is not None:
+                layer.bias.data = bias_data
+
+
+def snapshot(model: sd1.SD1Model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in (*model.unet.state_dict().items(), *model.text_encoder.state_dict().items())}
+
+
+def sample_input(module: nn.Module, gen: torch.Generator) -> torch.Tensor:
+    """An input whose output lies on the 8x8 level (stride-2 convs get a 16x16 input)."""
+    if isinstance(module, nn.Conv2d):
+        side = 8 * module.stride[0]
+        return torch.randn(2, module.in_channels, side, side, generator=gen)
+    return torch.randn(2, 64, module.in_features, generator=gen)
+
+
+def positions(out: torch.Tensor, conv: bool) -> torch.Tensor:
+    """[B, positions, channels] whatever the layer kind."""
+    return out.flatten(2).transpose(1, 2) if conv else out
+
+
+def assert_by_region(got: torch.Tensor, base: torch.Tensor, only: list[torch.Tensor], masks: torch.Tensor,
+                     what: str) -> None:
+    """`got` equals only[r] where region r is and `base` outside every region ([B, positions, C])."""
+    scale = base.abs().max().item() + 1e-6
+    inside = masks.bool()
+    for r, want in enumerate(only):
+        assert not torch.allclose(want[:, inside[r]], base[:, inside[r]], atol=1e-4 * scale), f"{what}: no change"
+        torch.testing.assert_close(got[:, inside[r]], want[:, inside[r]], rtol=1e-4, atol=2e-5 * scale,
+                                   msg=lambda m, r=r: f"{what}, inside region {r}: {m}")
+    outside = ~inside.any(0)
+    assert outside.any()
+    torch.testing.assert_close(got[:, outside], base[:, outside], rtol=1e-5, atol=1e-6 * scale,
+                               msg=lambda m: f"{what}, outside the regions: {m}")
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_inside_each_region_a_module_is_the_module_with_that_regions_lora_only(model, tmp_path, kind):
+    a, b = two_loras(model, KINDS[kind], tmp_path)
+    before = snapshot(model)
+    masks = layer_masks(SPEC, SIZE, SIZE)
+    level0 = masks[0]  # [2, 64]
+    deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
+    deltas.set_masks(masks, SIZE, SIZE)
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    with torch.no_grad():
+        for name, plan in deltas.plans.items():
+            if ".attn2.to_k" in name or ".attn2.to_v" in name or name.endswith("emb_layers.1"):
+                continue  # no positions: checked through their attention and their block below
+            module = plan.module
+            x = sample_input(module, gen)
+            conv = isinstance(module, nn.Conv2d)
+            base = positions(module(x), conv)
+            only = []
+            for concept, weight in zip((a, b), WEIGHTS):
+                with merged(model, concept, weight):
+                    only.append(positions(module(x), conv))
+            with deltas.installed():
+                got = positions(module(x), conv)
+            assert_by_region(got, base, only, level0, f"{kind}: {name}")
+            checked += 1
+    assert checked >= 10
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.unet.modules())
+    after = snapshot(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_cross_attention_gets_each_regions_lora_on_its_own_context(model, tmp_path):
+    """attn2: to_q / to_out changed by position, to_k / to_v on the region's own context only."""
+    a, b = two_loras(model, KINDS["kohya LoRA fp16"], tmp_path)
+    name = "input_blocks.1.1.transformer_blocks.0.attn2"
+    module = model.unet.get_submodule(name)
+    assert {f"{name}.to_k", f"{name}.to_v", f"{name}.to_q"} <= set(a.unet_lora)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 64, module.to_q.in_features, generator=gen)
+    context = torch.randn(2, 77, module.to_k.in_features, generator=gen)
+    region_context = torch.randn(2, 2, 77, module.to_k.in_features, generator=gen)
+    masks = layer_masks(SPEC, SIZE, SIZE)
+    deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
+    deltas.set_masks(masks, SIZE, SIZE)
+    with torch.no_grad():
+        base = attend(module, x, context)
+        only = []
+        for r, (concept, weight) in enumerate(zip((a, b), WEIGHTS)):
+            with merged(model, concept, weight):
+                only.append(attend(module, x, region_context[:, r]))
+        with deltas.installed():
+            got = regional_attention(module, x, context, region_context, masks[0].expand(2, -1, -1), None,
+                                     deltas.context_delta)
+    assert_by_region(got, base, only, masks[0], "attn2")
+
+
+def test_a_resblocks_time_embedding_projection_lands_only_in_the_region(model, tmp_path):
+    """emb_layers.1 has no positions: its change reaches the block's feature map (the input of
+    out_layers) only where the region is."""
+    a, b = two_loras(model, KINDS["LoCon bf16 (convs, time_emb_proj)"], tmp_path)
+    name = next(n[: -len(".emb_layers.1")] for n in a.unet_lora if n.endswith("emb_layers.1"))
+    block = model.unet.get_submodule(name)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, block.channels, 8, 8, generator=gen)
+    emb = torch.randn(2, block.emb_layers[1].in_features, generator=gen)
+    seen: list[torch.Tensor] = []
+
+    def feature_map() -> torch.Tensor:
+        handle = block.out_layers.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            block(x, emb)
+        finally:
+            handle.remove()
+        return positions(seen.pop(), True)
+
+    masks = layer_masks(SPEC, SIZE, SIZE)
+    deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
+    deltas.set_masks(masks, SIZE, SIZE)
+    with torch.no_grad():
+        base = feature_map()
+        only = []
+        for concept, weight in zip((a, b), WEIGHTS):
+            with merged(model, concept, weight):
+                only.append(feature_map())
+        with deltas.installed():
+            got = feature_map()
+    assert_by_region(got, base, only, masks[0], "ResBlock feature map")
+
+
+def test_weight_zero_hooks_nothing_and_the_text_encoder_gets_the_whole_change(model, tmp_path):
+    a, _ = two_loras(model, KINDS["kohya LoRA fp16"], tmp_path)
+    assert not RegionDeltas(model.unet, [RegionLora(0, a, 0.0)], 1)
+    tokens = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        with RegionDeltas(model.text_encoder, [RegionLora(0, a, 0.6)], 1, masked=False, text=True).installed():
+            got = model.text_encoder(tokens).last_hidden_state
+        with merged(model, a, 0.6):
+            want = model.text_encoder(tokens).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_time_embedding_change_is_refused_naming_the_file(model, tmp_path):
+    lora = read(layouts.loha(model, few=True), tmp_path, "timey")
+    assert any(n.startswith("time_embed") for n in lora.unet_lora)
+    with pytest.raises(ConceptError, match=r"timey\.safetensors.*time embedding"):
+        RegionDeltas(model.unet, [RegionLora(0, lora, 1.0)], 1)
+
+
+def test_which_loras_each_region_applies(tmp_path):
+    files = {n: tmp_path / f"{n}.safetensors" for n in ("potter", "hermione", "cat")}
+    spec = RegionSpec.from_json({"regions": [
+        {"prompt": "a boy <lora:hermione:0.5>", "box": [0, 0, 1, 0.5], "units": "fraction",
+         "loras": [{"name": "potter", "weight": 0.8}]},
+        {"prompt": "<cat1> <cat2> sitting", "box": [0, 0.5, 1, 1], "units": "fraction"},
+        {"prompt": "<cat1> <cat2> again", "box": [0, 0, 1, 1], "units": "fraction", "loras": [{"name": "cat"}]}]})
+    cat = {"<cat1>": files["cat"], "<cat2>": files["cat"]}
+    chosen = choose_region_loras(spec, files, "models/Lora", [{}, cat, cat], set())
+    assert chosen == [RegionLoraChoice(0, "potter", files["potter"], 0.8, "listed"),
+                      RegionLoraChoice(0, "hermione", files["hermione"], 0.5, "listed"),
+                      RegionLoraChoice(1, "cat", files["cat"], 1.0, "token <cat1>"),
+                      RegionLoraChoice(2, "cat", files["cat"], 1.0, "listed")]  # listed once, not again by token
+    globally = global_lora_names(["a photo, <lora:cat:0.6> and <lyco:other:1:0.5>"])
+    assert globally == {"cat", "other"}
+    assert [c.region for c in choose_region_loras(spec.__class__(spec.regions[:2]), files, "x", [{}, cat], globally)] \
+        == [0, 0]  # the token's LoRA is applied to the whole image already
+    with pytest.raises(RegionError, match=r"region 2.*'cat' is already applied to the whole image"):
+        choose_region_loras(spec, files, "models/Lora", [{}, cat, cat], globally)
+    with pytest.raises(RegionError, match=r"region 0.*no LoRA named 'potter' in models/Lora \(did you mean potter_v2"):
+        choose_region_loras(spec, {"potter_v2": files["potter"]}, "models/Lora", [{}, {}, {}], set())

@@ -11,6 +11,11 @@
  * size sliders; painted regions live in a label map (one region id per pixel, no antialiasing) that
  * is encoded with exact colours. The host's page contract used: gradioApp, onUiLoaded,
  * onAfterUiUpdate, updateInput, and the sliders #<tab>_width / #<tab>_height.
+ *
+ * Each region may list LoRAs applied inside it only ("loras": [{"name", "weight"}]) and its own share
+ * of the main prompt ("global_weight", else the spec's "global_weight", default 0). The LoRA picker is
+ * javascript/mix_of_show_loras.js (window.MixOfShowLoras); like typed prompts, these fields are text
+ * edits: no undo entry, and undoing a shape keeps them.
  */
 (function() {
     "use strict";
@@ -24,6 +29,11 @@
         "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#ffd8b1",
     ];
     const HANDLES = ["nw", "n", "ne", "e", "se", "s", "sw", "w"];
+    const TEXT_FIELDS = ["prompt", "negative", "loras", "globalWeight"]; // typed, not drawn: outside undo
+    const GLOBAL_HINT = "0 = inside a region only its prompt counts (the main prompt applies outside the regions); "
+        + "0.3 keeps 30 % of the main prompt there. A region's own value overrides it.";
+    // the host's extra-network tag, as lib_mos.regions reads it: <kind:arg:arg...>
+    const EXTRA_NETWORK_TAG = /<(\w+):([^>]+)>/g;
     const instances = new Map();
 
     function app() {
@@ -50,6 +60,36 @@
     function rgba(color, alpha) {
         const v = hexToInt(color);
         return `rgba(${v >> 16},${(v >> 8) & 255},${v & 255},${alpha})`;
+    }
+
+    /** Names of the `<lora:name:w>` (or `<lyco:...>`) tags in a region prompt. */
+    function promptLoraNames(prompt) {
+        const names = [];
+        for (const m of (prompt || "").matchAll(EXTRA_NETWORK_TAG)) {
+            if (m[1] === "lora" || m[1] === "lyco") names.push(m[2].split(":")[0].trim());
+        }
+        return names;
+    }
+
+    /** A number in [0, 1] read from a number input: null when empty, NaN when it is no such number. */
+    function readShare(input) {
+        if (input.validity.badInput) return NaN;
+        if (input.value.trim() === "") return null;
+        const v = Number(input.value);
+        return Number.isFinite(v) && v >= 0 && v <= 1 ? v : NaN;
+    }
+
+    /** What a share input stands for once left: empty is `empty`, out of [0, 1] is clamped, no number
+     * at all is `current` (the JSON's). */
+    function settledShare(input, current, empty) {
+        if (input.validity.badInput) return current;
+        if (input.value.trim() === "") return empty;
+        const v = Number(input.value);
+        return Number.isFinite(v) ? Math.min(Math.max(v, 0), 1) : current;
+    }
+
+    function copyRegion(r) {
+        return {...r, box: r.box && r.box.slice(), loras: r.loras.map(l => ({...l}))};
     }
 
     function fireInput(target) {
@@ -97,13 +137,34 @@
             return {prompt: inner(parts[0]), negative: inner(parts[1]), box: box.length ? box : [0, 0, 1, 1],
                 units: box.length ? "px" : "fraction"};
         });
-        return {regions, feather: 0, mask_image: null};
+        return {regions, feather: 0, mask_image: null, global_weight: 0};
+    }
+
+    /** A region's `loras`, each item kept as written (weight and all), so a rewrite changes nothing. */
+    function parseLoras(value, i) {
+        if (value === undefined || value === null) return [];
+        if (!Array.isArray(value)) throw new Error(`region ${i}: field 'loras' must be a list of {"name": ..., "weight": ...}`);
+        return value.map((item, j) => {
+            if (item === null || typeof item !== "object" || Array.isArray(item) || typeof item.name !== "string" || !item.name.trim()) {
+                throw new Error(`region ${i}: field 'loras[${j}]' must be an object with a LoRA's "name"`);
+            }
+            if (item.weight !== undefined && !Number.isFinite(item.weight)) {
+                throw new Error(`region ${i}: field 'loras[${j}]': the weight of LoRA ${item.name} must be a number`);
+            }
+            return {...item};
+        });
+    }
+
+    function parseGlobalWeight(value, where) {
+        if (value === undefined || value === null) return null;
+        if (!Number.isFinite(value)) throw new Error(`${where}field 'global_weight' must be a number in [0, 1]`);
+        return value;
     }
 
     /** Lenient reader: anything it can show is shown; lib_mos is the judge at generation time. */
     function parseSpec(text) {
         const trimmed = (text || "").trim();
-        if (!trimmed) return {regions: [], feather: 0, mask_image: null};
+        if (!trimmed) return {regions: [], feather: 0, mask_image: null, global_weight: 0};
         const data = trimmed.startsWith("{") ? JSON.parse(trimmed) : parseAuthors(trimmed);
         if (data === null || typeof data !== "object" || Array.isArray(data)) {
             throw new Error("a region spec must be a JSON object");
@@ -118,6 +179,7 @@
                 prompt: typeof r.prompt === "string" ? r.prompt : "",
                 negative: typeof r.negative === "string" ? r.negative : "",
                 kind: "none", box: null, units: r.units === "fraction" ? "fraction" : "px", color: null,
+                loras: parseLoras(r.loras, i), globalWeight: parseGlobalWeight(r.global_weight, `region ${i}: `),
             };
             if (r.box !== undefined && r.box !== null) {
                 if (!Array.isArray(r.box) || r.box.length !== 4 || !r.box.every(Number.isFinite)) {
@@ -138,7 +200,8 @@
         });
         const feather = Number.isFinite(data.feather) ? data.feather : 0;
         const mask = typeof data.mask_image === "string" ? data.mask_image : null;
-        return {regions, feather, mask_image: mask};
+        const globalWeight = parseGlobalWeight(data.global_weight, "") || 0;
+        return {regions, feather, mask_image: mask, global_weight: globalWeight};
     }
 
     function maskURL(text) {
@@ -222,8 +285,9 @@
             this.root = root;
             this.regionsId = root.dataset.regions;
             this.tab = root.dataset.tab || "txt2img";
-            this.regions = []; // {id, prompt, negative, kind: box|paint|none, box, units, color}
+            this.regions = []; // {id, prompt, negative, kind: box|paint|none, box, units, color, loras, globalWeight}
             this.feather = 0;
+            this.globalWeight = 0; // the spec's share of the main prompt inside regions
             this.labels = null; // Uint8Array of region ids, labelW x labelH; shared with undo snapshots
             this.labelW = 0;
             this.labelH = 0;
@@ -312,10 +376,13 @@
                     if (r.units === "fraction") o.units = "fraction";
                 }
                 if (r.kind === "paint") o.color = r.color;
+                if (r.loras.length) o.loras = r.loras.map(l => ({...l}));
+                if (r.globalWeight !== null) o.global_weight = r.globalWeight;
                 return o;
             })};
             if (this.regions.some(r => r.kind === "paint")) out.mask_image = this.mask;
             if (this.feather > 0) out.feather = this.feather;
+            if (this.globalWeight) out.global_weight = this.globalWeight;
             return JSON.stringify(out);
         }
 
@@ -379,6 +446,7 @@
             this.assignColors();
             this.feather = spec.feather;
             this.featherInput.value = String(this.feather);
+            this.setGlobalWeight(spec.global_weight);
             this.labels = null;
             this.labelW = this.labelH = 0;
             this.invalidateMask(spec.mask_image); // kept as written until the paint changes
@@ -439,17 +507,20 @@
         snapshot() {
             if (this.labels) this.labelsShared = true;
             return {
-                regions: this.regions.map(r => ({...r, box: r.box && r.box.slice()})),
+                regions: this.regions.map(copyRegion),
                 labels: this.labels, labelW: this.labelW, labelH: this.labelH, mask: this.mask,
                 feather: this.feather, selected: this.selected,
             };
         }
 
         restore(s) {
-            const text = new Map(this.regions.map(r => [r.id, [r.prompt, r.negative]]));
-            this.regions = s.regions.map(r => ({...r, box: r.box && r.box.slice()}));
-            for (const r of this.regions) { // undo is for shapes: prompts typed since then stay
-                if (text.has(r.id)) [r.prompt, r.negative] = text.get(r.id);
+            const current = new Map(this.regions.map(r => [r.id, r]));
+            this.regions = s.regions.map(copyRegion);
+            for (const r of this.regions) { // undo is for shapes: prompts, LoRAs, weights typed since then stay
+                const now = current.get(r.id);
+                if (!now) continue;
+                const typed = copyRegion(now);
+                for (const field of TEXT_FIELDS) r[field] = typed[field];
             }
             this.labels = s.labels;
             this.labelW = s.labelW;
@@ -499,7 +570,7 @@
                 return null;
             }
             const region = {id: this.freeId(), prompt: "", negative: "", kind: kind || "none", box: null,
-                units: "fraction", color: this.freeColor()};
+                units: "fraction", color: this.freeColor(), loras: [], globalWeight: null};
             this.regions.push(region);
             this.selected = this.regions.length - 1;
             return region;
@@ -1056,7 +1127,64 @@
                 if (p) return p;
             }
             if (!r.prompt.trim()) return "prompt is empty";
+            const seen = new Set();
+            for (const name of [...r.loras.map(l => l.name.trim()), ...promptLoraNames(r.prompt)]) {
+                if (seen.has(name)) return `LoRA ${name} is given twice (listed, or as a <lora:…> tag in the prompt)`;
+                seen.add(name);
+            }
+            if (r.globalWeight !== null && !(r.globalWeight >= 0 && r.globalWeight <= 1)) {
+                return "global prompt weight must be in [0, 1]";
+            }
             return "";
+        }
+
+        /** The spec's share of the main prompt inside regions: its input (unless typed there), and each
+         * region's placeholder. */
+        setGlobalWeight(value, typed) {
+            this.globalWeight = value;
+            if (!typed) {
+                this.globalInput.value = String(value);
+                this.globalInput.classList.toggle("mos-invalid", !(value >= 0 && value <= 1)); // as pasted
+            }
+            for (const input of this.list.querySelectorAll(".mos-region-global")) input.placeholder = this.globalPlaceholder();
+        }
+
+        globalPlaceholder() {
+            return `${this.globalWeight}`;
+        }
+
+        /** A region's LoRAs and its own global prompt weight (empty: the spec's). */
+        regionExtras(r, i, problem) {
+            const label = `Region ${i + 1}`;
+            const changed = () => {
+                problem.textContent = this.problem(r);
+                this.write();
+            };
+            const global = el("input", {type: "number", class: "mos-region-global", min: "0", max: "1", step: "0.05",
+                value: r.globalWeight === null ? "" : String(r.globalWeight), placeholder: this.globalPlaceholder(),
+                "aria-label": `${label} global prompt weight (empty: the value for all regions)`,
+                oninput: e => {
+                    const v = readShare(e.target);
+                    e.target.classList.toggle("mos-invalid", Number.isNaN(v));
+                    if (Number.isNaN(v) || v === r.globalWeight) return; // the JSON keeps the last valid value
+                    r.globalWeight = v;
+                    changed();
+                },
+                onchange: e => {
+                    const v = settledShare(e.target, r.globalWeight, null);
+                    e.target.value = v === null ? "" : String(v);
+                    e.target.classList.remove("mos-invalid");
+                    if (v === r.globalWeight) return;
+                    r.globalWeight = v;
+                    changed();
+                }});
+            const globalLabel = el("label", {class: "mos-region-global-label",
+                title: "Share of the main prompt kept inside this region, 0 to 1; empty = the value for all regions "
+                    + "(Global prompt inside regions)"}, [el("span", {text: "Global"}), global]);
+            const loras = window.MixOfShowLoras;
+            if (!loras) return el("div", {class: "mos-lora-bar"}, [globalLabel]); // the picker's file did not load
+            return loras.editor({label, loras: r.loras, taken: () => new Set(promptLoraNames(r.prompt)),
+                onchange: changed, extra: [globalLabel]});
         }
 
         listEntry(r, i) {
@@ -1069,14 +1197,6 @@
                     problem.textContent = this.problem(r);
                     this.write();
                 },
-                onfocus: () => {
-                    if (this.selected !== i) {
-                        this.selected = i;
-                        this.rebuildOverlay();
-                        this.render();
-                        for (const li of this.list.children) li.setAttribute("aria-selected", String(li === entry));
-                    }
-                },
             });
             const kind = {box: "box", paint: "painted", none: "no shape"}[r.kind];
             const entry = el("li", {class: "mos-region", role: "option", "aria-selected": String(selected),
@@ -1087,6 +1207,7 @@
                 el("div", {class: "mos-fields"}, [
                     input("mos-prompt", "prompt", `Region ${i + 1} prompt, e.g. a photo of <cat1> <cat2>`, `Region ${i + 1} prompt`),
                     input("mos-negative", "negative", "Negative prompt (optional)", `Region ${i + 1} negative prompt`),
+                    this.regionExtras(r, i, problem),
                     el("div", {class: "mos-meta"}, [
                         el("span", {class: "mos-kind", text: r.kind === "box" ? `box ${this.describeBox(r)}` : kind}),
                         problem,
@@ -1095,6 +1216,14 @@
                 el("button", {class: "mos-delete", type: "button", text: "✕", title: `Delete region ${i + 1} (Delete)`,
                     "aria-label": `Delete region ${i + 1}`, onclick: () => this.deleteRegion(i)}),
             ]);
+            // typing in a region's fields selects it without redrawing the list (focus stays put)
+            entry.addEventListener("focusin", e => {
+                if (this.selected === i || !e.target.matches("input")) return;
+                this.selected = i;
+                this.rebuildOverlay();
+                this.render();
+                for (const li of this.list.children) li.setAttribute("aria-selected", String(li === entry));
+            });
             return entry;
         }
 
@@ -1134,6 +1263,22 @@
                     e.target.value = String(this.feather);
                     this.write();
                 }});
+            this.globalInput = el("input", {type: "number", min: "0", max: "1", step: "0.05", value: "0",
+                class: "mos-global-weight", "aria-label": "Global prompt inside regions: share of the main prompt kept "
+                    + "inside every region, 0 to 1",
+                oninput: e => {
+                    const v = readShare(e.target);
+                    e.target.classList.toggle("mos-invalid", Number.isNaN(v));
+                    if (Number.isNaN(v) || (v || 0) === this.globalWeight) return;
+                    this.setGlobalWeight(v || 0, true);
+                    this.write();
+                },
+                onchange: e => {
+                    const v = settledShare(e.target, this.globalWeight, 0);
+                    const write = v !== this.globalWeight;
+                    this.setGlobalWeight(v);
+                    if (write) this.write();
+                }});
             const refInput = file("image/*", f => this.uploadReference(f));
             const maskInput = file("image/png,image/*", f => this.uploadMask(f));
             refInput.classList.add("mos-reference-input");
@@ -1150,6 +1295,7 @@
                 el("div", {class: "mos-group"}, [this.undoButton, this.redoButton]),
                 el("div", {class: "mos-group"}, [this.addButton]),
                 el("label", {class: "mos-group", title: "Soften every region's edge (latent pixels)"}, [el("span", {text: "Feather"}), this.featherInput]),
+                el("label", {class: "mos-group", title: GLOBAL_HINT}, [el("span", {text: "Global prompt inside regions"}), this.globalInput]),
                 el("div", {class: "mos-group"}, [
                     button("Reference…", "Show a sketch or pose image under the regions to trace", () => refInput.click()), this.clearReference,
                     button("Upload mask…", "Read a colour-coded mask: one painted region per colour", () => maskInput.click()),
@@ -1170,7 +1316,8 @@
             this.list = el("ol", {class: "mos-regions", role: "listbox", "aria-label": "Regions"});
             this.empty = el("p", {class: "mos-empty", text: "No regions: the main prompt is used everywhere. Drag on the canvas to draw one."});
             this.statusLine = el("div", {class: "mos-status", role: "status", "aria-live": "polite"});
-            this.root.replaceChildren(toolbar, el("div", {class: "mos-body"}, [this.stage, el("div", {class: "mos-side"}, [this.list, this.empty])]), this.statusLine);
+            const hint = el("p", {class: "mos-global-hint", text: `Global prompt inside regions: ${GLOBAL_HINT}`});
+            this.root.replaceChildren(toolbar, hint, el("div", {class: "mos-body"}, [this.stage, el("div", {class: "mos-side"}, [this.list, this.empty])]), this.statusLine);
             this.root.addEventListener("keydown", e => this.onKeyDown(e));
             new ResizeObserver(() => this.layout()).observe(this.stage);
             this.renderList();

@@ -13,8 +13,11 @@ called by `attention.regional_attention`), and the global context gets the base 
 
 A ResBlock's time-embedding projection (`emb_layers.1`) has no positions either: its output is
 added to every position of the block's feature map, so the hook keeps each region's change and a
-pre-hook on the block's `out_layers` adds it where the region is. The time embedding itself
-(`time_embed`) feeds every block at once and cannot be confined to a region: refused.
+pre-hook on the block's `out_layers` adds it where the region is. A change of the time embedding
+itself (`time_embed`) gives each region its own embedding [B, K, C]; every ResBlock then projects
+each region's embedding (with that region's own projection change) and adds the difference to the
+base projection where the region is: inside a region, each block sees what the UNet with only that
+region's LoRA gives it.
 
 How each change is computed: plain LoRAs (linear, LoCon conv without a Tucker core, no DoRA) stay
 low-rank, all regions' down-projections in one matmul (or conv), the mask weights applied on the
@@ -49,6 +52,7 @@ __all__ = ["RegionDeltas", "RegionLora", "RegionLoraChoice", "choose_region_lora
 
 _ATTN2_KV = re.compile(r"(^|\.)attn2\.to_[kv]$")
 _EMB = ".emb_layers.1"
+_TIME_LINEARS = ("time_embed.0", "time_embed.2")  # Linear, SiLU, Linear
 _NOT_LOW_RANK = {"lora_mid.weight", "dora_scale", "bias"}
 
 
@@ -185,14 +189,18 @@ class RegionDeltas:
                 raise ValueError(f"region LoRA {lora.name!r}: region {lora.region} of {regions}")
             what = lora.concept.source_path or lora.name or lora.concept.name
             for name, delta in (lora.concept.text_lora if text else lora.concept.unet_lora).items():
-                if masked and (name == "time_embed" or name.startswith("time_embed.")):
-                    raise ConceptError(f"{what}: changes the time embedding ({name}), which every position shares; "
-                                       "a region cannot confine it. Apply this LoRA to the whole image with "
-                                       "<lora:...> in the main prompt")
+                if masked and name.startswith("time_embed.") and name not in _TIME_LINEARS:
+                    raise ConceptError(f"{what}: {name} is not a layer of the SD1 time embedding")
                 if name not in self.plans:
                     self.plans[name] = _Plan(name, root.get_submodule(name))
                 self.plans[name].add(lora.region, delta, lora.weight)
+        self.time = {n: self.plans.pop(n) for n in _TIME_LINEARS if n in self.plans} if masked else {}
+        if self.time:  # every ResBlock must project each region's own embedding
+            for name, module in root.named_modules():
+                if hasattr(module, "emb_layers") and hasattr(module, "out_layers"):
+                    self.plans.setdefault(name + _EMB, _Plan(name + _EMB, module.emb_layers[1]))
         self._by_module = {id(p.module): p for p in self.plans.values()}
+        self._emb_regions: torch.Tensor | None = None  # [B, K, C] this UNet call's per-region embedding
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
         self._levels: dict[int, tuple[int, int]] = {}
         self._masks_key: tuple | None = None
@@ -200,7 +208,7 @@ class RegionDeltas:
         self._stash: dict[int, torch.Tensor] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.plans)
+        return bool(self.plans or self.time)
 
     # ------------------------------------------------------------------------------ positions
     def set_masks(self, masks: Sequence[torch.Tensor], width: int, height: int) -> None:
@@ -300,26 +308,45 @@ class RegionDeltas:
             d[..., r, :] += bias
         return d
 
+    def _each_region(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor | None:
+        """[B, K, ..., out]: region k's change applied to region k's own input x [B, K, ..., in];
+        None when the plan changes nothing."""
+        down, up, cols, dense, biases = plan.tensors(x.dtype, x.device)
+        k = x.shape[1]
+        out = None
+        if down is not None:
+            select = (cols.unsqueeze(0) == torch.arange(k, device=cols.device).unsqueeze(1)).to(down.dtype)
+            h = F.linear(x, down)
+            out = F.linear(h * select.reshape(1, k, *[1] * (h.dim() - 3), -1), up)
+        if dense or biases:
+            out = out if out is not None else x.new_zeros(*x.shape[:-1], plan.module.out_features)
+            for r, change in dense:
+                if r < k:
+                    out[:, r] += F.linear(x[:, r], change)
+            for r, bias in biases:
+                if r < k:
+                    out[:, r] += bias
+        return out
+
     def context_delta(self, projection: nn.Module, region_context: torch.Tensor) -> torch.Tensor | None:
         """attn2 to_k / to_v: [B, K, T, out], region k's change applied to region k's context
         [B, K, T, D]; None when no region LoRA changes this projection."""
         plan = self._by_module.get(id(projection))
-        if plan is None:
-            return None
-        down, up, cols, dense, biases = plan.tensors(region_context.dtype, region_context.device)
-        k = region_context.shape[1]
-        out = None
-        if down is not None:
-            select = (cols.unsqueeze(0) == torch.arange(k, device=cols.device).unsqueeze(1)).to(down.dtype)
-            out = F.linear(F.linear(region_context, down) * select[None, :, None, :], up)
-        if dense or biases:
-            out = out if out is not None else region_context.new_zeros(*region_context.shape[:-1], plan.module.out_features)
-            for r, change in dense:
-                if r < k:
-                    out[:, r] += F.linear(region_context[:, r], change)
-            for r, bias in biases:
-                if r < k:
-                    out[:, r] += bias
+        return None if plan is None else self._each_region(plan, region_context)
+
+    def _region_embeddings(self, time_embed: nn.Module, t_emb: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """[B, K, C]: the time embedding as each region's LoRAs change it (ldm: Linear, SiLU, Linear)."""
+        first, act, second = time_embed[0], time_embed[1], time_embed[2]
+        k = self.regions
+        x = t_emb.to(emb.dtype)
+        h = first(x).unsqueeze(1).expand(-1, k, -1)
+        if "time_embed.0" in self.time:
+            h = h + self._per_region(self.time["time_embed.0"], x, h[:, 0])
+        h = act(h)
+        out = second(h)
+        if "time_embed.2" in self.time:
+            change = self._each_region(self.time["time_embed.2"], h)
+            out = out if change is None else out + change
         return out
 
     @contextmanager
@@ -339,11 +366,19 @@ class RegionDeltas:
                     return _body(_plan, args[0], output)
 
                 handles.append(plan.module.register_forward_hook(hook))
+            if self.time:
+                time_embed = self.root.get_submodule("time_embed")
+
+                def keep_embeddings(module, args, output):
+                    self._emb_regions = self._region_embeddings(module, args[0], output)
+
+                handles.append(time_embed.register_forward_hook(keep_embeddings))
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             self._stash.clear()
+            self._emb_regions = None
 
     def _emb_hooks(self, name: str, plan: _Plan) -> list:
         """emb_layers.1 keeps each region's change [B, K, C]; the block's out_layers adds it at the
@@ -351,8 +386,19 @@ class RegionDeltas:
         block = self.root.get_submodule(name[: -len(_EMB)])
         key = id(block)
 
+        act = block.emb_layers[0]
+
         def keep(module, args, output):
-            self._stash[key] = self._per_region(plan, args[0], output)
+            if self._emb_regions is None:
+                self._stash[key] = self._per_region(plan, args[0], output)
+                return
+            if self._emb_regions.shape[0] != output.shape[0]:
+                raise RuntimeError(f"region LoRAs: {name} got {output.shape[0]} rows, the time embedding "
+                                   f"{self._emb_regions.shape[0]}")
+            x = act(self._emb_regions.to(output.dtype))  # each region's embedding, projected
+            out = F.linear(x, module.weight.to(x.dtype), None if module.bias is None else module.bias.to(x.dtype))
+            change = self._each_region(plan, x)
+            self._stash[key] = out - output.unsqueeze(1) + (0 if change is None else change)
 
         def add(module, args):
             d = self._stash.pop(key, None)

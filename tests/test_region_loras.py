@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from lib_mos import sd1
-from lib_mos.attention import attend, regional_attention
+from lib_mos.attention import RegionalContext, attend, attn2_processor, regional_attention
 from lib_mos.concept_files import read_concept
-from lib_mos.concepts import Concept, ConceptError, layer_change
+from lib_mos.concepts import Concept, layer_change
 from lib_mos.region_loras import (
     RegionDeltas,
     RegionLora,
@@ -227,11 +227,67 @@ def test_weight_zero_hooks_nothing_and_the_text_encoder_gets_the_whole_change(mo
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_time_embedding_change_is_refused_naming_the_file(model, tmp_path):
-    lora = read(layouts.loha(model, few=True), tmp_path, "timey")
-    assert any(n.startswith("time_embed") for n in lora.unet_lora)
-    with pytest.raises(ConceptError, match=r"timey\.safetensors.*time embedding"):
-        RegionDeltas(model.unet, [RegionLora(0, lora, 1.0)], 1)
+def only_time_embedding(lora: layouts.LoraFile) -> layouts.LoraFile:
+    return layouts.LoraFile({k: v for k, v in lora.tensors.items() if "time_embed" in k}, lora.metadata)
+
+
+def test_a_time_embedding_change_reaches_each_block_only_inside_its_region(model, tmp_path):
+    """time_embed feeds every ResBlock at once: each region gets its own embedding, and the first
+    block's feature map (conv_in and its in_layers unchanged) is the single-LoRA one inside each
+    region and the base one outside."""
+    a = read(only_time_embedding(layouts.loha(model, seed=11, few=True)), tmp_path, "a")
+    b = read(only_time_embedding(layouts.loha(model, seed=12, few=True)), tmp_path, "b")
+    assert set(a.unet_lora) == {"time_embed.0", "time_embed.2"}
+    block = model.unet.get_submodule("input_blocks.1.0")
+    gen = torch.Generator().manual_seed(4)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500.0, 20.0])
+    context = torch.randn(2, 77, model.text_encoder.config.hidden_size, generator=gen)
+    seen: list[torch.Tensor] = []
+
+    def feature_map() -> torch.Tensor:
+        handle = block.out_layers.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            model.unet(x, t, context)
+        finally:
+            handle.remove()
+        return positions(seen.pop(), True)
+
+    masks = layer_masks(SPEC, SIZE, SIZE)
+    deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
+    deltas.set_masks(masks, SIZE, SIZE)
+    with torch.no_grad():
+        base = feature_map()
+        only = []
+        for concept, weight in zip((a, b), WEIGHTS):
+            with merged(model, concept, weight):
+                only.append(feature_map())
+        with deltas.installed():
+            got = feature_map()
+    assert_by_region(got, base, only, masks[0], "time embedding")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.unet.modules())
+
+
+@pytest.mark.parametrize("kind", ["LoHa", "full diff with diff_b", "LoCon bf16 (convs, time_emb_proj)"])
+def test_a_region_covering_the_image_is_the_whole_lora_in_the_unet(model, tmp_path, kind):
+    """Every layer at once, time embedding, conv_in and conv_out included."""
+    lora = read(KINDS[kind](model, 13), tmp_path, "x")
+    spec = RegionSpec((Region("x", box=(0.0, 0.0, 1.0, 1.0), units="fraction"),))
+    gen = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([700.0, 3.0])
+    context = torch.randn(2, 77, model.text_encoder.config.hidden_size, generator=gen)
+    masks = layer_masks(spec, SIZE, SIZE)
+    deltas = RegionDeltas(model.unet, [RegionLora(0, lora, 0.8)], 1)
+    deltas.set_masks(masks, SIZE, SIZE)
+    regional = RegionalContext(context.unsqueeze(1), masks)  # attn2 k/v changes apply to the region's context
+    regional.context_delta = deltas.context_delta
+    with torch.no_grad():
+        with merged(model, lora, 0.8):
+            want = model.unet(x, t, context)
+        with deltas.installed(), attn2_processor(model.unet, regional):
+            got = model.unet(x, t, context)
+        base = model.unet(x, t, context)
+    assert (want - base).norm() > 1e-2 * base.norm()
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
 
 
 def test_which_loras_each_region_applies(tmp_path):

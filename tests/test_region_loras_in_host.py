@@ -190,3 +190,25 @@ def test_the_global_prompt_weight_inside_regions(host):
     full = json.loads(spec) | {"global_weight": 1}
     no_regions = run(host, "", "two friends in a park")
     assert relative(latents(run(host, json.dumps(full), "two friends in a park")), latents(no_regions)) < 1e-5
+
+
+@pytest.mark.parametrize("shape", ["box", "painted"])
+@pytest.mark.parametrize("hires", [False, True], ids=["first pass", "hires pass"])
+def test_a_region_lora_changes_its_own_area_most(host, locon, shape, hires):
+    """The same region with and without its LoRA: the change is largest inside the drawn box or
+    painted area, not in its mirror images or transposed, for both passes of hires fix (masks at the
+    second pass' size)."""
+    from test_region_placement import HEIGHT, SPECS, WIDTH, area_means, change_map
+
+    fields = dict(width=WIDTH, height=HEIGHT, steps=4, seed=3)
+    if hires:
+        fields.update(enable_hr=True, hr_scale=1.5, denoising_strength=0.7)
+    spec = json.loads(json.dumps(SPECS[shape]))
+    without = run(host, json.dumps(spec), "a photo of a dark forest", "", **fields)
+    spec["regions"][0]["loras"] = [{"name": locon, "weight": 1}]
+    with_lora = run(host, json.dumps(spec), "a photo of a dark forest", "", **fields)
+    means = area_means(change_map(with_lora, without))
+    print(shape, "hires" if hires else "first pass", {k: round(v, 4) for k, v in means.items()})
+    for area in ("mirrored left-right", "mirrored top-bottom", "outside"):
+        assert means["inside"] > 2.5 * means[area], (area, means)
+    assert means["inside"] > 1.3 * means["transposed"], means  # it borders the box: self-attention spreads there

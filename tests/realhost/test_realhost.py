@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -231,6 +232,71 @@ def test_fusion_tab_lists_a_kohya_lora_with_its_trigger_words(realhost, everyday
         table = page.evaluate("() => gradioApp().querySelector('#mos_fusion_table tbody').textContent")
         print("tab table:", table)
         assert "ohwx man" in table and "hero.json" in table
+        assert not browser.errors, browser.errors
+
+
+def test_region_loras_through_the_api_and_the_canvas(realhost, everyday):
+    """Each region its own LoRA in the real WebUI: the Lora folder route the canvas reads; a region
+    over the whole image with the LoCon samples as the host's own <lora:hero:1>; weight 0 is no
+    LoRA; two regions with two LoRAs (the LoHa changes the time embedding too) against the same
+    regions without them, timed; a missing name is an HTTP 500 naming it; the canvas' picker puts a
+    LoRA into its region's JSON."""
+    from browser import Browser, choose_script
+
+    listing = realhost.get("/mix-of-show/loras")
+    print("route:", [(e["name"], e["path"]) for e in listing["loras"]])
+    assert {"hero", "bird"} <= {e["name"] for e in listing["loras"]}
+
+    def whole(**region) -> list[str]:
+        return [json.dumps({"regions": [{"prompt": "a photo of ohwx man", "negative": "dark", "box": [0, 0, 1, 1],
+                                         "units": "fraction", **region}]})]
+
+    common = dict(negative_prompt="dark", seed=5, script_name="mix-of-show")
+    ours = realhost.txt2img("a photo of ohwx man", script_args=whole(loras=[{"name": "hero", "weight": 1}]), **common)
+    hosts = realhost.txt2img("<lora:hero:1> a photo of ohwx man", script_args=whole(), **common)
+    plain = realhost.txt2img("a photo of ohwx man", script_args=whole(), **common)
+    info = infotexts(ours)[0]
+    print("region LoRA infotext:", info)
+    assert "Mix-of-Show region LoRAs: region 0: hero 1" in info
+    diff = np.abs(pixels(ours).astype(int) - pixels(hosts)).max()
+    print(f"whole-image region LoRA vs the host's <lora:hero:1>: max pixel difference {diff}; vs no LoRA "
+          f"{np.abs(pixels(plain).astype(int) - pixels(hosts)).max()}")
+    assert diff <= 2 and not np.array_equal(pixels(plain), pixels(hosts))
+    zero = realhost.txt2img("a photo of ohwx man", script_args=whole(loras=[{"name": "hero", "weight": 0}]), **common)
+    assert np.array_equal(pixels(zero), pixels(plain))
+
+    two = {"regions": [{"prompt": "a photo of ohwx man", "box": [0, 0, 1, 0.5], "units": "fraction"},
+                       {"prompt": "a photo of zkq bird", "box": [0, 0.5, 1, 1], "units": "fraction"}]}
+    with_loras = json.loads(json.dumps(two))
+    with_loras["regions"][0]["loras"] = [{"name": "hero"}]
+    with_loras["regions"][1]["prompt"] += " <lora:bird:0.8>"
+    times = {}
+    for label, spec in (("without", two), ("with", with_loras), ("without again", two)):
+        start = time.perf_counter()
+        result = realhost.txt2img("two friends", script_args=[json.dumps(spec)], **(common | {"seed": 6}))
+        times[label] = time.perf_counter() - start
+        assert result["images"]
+    print("two regions, request seconds:", {k: round(v, 2) for k, v in times.items()})
+
+    with pytest.raises(HostError) as exc:
+        realhost.txt2img("a cat", script_args=whole(loras=[{"name": "heroo"}]), **common)
+    print("missing LoRA:", exc.value.body[:300])
+    assert exc.value.status == 500 and "no LoRA named 'heroo'" in exc.value.body and "did you mean hero" in exc.value.body
+
+    with Browser() as browser:
+        page = browser.page
+        page.goto(realhost.url, timeout=120_000)
+        choose_script(page, "Mix-of-Show")
+        page.click(".mos-canvas button:has-text('+ Region')", timeout=60_000)
+        page.click(".mos-region[data-index='0'] .mos-lora-add")
+        page.wait_for_selector(".mos-region[data-index='0'] .mos-lora-option[data-name='hero']", timeout=60_000)
+        page.fill(".mos-region[data-index='0'] .mos-lora-search", "bir")
+        page.click(".mos-region[data-index='0'] .mos-lora-option[data-name='bird']")
+        page.wait_for_function("() => gradioApp().querySelector('#script_mixofshow_regions textarea').value"
+                               ".includes('bird')", timeout=30_000)
+        spec = json.loads(page.evaluate("() => gradioApp().querySelector('#script_mixofshow_regions textarea').value"))
+        print("canvas JSON:", spec)
+        assert spec["regions"][0]["loras"] == [{"name": "bird", "weight": 1}]
         assert not browser.errors, browser.errors
 
 

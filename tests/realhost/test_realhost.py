@@ -257,7 +257,7 @@ def test_region_loras_through_the_api_and_the_canvas(realhost, everyday):
     plain = realhost.txt2img("a photo of ohwx man", script_args=whole(), **common)
     info = infotexts(ours)[0]
     print("region LoRA infotext:", info)
-    assert "Mix-of-Show region LoRAs: region 0: hero 1" in info
+    assert 'Mix-of-Show region LoRAs: "region 0: hero 1"' in info  # the host quotes values with ':'
     diff = np.abs(pixels(ours).astype(int) - pixels(hosts)).max()
     print(f"whole-image region LoRA vs the host's <lora:hero:1>: max pixel difference {diff}; vs no LoRA "
           f"{np.abs(pixels(plain).astype(int) - pixels(hosts)).max()}")

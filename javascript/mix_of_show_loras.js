@@ -1,7 +1,7 @@
 /*
- * Mix-of-Show region canvas: the per-region LoRA picker (used by javascript/mix_of_show.js through
- * `window.MixOfShowLoras`; the host loads this file after mix_of_show.js, and the canvas only asks for
- * it when it draws its region list, after every script has loaded).
+ * Mix-of-Show region canvas: the per-region LoRA picker (used by the region list of
+ * javascript/mix_of_show_regions_panel.js through `window.MixOfShowLoras`; the canvas only asks for it
+ * when it draws its region list, after every script has loaded).
  *
  * The picker lists the Lora folder as the extension's route GET mix-of-show/loras reports it
  * ({"loras": [{"name", "path", "tokens"}]}, sorted by name), fetched afresh each time the list opens
@@ -23,22 +23,7 @@
     let pending = null; // the fetch in flight
     let attempted = false; // a background fetch for the "not in the Lora folder" flags was made
 
-    function app() {
-        return typeof gradioApp === "function" ? gradioApp() : document;
-    }
-
-    function el(tag, props, children) {
-        const node = document.createElement(tag);
-        for (const [key, value] of Object.entries(props || {})) {
-            if (key === "class") node.className = value;
-            else if (key === "text") node.textContent = value;
-            else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-            else if (key in node && typeof value !== "string") node[key] = value;
-            else node.setAttribute(key, value);
-        }
-        for (const child of children || []) node.append(child);
-        return node;
-    }
+    const {app, el} = window.MixOfShow.util; // mix_of_show.js loads first (alphabetical order)
 
     // ------------------------------------------------------------------------- the folder's list
 

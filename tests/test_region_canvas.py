@@ -1,4 +1,4 @@
-"""The region canvas (javascript/mix_of_show.js) in a real browser: the host double serves the
+"""The region canvas (javascript/mix_of_show*.js) in a real browser: the host double serves the
 txt2img page with this extension's javascript and style.css exactly as A1111 v1.10.1 injects them,
 and headless Debian Chromium is driven with mouse and keyboard events.
 

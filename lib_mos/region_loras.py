@@ -142,6 +142,11 @@ class _Plan:
         self.biases: list[tuple[int, torch.Tensor]] = []
         self._cast: dict[tuple, tuple] = {}
 
+    @property
+    def cols_key(self) -> tuple[int, ...]:
+        """Which region each low-rank column belongs to (modules with equal keys share mask weights)."""
+        return tuple(self.cols)
+
     def add(self, region: int, delta: Delta, weight: float) -> None:
         factors = _low_rank(delta)
         if factors is not None:
@@ -204,6 +209,7 @@ class RegionDeltas:
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
         self._levels: dict[int, tuple[int, int]] = {}
         self._masks_key: tuple | None = None
+        self._masks: Sequence[torch.Tensor] | None = None
         self._cache: dict[tuple, torch.Tensor] = {}
         self._stash: dict[int, torch.Tensor] = {}
 
@@ -215,9 +221,10 @@ class RegionDeltas:
         """Region masks per attn2 layer ([K, N_l], `regions.layer_masks` for a width x height image);
         the hooks use their blend weights at every resolution of the UNet: its levels are the attn2
         layers' sizes, and an upsampler's output before the host crops it is its level doubled."""
-        key = (id(masks), width, height)
-        if key == self._masks_key:
+        key = (width, height)
+        if masks is self._masks and key == self._masks_key:
             return
+        self._masks = masks
         weights: dict[tuple[int, int], torch.Tensor] = {}
         for m, size in zip(masks, attention_sizes(width, height)):
             if size not in weights:
@@ -242,7 +249,7 @@ class RegionDeltas:
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """([K, n] region weights, [n, R] weights of the plan's low-rank columns) for an output of
         size (h, w), or of n positions of a transformer (always a level)."""
-        key = (size, id(plan), like.dtype, like.device)
+        key = (size, plan.cols_key, like.dtype, like.device)
         if key not in self._cache:
             if isinstance(size, int):
                 if size not in self._levels:
@@ -264,8 +271,11 @@ class RegionDeltas:
         if down is not None:
             h = F.linear(x, down)
             if wcol is not None:
-                h = h * wcol
-            out = out + F.linear(h, up)
+                h.mul_(wcol)
+            if out.requires_grad or not out.is_contiguous():
+                out = out + F.linear(h, up)
+            else:  # inference: accumulate into the layer's fresh output, no full-size temporary
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
         for r, change in dense:
             d = F.linear(x, change)
             out = out + (d if w is None else d * w[r].unsqueeze(-1))
@@ -284,8 +294,12 @@ class RegionDeltas:
         if down is not None:
             h = F.conv2d(x, down, None, m.stride, m.padding, m.dilation)
             if wcol is not None:
-                h = h * wcol.T.reshape(1, -1, hh, ww)
-            out = out + torch.einsum("or,brhw->bohw", up, h)
+                h.mul_(wcol.T.reshape(1, -1, hh, ww))
+            ups = up.expand(h.shape[0], -1, -1)
+            if out.requires_grad or not out.is_contiguous():
+                out = out + torch.bmm(ups, h.flatten(2)).view_as(out)
+            else:
+                out.view(*out.shape[:2], -1).baddbmm_(ups, h.flatten(2))
         for r, change in dense:
             d = F.conv2d(x, change, None, m.stride, m.padding, m.dilation, m.groups)
             out = out + (d if w is None else d * w[r].reshape(1, 1, hh, ww))
@@ -354,6 +368,9 @@ class RegionDeltas:
         """Hooks on every changed module for the block; removed in `finally`."""
         handles = []
         try:
+            for plan in (*self.plans.values(), *self.time.values()):  # ready before the first call
+                weight = plan.module.weight
+                plan.tensors(weight.dtype, weight.device)
             for name, plan in self.plans.items():
                 if self.masked and _ATTN2_KV.search(name):
                     continue  # applied per region context by the regional attention

@@ -75,8 +75,10 @@ def test_resolve_prefers_the_checkpoint_and_records_sources(folder, tiny):
     fused_cat = synthetic.random_concept(tiny, ("<cat1>", "<cat2>"), seed=9, name="cat")
     found = resolve({"<cat1>"}, [fused_cat], library, folder, strict=True)
     assert found.concepts == [fused_cat] and found.sources == ["<cat1> <cat2> from the checkpoint"]
+    assert found.files == {}  # fused: no file whose LoRA a region would add
     found = resolve({"<cat2>"}, [], library, folder, strict=True)
     assert found.concepts[0].tokens == ("<cat1>", "<cat2>")
+    assert found.files == dict.fromkeys(("<cat1>", "<cat2>"), folder / "sub" / "cat.safetensors")
     assert found.sources == [f"<cat1> <cat2> from cat.safetensors@{lora_hash(folder / 'sub' / 'cat.safetensors')[:12]}"]
     assert any("broken.safetensors" in w for w in found.warnings)  # named even when nothing failed
 

@@ -82,6 +82,19 @@ def test_whole_image_region_lora_samples_as_the_hosts_own_lora(host, locon, mode
     assert nothing_hooked(host)
 
 
+def test_the_hosts_own_lora_keeps_working_alongside(host, locon, tiny_checkpoint):
+    """x through the host's <lora:x> on the whole image and y in a region covering it: the same as
+    both as region LoRAs (the host merges x into the weights, the hooks add y to the outputs)."""
+    model = sd1.load_checkpoint(tiny_checkpoint)
+    layouts.kohya_lora(model, dtype=torch.float32, seed=8).save(lora_dir(), "y")
+    both_hooked = run(host, whole(loras=[{"name": locon}, {"name": "y", "weight": 0.7}]))
+    alongside = run(host, whole(loras=[{"name": "y", "weight": 0.7}]), f"{PROMPT} <lora:{locon}:1>")
+    only_y = run(host, whole(loras=[{"name": "y", "weight": 0.7}]))
+    assert relative(latents(alongside), latents(only_y)) > 1e-2
+    assert relative(latents(alongside), latents(both_hooked)) < 1e-5
+    assert nothing_hooked(host)
+
+
 @pytest.mark.parametrize("kind", ["LoHa", "full"])
 def test_lycoris_files_with_time_embedding_and_outer_convs_sample_as_the_hosts(host, tiny_checkpoint, kind):
     """LyCORIS LoHa / full diff on every layer type, the time embedding and conv_in / conv_out

@@ -182,6 +182,35 @@ def test_cross_attention_gets_each_regions_lora_on_its_own_context(model, tmp_pa
     assert_by_region(got, base, only, masks[0], "attn2")
 
 
+def assert_feature_map_by_region(model: sd1.SD1Model, loras: tuple[Concept, Concept], block: nn.Module,
+                                 run: Callable[[], object], what: str) -> None:
+    """A ResBlock's feature map (the input of its out_layers: h + the time projection), seen while
+    `run()` runs: with the two region LoRAs hooked, each region's single-LoRA map inside it and the
+    base map outside."""
+    seen: list[torch.Tensor] = []
+
+    def feature_map() -> torch.Tensor:
+        handle = block.out_layers.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            run()
+        finally:
+            handle.remove()
+        return positions(seen.pop(), True)
+
+    masks = layer_masks(SPEC, SIZE, SIZE)
+    deltas = RegionDeltas(model.unet, [RegionLora(r, c, w) for r, (c, w) in enumerate(zip(loras, WEIGHTS))], 2)
+    deltas.set_masks(masks, SIZE, SIZE)
+    with torch.no_grad():
+        base = feature_map()
+        only = []
+        for concept, weight in zip(loras, WEIGHTS):
+            with merged(model, concept, weight):
+                only.append(feature_map())
+        with deltas.installed():
+            got = feature_map()
+    assert_by_region(got, base, only, masks[0], what)
+
+
 def test_a_resblocks_time_embedding_projection_lands_only_in_the_region(model, tmp_path):
     """emb_layers.1 has no positions: its change reaches the block's feature map (the input of
     out_layers) only where the region is."""
@@ -191,28 +220,7 @@ def test_a_resblocks_time_embedding_projection_lands_only_in_the_region(model, t
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, block.channels, 8, 8, generator=gen)
     emb = torch.randn(2, block.emb_layers[1].in_features, generator=gen)
-    seen: list[torch.Tensor] = []
-
-    def feature_map() -> torch.Tensor:
-        handle = block.out_layers.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        try:
-            block(x, emb)
-        finally:
-            handle.remove()
-        return positions(seen.pop(), True)
-
-    masks = layer_masks(SPEC, SIZE, SIZE)
-    deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
-    deltas.set_masks(masks, SIZE, SIZE)
-    with torch.no_grad():
-        base = feature_map()
-        only = []
-        for concept, weight in zip((a, b), WEIGHTS):
-            with merged(model, concept, weight):
-                only.append(feature_map())
-        with deltas.installed():
-            got = feature_map()
-    assert_by_region(got, base, only, masks[0], "ResBlock feature map")
+    assert_feature_map_by_region(model, (a, b), block, lambda: block(x, emb), "ResBlock feature map")
 
 
 def test_weight_zero_hooks_nothing_and_the_text_encoder_gets_the_whole_change(model, tmp_path):
@@ -242,28 +250,7 @@ def test_a_time_embedding_change_reaches_each_block_only_inside_its_region(model
     gen = torch.Generator().manual_seed(4)
     x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500.0, 20.0])
     context = torch.randn(2, 77, model.text_encoder.config.hidden_size, generator=gen)
-    seen: list[torch.Tensor] = []
-
-    def feature_map() -> torch.Tensor:
-        handle = block.out_layers.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        try:
-            model.unet(x, t, context)
-        finally:
-            handle.remove()
-        return positions(seen.pop(), True)
-
-    masks = layer_masks(SPEC, SIZE, SIZE)
-    deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
-    deltas.set_masks(masks, SIZE, SIZE)
-    with torch.no_grad():
-        base = feature_map()
-        only = []
-        for concept, weight in zip((a, b), WEIGHTS):
-            with merged(model, concept, weight):
-                only.append(feature_map())
-        with deltas.installed():
-            got = feature_map()
-    assert_by_region(got, base, only, masks[0], "time embedding")
+    assert_feature_map_by_region(model, (a, b), block, lambda: model.unet(x, t, context), "time embedding")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.unet.modules())
 
 

@@ -103,9 +103,10 @@ class ModuleDelta:
     @classmethod
     def of(cls, kind: str, parts: dict[str, torch.Tensor]) -> ModuleDelta:
         """A change with its product shape worked out (raises RuntimeError if the factors do not
-        multiply)."""
-        made = cls(kind, parts)
-        product, out = made._updown(torch.float32, upcast=True, layer_shape=None)
+        multiply). The factors are multiplied on the meta device: shapes only, no arithmetic, so
+        reading a LoRA over every layer of a full-size model stays cheap."""
+        shapes_only = cls(kind, {k: torch.empty(v.shape, dtype=torch.float32, device="meta") for k, v in parts.items()})
+        product, out = shapes_only._updown(torch.float32, upcast=True, layer_shape=None)
         return cls(kind, parts, tuple(int(d) for d in (out if product.numel() == math.prod(out) else product.shape)))
 
     @property

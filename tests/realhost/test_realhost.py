@@ -271,7 +271,7 @@ def test_region_loras_through_the_api_and_the_canvas(realhost, everyday):
     with_loras["regions"][0]["loras"] = [{"name": "hero"}]
     with_loras["regions"][1]["prompt"] += " <lora:bird:0.8>"
     times = {}
-    for label, spec in (("without", two), ("with", with_loras), ("without again", two)):
+    for label, spec in (("without", two), ("with", with_loras), ("without again", two), ("with again", with_loras)):
         start = time.perf_counter()
         result = realhost.txt2img("two friends", script_args=[json.dumps(spec)], **(common | {"seed": 6}))
         times[label] = time.perf_counter() - start

@@ -19,10 +19,12 @@ each region's embedding (with that region's own projection change) and adds the 
 base projection where the region is: inside a region, each block sees what the UNet with only that
 region's LoRA gives it.
 
-How each change is computed: plain LoRAs (linear, LoCon conv without a Tucker core, no DoRA) stay
-low-rank, all regions' down-projections in one matmul (or conv), the mask weights applied on the
-rank columns, then one up-projection; every other kind (LoHa, LoKr, full diffs, DoRA, Tucker) is
-built once per generation as the host builds it (`concepts.layer_change`) and applied as one
+How each change is computed: plain LoRAs (linear, LoCon conv without a Tucker core, no DoRA) and
+LoHa without Tucker cores (as a rank r1*r2 LoRA, `_low_rank`) stay low-rank, all regions'
+down-projections in one matmul (or conv), the mask weights applied on the rank columns, then one
+up-projection; every other kind (LoKr, full diffs, DoRA, Tucker cores) is
+built once per generation by the host's formula, every factor in float32 (`ModuleDelta.weight_delta`
+with `upcast`; the host multiplies fp16/bf16 LyCORIS factors in their own dtype), and applied as one
 matmul per region. Nothing changes a weight: the hooks live on module instances and are removed in
 `finally` (`installed`), so the model is untouched by construction and the host's own Lora, which
 changes weights, keeps working alongside.
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib_mos.attention import region_blend_weights
-from lib_mos.concepts import Concept, ConceptError, Delta, LoraFactor, layer_change
+from lib_mos.concepts import Concept, ConceptError, Delta, LoraFactor
 from lib_mos.regions import RegionError, RegionSpec, attention_sizes
 
 __all__ = ["RegionDeltas", "RegionLora", "RegionLoraChoice", "choose_region_loras", "global_lora_names"]
@@ -120,13 +122,27 @@ def choose_region_loras(spec: RegionSpec, available: Mapping[str, Path], folder:
 
 
 def _low_rank(delta: Delta) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(down [R, in(, kh, kw)], up [out, R] with the scale folded in) for a plain LoRA, else None."""
+    """(down [R, in(, kh, kw)], up [out, R] with the scale folded in) for a plain LoRA or a LoHa
+    without Tucker cores, else None.
+
+    A LoHa's change (A1 B1) * (A2 B2) (elementwise) has rank at most r1 r2: it is U V with
+    U[:, (i, j)] = A1[:, i] * A2[:, j] and V[(i, j), :] = B1[i, :] * B2[j, :], so a rank-4 LoHa is
+    applied as a rank-16 LoRA instead of a dense matrix."""
     if isinstance(delta, LoraFactor):
         return delta.down.float(), delta.up.float() * delta.scale
-    if delta.kind != "lora" or _NOT_LOW_RANK & set(delta.parts):
+    parts = delta.parts
+    if _NOT_LOW_RANK & set(parts):
         return None
-    down, up = delta.parts["lora_down.weight"].float(), delta.parts["lora_up.weight"].float()
-    return down, up.reshape(up.shape[0], -1) * delta.scale
+    if delta.kind == "lora":
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        return down, up.reshape(up.shape[0], -1) * delta.scale
+    if delta.kind == "loha" and not {"hada_t1", "hada_t2"} & set(parts):
+        a1, b1, a2, b2 = (parts[k].float() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        b1, b2 = b1.reshape(b1.shape[0], -1), b2.reshape(b2.shape[0], -1)
+        up = (a1.reshape(a1.shape[0], -1, 1) * a2.reshape(a2.shape[0], 1, -1)).reshape(a1.shape[0], -1)
+        down = (b1.unsqueeze(1) * b2.unsqueeze(0)).reshape(-1, b1.shape[1])
+        return down, up * delta.scale
+    return None
 
 
 class _Plan:
@@ -151,8 +167,8 @@ class _Plan:
         factors = _low_rank(delta)
         if factors is not None:
             down, up = factors
-            if self.is_conv and down.dim() == 2:
-                down = down.reshape(*down.shape, 1, 1)
+            if self.is_conv and down.dim() == 2:  # [R, in * kh * kw] (or a linear-shaped LoRA on a 1x1 conv)
+                down = down.reshape(down.shape[0], *self.module.weight.shape[1:])
             self.downs.append(down)
             self.ups.append(up * weight)
             self.cols += [region] * down.shape[0]
@@ -173,7 +189,9 @@ class _Plan:
                 up = torch.cat(self.ups, dim=1).to(device, dtype)
                 cols = torch.tensor(self.cols, device=device)
             weight = self.module.weight
-            dense = [(r, layer_change(d, weight.detach()).to(device, dtype) * w) for r, d, w in self.dense]
+            base = weight.detach().float()
+            dense = [(r, d.weight_delta(base, torch.float32, upcast=True).reshape(weight.shape).to(device, dtype) * w)
+                     for r, d, w in self.dense]
             biases = [(r, b.to(device, dtype)) for r, b in self.biases]
             self._cast[key] = (down, up, cols, dense, biases)
         return self._cast[key]

@@ -17,7 +17,7 @@ from torch import nn
 from lib_mos import sd1
 from lib_mos.attention import RegionalContext, attend, attn2_processor, regional_attention
 from lib_mos.concept_files import read_concept
-from lib_mos.concepts import Concept, layer_change
+from lib_mos.concepts import Concept, LoraFactor
 from lib_mos.region_loras import (
     RegionDeltas,
     RegionLora,
@@ -70,7 +70,7 @@ def two_loras(model, build: Build, folder: Path) -> tuple[Concept, Concept]:
 
 @contextmanager
 def merged(model: sd1.SD1Model, concept: Concept, weight: float) -> Iterator[None]:
-    """The concept's changes (the host's arithmetic, `layer_change`) added to the weights in float32.
+    """The concept's changes (the host's formula, every factor in float32) added to the weights.
     The host's own merge rounds a layer's weight to the file's dtype for LoHa/LoKr/full files in
     fp16/bf16; a region's hook adds the change to the output and keeps the weight as it is, so the
     reference here is the exact sum."""
@@ -80,7 +80,9 @@ def merged(model: sd1.SD1Model, concept: Concept, weight: float) -> Iterator[Non
             for name, delta in lora.items():
                 layer = root.get_submodule(name)
                 saved.append((layer, layer.weight.data, None if layer.bias is None else layer.bias.data))
-                change = layer_change(delta, layer.weight.data).float() * weight
+                base = layer.weight.data.float()
+                change = (delta.delta() if isinstance(delta, LoraFactor)
+                          else delta.weight_delta(base, torch.float32, upcast=True)).reshape(base.shape) * weight
                 layer.weight.data = layer.weight.data + change.reshape(layer.weight.shape)
                 bias = delta.bias_delta()
                 if bias is not None:

@@ -20,7 +20,7 @@ import gradio as gr
 from lib_mos.concept_library import lora_files
 from lib_mos.files import import_sibling
 from lib_mos.regions import RegionSpec
-from modules import processing, script_callbacks, scripts
+from modules import processing, script_callbacks, scripts, shared
 
 mos_job = import_sibling(__file__, "mos_job")
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
@@ -98,6 +98,14 @@ class MixOfShowConcepts(scripts.Script):
 
     def ui(self, is_img2img: bool):
         return []
+
+    def before_process(self, p, *args) -> None:
+        """Refuse while the Mix-of-Show training tab trains this model (its status is on the model;
+        the tab holds the queue, so only a path that bypasses it gets here). The host only reports
+        what this hook raises; the tab's own guard on the UNet wrapper fails the generation."""
+        training = getattr(shared.sd_model, "mos_training", None)
+        if training is not None:
+            raise RuntimeError(str(training))
 
     def process(self, p, *args) -> None:
         if mos_job.job_of(p) is not None:  # the Mix-of-Show dropdown script runs this generation

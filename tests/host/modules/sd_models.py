@@ -2,7 +2,12 @@
 
 The loaded model imitates ldm's LatentDiffusion as the host wraps it: `model.diffusion_model`
 is the real ldm UNet, `cond_stage_model` the host's prompt encoder around a transformers
-CLIPTextModel, and weights are loaded with `load_state_dict(strict=False)` as the host does.
+CLIPTextModel, `first_stage_model` a stand-in for ldm's AutoencoderKL (see `FirstStageModel`), and
+weights are loaded with `load_state_dict(strict=False)` as the host does.
+
+The UNet is built with `use_checkpoint=False`, as the host builds SD1 (configs/v1-inference.yaml
+says False, and `repair_config` forces False for every UNet: "Do not use checkpoint for
+inference"), so ldm's blocks carry `checkpoint` / `use_checkpoint` False.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -227,8 +233,48 @@ class DiffusionWrapper(torch.nn.Module):
         return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
 
 
+class FirstStageModel(torch.nn.Module):
+    """ldm's AutoencoderKL as the host calls it: `encode(x)` (x in [-1, 1]) gives ldm's own
+    DiagonalGaussianDistribution of the *unscaled* latent, `decode(z)` an image in [-1, 1] from an
+    unscaled latent, `dtype` (a Lightning module's property). The double has no VAE weights: its
+    decoder is the linear latent->RGB map the double decodes images with
+    (`processing.decode_latent_batch`, `lib_mos.sampling.LATENT_RGB`) applied to `z * scale_factor`,
+    each latent cell an 8x8 block; its encoder is that map's least-squares inverse of each 8x8
+    block's mean colour, with a fixed small posterior std (`STD`)."""
+
+    STD = 0.01  # of the unscaled latent; the real VAE's posterior is this narrow
+
+    def __init__(self, scale_factor: float):
+        from lib_mos.sampling import LATENT_RGB
+
+        super().__init__()
+        to_rgb = LATENT_RGB * scale_factor  # [4, 3]: unscaled latent -> RGB
+        self.register_buffer("to_rgb", to_rgb, persistent=False)
+        self.register_buffer("from_rgb", torch.linalg.pinv(to_rgb), persistent=False)  # [3, 4]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.to_rgb.dtype
+
+    def encode(self, x):
+        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+        pooled = torch.nn.functional.avg_pool2d(x.to(self.dtype), 8)
+        mean = torch.einsum("brhw,rc->bchw", pooled, self.from_rgb)
+        logvar = torch.full_like(mean, 2 * math.log(self.STD))
+        return DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+
+    def decode(self, z):
+        rgb = torch.einsum("bchw,cr->brhw", z.to(self.dtype), self.to_rgb)
+        return torch.nn.functional.interpolate(rgb, scale_factor=8, mode="nearest")
+
+
 class LatentDiffusion(torch.nn.Module):
-    """The slice of ldm's LatentDiffusion the host and extensions touch."""
+    """The slice of ldm's LatentDiffusion the host and extensions touch. The first-stage methods
+    are ldm's (models/diffusion/ddpm.py): `encode_first_stage` and `decode_first_stage` without
+    gradients, `decode_first_stage` dividing by `scale_factor` (0.18215, v1-inference.yaml's; a
+    plain float, as ldm keeps it when `scale_by_std` is off), `get_first_stage_encoding` sampling
+    the posterior with the global RNG and scaling."""
 
     is_sd1, is_sd2, is_sdxl, is_ssd, is_sd3 = True, False, False, False, False
     is_sdxl_inpaint = False
@@ -242,6 +288,8 @@ class LatentDiffusion(torch.nn.Module):
         self.model = DiffusionWrapper(sd1.build_unet(config))
         self.cond_stage_model = FrozenCLIPEmbedder(sd1.build_text_encoder(config), load_clip_tokenizer())
         self.register_buffer("alphas_cumprod", sd1.sd1_alphas_cumprod())
+        self.scale_factor = 0.18215
+        self.first_stage_model = FirstStageModel(self.scale_factor).eval().requires_grad_(False)
         self.sd_checkpoint_info = None
         self.sd_model_hash = None
         self.sd_model_checkpoint = None
@@ -254,6 +302,28 @@ class LatentDiffusion(torch.nn.Module):
         if not isinstance(cond, dict):
             cond = {"c_crossattn": cond if isinstance(cond, list) else [cond]}
         return self.model(x_noisy, t, **cond)
+
+    @torch.no_grad()
+    def encode_first_stage(self, x):
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, encoder_posterior):
+        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
+        if isinstance(encoder_posterior, DiagonalGaussianDistribution):
+            z = encoder_posterior.sample()
+        elif isinstance(encoder_posterior, torch.Tensor):
+            z = encoder_posterior
+        else:
+            raise NotImplementedError(f"encoder_posterior of type '{type(encoder_posterior)}' not yet implemented")
+        return self.scale_factor * z
+
+    @torch.no_grad()
+    def decode_first_stage(self, z, predict_cids=False, force_not_quantize=False):
+        if predict_cids:
+            raise NotImplementedError("the test double has no VQ first stage (predict_cids)")
+        z = 1. / self.scale_factor * z
+        return self.first_stage_model.decode(z)
 
     @contextlib.contextmanager
     def ema_scope(self, context=None):

@@ -67,6 +67,8 @@ _DEFAULTS: dict[str, Any] = {
     "show_progress_every_n_steps": 10,
     "live_preview_refresh_period": 1000,
     "prevent_screen_sleep_during_generation": True,
+    # training (shared_options.py, "Training" section)
+    "unload_models_when_training": False,
 }
 
 
@@ -181,6 +183,14 @@ class State:
         sampler stores no latents, so `current_image` stays None (as in the host before its first
         preview)."""
 
+    def assign_current_image(self, image) -> None:
+        """The live preview the progress API sends next (a new `id_live_preview`); jpeg previews
+        cannot hold RGBA or palette images, so those are converted first."""
+        if opts.live_previews_image_format == "jpeg" and image.mode in ("RGBA", "P"):
+            image = image.convert("RGB")
+        self.current_image = image
+        self.id_live_preview += 1
+
     def nextjob(self) -> None:
         self.job_no += 1
         self.sampling_step = 0
@@ -251,6 +261,7 @@ cmd_opts = types.SimpleNamespace(
     disable_safe_unpickle=False,
 )
 sd_model = None
+parallel_processing_allowed = True  # False while lowvram or a training has the VAE off the GPU
 demo = None
 gradio_theme = None
 device = None

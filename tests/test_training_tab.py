@@ -1,0 +1,316 @@
+"""The training tab inside the host double: it trains on the loaded model under the queue with the
+host's progress and live previews, writes a concept into the Lora folder that the Lora list, the
+regional script and the fusion tab find at once, leaves the loaded model bit-identical (after a
+run, an interrupt and an error), trains on the checkpoint's own weights when a Lora was left merged,
+and refuses a generation that bypasses the queue while it trains."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from lib_mos.concept_files import read_concept
+
+ROOT = Path(__file__).resolve().parents[1]
+# SKIPMARK
+
+
+@pytest.fixture
+def tab(tmp_path, tiny_checkpoint):
+    from host_harness import HostHarness
+
+    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ROOT)])
+    spec = importlib.util.spec_from_file_location("mos_training_tab_under_test", ROOT / "scripts" / "mos_training_tab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        yield harness, module
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    """Three 64x64 pictures of a red disc on different backgrounds."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k, background in enumerate(((20, 40, 200), (30, 160, 60), (200, 200, 200))):
+        img = Image.new("RGB", (64, 64), background)
+        ImageDraw.Draw(img).ellipse((12 + 4 * k, 14, 48 + 4 * k, 50), fill=(220, 30, 30))
+        img.save(folder / f"disc{k}.png")
+    return folder
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """Every parameter and buffer of the loaded model, names, dtypes and bytes."""
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def lora_files() -> list[str]:
+    from modules import shared
+
+    return sorted(p.name for p in Path(shared.cmd_opts.lora_dir).iterdir())
+
+
+def job_args(folder: Path, **overrides) -> list:
+    args = dict(id_task="task(train)", folder=str(folder), name="disc", kind_label="ED-LoRA (concept tokens)",
+                tokens="<disc1>+<disc2>", class_word="ball", trigger="", steps=6, batch_size=2, resolution=64,
+                lr_embedding=1e-2, lr_text=1e-4, lr_unet=1e-2, rank=2, seed=0, masked_loss=True, attn_reg_weight=0.0,
+                templates="object", precision="fp32", gradient_checkpointing=False, save_every=0, sample_every=0,
+                sample_prompt="a photo of <TOK>", overwrite=False, resume=False)
+    args.update(overrides)
+    return list(args.values())
+
+
+def run_job(module, *args):
+    from modules import call_queue
+
+    return call_queue.wrap_gradio_gpu_call(module.run_training, extra_outputs=[None])(*args)
+
+
+@pytest.fixture
+def at_step(monkeypatch):
+    """`at_step[k] = fn`: fn() runs in the trainer's progress callback after step k."""
+    import lib_mos.training as training
+
+    actions: dict = {}
+    real = training.train
+
+    def train(*args, progress=None, **kwargs):
+        def spy(p):
+            if progress is not None:
+                progress(p)
+            if p.step in actions:
+                actions[p.step]()
+
+        return real(*args, progress=spy, **kwargs)
+
+    monkeypatch.setattr(training, "train", train)
+    return actions
+
+
+def test_tab_is_listed(tab):
+    harness, module = tab
+    assert ("Mix-of-Show training", "mos_train") in [(t, e) for _, t, e in harness.ui_tabs]
+    assert module.default_tokens("Anna B") == "<AnnaB1>+<AnnaB2>"
+    assert module.parse_tokens(" <a> + <b>") == ("<a>", "<b>")
+    for bad in ("", "a+b", "<a b>"):
+        with pytest.raises(ValueError, match="tokens"):
+            module.parse_tokens(bad)
+    for bad in ("", "../x", "a/b", ".hidden", "c:x"):
+        with pytest.raises(ValueError, match="without folders"):
+            module.concept_path(bad)
+    assert module.concept_path("disc.safetensors").name == "disc.safetensors"
+
+
+def test_training_saves_a_concept_every_list_finds_and_leaves_the_model_identical(tab, images, at_step):
+    """Progress and live previews through the host's API; a generation bypassing the queue is
+    refused mid-run; the file is read back with its tokens and listed by the Lora extension, the
+    concept library and the regional script's LoRA route; the model is bit-identical."""
+    import networks
+
+    from modules import progress, shared
+
+    harness, module = tab
+    before = model_hash(harness.model)
+    refused: list[str] = []
+
+    def generate() -> None:
+        try:
+            harness.txt2img("a photo of <disc1> <disc2>", steps=1)
+        except RuntimeError as e:
+            refused.append(str(e))
+
+    seen = []
+    at_step[2] = generate
+    # previews are drawn after step 3's progress report, so step 4's report shows one
+    at_step[4] = lambda: seen.append(progress.progressapi(progress.ProgressRequest(id_task="task(train)")))
+    gallery, status = run_job(module, *job_args(images, sample_every=3, sample_prompt="a photo of <TOK>\n<TOK> on grass"))
+    assert "Saved" in status and "Time taken" in status, status
+    assert refused and "Mix-of-Show training is running (step 2 of 6)" in refused[0]
+    answer = seen[0]
+    assert answer.active and "step 4/6" in answer.textinfo and 0 < answer.progress <= 1
+    assert answer.live_preview and answer.live_preview.startswith("data:image/png;base64,")
+    assert len(gallery) == 4 and gallery[0][1] == "step 3: a photo of <TOK>"  # two prompts at steps 3 and 6
+    assert model_hash(harness.model) == before
+    assert not hasattr(harness.model, "mos_training") and module.RUNNING is None
+
+    out = Path(shared.cmd_opts.lora_dir) / "disc.safetensors"
+    assert lora_files() == ["disc.safetensors"]
+    concept = read_concept(out)
+    assert concept.tokens == ("<disc1>", "<disc2>") and concept.embeddings.shape[:2] == (2, 16)
+    assert "disc" in networks.available_networks  # <lora:disc> works at once
+    from lib_mos.files import import_sibling
+
+    binding = import_sibling(str(ROOT / "scripts" / "mos_generation.py"), "mos_host_binding")
+    assert [e.tokens for e in binding.LIBRARY.scan(shared.cmd_opts.lora_dir).entries] == [("<disc1>", "<disc2>")]
+    generation = importlib.util.spec_from_file_location("mos_generation_under_test", ROOT / "scripts" / "mos_generation.py")
+    mos_generation = importlib.util.module_from_spec(generation)
+    generation.loader.exec_module(mos_generation)
+    assert mos_generation.lora_list()["loras"] == [{"name": "disc", "path": "disc.safetensors",
+                                                     "tokens": ["<disc1>", "<disc2>"]}]
+    images_out = harness.txt2img("a photo of <disc1> <disc2>", steps=2)
+    assert images_out.images  # generation works again, with the new concept
+
+
+def test_unet_lora_learns_through_ldm_checkpointed_blocks(tab, images):
+    """Hosts before v1.10.0 built SD1 with `use_checkpoint: True` (v1-inference.yaml); ldm's own
+    CheckpointFunction returns no gradient for a hooked LoRA's parameters. The trainer switches
+    those flags off while it trains, so the UNet LoRA moves from its initial zero `up`, and
+    puts them back."""
+    harness, module = tab
+    unet = harness.model.model.diffusion_model
+    flagged = [(m, a) for m in unet.modules() for a in ("checkpoint", "use_checkpoint") if hasattr(m, a)
+               and isinstance(getattr(m, a), bool)]
+    assert flagged and not any(getattr(m, a) for m, a in flagged)  # v1.10.1 builds without (repair_config)
+    for m, a in flagged:
+        setattr(m, a, True)
+    try:
+        before = model_hash(harness.model)
+        _, status = run_job(module, *job_args(images, steps=3, lr_text=0.0))
+        assert "Saved" in status, status
+        assert all(getattr(m, a) for m, a in flagged)
+        assert model_hash(harness.model) == before
+    finally:
+        for m, a in flagged:
+            setattr(m, a, False)
+    from modules import shared
+
+    concept = read_concept(Path(shared.cmd_opts.lora_dir) / "disc.safetensors")
+    ups = [f.up for f in concept.unet_lora.values()]
+    assert len(ups) == 128 and all(bool(u.abs().sum() > 0) for u in ups)
+
+
+def test_interrupt_without_checkpoint_writes_nothing(tab, images, at_step):
+    from modules import shared
+
+    harness, module = tab
+    before = model_hash(harness.model)
+    at_step[3] = shared.state.interrupt
+    gallery, status = run_job(module, *job_args(images))
+    assert "Interrupted at step 3 of 6" in status and "no checkpoint was written" in status, status
+    assert gallery is None and lora_files() == []
+    assert model_hash(harness.model) == before
+    assert not shared.state.interrupted  # the host resets the flag after the job
+
+
+def test_interrupt_keeps_the_checkpoint_and_resume_finishes(tab, images, at_step):
+    from lib_mos.training import state_path
+    from modules import shared
+
+    harness, module = tab
+    before = model_hash(harness.model)
+    at_step[3] = shared.state.interrupt
+    _, status = run_job(module, *job_args(images, save_every=2))
+    out = Path(shared.cmd_opts.lora_dir) / "disc.safetensors"
+    assert "Interrupted at step 3 of 6" in status and str(out) in status, status
+    assert out.is_file() and state_path(out).is_file()
+    assert model_hash(harness.model) == before
+    at_step.clear()
+    _, status = run_job(module, *job_args(images, save_every=2, resume=True))
+    assert "Saved" in status, status
+    assert lora_files() == ["disc.safetensors"]  # the resume state is gone
+    assert model_hash(harness.model) == before
+
+
+def test_errors_are_one_message_and_write_nothing(tab, images, tmp_path):
+    from modules import shared
+
+    harness, module = tab
+    before = model_hash(harness.model)
+    missing = tmp_path / "no-such-folder"
+    _, status = run_job(module, *job_args(missing))
+    assert "error" in status and str(missing) in status and "Traceback" not in status, status
+    _, status = run_job(module, *job_args(images, name="../escape"))
+    assert "error" in status and "without folders" in status
+    _, status = run_job(module, *job_args(images, tokens="disc"))
+    assert "error" in status and "&lt;a&gt;+&lt;b&gt;" in status
+    harness.model.is_sdxl = True
+    try:
+        _, status = run_job(module, *job_args(images))
+        assert "error" in status and "SDXL" in status
+    finally:
+        del harness.model.is_sdxl
+    harness.model.lowvram = True
+    try:
+        _, status = run_job(module, *job_args(images))
+        assert "error" in status and "--lowvram" in status
+    finally:
+        del harness.model.lowvram
+    assert lora_files() == [] and model_hash(harness.model) == before
+    assert not hasattr(harness.model, "mos_training") and not shared.state.interrupted
+
+
+def test_generation_guard_refuses_while_training(tab):
+    """The always-on script refuses in its first hook (the host only reports it), and the tab's
+    guard on the UNet wrapper makes the generation itself fail with the same message."""
+    from modules import processing, scripts
+
+    harness, module = tab
+    concepts = next(s for s in scripts.scripts_txt2img.alwayson_scripts if s.title() == "Mix-of-Show concepts")
+    status = module.TrainingStatus(4, 10)
+    with module.generation_refused(harness.model, status):
+        with pytest.raises(RuntimeError, match=r"training is running \(step 4 of 10\).*interrupt it"):
+            concepts.before_process(processing.StableDiffusionProcessingTxt2Img())
+        with pytest.raises(RuntimeError, match=r"step 4 of 10"):
+            harness.txt2img("a cat", steps=1)
+        assert any("before_process" in e and "step 4 of 10" in e for e in scripts.reported_errors)
+        status.step = 5
+        with pytest.raises(RuntimeError, match=r"step 5 of 10"):
+            harness.txt2img("a cat", steps=1)
+    concepts.before_process(processing.StableDiffusionProcessingTxt2Img())
+    assert harness.txt2img("a cat", steps=1).images
+
+
+def test_a_merged_lora_is_taken_out_before_training(tab, images, at_step):
+    """A Lora the last generation applied stays merged in the host's weights; training sees the
+    checkpoint's own weights, and the next generation with that Lora is as before."""
+    from test_cli_trigger_words import write_kohya_lora
+
+    from modules import shared
+
+    harness, module = tab
+    write_kohya_lora(Path(shared.cmd_opts.lora_dir) / "hero.safetensors", activation_text="ohwx man")
+    base = model_hash(harness.model)
+    first = harness.txt2img("a man <lora:hero:1>", steps=2).images[0]
+    assert model_hash(harness.model) != base  # merged by the forward passes
+    during = []
+    at_step[1] = lambda: during.append(model_hash(harness.model))
+    _, status = run_job(module, *job_args(images, steps=2))
+    assert "Saved" in status and "Lora networks (hero) were taken out" in status, status
+    assert during == [base] and model_hash(harness.model) == base
+    again = harness.txt2img("a man <lora:hero:1>", steps=2).images[0]
+    assert torch.equal(torch.tensor(list(first.getdata())), torch.tensor(list(again.getdata())))
+
+
+def test_vae_moves_off_the_gpu_when_the_setting_asks(tab, images, at_step, monkeypatch):
+    """The host's "Move VAE and CLIP to RAM when training": the VAE goes to the CPU after the
+    images are encoded, comes back for each preview, and is on the GPU again at the end."""
+    from modules import devices, shared
+
+    harness, module = tab
+    shared.opts.unload_models_when_training = True
+    vae = harness.model.first_stage_model
+    moves: list[str] = []
+    real_to = vae.to
+
+    def to(*args, **kwargs):
+        moves.append(str(args[0]))
+        return real_to(*args, **kwargs)
+
+    monkeypatch.setattr(vae, "to", to)
+    at_step[1] = lambda: moves.append(f"step 1, parallel {shared.parallel_processing_allowed}")
+    _, status = run_job(module, *job_args(images, steps=2, sample_every=2))
+    assert "Saved" in status, status
+    device = str(devices.device)
+    assert moves == ["cpu", "step 1, parallel False", device, "cpu", device]
+    assert shared.parallel_processing_allowed

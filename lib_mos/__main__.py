@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from lib_mos import training_cli
+
 LDM_REPOSITORY = Path("repositories") / "stable-diffusion-stability-ai"
 
 
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     fuse.add_argument("--unet-weight", type=float, default=1.0, help="LoRA weight of every concept in the UNet")
     fuse.add_argument("--text-weight", type=float, default=1.0, help="LoRA weight in the text encoder")
     fuse.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    training_cli.add_parser(sub)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                         trigger=args.trigger)
     elif args.command == "fuse":
         return _fuse(args)
+    elif args.command == "train":
+        return training_cli.run(args)
     return 0
 
 

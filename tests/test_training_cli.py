@@ -1,0 +1,74 @@
+"""`python -m lib_mos train` as users run it: a concept from a folder, one clear line and no file for
+bad data, and Ctrl-C that stops at a step boundary leaving the last complete checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_training import write_discs
+
+from lib_mos.concept_files import read_concept
+from lib_mos.training import state_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "lib_mos", "train", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def common(base: Path, images: Path, out: Path, steps: int) -> list[str]:
+    return ["--base", str(base), "--images", str(images), "--out", str(out), "--class-word", "ball", "--steps",
+            str(steps), "--resolution", "64", "--batch-size", "2", "--views-per-image", "2", "--templates", "object"]
+
+
+def test_train_writes_a_concept(tiny_checkpoint, tmp_path):
+    out = tmp_path / "disc.safetensors"
+    proc = cli(*common(tiny_checkpoint, write_discs(tmp_path / "imgs", 2), out, 3), "--sample-every", "3",
+               "--sample-prompt", "a photo of <TOK>", "--sample-steps", "2")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "linear preview codec" in stdout and f"wrote {out}" in stdout
+    assert "train: steps |" in stderr and "3/3" in stderr  # the progress bar
+    concept = read_concept(out)
+    assert concept.tokens == ("<disc1>", "<disc2>") and concept.class_word == "ball"
+    assert (tmp_path / "disc-samples" / "step000003-0.png").is_file()
+    assert not state_path(out).exists()
+
+
+def test_bad_data_is_one_line_and_no_file(tiny_checkpoint, tmp_path):
+    images = write_discs(tmp_path / "imgs", 2)
+    (images / "disc1.txt").write_text("a red sphere")  # neither <TOK> nor the class word
+    out = tmp_path / "disc.safetensors"
+    proc = cli(*common(tiny_checkpoint, images, out, 3))
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "disc1.txt" in lines[0], stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+
+def test_ctrl_c_leaves_the_last_complete_checkpoint(tiny_checkpoint, tmp_path):
+    out = tmp_path / "disc.safetensors"
+    proc = cli(*common(tiny_checkpoint, write_discs(tmp_path / "imgs", 2), out, 500), "--save-every", "2")
+    try:
+        deadline = time.monotonic() + 240
+        line = ""
+        while "checkpoint at step" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        assert "checkpoint at step 2" in line, line
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted after step" in stderr and "--resume" in stderr
+    assert read_concept(out).tokens == ("<disc1>", "<disc2>") and state_path(out).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disc.safetensors", "disc.safetensors.train-state", "imgs"]

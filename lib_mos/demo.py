@@ -1,9 +1,10 @@
 """`make demo`: the product's main job end to end on the tiny random-weight SD1 model.
 
 1. build the tiny SD1 model and save it in the host's checkpoint layout;
+   train a small concept (<disc1> <disc2>) on a few generated pictures with the ED-LoRA trainer;
 2. write two concepts in the authors' ED-LoRA `.pth` layout (both key spellings) and convert
    them to our `.safetensors` concept format;
-3. fuse both concepts into one checkpoint (gradient fusion) and print the fusion report;
+3. fuse them and the trained concept into one checkpoint (gradient fusion) and print the fusion report;
 4. sample with the fused checkpoint, binding both concepts' tokens in one prompt;
 5. render a two-region image: a global prompt, one concept on each half (regional attention);
 6. a mixed set: write a kohya LoCon (LoRA on the text encoder's attention and MLP and the UNet's
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from lib_mos import binding, fused_checkpoint, fusion, fusion_report, sampling, sd1, synthetic
+from lib_mos import binding, fused_checkpoint, fusion, fusion_report, sampling, sd1, synthetic, training, vae
 from lib_mos.attention import RegionalContext
 from lib_mos.concept_files import read_concept, write_concept
 from lib_mos.regions import Region, RegionSpec, layer_masks
+from lib_mos.training_data import read_training_folder
 
 
 def regional_image(model: sd1.SD1Model, binder: binding.PromptBinder, path: Path, *, seed: int, size: int,
@@ -103,6 +105,34 @@ def mixed_set(model: sd1.SD1Model, base: Path, specs: list[fused_checkpoint.Conc
     return [c.name for c in concepts]
 
 
+def trained_concept(model: sd1.SD1Model, out: Path, *, seed: int, wrote) -> Path:
+    """A red-disc concept trained on four generated pictures (tiny model: seconds)."""
+    from PIL import Image, ImageDraw
+
+    folder = out / "training-images"
+    folder.mkdir(exist_ok=True)
+    for k in range(4):
+        box = (8 + 4 * k, 10, 44 + 4 * k, 50)
+        img = Image.new("RGB", (64, 64), (20 + 50 * k, 40, 200 - 40 * k))
+        ImageDraw.Draw(img).ellipse(box, fill=(220, 30, 30))
+        img.save(folder / f"disc{k}.png")
+        (folder / f"disc{k}.txt").write_text("a red ball, plain ground")
+        wrote(folder / f"disc{k}.png", "training picture")
+        wrote(folder / f"disc{k}.txt", "  its caption (the class word 'ball' marks the concept)")
+    settings = training.TrainSettings(tokens=("<disc1>", "<disc2>"), class_word="ball", steps=40, batch_size=2,
+                                      resolution=64, lr_unet=2e-3, lr_text=1e-4, lr_embedding=1e-2,
+                                      templates="object", views_per_image=4, seed=seed)
+    losses: list[float] = []
+    path = out / "concepts" / "disc.safetensors"
+    t0 = time.perf_counter()
+    training.train(model, settings, read_training_folder(folder, class_word="ball"), path, encoder=vae.PreviewEncoder(),
+                   overwrite=True, progress=lambda p: losses.append(p.loss))
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    wrote(path, f"trained concept <disc1> <disc2>: {settings.steps} steps in {time.perf_counter() - t0:.1f} s, "
+                f"loss {first:.3f} -> {last:.3f} (mean of the first and last 10 steps)")
+    return path
+
+
 def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -128,6 +158,7 @@ def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> li
 
     concept_dir = out / "concepts"
     concept_dir.mkdir(exist_ok=True)
+    disc = trained_concept(model, out, seed=seed, wrote=wrote)
     specs = []
     for k, (tokens, spelling) in enumerate(((("<cat1>", "<cat2>"), "main"), (("<dog1>", "<dog2>"), "research_branch"))):
         concept = synthetic.random_concept(model, tokens, seed=seed + 10 + k)
@@ -138,9 +169,9 @@ def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> li
         wrote(ours, "  converted to our concept format (also a kohya LoRA for the WebUI)")
         specs.append(fused_checkpoint.ConceptSpec(str(ours)))
 
-    fused_path = out / "fused-cat-dog.safetensors"
+    fused_path = out / "fused-cat-dog-disc.safetensors"
     settings = fusion.FusionSettings(spatial_steps=steps, spatial_size=size, seed=seed)
-    path, result = fused_checkpoint.fuse_checkpoint(base, specs, fused_path, settings, dtype=torch.float32, overwrite=True)
+    path, result = fused_checkpoint.fuse_checkpoint(base, [*specs, fused_checkpoint.ConceptSpec(str(disc))], fused_path, settings, dtype=torch.float32, overwrite=True)
     print("gradient fusion report (relative output error per concept and stage; lower is better):")
     print("  " + fusion_report.format_report(result.report).replace("\n", "\n  "))
     wrote(path, "fused checkpoint (" + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()) + ")")

@@ -59,16 +59,17 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == ["concepts/cat1-edlora-main.pth", "concepts/cat1.safetensors",
+    assert written == ["concepts/cat1-edlora-main.pth", "concepts/cat1.safetensors", "concepts/disc.safetensors",
                        "concepts/dog1-edlora-research_branch.pth", "concepts/dog1.safetensors",
                        "concepts/ohwx-corgi-locon.safetensors", "concepts/ohwx-corgi.safetensors",
                        "concepts/sks-vase-loha.safetensors", "concepts/sks-vase.safetensors",
-                       "fused-cat-and-dog.png", "fused-cat-dog.safetensors", "fused-mixed.png", "fused-mixed.safetensors",
-                       "regional-cat-left-dog-right.png", "tiny-sd1.safetensors",
+                       "fused-cat-and-dog.png", "fused-cat-dog-disc.safetensors", "fused-mixed.png",
+                       "fused-mixed.safetensors", "regional-cat-left-dog-right.png", "tiny-sd1.safetensors",
+                       *[f"training-images/disc{k}.{ext}" for k in range(4) for ext in ("png", "txt")],
                        "txt2img-a-photo-of-a-cat.png", "txt2img-a-photo-of-a-dog.png"]
     for name in written:
         assert str(out / name) in proc.stdout
-    assert "gradient fusion report" in proc.stdout
+    assert "gradient fusion report" in proc.stdout and "trained concept <disc1> <disc2>: 40 steps" in proc.stdout
     loaded = sd1.load_checkpoint(out / "tiny-sd1.safetensors")
     assert len(sd1.attn2_modules(loaded.unet)) == 16
     _check_mixed_set(out, proc.stdout, loaded)

@@ -1,5 +1,5 @@
 """The extension in the real WebUI v1.10.1, driven as a user drives it: the HTTP API, the CLIs run
-with the WebUI's own Python from the extension's folder, and the fusion tab in Chromium.
+with the WebUI's own Python from the extension's folder, and the fusion and training tabs in Chromium.
 
 The tests run in file order on one host process and build on each other (files converted first
 are used later). The first and the last test generate the same plain image; after everything in
@@ -347,6 +347,48 @@ def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):
             choose=False)
         assert not browser.errors, browser.errors
     assert (realhost.checkpoints / "fused-tab.safetensors").is_file()
+
+
+def test_training_tab_in_the_browser(realhost, tmp_path):
+    """A user trains a concept in the tab on the loaded SD1.5 (two 64 px pictures, two steps): the
+    host's progress bar shows, the concept lands in models/Lora and the Lora list at once, and the
+    model is left as it was (the last test's image is pixel-identical to the first's)."""
+    from browser import Browser
+    from PIL import Image, ImageDraw
+
+    base = next(t["title"] for t in realhost.get("/sdapi/v1/sd-models") if t["model_name"] == "sd15-random")
+    if realhost.get("/sdapi/v1/options")["sd_model_checkpoint"] != base:
+        realhost.post("/sdapi/v1/options", {"sd_model_checkpoint": base})
+    folder = tmp_path / "discs"
+    folder.mkdir()
+    for k in range(2):
+        img = Image.new("RGB", (64, 64), (30 + 90 * k, 60, 200))
+        ImageDraw.Draw(img).ellipse((10 + 6 * k, 12, 46 + 6 * k, 50), fill=(220, 30, 30))
+        img.save(folder / f"disc{k}.png")
+        (folder / f"disc{k}.txt").write_text("a red ball")
+    with Browser() as browser:
+        page = browser.page
+        page.goto(realhost.url, timeout=120_000)
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show training')", timeout=120_000)
+        for elem, value in (("mos_train_folder", str(folder)), ("mos_train_name", "disc-tab"),
+                            ("mos_train_class_word", "ball")):
+            page.fill(f"#{elem} textarea, #{elem} input", value)
+        page.fill("#mos_train_tokens textarea, #mos_train_tokens input", "<disctab1>+<disctab2>")
+        for elem, value in (("mos_train_steps", "2"), ("mos_train_batch_size", "1"), ("mos_train_resolution", "64")):
+            page.fill(f"#{elem} input[type=number]", value)
+            page.press(f"#{elem} input[type=number]", "Enter")
+        page.click("#mos_train_run")
+        page.wait_for_selector(".progressDiv", timeout=120_000)  # the host's own progress bar
+        page.wait_for_function("() => /Saved|rror|Interrupted/.test("
+                               "gradioApp().querySelector('#mos_train_status').textContent)", timeout=1_200_000)
+        status = page.inner_text("#mos_train_status")
+        print(f"training tab status: {status}")
+        assert "Saved" in status and "disc-tab.safetensors" in status
+        assert not browser.errors, browser.errors
+    assert (realhost.loras / "disc-tab.safetensors").is_file()
+    assert "disc-tab" in [lora["name"] for lora in realhost.get("/sdapi/v1/loras")]
+    result = realhost.txt2img(prompt="a photo of <disctab1> <disctab2>", seed=3)  # bound at once
+    assert len(images(result)) == 1
 
 
 def test_plain_image_after_everything_is_identical(realhost):

@@ -583,17 +583,18 @@ class ConceptTrainer:
             t = torch.randint(0, ac.shape[0], (b,), generator=self.gen).to(self.device)
             a = ac[t].reshape(b, 1, 1, 1)
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                                enabled=self.autocast is not None):
-                context, slots = self.encode_text(captions)
-                if isinstance(recorder, _AttentionRecorder):
-                    recorder.slots, recorder.maps = slots, []
-                with attn2_processor(model.unet, recorder):
+            # backward inside the processor: gradient checkpointing runs the UNet blocks again then
+            with attn2_processor(model.unet, recorder):
+                with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                                    enabled=self.autocast is not None):
+                    context, slots = self.encode_text(captions)
+                    if isinstance(recorder, _AttentionRecorder):
+                        recorder.slots, recorder.maps = slots, []
                     pred = model.unet(noisy.to(context.dtype) if self.autocast is None else noisy, t, context=context)
-            loss = masked_eps_loss(pred, noise, v.area[index])
-            if isinstance(recorder, _AttentionRecorder) and recorder.maps:
-                loss = loss + s.attn_reg_weight * attention_regulariser(recorder.maps, v.subject[index])
-            self.scaler.scale(loss / s.grad_accum).backward()
+                loss = masked_eps_loss(pred, noise, v.area[index])
+                if isinstance(recorder, _AttentionRecorder) and recorder.maps:
+                    loss = loss + s.attn_reg_weight * attention_regulariser(recorder.maps, v.subject[index])
+                self.scaler.scale(loss / s.grad_accum).backward()
             total += float(loss.detach()) / s.grad_accum
         self.scaler.step(self.optimizer)
         self.scaler.update()

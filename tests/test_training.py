@@ -240,6 +240,24 @@ def test_attention_regulariser_enters_the_loss(tiny, images):
     assert regularised > plain + 1e-3  # same seed, same batch: the difference is the regulariser
 
 
+def test_gradient_checkpointing_gives_the_same_step(tiny, images):
+    """Checkpointed UNet blocks are recomputed in backward (with the layer-wise context and the
+    attention recorder still installed): the same parameters after two steps as without."""
+    def after_two(checkpointing: bool) -> training.ConceptTrainer:
+        s = dataclasses.replace(BASE, gradient_checkpointing=checkpointing, attn_reg_weight=0.01)
+        trainer = training.ConceptTrainer(tiny, s, images, encoder=vae.PreviewEncoder())
+        with trainer.installed():
+            trainer.train_step()
+            trainer.train_step()
+        return trainer
+
+    plain, checkpointed = after_two(False), after_two(True)
+    torch.testing.assert_close(checkpointed.rows, plain.rows, rtol=1e-5, atol=1e-6)
+    for name in plain.unet_lora.names:
+        torch.testing.assert_close(checkpointed.unet_lora.up[name], plain.unet_lora.up[name], rtol=1e-4, atol=1e-6)
+    assert not any("forward" in block.__dict__ for block in tiny.unet.input_blocks)  # unwrapped again
+
+
 def test_resume_equals_one_run(tiny, images, tmp_path):
     s = dataclasses.replace(BASE, steps=8, save_every=4, attn_reg_weight=0.01)
     whole = train(tiny, s, images, tmp_path / "whole.safetensors", encoder=vae.PreviewEncoder())

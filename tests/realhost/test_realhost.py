@@ -378,9 +378,15 @@ def test_training_tab_in_the_browser(realhost, tmp_path):
             page.fill(f"#{elem} input[type=number]", value)
             page.press(f"#{elem} input[type=number]", "Enter")
         page.click("#mos_train_run")
-        page.wait_for_selector(".progressDiv", timeout=120_000)  # the host's own progress bar
-        page.wait_for_function("() => /Saved|rror|Interrupted/.test("
-                               "gradioApp().querySelector('#mos_train_status').textContent)", timeout=1_200_000)
+        try:  # the host's own progress bar, with the trainer's step and loss
+            page.wait_for_function("() => /Mix-of-Show training/.test(Array.from(gradioApp().querySelectorAll("
+                                   "'.progressDiv')).map(d => d.textContent).join(' '))", timeout=300_000)
+            page.wait_for_function("() => /Saved|rror|Interrupted/.test("
+                                   "gradioApp().querySelector('#mos_train_status').textContent)", timeout=1_200_000)
+        finally:
+            page.screenshot(path=str(tmp_path / "training-tab.png"))
+            print("screenshot:", tmp_path / "training-tab.png", "| console errors:", browser.errors)
+            print("status now:", page.inner_text("#mos_train_status"))
         status = page.inner_text("#mos_train_status")
         print(f"training tab status: {status}")
         assert "Saved" in status and "disc-tab.safetensors" in status

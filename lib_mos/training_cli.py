@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
             model.unet.to(half)  # frozen weights in half precision; the trained parameters stay fp32
             model.text_encoder.to(half)
         encoder, decoder, codec = vae.image_codec(args.base, device=device, vae=args.vae)
+        if isinstance(encoder, vae.PreviewEncoder) and model.config.model_channels >= 320:
+            raise ValueError(f"{args.base}: has no VAE (first_stage_model.*), and a full-size model cannot learn from "
+                             "the linear stand-in used for tests; pass --vae FILE")
         print(f"{args.base}: {codec}; {len(images)} images from {args.images}", flush=True)
         samples = args.out.with_name(args.out.stem + "-samples")
 

@@ -555,6 +555,13 @@ class ConceptTrainer:
             z = te(input_ids=ids.repeat_interleave(L, dim=0)).last_hidden_state
         return z.reshape(len(captions), L, *z.shape[1:]), first.to(self.device)
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast in the run's dtype, or nothing: torch 2.1's CPU autocast refuses any dtype but
+        bf16 even when disabled."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     def lrs(self) -> list[float]:
         """Linear decay to 0 over the run, per group."""
         frac = 1.0 - self.step / self.settings.steps
@@ -585,8 +592,7 @@ class ConceptTrainer:
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
             # backward inside the processor: gradient checkpointing runs the UNet blocks again then
             with attn2_processor(model.unet, recorder):
-                with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                                    enabled=self.autocast is not None):
+                with self._autocast():
                     context, slots = self.encode_text(captions)
                     if isinstance(recorder, _AttentionRecorder):
                         recorder.slots, recorder.maps = slots, []
@@ -632,7 +638,7 @@ class ConceptTrainer:
         self.model.unet.eval()
         self.model.text_encoder.eval()
         prompts = [p.replace(PLACEHOLDER, s.concept_words) for p in prompts]
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+        with self._autocast():
             cond, _ = self.encode_text(prompts)
             uncond, _ = self.encode_text([""] * len(prompts))
             latents = sampling.sample_euler(self.model, cond, uncond, seeds=[s.seed + i for i in range(len(prompts))],

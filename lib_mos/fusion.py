@@ -226,6 +226,15 @@ def _weights(root: nn.Module, weights: dict[str, torch.Tensor], biases: dict[str
             param.data = original
 
 
+@contextmanager
+def fused_weights(model: SD1Model, result: FusionResult) -> Iterator[None]:
+    """`result`'s fused weights in the live model for the duration of the block (as if the fused
+    checkpoint were loaded); the original tensors are put back afterwards."""
+    with _weights(model.text_encoder, result.text_weights, result.text_biases), \
+            _weights(model.unet, result.unet_weights, result.unet_biases):
+        yield
+
+
 def _layer_rows(layer: nn.Module, with_bias: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """A layer's input -> the rows its weight multiplies: a linear's inputs as they are, a conv's
     input patches (`F.unfold`, in the order of the weight's [out, in * kh * kw] view); with a

@@ -1,0 +1,134 @@
+"""`python -m lib_mos.toyworld COMMAND`: build the toy world's weights (see docs/toyworld.md).
+
+    train-probes  --out DIR              the attribute and concept probes (minutes), with held-out accuracy
+    train-base    --out RUN [--steps N]  the base model; run it again to resume; RUN/base.safetensors at the end
+    curve         --run RUN --probes DIR the learning curve: probe scores of every EMA snapshot, JSON lines
+    tune-concepts --weights DIR          the novel concepts with the ED-LoRA trainer, and their identity alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from lib_mos.concepts import applied
+from lib_mos.toyworld import base, measure, novel, probe, weights
+from lib_mos.toyworld.codec import PatchCodec
+
+
+def _codec(folder: Path) -> PatchCodec:
+    path = folder / weights.CODEC
+    if path.exists():
+        return PatchCodec.load(path)
+    codec = PatchCodec.fit()
+    folder.mkdir(parents=True, exist_ok=True)
+    codec.save(path)
+    return codec
+
+
+def _train_probes(args: argparse.Namespace) -> int:
+    codec = _codec(args.out)
+    jobs = (("attributes", weights.ATTRIBUTE_PROBE, probe.ATTRIBUTE_HEADS, probe.attribute_batch, 0),
+            ("concepts", weights.CONCEPT_PROBE, {"concept": len(probe.concept_classes())}, probe.concept_batch, 1))
+    for name, file, heads, make, seed in jobs:
+        t0 = time.perf_counter()
+        p = probe.train_probe(heads, make, codec, steps=args.steps, seed=seed, log=lambda m: None)
+        info = {"augmented": probe.held_out_accuracy(p, make, codec),
+                "clean": probe.held_out_accuracy(p, make, codec, augmented=False),
+                "steps": args.steps, "seconds": round(time.perf_counter() - t0, 1)}
+        p.save(args.out / file, info)
+        print(json.dumps({"probe": name, **info}), flush=True)
+    return 0
+
+
+def _train_base(args: argparse.Namespace) -> int:
+    stop = {"now": False}
+
+    def on_signal(signum, frame) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _codec(args.out)
+    final = base.train_base(args.out, base.BaseSettings(steps=args.steps),
+                            log=lambda m: print(m, flush=True), should_stop=lambda: stop["now"])
+    return 0 if final else 130
+
+
+def _curve(args: argparse.Namespace) -> int:
+    codec = PatchCodec.load(args.run / weights.CODEC)
+    attributes, _ = probe.Probe.load(args.probes / weights.ATTRIBUTE_PROBE)
+    for snap in sorted((args.run / "snapshots").glob("ema-*.safetensors")):
+        step = int(snap.stem.split("-")[1])
+        scores = measure.base_accuracy(base.load_base(snap), codec, attributes, seeds_per_caption=args.seeds)
+        print(json.dumps({"step": step, **{k: round(v, 4) for k, v in scores.items()}}), flush=True)
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    folder = args.weights
+    model = base.load_base(folder / weights.BASE)
+    codec = PatchCodec.load(folder / weights.CODEC)
+    concept_probe, _ = probe.Probe.load(folder / weights.CONCEPT_PROBE)
+    for label, concept in enumerate(novel.NOVEL):
+        if args.only and concept.style not in args.only:
+            continue
+        t0 = time.perf_counter()
+        out = weights.concept_path(folder, concept.style)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        trained = novel.tune(model, codec, concept, out, steps=args.steps)
+        seconds = time.perf_counter() - t0
+        with applied([(trained, 1.0, 1.0)], model.unet, model.text_encoder):
+            identity = measure.identity_rate(model, codec, concept_probe, [trained], [label], seeds=args.seeds)[0]
+        print(json.dumps({"concept": concept.style, "tokens": list(concept.tokens),
+                          "steps": novel.settings(concept, args.steps).steps,
+                          "seconds": round(seconds, 1), "identity_alone": identity}), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib_mos.toyworld", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train-probes")
+    p.add_argument("--out", type=Path, default=weights.WEIGHTS)
+    p.add_argument("--steps", type=int, default=1000)
+    p = sub.add_parser("train-base")
+    p.add_argument("--out", type=Path, required=True, help="run folder (state, log, snapshots)")
+    p.add_argument("--steps", type=int, default=base.BaseSettings.steps)
+    p = sub.add_parser("curve")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--probes", type=Path, default=weights.WEIGHTS)
+    p.add_argument("--seeds", type=int, default=2, help="samples per caption (48 captions)")
+    p = sub.add_parser("tune-concepts")
+    p.add_argument("--weights", type=Path, default=weights.WEIGHTS)
+    p.add_argument("--steps", type=int, help="training steps (default: the concept's recipe, novel.RECIPES)")
+    p.add_argument("--seeds", type=int, default=32)
+    p.add_argument("--only", nargs="*", help="styles to tune (default: all)")
+    p = sub.add_parser("publish", help="copy a finished run's base, codec and log into the weights folder")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--to", type=Path, default=weights.WEIGHTS)
+    args = parser.parse_args(argv)
+    if args.command == "train-probes":
+        return _train_probes(args)
+    if args.command == "train-base":
+        return _train_base(args)
+    if args.command == "curve":
+        return _curve(args)
+    if args.command == "tune-concepts":
+        return _tune(args)
+    if args.command == "publish":
+        args.to.mkdir(parents=True, exist_ok=True)
+        for name in (weights.BASE, weights.CODEC, base.LOG):
+            shutil.copy2(args.run / name, args.to / (name if name != base.LOG else "base-train-log.jsonl"))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,9 @@
    LyCORIS LoHa, both as trainers save them (no tokens: trigger words, read from the tag
    frequencies), convert them, fuse them with the two ED-LoRA concepts and print that report;
    sample with the mixed checkpoint, tokens and trigger words in one prompt.
+7. the toy world (lib_mos.toyworld), when its committed weights are present: three novel concepts
+   fused into the trained base, composed regionally into a picture a person can judge, and the
+   committed fidelity table.
 Every file written is printed. Later features add their steps here.
 """
 
@@ -26,6 +29,7 @@ from lib_mos import binding, fused_checkpoint, fusion, fusion_report, sampling, 
 from lib_mos.attention import RegionalContext
 from lib_mos.concept_files import read_concept, write_concept
 from lib_mos.regions import Region, RegionSpec, layer_masks
+from lib_mos.toyworld import weights as toy_weights
 from lib_mos.training_data import read_training_folder
 
 
@@ -190,5 +194,12 @@ def run_demo(out: Path, *, seed: int = 0, size: int = 64, steps: int = 12) -> li
 
     mixed = mixed_set(model, base, specs, concept_dir, out, seed=seed, size=size, steps=steps, wrote=wrote)
     print(f"mixed set fused: {', '.join(mixed)}")
+
+    if toy_weights.available():
+        from lib_mos.toyworld import demo as toy_demo
+
+        toy_demo.run(out, wrote, seed=seed)
+    else:
+        print(f"toy world skipped: no weights under {toy_weights.WEIGHTS} (docs/toyworld.md says how to train them)")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; wrote {len(written)} files under {out}/")
     return written

@@ -65,6 +65,7 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
                        "concepts/sks-vase-loha.safetensors", "concepts/sks-vase.safetensors",
                        "fused-cat-and-dog.png", "fused-cat-dog-disc.safetensors", "fused-mixed.png",
                        "fused-mixed.safetensors", "regional-cat-left-dog-right.png", "tiny-sd1.safetensors",
+                       "toyworld-composition.png", "toyworld-fused-rings-frame-zebra.safetensors",
                        *[f"training-images/disc{k}.{ext}" for k in range(4) for ext in ("png", "txt")],
                        "txt2img-a-photo-of-a-cat.png", "txt2img-a-photo-of-a-dog.png"]
     for name in written:
@@ -73,6 +74,12 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
     loaded = sd1.load_checkpoint(out / "tiny-sd1.safetensors")
     assert len(sd1.attn2_modules(loaded.unet)) == 16
     _check_mixed_set(out, proc.stdout, loaded)
+    # the toy world: a composition a person can judge (reference row + 4 samples, 3 regions wide)
+    from PIL import Image
+
+    picture = Image.open(out / "toyworld-composition.png")
+    assert picture.size == (3 * 32 * 4, (5 * 32 + 4) * 4)
+    assert "toy world fidelity" in proc.stdout and "3 concept(s), fused" in proc.stdout
 
 
 def _check_mixed_set(out: Path, stdout: str, base: sd1.SD1Model) -> None:

@@ -1,0 +1,129 @@
+"""Benchmark: do concepts keep their identity when merged, and land where they are drawn?
+
+On the toy world (lib_mos.toyworld: a tiny SD1-topology model trained from scratch on generated
+32x32 pictures, and novel concepts tuned with the product's ED-LoRA trainer), for 2, 3 and 5
+concepts merged into one model:
+
+- fused:   the product's gradient fusion (lib_mos.fusion.fuse, exact solver, default settings
+           except the toy world's prompt templates and picture size);
+- average: every concept's LoRA merged at weight 1/N (weight averaging);
+- stacked: every LoRA merged at full weight (LoRA stacking).
+
+identity: the share of "a <tok1> <tok2>" pictures the concept probe reads as that concept (mean
+over the concepts; every concept's tokens bound). placement: regional composition of 2 and 3
+concepts side by side (a global prompt naming their shapes, one region per concept, the
+product's RegionalContext), the share of pictures in which every region's crop is its own
+concept. "single" rows are each concept alone with its own LoRA: the ceiling.
+
+    .venv/bin/python bench/fidelity.py            # 32 seeds per measure, 30 sampling steps
+    .venv/bin/python bench/fidelity.py --quick    # 8 seeds, 20 steps (a few minutes on 2 cores)
+
+One JSON line per configuration (keys concepts, method, identity, placement where composed),
+then a Markdown table. It reports; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib_mos import fusion
+from lib_mos.concepts import Concept, applied
+from lib_mos.toyworld import measure, weights
+from lib_mos.toyworld.codec import to_pil
+
+METHODS = ("fused", "average", "stacked")
+TEMPLATES = ("a {}", "{}")  # the toy world's captions around the concept's tokens
+
+
+def fusion_settings(quick: bool) -> fusion.FusionSettings:
+    return fusion.FusionSettings(templates=TEMPLATES, spatial_size=128, spatial_steps=10 if quick else 20)
+
+
+@contextlib.contextmanager
+def merged(world: weights.ToyWorld, concepts: Sequence[Concept], method: str, quick: bool) -> Iterator[list[Concept]]:
+    """The model with `concepts` merged by `method`, and the concepts to bind (their token rows)."""
+    model, n = world.model, len(concepts)
+    if method == "fused":
+        result = fusion.fuse(model, [fusion.FusionInput(c) for c in concepts], fusion_settings(quick))
+        with fusion.fused_weights(model, result):
+            yield result.concepts
+    elif method in ("average", "stacked", "single"):
+        w = 1.0 / n if method == "average" else 1.0
+        with applied([(c, w, w) for c in concepts], model.unet, model.text_encoder):
+            yield list(concepts)
+    else:
+        raise ValueError(method)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    world = weights.load(args.weights)
+    sampler = measure.Sampler(steps=20 if args.quick else 30)
+    seeds = 8 if args.quick else 32
+    rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    singles = []
+    for label, concept in enumerate(world.concepts):
+        with merged(world, [concept], "single", args.quick) as bound:
+            singles.append(measure.identity_rate(world.model, world.codec, world.concept_probe, bound, [label],
+                                                 seeds=seeds, sampler=sampler)[0])
+    emit({"concepts": 1, "method": "single", "identity": sum(singles) / len(singles),
+          "identity_per_concept": dict(zip((c.name for c in world.concepts), singles))})
+    for n in args.counts:
+        chosen, labels = world.concepts[:n], list(range(n))
+        for method in METHODS:
+            t0 = time.perf_counter()
+            with merged(world, chosen, method, args.quick) as bound:
+                identity = measure.identity_rate(world.model, world.codec, world.concept_probe, bound, labels,
+                                                 seeds=seeds, sampler=sampler)
+                row = {"concepts": n, "method": method, "identity": sum(identity) / n,
+                       "identity_per_concept": dict(zip((c.name for c in chosen), identity))}
+                if n in args.compose:
+                    rate, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, bound, labels,
+                                                        world.classes[:n], seeds=seeds, sampler=sampler)
+                    row["placement"] = rate
+                    if args.images:
+                        args.images.mkdir(parents=True, exist_ok=True)
+                        for i, pic in enumerate(to_pil(pics[:4])):
+                            pic.resize((pic.width * 4, pic.height * 4), 0).save(
+                                args.images / f"compose-{n}-{method}-{i}.png")
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            emit(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| concepts | method | identity | placement |", "|---|---|---|---|"]
+    for r in rows:
+        placement = f"{r['placement']:.0%}" if "placement" in r else ""
+        lines.append(f"| {r['concepts']} | {r['method']} | {r['identity']:.0%} | {placement} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--weights", type=Path, default=weights.WEIGHTS)
+    parser.add_argument("--counts", type=int, nargs="+", default=[2, 3, 5])
+    parser.add_argument("--compose", type=int, nargs="*", default=[2, 3], help="concept counts also composed regionally")
+    parser.add_argument("--images", type=Path, help="save a few composition pictures here")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    rows = run(args)
+    print(table(rows))
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The toy world: generator, codec, probes, the committed weights and the measurements on them.
+
+The committed weights are part of the repository (lib_mos/toyworld/weights), so these tests use
+them directly; the sampling ones use few seeds and steps and stay within seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib_mos import fusion, sd1
+from lib_mos.concepts import applied
+from lib_mos.toyworld import base, measure, novel, probe, weights, world
+from lib_mos.toyworld.codec import SD_PIXELS, PatchCodec, to_tensor
+
+
+@pytest.fixture(scope="module")
+def toy() -> weights.ToyWorld:
+    return weights.load()
+
+
+# ------------------------------------------------------------------------------------ world
+
+
+def test_batches_are_deterministic_by_seed():
+    a, scenes_a = world.batch(7, 6, two_fraction=0.5)
+    b, scenes_b = world.batch(7, 6, two_fraction=0.5)
+    c, _ = world.batch(8, 6, two_fraction=0.5)
+    assert np.array_equal(a, b) and scenes_a == scenes_b
+    assert not np.array_equal(a, c)
+
+
+def test_render_paints_the_named_colour_shape_and_texture():
+    red = world.render(world.Scene((world.Thing("circle", "red", cx=16, cy=16, r=9),), "black"))
+    assert np.allclose(red[16, 16], world.COLOURS["red"], atol=1e-6)
+    assert np.allclose(red[1, 1], (0.03, 0.03, 0.03), atol=1e-6)  # background corner
+    area = world.coverage("circle", 16, 16, 9).sum()
+    assert abs(area - np.pi * 81) < 0.03 * np.pi * 81
+    square = world.coverage("square", 16, 16, 9).sum()
+    assert abs(square - (2 * 0.82 * 9) ** 2) < 0.05 * square
+    tri = world.coverage("triangle", 16, 16, 9)
+    assert tri[8:16].sum() < tri[16:24].sum()  # apex up: narrower on top
+    striped = world.render(world.Scene((world.Thing("square", "blue", "striped", cx=16, cy=16, r=10),), "black"))
+    col = striped[12:24, 16, 2]
+    assert col[0] > 0.9 and col[2] < 0.4 and col[4] > 0.9  # rows 12-13 light, 14-15 dark, 16-17 light
+
+
+def test_captions_name_objects_left_to_right():
+    rng = np.random.default_rng(3)
+    scene = world.random_scene(rng, 2)
+    left, right = scene.things
+    assert left.cx + left.r <= 16 + 0.5 <= right.cx - right.r + 1
+    assert scene.caption() == f"a {left.words()} and a {right.words()}"
+    assert world.Scene((world.Thing("cross", "green", "plain"),)).caption() == "a green cross"
+    with pytest.raises(ValueError, match="novel-style"):
+        world.Scene((world.Thing("circle", style="rings"),)).caption()
+
+
+# ------------------------------------------------------------------------------------ codec
+
+
+def test_codec_round_trip_and_the_trainer_interface():
+    codec = PatchCodec.load(weights.WEIGHTS / weights.CODEC)
+    images, _ = world.batch(11, 32, two_fraction=0.3)
+    x = to_tensor(images)
+    z = codec.encode(x)
+    assert z.shape == (32, 4, 16, 16)
+    assert 0.4 < float(z.std()) < 1.6  # whitened: about unit variance, like SD latents
+    assert float((codec.decode(z) - x).abs().mean()) < 0.05
+    # the trainer sees 128-px pictures (4x nearest): its encoder must give the same latents
+    up = F.interpolate(x, scale_factor=SD_PIXELS // world.SIZE, mode="nearest")
+    mean, std = codec.encoder()(up)
+    assert torch.allclose(mean, z, atol=1e-5) and not std.any()
+    refit = PatchCodec.fit()
+    assert torch.allclose(refit.basis, codec.basis, atol=1e-4)  # the committed codec is the documented fit
+
+
+# ------------------------------------------------------------------------------------ probes
+
+
+def test_probes_read_held_out_renders():
+    codec = PatchCodec.load(weights.WEIGHTS / weights.CODEC)
+    attributes, info = probe.Probe.load(weights.WEIGHTS / weights.ATTRIBUTE_PROBE)
+    concepts, _ = probe.Probe.load(weights.WEIGHTS / weights.CONCEPT_PROBE)
+    assert min(info["augmented"].values()) >= 0.99  # what train-probes measured on 2000 renders
+    acc = probe.held_out_accuracy(attributes, probe.attribute_batch, codec, n=400, seed=777)
+    assert min(acc.values()) >= 0.98, acc
+    acc = probe.held_out_accuracy(concepts, probe.concept_batch, codec, n=400, seed=778)
+    assert acc["concept"] >= 0.98, acc
+    # they read what is there: a blue picture is not called red
+    blue = to_tensor(world.render(world.Scene((world.Thing("square", "blue", cx=16, cy=16, r=9),)))[None])
+    assert attributes.predict(blue)["colour"][0] == list(world.COLOURS).index("blue")
+
+
+# ------------------------------------------------------------------------------------ base model
+
+
+def test_committed_base_is_an_sd1_model_under_30_mb(toy):
+    path = weights.WEIGHTS / weights.BASE
+    assert path.stat().st_size < 30e6
+    assert [n for n, _ in sd1.attn2_modules(toy.model.unet)] == list(sd1.ATTN2_NAMES)
+    assert toy.model.config == base.BASE_CONFIG
+
+
+def test_base_draws_what_the_caption_says(toy):
+    things = [world.Thing("circle", "red", "plain"), world.Thing("square", "blue", "striped"),
+              world.Thing("triangle", "yellow", "checked"), world.Thing("cross", "green", "plain")]
+    prompts = [f"a {t.words()}" for t in things]
+    pics = measure.pictures(toy.model, toy.codec, prompts, [5, 6, 7, 8], sampler=measure.Sampler(steps=20))
+    pred = toy.attribute_probe.predict(pics)
+    colours = [list(world.COLOURS).index(t.colour) for t in things]
+    shapes = [world.SHAPES.index(t.shape) for t in things]
+    assert (pred["colour"] == colours).sum() >= 3, pred
+    assert (pred["shape"] == shapes).sum() >= 3, pred
+
+
+def test_base_training_resumes_exactly(tmp_path):
+    s = base.BaseSettings(steps=3, batch_size=2, warmup=2, save_every=1000, snapshot_every=1000)
+    straight = base.BaseTrainer(tmp_path / "a", s)
+    for _ in range(3):
+        straight.train_step()
+    (tmp_path / "b").mkdir()
+    first = base.BaseTrainer(tmp_path / "b", s)
+    for _ in range(2):
+        first.train_step()
+    first.save_state()
+    resumed = base.BaseTrainer(tmp_path / "b", s)
+    resumed.load_state()
+    assert resumed.step == 2
+    resumed.train_step()
+    for k, p in straight.params.items():
+        assert torch.equal(p, resumed.params[k]), k
+        assert torch.equal(straight.ema[k], resumed.ema[k]), k
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    s = base.BaseSettings(steps=2, batch_size=2)
+    t = base.BaseTrainer(tmp_path, s)
+    t.save_state()
+    other = base.BaseTrainer(tmp_path, base.BaseSettings(steps=2, batch_size=2, lr=1e-3))
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        other.load_state()
+
+
+# ------------------------------------------------------------------------------------ concepts
+
+
+def test_concept_is_recognised_only_with_its_lora_and_tokens(toy):
+    label = 0
+    concept = toy.concepts[label]
+    sampler = measure.Sampler(steps=20)
+    with applied([(concept, 1.0, 1.0)], toy.model.unet, toy.model.text_encoder):
+        tuned = measure.identity_rate(toy.model, toy.codec, toy.concept_probe, [concept], [label], seeds=4,
+                                      sampler=sampler)[0]
+    plain = measure.pictures(toy.model, toy.codec, [f"a {toy.classes[label]}"] * 4, list(range(2000, 2004)),
+                             sampler=sampler)
+    untuned = float((toy.concept_probe.predict(plain)["concept"] == label).mean())
+    assert tuned >= 0.75 and untuned <= 0.25, (tuned, untuned)
+
+
+def test_training_images_are_the_concepts_renders():
+    imgs = novel.training_images(novel.NOVEL[1])
+    assert len(imgs) == novel.IMAGES_PER_CONCEPT
+    assert all(i.image.size == (SD_PIXELS, SD_PIXELS) and "<TOK>" in i.caption for i in imgs)
+    assert novel.NOVEL[1].tokens == ("<frame1>", "<frame2>") and novel.NOVEL[1].class_word == "square"
+
+
+def test_placement_is_read_per_region(toy):
+    """Each square of a composition is read on its own: the right order scores, the mirrored one not."""
+    def square(style: str, cx: float) -> np.ndarray:
+        return world.render(world.Scene((world.Thing(world.STYLES[style][0], style=style, cx=cx, cy=15, r=9),), "navy"))
+
+    pics = torch.stack([to_tensor(np.concatenate([square("rings", 15), square("frame", 17)], axis=1)[None])[0],
+                        to_tensor(np.concatenate([square("frame", 16), square("rings", 16)], axis=1)[None])[0]])
+    assert pics.shape == (2, 3, 32, 64)
+    assert list(measure.placed(toy.concept_probe, pics, [0, 1])) == [True, False]
+    assert list(measure.placed(toy.concept_probe, pics, [1, 0])) == [False, True]
+
+
+def test_regional_sampling_draws_each_concept_in_its_square(toy):
+    """Composition through the product's regional attention (averaged LoRAs): some pictures right."""
+    pair = toy.concepts[:2]
+    with applied([(c, 0.5, 0.5) for c in pair], toy.model.unet, toy.model.text_encoder):
+        rate, pics = measure.placement_rate(toy.model, toy.codec, toy.concept_probe, pair, [0, 1], toy.classes[:2],
+                                            seeds=8, sampler=measure.Sampler(steps=20))
+    assert pics.shape == (8, 3, 32, 64)
+    mirrored = float(measure.placed(toy.concept_probe, pics, [1, 0]).mean())
+    assert rate > mirrored, (rate, mirrored)
+
+
+def test_fused_weights_are_applied_and_restored(toy):
+    model = toy.model
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    name = sd1.ATTN2_NAMES[0] + ".to_k"
+    new = torch.zeros_like(model.unet.get_submodule(name).weight)
+    result = fusion.FusionResult(unet_weights={name: new})
+    with fusion.fused_weights(model, result):
+        assert torch.equal(model.unet.get_submodule(name).weight, new)
+    after = model.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

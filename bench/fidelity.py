@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_mos import fusion
-from lib_mos.concepts import Concept, applied
+from lib_mos.concepts.concept import Concept, applied
+from lib_mos.fusion import pipeline as fusion
 from lib_mos.toyworld import measure, weights
 from lib_mos.toyworld.codec import to_pil
 

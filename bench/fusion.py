@@ -32,7 +32,7 @@ SD1-topology model with a mixed concept set, cycling through four kinds: an ED-L
 (two tokens; LoRA on every UNet and text-encoder attention linear), a kohya LoCon (trigger words;
 every text-encoder linear including the MLP, every UNet transformer-block linear including the
 feed-forward, proj_in / proj_out, every resnet 3x3 conv at conv_dim 2), a LyCORIS LoHa on the same
-layers, and a kohya LoRA without convs (`lib_mos.synthetic`). The first two already change every
+layers, and a kohya LoRA without convs (`lib_mos.concepts.synthetic`). The first two already change every
 layer the others change, so from 2 concepts on the layer set, and with it the statistics the
 solve holds, is the same: what changes with the count is the concept count alone. Each (concept
 count, stage) runs in a fresh worker that builds the model and concepts, loads the earlier
@@ -85,7 +85,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_mos.fusion_solver import (
+from lib_mos.fusion.solver import (
     LayerStats,
     objective,
     relative_errors,
@@ -369,8 +369,9 @@ def _rss_mb() -> float:
 def _process_files(model: str, folder: Path) -> tuple[Path, list[Path]]:
     """A base checkpoint (the tiny model, or the random full-size SD1.5 of the real-host suite)
     and two random concepts for it."""
-    from lib_mos import sd1, synthetic
-    from lib_mos.concept_files import write_concept
+    from lib_mos.concepts import synthetic
+    from lib_mos.concepts.files import write_concept
+    from lib_mos.models import sd1
 
     if model == "tiny":
         base = folder / "tiny-sd1.safetensors"
@@ -393,8 +394,9 @@ def _worker_process(args: argparse.Namespace) -> dict:
     this process's RSS before and after, the peaks."""
     import gc
 
-    from lib_mos import fused_checkpoint, fusion
-    from lib_mos.fusion_process import run_fusion_process
+    from lib_mos.fusion import checkpoint as fused_checkpoint
+    from lib_mos.fusion import pipeline as fusion
+    from lib_mos.fusion.process import run_fusion_process
 
     out = Path(args.out)
     fuse_args = ["--base", args.base, "--spatial-steps", "1", "--spatial-size", "256", "--spatial-seeds", "1"]
@@ -455,11 +457,11 @@ _QUICK_TEXT = ("text_model.encoder.layers.0.", "text_model.encoder.layers.11.")
 
 def _mixed_model(name: str, seed: int):
     """The tiny model, or "mid": SD1.5's text encoder at full size and the SD1 UNet at 64 channels."""
-    from lib_mos import sd1
+    from lib_mos.models import sd1
 
     if name == "tiny":
         return sd1.build_tiny_sd1(seed)
-    from lib_mos.clip_tokenizer import load_clip_tokenizer
+    from lib_mos.models.clip_tokenizer import load_clip_tokenizer
 
     config = sd1.SD1Config(model_channels=64)
     with torch.random.fork_rng(devices=[]):
@@ -473,7 +475,8 @@ def _mixed_model(name: str, seed: int):
 
 def _mixed_concepts(model, count: int, quick: bool) -> list:
     """`count` concepts, kind k % 4 of MIXED_KINDS, each with its own seed, tokens or trigger words."""
-    from lib_mos import sd1, synthetic
+    from lib_mos.concepts import synthetic
+    from lib_mos.models import sd1
 
     def keep(names: list[str], prefixes: tuple[str, ...]) -> list[str]:
         return [n for n in names if n.startswith(prefixes)] if quick else names
@@ -503,7 +506,7 @@ def _mixed_worker(args: argparse.Namespace) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lib_mos import fusion
+    from lib_mos.fusion import pipeline as fusion
 
     stage = args.stages[0]
     count = args.concepts[0]

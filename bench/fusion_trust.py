@@ -29,9 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lib_mos import fusion, fusion_report, sampling, sd1, synthetic  # noqa: E402
-from lib_mos.binding import PromptBinder  # noqa: E402
-from lib_mos.concepts import applied  # noqa: E402
+from lib_mos.concepts import synthetic  # noqa: E402
+from lib_mos.concepts.binding import PromptBinder  # noqa: E402
+from lib_mos.concepts.concept import applied  # noqa: E402
+from lib_mos.fusion import pipeline as fusion  # noqa: E402
+from lib_mos.fusion import report as fusion_report  # noqa: E402
+from lib_mos.models import sampling, sd1  # noqa: E402
 
 OLD = {"ridge": 1e-8, "prior": "base", "spatial_seeds": 1, "validate": False, "max_change": None}
 PROMPT = "a photo of a dog on the grass"

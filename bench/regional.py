@@ -1,4 +1,4 @@
-"""Benchmark: regional cross-attention (lib_mos.attention.RegionalContext) in a full-size SD1.5 UNet
+"""Benchmark: regional cross-attention (lib_mos.regional.attention.RegionalContext) in a full-size SD1.5 UNet
 with random weights on this CPU, against the unhooked UNet and a per-region-loop reference.
 
     .venv/bin/python bench/regional.py --size 256 --steps 2
@@ -31,7 +31,7 @@ the first UNet call (weights and inputs). The design target is 4 regions at most
 step time: this script prints the ratio and never asserts on timings.
 Prints one JSON line per region count on stdout, progress on stderr.
 
---loras: region LoRAs (lib_mos.region_loras.RegionDeltas) against Regional Prompter's latent mode.
+--loras: region LoRAs (lib_mos.regional.loras.RegionDeltas) against Regional Prompter's latent mode.
 
     .venv/bin/python bench/regional.py --loras --size 256 --steps 2 --regions 4
     .venv/bin/python bench/regional.py --loras --size 256 --steps 2 --regions 1 2 4 8
@@ -94,12 +94,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.unet_step import materialize
-from lib_mos import sd1
-from lib_mos.attention import RegionalContext, attn2_processor, region_blend_weights
-from lib_mos.region_loras import RegionDeltas, RegionLora
-from lib_mos.regions import Region, RegionSpec, attention_sizes, layer_masks, region_masks
-from lib_mos.sampling import any_multiple_of_8
-from lib_mos.synthetic import random_lora_concept
+from lib_mos.concepts.synthetic import random_lora_concept
+from lib_mos.models import sd1
+from lib_mos.models.attention import attn2_processor
+from lib_mos.models.sampling import any_multiple_of_8
+from lib_mos.regional.attention import RegionalContext, region_blend_weights
+from lib_mos.regional.loras import RegionDeltas, RegionLora
+from lib_mos.regional.regions import Region, RegionSpec, attention_sizes, layer_masks, region_masks
 
 ROWS = 2  # one image: cond + uncond
 TOKENS, WIDTH = 77, 768

@@ -54,12 +54,12 @@ def _peak_rss_mb() -> tuple[float, str]:
 
 
 def _build(size: str, device: torch.device):
-    from lib_mos import sd1
+    from lib_mos.models import sd1
 
     if size == "tiny":
         model = sd1.build_tiny_sd1(0)
     else:
-        from lib_mos.clip_tokenizer import load_clip_tokenizer
+        from lib_mos.models.clip_tokenizer import load_clip_tokenizer
 
         with torch.random.fork_rng(devices=[]):
             unet, text = sd1.build_unet(sd1.SD15), sd1.build_text_encoder(sd1.SD15)
@@ -86,9 +86,9 @@ def _write_images(folder: Path, count: int, side: int) -> None:
 
 
 def _worker(cfg: dict) -> dict:
-    from lib_mos.training import ConceptTrainer, TrainSettings
-    from lib_mos.training_data import read_training_folder
-    from lib_mos.vae import PreviewEncoder
+    from lib_mos.models.vae import PreviewEncoder
+    from lib_mos.training.data import read_training_folder
+    from lib_mos.training.trainer import ConceptTrainer, TrainSettings
 
     device = torch.device(cfg["device"])
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib_mos import sd1
+from lib_mos.models import sd1
 
 
 def materialize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -4,7 +4,7 @@
  * The script's "Regions (JSON)" textbox stays the one source of truth (infotext, API and "Send to
  * txt2img" all go through it): every edit on the canvas rewrites that JSON, and any change to the
  * JSON that the canvas did not write itself (typing, pasting infotext, the API's UI state) is parsed
- * and redrawn. The JSON form is lib_mos/regions.py's: boxes are [top, left, bottom, right] in "px"
+ * and redrawn. The JSON form is lib_mos/regional/regions.py's: boxes are [top, left, bottom, right] in "px"
  * or "fraction" units; painted regions name a colour of a colour-coded PNG `mask_image`.
  *
  * The canvas is spread over these files, which the host injects as classic scripts in alphabetical

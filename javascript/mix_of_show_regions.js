@@ -1,7 +1,7 @@
 /*
  * Mix-of-Show region canvas: the region model, with no page or drawing in it.
  *
- * - the spec's JSON form, lib_mos/regions.py's (and the authors' textual form), read by `parseSpec`
+ * - the spec's JSON form, lib_mos/regional/regions.py's (and the authors' textual form), read by `parseSpec`
  *   and written by `RegionModel.toJSON`;
  * - `RegionModel`, the state the canvas edits: region records {id, prompt, negative, kind: box|paint|
  *   none, box, units, color, loras, globalWeight}, the painted label map (one region id per pixel),
@@ -30,7 +30,7 @@
         "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#ffd8b1",
     ];
     const TEXT_FIELDS = ["prompt", "negative", "loras", "globalWeight"]; // typed, not drawn: outside undo
-    // the host's extra-network tag, as lib_mos.regions reads it: <kind:arg:arg...>
+    // the host's extra-network tag, as lib_mos.regional.regions reads it: <kind:arg:arg...>
     const EXTRA_NETWORK_TAG = /<(\w+):([^>]+)>/g;
 
     /** Names of the `<lora:name:w>` (or `<lyco:...>`) tags in a region prompt. */
@@ -296,7 +296,7 @@
             this.selected = Math.min(index, this.regions.length - 1);
         }
 
-        /** The label map at W x H (nearest, pixel centres: lib_mos.regions' rule); null without paint. */
+        /** The label map at W x H (nearest, pixel centres: lib_mos.regional.regions' rule); null without paint. */
         resampledLabels(W, H) {
             if (!this.labels || (this.labelW === W && this.labelH === H)) return this.labels;
             const out = new Uint8Array(W * H);

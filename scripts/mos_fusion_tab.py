@@ -1,6 +1,6 @@
 """Host glue: the "Mix-of-Show fusion" tab, which behaves like the host's Checkpoint Merger.
 
-It reads the UI and runs `python -m lib_mos fuse` in a child process (`lib_mos.fusion_process`)
+It reads the UI and runs `python -m lib_mos fuse` in a child process (`lib_mos.fusion.process`)
 under the host's queue, with a task id so the host's progress bar shows (javascript/
 mix_of_show_fusion.js), and an Interrupt button. The child reads the base from its file and
 writes atomically into the checkpoint folder; when it exits its memory goes back to the system,
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from lib_mos.concept_files import read_concept, sidecar_path
+from lib_mos.concepts.files import read_concept, sidecar_path
 from lib_mos.files import import_sibling
-from lib_mos.fusion_process import FusionProcessInterrupted, run_fusion_process
+from lib_mos.fusion.process import FusionProcessInterrupted, run_fusion_process
 from modules import call_queue, devices, script_callbacks, sd_models, shared
 
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
@@ -130,7 +130,8 @@ def loaded_checkpoint() -> str:
 def settings_note(steps: float, size: float, seeds: float = 4) -> str:
     """A warning under the spatial sliders, before the user fuses, when these settings cannot
     determine the widest SD1 layers (`fusion.spatial_shortfall`)."""
-    from lib_mos import fusion, sd1
+    from lib_mos.fusion import pipeline as fusion
+    from lib_mos.models import sd1
 
     settings = fusion.FusionSettings(spatial_steps=int(steps), spatial_size=int(size), spatial_seeds=int(seeds))
     shortfall = fusion.spatial_shortfall(sd1.SD15, settings)

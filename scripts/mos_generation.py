@@ -17,9 +17,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from lib_mos.concept_library import lora_files
+from lib_mos.concepts.library import lora_files
 from lib_mos.files import import_sibling
-from lib_mos.regions import RegionSpec
+from lib_mos.regional.regions import RegionSpec
 from modules import processing, script_callbacks, scripts, shared
 
 mos_job = import_sibling(__file__, "mos_job")

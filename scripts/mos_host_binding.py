@@ -2,7 +2,7 @@
 WebUI's own prompt encoder.
 
 Concepts come from the loaded checkpoint (a fused one carries its concepts' embeddings) and from
-concept files in the Lora folder (`lib_mos.concept_library`, remembered between generations).
+concept files in the Lora folder (`lib_mos.concepts.library`, remembered between generations).
 
 The host encodes prompts with chunks beyond 75 tokens, emphasis and BREAK; its textual-inversion
 machinery replaces input-embedding rows at token positions, which is one layer's worth of
@@ -19,10 +19,10 @@ import re
 
 import torch
 
-from lib_mos.binding import PromptBinder, aliased_prompts
-from lib_mos.concept_library import ConceptLibrary, FoundConcepts, resolve
-from lib_mos.concepts import Concept
-from lib_mos.fused_checkpoint import read_fused_concepts
+from lib_mos.concepts.binding import PromptBinder, aliased_prompts
+from lib_mos.concepts.concept import Concept
+from lib_mos.concepts.library import ConceptLibrary, FoundConcepts, resolve
+from lib_mos.fusion.checkpoint import read_fused_concepts
 from modules import paths, shared
 
 _TOKEN = re.compile(r"<[^<>:\s,]+>")
@@ -57,7 +57,7 @@ def fused_concepts(sd_model) -> list[Concept]:
 
 def find_concepts(texts: list[str], *, strict: bool) -> FoundConcepts:
     """The concepts defining the `<token>`s in `texts` (textual-inversion names excluded): from the
-    loaded checkpoint first, then from the Lora folder; see `lib_mos.concept_library.resolve`."""
+    loaded checkpoint first, then from the Lora folder; see `lib_mos.concepts.library.resolve`."""
     from modules.sd_hijack import model_hijack
 
     wanted = concept_tokens_mentioned(texts) - set(model_hijack.embedding_db.word_embeddings)

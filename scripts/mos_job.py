@@ -22,13 +22,14 @@ from collections.abc import Iterator
 
 import torch
 
-from lib_mos.attention import SteppedRegionalContext, attn2_processor
-from lib_mos.binding import PromptBinder
-from lib_mos.concept_library import lora_files
-from lib_mos.concepts import ConceptError, check_fits
+from lib_mos.concepts.binding import PromptBinder
+from lib_mos.concepts.concept import ConceptError, check_fits
+from lib_mos.concepts.library import lora_files
 from lib_mos.files import import_sibling
-from lib_mos.region_loras import RegionDeltas, RegionLora, choose_region_loras, global_lora_names
-from lib_mos.regions import RegionSpec, attention_sizes, layer_masks
+from lib_mos.models.attention import attn2_processor
+from lib_mos.regional.attention import SteppedRegionalContext
+from lib_mos.regional.loras import RegionDeltas, RegionLora, choose_region_loras, global_lora_names
+from lib_mos.regional.regions import RegionSpec, attention_sizes, layer_masks
 from modules import prompt_parser, sd_samplers, shared
 
 mos_host_binding = import_sibling(__file__, "mos_host_binding")

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from lib_mos.files import import_sibling
-from lib_mos.sd1 import SD1Config, SD1Model, attn2_modules
-from lib_mos.training_data import PLACEHOLDER, TEMPLATES
+from lib_mos.models.sd1 import SD1Config, SD1Model, attn2_modules
+from lib_mos.training.data import PLACEHOLDER, TEMPLATES
 from modules import call_queue, devices, processing, script_callbacks, shared
 
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
@@ -260,7 +260,7 @@ def refresh_lists(path: Path) -> None:
 def _settings(kind_label, tokens, class_word, trigger, steps, batch_size, resolution, lr_embedding, lr_text,
               lr_unet, rank, seed, masked_loss, attn_reg_weight, templates, precision, gradient_checkpointing,
               save_every, sample_every, sample_prompt):
-    from lib_mos.training import TrainSettings
+    from lib_mos.training.trainer import TrainSettings
 
     if kind_label not in KINDS:
         raise ValueError(f"kind {kind_label!r}: choose one of {', '.join(KINDS)}")
@@ -281,8 +281,8 @@ def run_training(id_task, folder, name, kind_label, tokens, class_word, trigger,
                  gradient_checkpointing, save_every, sample_every, sample_prompt, overwrite, resume):
     """The tab's job, under the host's queue lock (`wrap_gradio_gpu_call`, `id_task` from the page).
     Returns (gallery, status HTML); errors propagate to the host's wrapper, which shows them."""
-    from lib_mos.training import TrainingInterrupted, train
-    from lib_mos.training_data import read_training_folder
+    from lib_mos.training.data import read_training_folder
+    from lib_mos.training.trainer import TrainingInterrupted, train
 
     settings = _settings(kind_label, tokens, class_word, trigger, steps, batch_size, resolution, lr_embedding,
                          lr_text, lr_unet, rank, seed, masked_loss, attn_reg_weight, templates, precision,

@@ -36,7 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny random-weight SD1 model saved once per session in the host's checkpoint layout."""
-    from lib_mos import sd1
+    from lib_mos.models import sd1
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors"
     sd1.save_checkpoint(sd1.build_tiny_sd1(seed=0), path)

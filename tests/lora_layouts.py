@@ -1,6 +1,6 @@
 """LoRA files in the layouts the trainers write, shaped for a given SD1 model's real layers.
 
-Each builder returns a `LoraFile` (tensors + safetensors metadata) for `lib_mos.sd1.SD1Model`'s
+Each builder returns a `LoraFile` (tensors + safetensors metadata) for `lib_mos.models.sd1.SD1Model`'s
 layers, with random values from a seeded generator, scaled so every layer's change is a sizeable
 fraction of its weight (its spread about 0.2 to 0.8 of the weight's):
 
@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lib_mos import sd1
+from lib_mos.models import sd1
 
 Layer = tuple[str, str]  # ("unet" | "text", module name relative to the UNet / text encoder)
 Parts = dict[str, torch.Tensor]

@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 
-from lib_mos import binding, sampling, sd1
-from lib_mos.attention import LayerwiseContext, attn2_processor
-from lib_mos.concepts import Concept, ConceptError, LoraFactor, applied, check_fits
-from lib_mos.synthetic import random_concept
+from lib_mos.concepts import binding
+from lib_mos.concepts.concept import Concept, ConceptError, LoraFactor, applied, check_fits
+from lib_mos.concepts.synthetic import random_concept
+from lib_mos.models import sampling, sd1
+from lib_mos.models.attention import LayerwiseContext, attn2_processor
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def test_concept_of_another_family_is_refused(tiny):
 
 
 def test_name_mapping_resolves_every_target(tiny):
-    from lib_mos.concepts import unet_diffusers_to_ldm, unet_ldm_to_diffusers
+    from lib_mos.concepts.concept import unet_diffusers_to_ldm, unet_ldm_to_diffusers
 
     names = sd1.unet_attention_linear_names()
     diffusers = [unet_ldm_to_diffusers(n) for n in names]

@@ -17,7 +17,7 @@ from pathlib import Path
 allowed, find_spec = sys.argv[1], importlib.util.find_spec
 importlib.util.find_spec = lambda name, package=None: (
     None if name == "ldm" and allowed not in sys.path else find_spec(name, package))
-import lib_mos.__main__ as cli
+import lib_mos.cli.main as cli
 added = cli.use_webui_packages()
 import ldm
 print(added, Path(ldm.__file__).parent.parent)

@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_mos import fused_checkpoint, sd1, synthetic
-from lib_mos.concept_files import read_concept, write_concept
-from lib_mos.concepts import ConceptError, unet_ldm_to_diffusers
-from lib_mos.fused_checkpoint import ConceptSpec, parse_concept_spec
+from lib_mos.concepts import synthetic
+from lib_mos.concepts.concept import ConceptError, unet_ldm_to_diffusers
+from lib_mos.concepts.files import read_concept, write_concept
+from lib_mos.fusion import checkpoint as fused_checkpoint
+from lib_mos.fusion.checkpoint import ConceptSpec, parse_concept_spec
+from lib_mos.models import sd1
 
 
 @functools.cache
@@ -96,7 +98,7 @@ def test_load_inputs_reads_with_the_specs_trigger_words(tmp_path):
 
 # ---------------------------------------------------------------------------------------- convert
 def test_convert_names_the_trigger_words_and_where_they_came_from(tmp_path, capsys):
-    from lib_mos.__main__ import main
+    from lib_mos.cli.main import main
 
     out = tmp_path / "out"
     out.mkdir()
@@ -124,7 +126,7 @@ def test_convert_names_the_trigger_words_and_where_they_came_from(tmp_path, caps
 
 
 def test_convert_refuses_trigger_with_embedding_and_a_lora_without_words(tmp_path, capsys):
-    from lib_mos.__main__ import main
+    from lib_mos.cli.main import main
 
     out = tmp_path / "out"
     out.mkdir()
@@ -161,7 +163,7 @@ def fuse_calls(monkeypatch, capsys):
 
 
 def test_fuse_says_which_trigger_words_each_lora_uses_before_it_starts(tmp_path, fuse_calls, capsys):
-    from lib_mos.__main__ import main
+    from lib_mos.cli.main import main
 
     cat = write_concept(synthetic.random_concept(tiny(), ("<cat1>",), seed=1), tmp_path / "cat.safetensors")
     tagged = write_kohya_lora(tmp_path / "tagged.safetensors", metadata=tag_frequency(a={"watercolor style": 3}))
@@ -186,7 +188,7 @@ def test_fuse_says_which_trigger_words_each_lora_uses_before_it_starts(tmp_path,
 
 
 def test_fuse_templates(tmp_path, fuse_calls, capsys):
-    from lib_mos.__main__ import main
+    from lib_mos.cli.main import main
 
     cat = write_concept(synthetic.random_concept(tiny(), ("<cat1>",), seed=1), tmp_path / "cat.safetensors")
     argv = ["fuse", "--base", str(tmp_path / "base.safetensors"), "--concept", str(cat),

@@ -26,8 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lib_mos import sd1, synthetic
-from lib_mos.concept_files import (
+from lib_mos.concepts import synthetic
+from lib_mos.concepts.concept import Concept, ConceptError, unet_ldm_to_diffusers
+from lib_mos.concepts.files import (
     EMBEDDING_PREFIX,
     METADATA_KEY,
     check_against_model,
@@ -36,8 +37,8 @@ from lib_mos.concept_files import (
     sha256_file,
     write_concept,
 )
-from lib_mos.concepts import Concept, ConceptError, unet_ldm_to_diffusers
-from lib_mos.synthetic import random_concept
+from lib_mos.concepts.synthetic import random_concept
+from lib_mos.models import sd1
 
 REPO = Path(__file__).resolve().parents[1]
 RANK = 4
@@ -54,7 +55,7 @@ def tiny() -> sd1.SD1Model:
 def authors_params(model: sd1.SD1Model, spelling: str = "main", seed: int = 1,
                    tokens: tuple[str, ...] = ("<cat1>", "<cat2>"), unet_names: list[str] | None = None,
                    text_names: list[str] | None = None) -> dict[str, Any]:
-    """Exactly the authors' delta_state_dict layout (see `lib_mos.synthetic.authors_params`)."""
+    """Exactly the authors' delta_state_dict layout (see `lib_mos.concepts.synthetic.authors_params`)."""
     concept = random_concept(model, tokens, seed=seed, rank=RANK, unet_names=unet_names, text_names=text_names)
     return synthetic.authors_params(concept, "main" if spelling == "main" else "research_branch")
 
@@ -741,7 +742,7 @@ def test_convert_cli(tiny, authors_files, tmp_path):
 
 def test_convert_in_process(tiny, tmp_path, capsys):
     """More bad inputs through the same entry point without paying a process start each."""
-    from lib_mos.__main__ import main
+    from lib_mos.cli.main import main
 
     kohya = tmp_path / "kohya_only.safetensors"
     save_file(kohya_tensors(make_concept(tiny)), str(kohya))

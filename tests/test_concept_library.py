@@ -11,10 +11,12 @@ import pytest
 import safetensors.torch
 import torch
 
-from lib_mos import concept_library, sd1, synthetic
-from lib_mos.concept_files import write_concept
-from lib_mos.concept_library import ConceptLibrary, lora_hash, resolve
-from lib_mos.concepts import ConceptError
+from lib_mos.concepts import library as concept_library
+from lib_mos.concepts import synthetic
+from lib_mos.concepts.concept import ConceptError
+from lib_mos.concepts.files import write_concept
+from lib_mos.concepts.library import ConceptLibrary, lora_hash, resolve
+from lib_mos.models import sd1
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_mos import binding, sampling, sd1, synthetic
-from lib_mos.concept_files import write_concept
-from lib_mos.concepts import ConceptError
+from lib_mos.concepts import binding, synthetic
+from lib_mos.concepts.concept import ConceptError
+from lib_mos.concepts.files import write_concept
+from lib_mos.models import sampling, sd1
 
 WITH_EXTENSION = True  # the `host` fixture installs this extension
 
@@ -49,7 +50,7 @@ def no_hooks(host) -> bool:
 
 
 def reference(model, concepts, prompt: str, negative: str, *, seed: int, steps: int, size: int = 64) -> torch.Tensor:
-    """The same generation outside the host: `lib_mos.binding` and the project's Euler sampler."""
+    """The same generation outside the host: `lib_mos.concepts.binding` and the project's Euler sampler."""
     binder = binding.PromptBinder(model, concepts)
     return sampling.sample_euler(model, binder.encode([prompt]), binder.encode([negative]), seeds=[seed],
                                  height=size, width=size, steps=steps, cfg_scale=7.0)
@@ -94,7 +95,7 @@ def test_prompt_editing_with_concept_tokens_is_scheduled(host, model, cat, monke
     """`[a:b:n]` around concept tokens switches texts at the host's step, and each text binds."""
     concept, _ = cat
     seen = []
-    from lib_mos import attention
+    from lib_mos.regional import attention
 
     original = attention.SteppedRegionalContext.set_step
 

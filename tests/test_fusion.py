@@ -10,8 +10,12 @@ import pytest
 import torch
 from test_binding import make_concept, snapshot
 
-from lib_mos import binding, fused_checkpoint, fusion, fusion_report, sd1
-from lib_mos.concepts import ConceptError
+from lib_mos.concepts import binding
+from lib_mos.concepts.concept import ConceptError
+from lib_mos.fusion import checkpoint as fused_checkpoint
+from lib_mos.fusion import pipeline as fusion
+from lib_mos.fusion import report as fusion_report
+from lib_mos.models import sd1
 
 FAST = fusion.FusionSettings(spatial_steps=2, spatial_size=64, seed=0)
 
@@ -217,7 +221,7 @@ def test_base_of_another_architecture_is_refused(tmp_path):
 
 
 def _concept_files(tmp_path, inputs) -> list:
-    from lib_mos.concept_files import write_concept
+    from lib_mos.concepts.files import write_concept
 
     paths = []
     for item in inputs:
@@ -266,7 +270,7 @@ def test_cli_fuses_and_prints_the_report(tmp_path, tiny, inputs):
 def test_cli_bad_inputs_write_nothing(tmp_path, tiny, inputs, capsys):
     import safetensors.torch
 
-    from lib_mos.__main__ import main
+    from lib_mos.cli.main import main
 
     base = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
     cat, dog = _concept_files(tmp_path, inputs)
@@ -293,7 +297,7 @@ def test_cli_bad_inputs_write_nothing(tmp_path, tiny, inputs, capsys):
 
 def test_cli_bug_ends_with_one_error_line_after_the_traceback(tmp_path, tiny, inputs, capsys, monkeypatch):
     """What the tab shows is the last `error:` line; the traceback above it is for a bug report."""
-    from lib_mos.__main__ import main
+    from lib_mos.cli.main import main
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
@@ -310,7 +314,7 @@ def test_cli_bug_ends_with_one_error_line_after_the_traceback(tmp_path, tiny, in
 def test_progress_bar_shows_stage_layer_rate_and_eta(monkeypatch):
     import io
 
-    from lib_mos import __main__ as cli
+    from lib_mos.cli import main as cli
 
     clock = iter([0.0, 2.0, 4.0, 10.0, 10.5])
     monkeypatch.setattr("time.perf_counter", lambda: next(clock))
@@ -334,7 +338,7 @@ def test_progress_bar_shows_stage_layer_rate_and_eta(monkeypatch):
 def test_progress_in_a_log_is_a_line_now_and_then_not_a_redrawn_bar(monkeypatch):
     import io
 
-    from lib_mos import __main__ as cli
+    from lib_mos.cli import main as cli
 
     clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 50.0])
     monkeypatch.setattr("time.perf_counter", lambda: next(clock))

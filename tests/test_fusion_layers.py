@@ -13,9 +13,12 @@ import torch.nn.functional as F
 from test_binding import make_concept
 from torch import nn
 
-from lib_mos import fused_checkpoint, fusion, fusion_report, sd1
-from lib_mos.concepts import Concept, ModuleDelta
-from lib_mos.fusion_solver import LayerStats, solve_exact
+from lib_mos.concepts.concept import Concept, ModuleDelta
+from lib_mos.fusion import checkpoint as fused_checkpoint
+from lib_mos.fusion import pipeline as fusion
+from lib_mos.fusion import report as fusion_report
+from lib_mos.fusion.solver import LayerStats, solve_exact
+from lib_mos.models import sd1
 
 FAST = fusion.FusionSettings(spatial_steps=2, spatial_size=64, seed=0)
 
@@ -270,7 +273,7 @@ def test_lora_files_of_every_kind_convert_and_fuse_with_an_ed_lora(tmp_path, tin
     import lora_layouts as layouts
     from host_harness import HostHarness
 
-    from lib_mos import synthetic
+    from lib_mos.concepts import synthetic
 
     repo = Path(__file__).resolve().parents[1]
     hero = layouts.kohya_locon(tiny, few=True).save(tmp_path, "hero")

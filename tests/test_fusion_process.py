@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lib_mos import sd1, synthetic
-from lib_mos.concept_files import write_concept
-from lib_mos.fusion_process import FusionProcessError, FusionProcessInterrupted, run_fusion_process
+from lib_mos.concepts import synthetic
+from lib_mos.concepts.files import write_concept
+from lib_mos.fusion.process import FusionProcessError, FusionProcessInterrupted, run_fusion_process
+from lib_mos.models import sd1
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--skip-stage", "spatial"]  # the spatial stage is the tab's slow part; the process plumbing is the same

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lib_mos.fusion_solver import (
+from lib_mos.fusion.solver import (
     MAX_CHANGE,
     RIDGE,
     RIDGES,
@@ -562,7 +562,7 @@ def test_held_out_statistics_measure_without_entering_the_solve(tmp_path) -> Non
 def test_stacking_baseline_adds_every_concept_change():
     """LoRA stacking is W0 + sum_i dW_i, so concept 1's relative error under it is exactly what the
     other concept's change does to concept 1's outputs, ||dW_2 X_1|| / ||dW_1 X_1||."""
-    from lib_mos.fusion_solver import weight_stack
+    from lib_mos.fusion.solver import weight_stack
 
     gen = torch.Generator().manual_seed(3)
     w0 = torch.randn(5, 7, generator=gen, dtype=torch.float64)

@@ -17,8 +17,9 @@ from browser import pick_option
 from test_binding import make_concept
 from test_cli_trigger_words import tag_frequency, write_kohya_lora
 
-from lib_mos import fused_checkpoint, sd1
-from lib_mos.concept_files import write_concept
+from lib_mos.concepts.files import write_concept
+from lib_mos.fusion import checkpoint as fused_checkpoint
+from lib_mos.models import sd1
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,10 @@ import dataclasses
 
 import pytest
 
-from lib_mos import fusion, fusion_report, sd1, synthetic
+from lib_mos.concepts import synthetic
+from lib_mos.fusion import pipeline as fusion
+from lib_mos.fusion import report as fusion_report
+from lib_mos.models import sd1
 
 # The small settings, one noise seed as before; the unregularised solve is the old one: the
 # least-squares fit closest to W0 (its ridge 1e-6 of mean(diag G) was iterated away on purpose),

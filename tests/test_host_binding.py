@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from lib_mos import binding, sd1
+from lib_mos.concepts import binding
+from lib_mos.models import sd1
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 

@@ -399,7 +399,7 @@ def other_checkpoints(tmp_path_factory, tiny_checkpoint):
 
     import safetensors.torch
 
-    from lib_mos import sd1
+    from lib_mos.models import sd1
 
     folder = tmp_path_factory.mktemp("other-ckpts")
     same = sd1.save_checkpoint(sd1.build_tiny_sd1(seed=1), folder / "other.safetensors")

@@ -9,8 +9,9 @@ import zipfile
 import pytest
 import torch
 
-from lib_mos import sd1, synthetic
-from lib_mos.concept_files import read_concept
+from lib_mos.concepts import synthetic
+from lib_mos.concepts.files import read_concept
+from lib_mos.models import sd1
 from modules import safe
 
 
@@ -85,7 +86,7 @@ def test_concept_tokens_bind_on_an_accelerator(host, tiny_checkpoint):
     """The host keeps embeddings on devices.device; rows left on the CPU fail there, like CUDA."""
     import importlib.util
 
-    from lib_mos import binding
+    from lib_mos.concepts import binding
     from modules import devices
     from modules.sd_hijack import model_hijack
 

@@ -20,9 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from lib_mos import sd1
-from lib_mos.concept_files import check_against_model, read_concept, write_concept
-from lib_mos.concepts import Concept, ConceptError, LoraFactor, ModuleDelta, applied
+from lib_mos.concepts.concept import Concept, ConceptError, LoraFactor, ModuleDelta, applied
+from lib_mos.concepts.files import check_against_model, read_concept, write_concept
+from lib_mos.models import sd1
 
 Snapshot = dict[tuple[str, str, str], torch.Tensor]
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32

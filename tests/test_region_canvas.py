@@ -3,7 +3,7 @@ txt2img page with this extension's javascript and style.css exactly as A1111 v1.
 and headless Debian Chromium is driven with mouse and keyboard events.
 
 The JSON textbox is what the host submits, pastes and saves, so every check reads it back and
-parses it with lib_mos.regions, the module that turns it into attention masks at generation time.
+parses it with lib_mos.regional.regions, the module that turns it into attention masks at generation time.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 from browser import choose_script, send_to_txt2img
 from PIL import Image, ImageDraw
 
-from lib_mos.regions import RegionSpec, layer_masks, region_masks
+from lib_mos.regional.regions import RegionSpec, layer_masks, region_masks
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"

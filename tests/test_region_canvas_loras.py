@@ -4,7 +4,7 @@ and javascript/mix_of_show_loras.js) in a real browser, on the host double's txt
 The LoRA list comes from the extension's route GET /mix-of-show/loras over the served harness'
 Lora folder (models/Lora, the host's --lora-dir), filled here with small files: kohya-keyed LoRAs
 and one of our concept files (it has tokens). Every check reads the JSON textbox back, and the
-final JSON is parsed with lib_mos.regions as the script parses it at generation time.
+final JSON is parsed with lib_mos.regional.regions as the script parses it at generation time.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from test_region_canvas import JSON_BOX, Canvas, open_script, spec_json, wait_json
 
-from lib_mos.concept_files import METADATA_KEY
-from lib_mos.regions import LoraRef, RegionSpec
+from lib_mos.concepts.files import METADATA_KEY
+from lib_mos.regional.regions import LoraRef, RegionSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"

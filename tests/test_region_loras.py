@@ -1,4 +1,4 @@
-"""Region LoRAs (lib_mos.region_loras) at module level: inside region r a hooked module gives what
+"""Region LoRAs (lib_mos.regional.loras) at module level: inside region r a hooked module gives what
 the module gives with only r's LoRA merged into its weight (as the host's Lora merges it), outside
 every region it gives the base module, for every LoRA kind the reader supports; the live weights
 are never touched and the hooks go away."""
@@ -14,18 +14,19 @@ import pytest
 import torch
 from torch import nn
 
-from lib_mos import sd1
-from lib_mos.attention import RegionalContext, attend, attn2_processor, regional_attention
-from lib_mos.concept_files import read_concept
-from lib_mos.concepts import Concept, LoraFactor
-from lib_mos.region_loras import (
+from lib_mos.concepts.concept import Concept, LoraFactor
+from lib_mos.concepts.files import read_concept
+from lib_mos.models import sd1
+from lib_mos.models.attention import attend, attn2_processor
+from lib_mos.regional.attention import RegionalContext, regional_attention
+from lib_mos.regional.loras import (
     RegionDeltas,
     RegionLora,
     RegionLoraChoice,
     choose_region_loras,
     global_lora_names,
 )
-from lib_mos.regions import Region, RegionError, RegionSpec, layer_masks
+from lib_mos.regional.regions import Region, RegionError, RegionSpec, layer_masks
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 SIZE = 64  # px: an 8x8 latent, the UNet's first level

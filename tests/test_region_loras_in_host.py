@@ -13,10 +13,11 @@ import pytest
 import torch
 from test_regional_script import MODES
 
-from lib_mos import sd1, synthetic
-from lib_mos.concept_files import write_concept
-from lib_mos.concepts import ConceptError
-from lib_mos.regions import RegionError
+from lib_mos.concepts import synthetic
+from lib_mos.concepts.concept import ConceptError
+from lib_mos.concepts.files import write_concept
+from lib_mos.models import sd1
+from lib_mos.regional.regions import RegionError
 
 WITH_EXTENSION = True
 PROMPT, NEGATIVE = "a photo of a cat", "blurry"

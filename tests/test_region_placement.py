@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_mos import binding, sd1, synthetic
-from lib_mos.concept_files import write_concept
+from lib_mos.concepts import binding, synthetic
+from lib_mos.concepts.files import write_concept
+from lib_mos.models import sd1
 
 WITH_EXTENSION = True  # the `host` fixture installs this extension
 WIDTH, HEIGHT = 128, 96  # not square, so a transposed mask cannot land on the same cells
@@ -89,7 +90,7 @@ def cat(host):
 
 
 def test_hires_pass_binds_the_hires_prompt(host, cat, monkeypatch):
-    from lib_mos import attention
+    from lib_mos.regional import attention
     from modules import shared
 
     model, concept = cat

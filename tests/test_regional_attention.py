@@ -7,9 +7,11 @@ import pytest
 import torch
 from ldm.modules.attention import CrossAttention
 
-from lib_mos import regions, sd1
-from lib_mos.attention import LayerwiseContext, RegionalContext, attend, attn2_processor, regional_attention
-from lib_mos.sampling import any_multiple_of_8
+from lib_mos.models import sd1
+from lib_mos.models.attention import LayerwiseContext, attend, attn2_processor
+from lib_mos.models.sampling import any_multiple_of_8
+from lib_mos.regional import regions
+from lib_mos.regional.attention import RegionalContext, regional_attention
 
 
 def naive_attention(module: CrossAttention, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

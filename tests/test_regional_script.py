@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_mos import binding, sampling, sd1, synthetic
-from lib_mos.concept_files import write_concept
-from lib_mos.concepts import ConceptError
-from lib_mos.regions import MAX_REGIONS, RegionError
+from lib_mos.concepts import binding, synthetic
+from lib_mos.concepts.concept import ConceptError
+from lib_mos.concepts.files import write_concept
+from lib_mos.models import sampling, sd1
+from lib_mos.regional.regions import MAX_REGIONS, RegionError
 
 WITH_EXTENSION = True  # the `host` fixture installs this extension
 LONG = ", ".join(["a very detailed photo of a red cat"] * 12)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lib_mos import regions, sd1
-from lib_mos.regions import MAX_REGIONS, Region, RegionError, RegionSpec
-from lib_mos.sampling import any_multiple_of_8
+from lib_mos.models import sd1
+from lib_mos.models.sampling import any_multiple_of_8
+from lib_mos.regional import regions
+from lib_mos.regional.regions import MAX_REGIONS, Region, RegionError, RegionSpec
 
 
 def png_b64(width: int, height: int, rects: list[tuple[tuple[int, int, int, int], str]], mode: str = "RGB",
@@ -313,7 +314,7 @@ def test_hires_maps_the_first_pass_spec_to_the_new_size():
 
 
 def test_no_regions_gives_empty_masks_of_every_layer_size():
-    from lib_mos.regions import RegionSpec, attention_sizes, layer_masks
+    from lib_mos.regional.regions import RegionSpec, attention_sizes, layer_masks
 
     masks = layer_masks(RegionSpec(()), 64, 72)
     assert [tuple(m.shape) for m in masks] == [(0, h * w) for h, w in attention_sizes(64, 72)]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from lib_mos import binding, sampling, sd1
+from lib_mos.concepts import binding
+from lib_mos.models import sampling, sd1
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,9 +91,9 @@ def _check_mixed_set(out: Path, stdout: str, base: sd1.SD1Model) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from lib_mos.concept_files import read_concept
-    from lib_mos.concepts import LoraFactor, ModuleDelta
-    from lib_mos.fused_checkpoint import FUSED_METADATA_KEY
+    from lib_mos.concepts.concept import LoraFactor, ModuleDelta
+    from lib_mos.concepts.files import read_concept
+    from lib_mos.fusion.checkpoint import FUSED_METADATA_KEY
 
     for stem, words, kinds in (("ohwx-corgi-locon", "ohwx corgi", {"lora"}), ("sks-vase-loha", "sks vase", {"loha"})):
         path = out / "concepts" / f"{stem}.safetensors"
@@ -138,8 +139,8 @@ def _check_mixed_set(out: Path, stdout: str, base: sd1.SD1Model) -> None:
 
 
 def test_regional_sampling_whole_image_region_equals_its_prompt_alone():
-    from lib_mos.attention import RegionalContext
-    from lib_mos.regions import Region, RegionSpec, layer_masks
+    from lib_mos.regional.attention import RegionalContext
+    from lib_mos.regional.regions import Region, RegionSpec, layer_masks
 
     model = sd1.build_tiny_sd1(0)
     spec = RegionSpec(regions=(Region("a dog", negative="dark", box=(0.0, 0.0, 1.0, 1.0), units="fraction"),))

@@ -15,9 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lib_mos import sd1
-from lib_mos.clip_tokenizer import VOCAB_SIZE, load_clip_tokenizer
 from lib_mos.files import atomic_save_safetensors
+from lib_mos.models import sd1
+from lib_mos.models.clip_tokenizer import VOCAB_SIZE, load_clip_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -184,7 +184,7 @@ def test_tiny_is_deterministic_and_leaves_global_rng(tiny: sd1.SD1Model) -> None
 
 def test_tiny_is_identical_across_processes(tiny: sd1.SD1Model) -> None:
     code = (
-        "import hashlib; from lib_mos import sd1; m = sd1.build_tiny_sd1(0); d = hashlib.sha256()\n"
+        "import hashlib; from lib_mos.models import sd1; m = sd1.build_tiny_sd1(0); d = hashlib.sha256()\n"
         "for part in (m.unet, m.text_encoder):\n"
         "    for k, v in part.state_dict().items(): d.update(k.encode()); d.update(v.contiguous().numpy().tobytes())\n"
         "print(d.hexdigest())\n"

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_mos import fusion, sd1
-from lib_mos.concepts import applied
+from lib_mos.concepts.concept import applied
+from lib_mos.fusion import pipeline as fusion
+from lib_mos.models import sd1
 from lib_mos.toyworld import base, measure, novel, probe, weights, world
 from lib_mos.toyworld.codec import SD_PIXELS, PatchCodec, to_tensor
 

@@ -13,11 +13,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lib_mos import binding, concepts, fusion, sd1, training, vae
-from lib_mos.attention import LayerwiseContext, attn2_processor
-from lib_mos.concept_files import read_concept
-from lib_mos.training import TrainingError, TrainingInterrupted, TrainSettings, state_path, train
-from lib_mos.training_data import read_training_folder
+from lib_mos.concepts import binding
+from lib_mos.concepts import concept as concepts
+from lib_mos.concepts.files import read_concept
+from lib_mos.fusion import pipeline as fusion
+from lib_mos.models import sd1, vae
+from lib_mos.models.attention import LayerwiseContext, attn2_processor
+from lib_mos.training import trainer as training
+from lib_mos.training.data import read_training_folder
+from lib_mos.training.trainer import TrainingError, TrainingInterrupted, TrainSettings, state_path, train
 
 TOKENS = ("<disc1>", "<disc2>")
 BASE = TrainSettings(tokens=TOKENS, class_word="ball", steps=60, batch_size=2, resolution=64, lr_unet=2e-3,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from test_training import write_discs
 
-from lib_mos.concept_files import read_concept
-from lib_mos.training import state_path
+from lib_mos.concepts.files import read_concept
+from lib_mos.training.trainer import state_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""lib_mos.training_data: reading a training folder (both layouts, every error naming its file),
+"""lib_mos.training.data: reading a training folder (both layouts, every error naming its file),
 the authors' crop/paste augmentation keeping masks aligned with pixels, and caption making."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lib_mos import training_data as td
-from lib_mos.training_data import (
+from lib_mos.training import data as td
+from lib_mos.training.data import (
     IMAGE_SUFFIXES,
     PLACEHOLDER,
     TEMPLATES,

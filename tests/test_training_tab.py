@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from lib_mos.concept_files import read_concept
+from lib_mos.concepts.files import read_concept
 
 ROOT = Path(__file__).resolve().parents[1]
 # SKIPMARK
@@ -80,7 +80,7 @@ def run_job(module, *args):
 @pytest.fixture
 def at_step(monkeypatch):
     """`at_step[k] = fn`: fn() runs in the trainer's progress callback after step k."""
-    import lib_mos.training as training
+    import lib_mos.training.trainer as training
 
     actions: dict = {}
     real = training.train
@@ -204,7 +204,7 @@ def test_interrupt_without_checkpoint_writes_nothing(tab, images, at_step):
 
 
 def test_interrupt_keeps_the_checkpoint_and_resume_finishes(tab, images, at_step):
-    from lib_mos.training import state_path
+    from lib_mos.training.trainer import state_path
     from modules import shared
 
     harness, module = tab

@@ -10,8 +10,8 @@ import torch
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from safetensors.torch import save_file
 
-from lib_mos import sampling, vae
-from lib_mos.vae import SCALE_FACTOR
+from lib_mos.models import sampling, vae
+from lib_mos.models.vae import SCALE_FACTOR
 
 CH = 32  # the smallest width ldm's 32-group GroupNorm allows
 Tensors = dict[str, torch.Tensor]

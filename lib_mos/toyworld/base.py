@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lib_mos import binding, sd1
-from lib_mos.clip_tokenizer import load_clip_tokenizer
+from lib_mos.concepts import binding
 from lib_mos.files import atomic_save_safetensors
+from lib_mos.models import sd1
+from lib_mos.models.clip_tokenizer import load_clip_tokenizer
 from lib_mos.toyworld import codec as codec_mod
 from lib_mos.toyworld import world
 

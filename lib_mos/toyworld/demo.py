@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib_mos import fused_checkpoint, fusion
+from lib_mos.fusion import checkpoint as fused_checkpoint
+from lib_mos.fusion import pipeline as fusion
 from lib_mos.toyworld import base, measure, weights, world
 from lib_mos.toyworld.novel import NOVEL
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lib_mos import sampling
-from lib_mos.attention import RegionalContext
-from lib_mos.binding import PromptBinder
-from lib_mos.concepts import Concept
-from lib_mos.regions import Region, RegionSpec, layer_masks
-from lib_mos.sd1 import SD1Model
+from lib_mos.concepts.binding import PromptBinder
+from lib_mos.concepts.concept import Concept
+from lib_mos.models import sampling
+from lib_mos.models.sd1 import SD1Model
+from lib_mos.regional.attention import RegionalContext
+from lib_mos.regional.regions import Region, RegionSpec, layer_masks
 from lib_mos.toyworld import codec as codec_mod
 from lib_mos.toyworld import world
 from lib_mos.toyworld.probe import Probe

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lib_mos import training
-from lib_mos.concepts import Concept
-from lib_mos.sd1 import SD1Model
+from lib_mos.concepts.concept import Concept
+from lib_mos.models.sd1 import SD1Model
 from lib_mos.toyworld import codec as codec_mod
 from lib_mos.toyworld import world
-from lib_mos.training_data import PLACEHOLDER, TrainingImage
+from lib_mos.training import trainer as training
+from lib_mos.training.data import PLACEHOLDER, TrainingImage
 
 
 @dataclass(frozen=True)

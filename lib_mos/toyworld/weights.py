@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lib_mos.concept_files import read_concept
-from lib_mos.concepts import Concept
-from lib_mos.sd1 import SD1Model
+from lib_mos.concepts.concept import Concept
+from lib_mos.concepts.files import read_concept
+from lib_mos.models.sd1 import SD1Model
 from lib_mos.toyworld import base, world
 from lib_mos.toyworld.codec import PatchCodec
 from lib_mos.toyworld.novel import NOVEL

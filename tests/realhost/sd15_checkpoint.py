@@ -1,9 +1,9 @@
 """A random-weight, full-size SD1.5 checkpoint in the WebUI's key layout, for the real-host suite
 (no SD weights can be downloaded here).
 
-UNet and text encoder come from `lib_mos.sd1` (built on the meta device); the VAE has the layout
+UNet and text encoder come from `lib_mos.models.sd1` (built on the meta device); the VAE has the layout
 of ldm's AutoencoderKL with the host's `configs/v1-inference.yaml` settings, so the host decodes
-real (if meaningless) pictures instead of a flat grey. Values come from `lib_mos.sd1._randomise`,
+real (if meaningless) pictures instead of a flat grey. Values come from `lib_mos.models.sd1._randomise`,
 module by module, streamed straight into the .safetensors file: peak memory is about one layer.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lib_mos.sd1 import (
+from lib_mos.models.sd1 import (
     CONFIG_METADATA_KEY,
     SD15,
     TEXT_PREFIX,

@@ -19,8 +19,9 @@ import pytest
 import torch
 from webui_process import HostError, images, infotexts
 
-from lib_mos import sd1, synthetic
-from lib_mos.regions import RegionSpec
+from lib_mos.concepts import synthetic
+from lib_mos.models import sd1
+from lib_mos.regional.regions import RegionSpec
 
 PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
 # (concept, key spelling, how the file was written): every combination of the authors' files

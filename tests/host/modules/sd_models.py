@@ -24,8 +24,8 @@ import traceback
 import safetensors.torch
 import torch
 
-from lib_mos import sd1
-from lib_mos.clip_tokenizer import load_clip_tokenizer
+from lib_mos.models import sd1
+from lib_mos.models.clip_tokenizer import load_clip_tokenizer
 from modules import hashes, paths, script_callbacks, shared
 from modules.sd_hijack import model_hijack
 from modules.sd_hijack_clip import FrozenCLIPEmbedder
@@ -238,14 +238,14 @@ class FirstStageModel(torch.nn.Module):
     DiagonalGaussianDistribution of the *unscaled* latent, `decode(z)` an image in [-1, 1] from an
     unscaled latent, `dtype` (a Lightning module's property). The double has no VAE weights: its
     decoder is the linear latent->RGB map the double decodes images with
-    (`processing.decode_latent_batch`, `lib_mos.sampling.LATENT_RGB`) applied to `z * scale_factor`,
+    (`processing.decode_latent_batch`, `lib_mos.models.sampling.LATENT_RGB`) applied to `z * scale_factor`,
     each latent cell an 8x8 block; its encoder is that map's least-squares inverse of each 8x8
     block's mean colour, with a fixed small posterior std (`STD`)."""
 
     STD = 0.01  # of the unscaled latent; the real VAE's posterior is this narrow
 
     def __init__(self, scale_factor: float):
-        from lib_mos.sampling import LATENT_RGB
+        from lib_mos.models.sampling import LATENT_RGB
 
         super().__init__()
         to_rgb = LATENT_RGB * scale_factor  # [4, 3]: unscaled latent -> RGB

@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from lib_mos import sampling
-from lib_mos.attention import LayerwiseContext, attn2_processor
-from lib_mos.binding import PromptBinder, _rows_injected, tokenize
-from lib_mos.concept_files import check_concept_set, read_concept, write_concept
-from lib_mos.concepts import Concept, LoraFactor
+from lib_mos.concepts.binding import PromptBinder, _rows_injected, tokenize
+from lib_mos.concepts.concept import Concept, LoraFactor
+from lib_mos.concepts.files import check_concept_set, read_concept, write_concept
 from lib_mos.files import atomic_save_safetensors
-from lib_mos.sd1 import ATTN2_NAMES, SD1Model, text_attention_linear_names, unet_attention_linear_names
-from lib_mos.training_data import PLACEHOLDER, TEMPLATES, TrainingImage, augment_view, make_caption
+from lib_mos.models import sampling
+from lib_mos.models.attention import LayerwiseContext, attn2_processor
+from lib_mos.models.sd1 import ATTN2_NAMES, SD1Model, text_attention_linear_names, unet_attention_linear_names
+from lib_mos.training.data import PLACEHOLDER, TEMPLATES, TrainingImage, augment_view, make_caption
 
 __all__ = [
     "STATE_SUFFIX",

@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lib_mos.concepts import Concept, ConceptError
-from lib_mos.sd1 import ATTN2_NAMES, SD1Model
+from lib_mos.concepts.concept import Concept, ConceptError
+from lib_mos.models.sd1 import ATTN2_NAMES, SD1Model
 
 CHUNK_TOKENS = 75
 

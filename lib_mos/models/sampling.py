@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib_mos.attention import Attn2Processor, LayerwiseContext, attn2_processor
-from lib_mos.sd1 import SD1Model
+from lib_mos.models.attention import Attn2Processor, LayerwiseContext, attn2_processor
+from lib_mos.models.sd1 import SD1Model
 
 LATENT_CHANNELS = 4
 LATENT_FACTOR = 8

@@ -18,7 +18,7 @@ INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from lib_mos.training import TrainSettings
+    from lib_mos.training.trainer import TrainSettings
 
     d = TrainSettings()
     p = sub.add_parser("train", help="train an ED-LoRA concept (or a LoRA with trigger words) from a folder of images")
@@ -89,11 +89,11 @@ class _StopFlag:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lib_mos import sd1, vae
-    from lib_mos.__main__ import ProgressBar, _fail
-    from lib_mos.concepts import ConceptError
-    from lib_mos.training import TrainingInterrupted, TrainSettings, train
-    from lib_mos.training_data import read_training_folder
+    from lib_mos.cli.main import ProgressBar, _fail
+    from lib_mos.concepts.concept import ConceptError
+    from lib_mos.models import sd1, vae
+    from lib_mos.training.data import read_training_folder
+    from lib_mos.training.trainer import TrainingInterrupted, TrainSettings, train
 
     stop = _StopFlag()
     bar = ProgressBar()

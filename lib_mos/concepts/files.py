@@ -49,8 +49,7 @@ from typing import Any
 
 import torch
 
-from lib_mos import sd1
-from lib_mos.concepts import (
+from lib_mos.concepts.concept import (
     KIND_PARTS,
     SHARED_PARTS,
     Concept,
@@ -63,6 +62,7 @@ from lib_mos.concepts import (
     unet_ldm_to_diffusers,
 )
 from lib_mos.files import atomic_save_safetensors
+from lib_mos.models import sd1
 
 __all__ = [
     "EMBEDDING_PREFIX",

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_mos import sd1
-from lib_mos.concepts import Concept, LoraFactor, ModuleDelta, unet_ldm_to_diffusers
+from lib_mos.concepts.concept import Concept, LoraFactor, ModuleDelta, unet_ldm_to_diffusers
+from lib_mos.models import sd1
 
 
 def random_concept(model: sd1.SD1Model, tokens: tuple[str, ...] = ("<cat1>", "<cat2>"), *, seed: int = 1,
@@ -166,7 +166,7 @@ def kohya_key_stem(kind: str, name: str) -> str:
     """The key stem kohya's sd-scripts write for a layer (diffusers spelling):
     `lora_unet_down_blocks_0_attentions_0_proj_in`, `lora_unet_down_blocks_0_resnets_0_conv1`,
     `lora_te_text_model_encoder_layers_0_mlp_fc1`."""
-    from lib_mos.concept_files import RESNET_PARTS
+    from lib_mos.concepts.files import RESNET_PARTS
 
     if kind == "text":
         return "lora_te_" + name.replace(".", "_")
@@ -198,7 +198,7 @@ def write_lora_file(concept: Concept, path: str | os.PathLike[str], *, tags: dic
     plain kohya / LyCORIS file."""
     from safetensors.torch import save_file
 
-    from lib_mos.concept_files import layer_tensors
+    from lib_mos.concepts.files import layer_tensors
 
     tensors: dict[str, torch.Tensor] = {}
     kinds, ranks, conv_ranks = set(), set(), set()

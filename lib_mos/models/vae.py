@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from lib_mos import sampling
-from lib_mos.sd1 import _default_device, _randomise
+from lib_mos.models import sampling
+from lib_mos.models.sd1 import _default_device, _randomise
 
 __all__ = [
     "SCALE_FACTOR",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lib_mos.fusion_solver import MAX_CHANGE, LayerStats, relative_errors_many, weight_average, weight_stack
+from lib_mos.fusion.solver import MAX_CHANGE, LayerStats, relative_errors_many, weight_average, weight_stack
 
 __all__ = ["DISTANCE_BOUND", "HELD_OUT_BOUND", "HELD_OUT_MARGIN", "LayerMeasure", "concept_summary",
            "format_report", "measure_layers", "stage_report"]

@@ -248,7 +248,7 @@ Delta = LoraFactor | ModuleDelta
 
 @dataclass
 class Concept:
-    """One concept as loaded from a file (see `lib_mos.concept_files`)."""
+    """One concept as loaded from a file (see `lib_mos.concepts.files`)."""
 
     name: str
     tokens: tuple[str, ...]

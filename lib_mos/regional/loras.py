@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_mos.attention import region_blend_weights
-from lib_mos.concepts import Concept, ConceptError, Delta, LoraFactor
-from lib_mos.regions import RegionError, RegionSpec, attention_sizes
+from lib_mos.concepts.concept import Concept, ConceptError, Delta, LoraFactor
+from lib_mos.regional.attention import region_blend_weights
+from lib_mos.regional.regions import RegionError, RegionSpec, attention_sizes
 
 __all__ = ["RegionDeltas", "RegionLora", "RegionLoraChoice", "choose_region_loras", "global_lora_names"]
 

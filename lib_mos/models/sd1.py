@@ -294,7 +294,7 @@ def build_tiny_sd1(seed: int = 0) -> SD1Model:
 
     The global RNG is left untouched so callers' own seeding is not disturbed.
     """
-    from lib_mos.clip_tokenizer import load_clip_tokenizer
+    from lib_mos.models.clip_tokenizer import load_clip_tokenizer
 
     with torch.random.fork_rng(devices=[]):
         unet = build_unet(TINY_SD1)
@@ -481,7 +481,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     """
     from safetensors import safe_open
 
-    from lib_mos.clip_tokenizer import load_clip_tokenizer
+    from lib_mos.models.clip_tokenizer import load_clip_tokenizer
 
     path = Path(path)
     if not path.is_file():

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib_mos.concept_files import METADATA_KEY, read_concept, sha256_file, torch_load_weights
-from lib_mos.concepts import Concept, ConceptError
+from lib_mos.concepts.concept import Concept, ConceptError
+from lib_mos.concepts.files import METADATA_KEY, read_concept, sha256_file, torch_load_weights
 
 __all__ = ["LORA_SUFFIXES", "ConceptLibrary", "FoundConcepts", "LibraryEntry", "Scan", "lora_files", "lora_hash",
            "resolve"]

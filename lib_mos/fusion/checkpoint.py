@@ -11,9 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
-from lib_mos.concept_files import torch_load_weights
-from lib_mos.concepts import Concept, ConceptError
-from lib_mos.fusion import FusionInput, FusionInterrupted, FusionResult, FusionSettings, Progress, fuse
+from lib_mos.concepts.concept import Concept, ConceptError
+from lib_mos.concepts.files import torch_load_weights
+from lib_mos.fusion.pipeline import (
+    FusionInput,
+    FusionInterrupted,
+    FusionResult,
+    FusionSettings,
+    Progress,
+    fuse,
+)
 
 FUSED_METADATA_KEY = "mos_fusion"
 FUSED_EMBEDDING_PREFIX = "mos_fusion.embedding."
@@ -47,7 +54,7 @@ def fused_state_dict(base: dict[str, torch.Tensor], result: FusionResult, *,
                      dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The base checkpoint with fused weights, concept embeddings under a private prefix the host
     ignores (float32), position_ids dropped, the other floats cast to `dtype`."""
-    from lib_mos.sd1 import TEXT_PREFIX, UNET_PREFIX
+    from lib_mos.models.sd1 import TEXT_PREFIX, UNET_PREFIX
 
     sd = dict(base)
     sd.pop(_POSITION_IDS, None)
@@ -184,7 +191,7 @@ def parse_concept_spec(spec: str, unet_weight: float = 1.0, text_weight: float =
 def load_inputs(specs: Sequence[ConceptSpec]) -> list[FusionInput]:
     """Read every concept file (with its spec's trigger words; a spec's `concept` when already
     read), apply renames, and check the set (unique, non-nested tokens)."""
-    from lib_mos.concept_files import check_concept_set, read_concept, sha256_file
+    from lib_mos.concepts.files import check_concept_set, read_concept, sha256_file
 
     inputs = []
     seen: dict[str, str] = {}
@@ -217,7 +224,7 @@ def fuse_checkpoint(base_path, specs: Sequence[ConceptSpec], out_path, settings:
 
     from safetensors import safe_open
 
-    from lib_mos import sd1
+    from lib_mos.models import sd1
 
     settings = settings or FusionSettings()
     out_path, base_path = Path(out_path), Path(base_path)

@@ -25,12 +25,17 @@ from pathlib import Path
 
 import torch
 
-from lib_mos import binding, fused_checkpoint, fusion, fusion_report, sampling, sd1, synthetic, training, vae
-from lib_mos.attention import RegionalContext
-from lib_mos.concept_files import read_concept, write_concept
-from lib_mos.regions import Region, RegionSpec, layer_masks
+from lib_mos.concepts import binding, synthetic
+from lib_mos.concepts.files import read_concept, write_concept
+from lib_mos.fusion import checkpoint as fused_checkpoint
+from lib_mos.fusion import pipeline as fusion
+from lib_mos.fusion import report as fusion_report
+from lib_mos.models import sampling, sd1, vae
+from lib_mos.regional.attention import RegionalContext
+from lib_mos.regional.regions import Region, RegionSpec, layer_masks
 from lib_mos.toyworld import weights as toy_weights
-from lib_mos.training_data import read_training_folder
+from lib_mos.training import trainer as training
+from lib_mos.training.data import read_training_folder
 
 
 def regional_image(model: sd1.SD1Model, binder: binding.PromptBinder, path: Path, *, seed: int, size: int,
@@ -54,7 +59,7 @@ def regional_image(model: sd1.SD1Model, binder: binding.PromptBinder, path: Path
 
 # The mixed set's LoRAs change every attention linear, as a trainer's file does, but the other kinds
 # (feed-forward, proj_in/out, resnet 3x3 convs, text-encoder MLP) in a few blocks only, so the demo
-# stays fast (`lib_mos.synthetic.lora_layer_names` lists all of them): the first and last transformer
+# stays fast (`lib_mos.concepts.synthetic.lora_layer_names` lists all of them): the first and last transformer
 # blocks and resnets for the LoCon, the middle block's for the LoHa, two text-encoder layers each.
 _LOCON_LAYERS = ("input_blocks.1.", "output_blocks.11.", "text_model.encoder.layers.10.", "text_model.encoder.layers.11.")
 _LOHA_LAYERS = ("middle_block.", "text_model.encoder.layers.0.", "text_model.encoder.layers.1.")

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lib_mos import sampling
-from lib_mos.binding import PromptBinder
-from lib_mos.concepts import Concept, ConceptError, applied, check_fits
-from lib_mos.fusion_report import LayerMeasure, measure_layers, stage_report
-from lib_mos.fusion_solver import (
+from lib_mos.concepts.binding import PromptBinder
+from lib_mos.concepts.concept import Concept, ConceptError, applied, check_fits
+from lib_mos.fusion.report import LayerMeasure, measure_layers, stage_report
+from lib_mos.fusion.solver import (
     MAX_CHANGE,
     PRIORS,
     RIDGE,
@@ -47,7 +46,8 @@ from lib_mos.fusion_solver import (
     solve_exact,
     solve_lbfgs,
 )
-from lib_mos.sd1 import ATTN2_NAMES, SD1Config, SD1Model
+from lib_mos.models import sampling
+from lib_mos.models.sd1 import ATTN2_NAMES, SD1Config, SD1Model
 
 STAGES = ("te", "kv", "spatial")
 PROMPT_TEMPLATES = ("photo of a {}", "{}")  # the authors' two, around a concept's tokens
@@ -166,7 +166,7 @@ def solve_templates(concept: Concept, settings: FusionSettings) -> tuple[str, ..
 def spatial_rows(config: SD1Config, settings: FusionSettings) -> list[tuple[str, int, int]]:
     """(attn2 block, rows per concept, input width) of every spatial layer group: the rows one
     concept's sampling records there (feature-map cells x steps x seeds)."""
-    from lib_mos.regions import ATTN2_LEVELS, attention_sizes
+    from lib_mos.regional.regions import ATTN2_LEVELS, attention_sizes
 
     sizes = attention_sizes(settings.spatial_size, settings.spatial_size)
     widths = [config.model_channels * (1, 2, 4, 4)[level] for level in ATTN2_LEVELS]

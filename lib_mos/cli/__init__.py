@@ -1,0 +1,1 @@
+"""Command line (`python -m lib_mos`): every command (`main`), `train` (`train`) and `demo`."""

@@ -100,7 +100,14 @@ from lib_mos.models.attention import attn2_processor
 from lib_mos.models.sampling import any_multiple_of_8
 from lib_mos.regional.attention import RegionalContext, region_blend_weights
 from lib_mos.regional.loras import RegionDeltas, RegionLora
-from lib_mos.regional.regions import Region, RegionSpec, attention_sizes, layer_masks, region_masks
+from lib_mos.regional.regions import (
+    Region,
+    RegionSpec,
+    attention_sizes,
+    layer_masks,
+    level_masks,
+    region_masks,
+)
 
 ROWS = 2  # one image: cond + uncond
 TOKENS, WIDTH = 77, 768
@@ -297,6 +304,7 @@ def _lora_worker(args: argparse.Namespace) -> dict:
     region_context = torch.randn(ROWS, k, TOKENS, WIDTH, generator=gen)  # row 0 prompts, row 1 negatives
     spec = box_spec(k)
     weights = layer_masks(spec, size, size)
+    levels = level_masks(spec, size, size)
     coverage = weights[0].sum(0)
     # full pass: latent blend weights, prepared once ([1, 1, h, w] and [K, 1, 1, h, w])
     latent = region_masks(spec, size, size)
@@ -334,7 +342,7 @@ def _lora_worker(args: argparse.Namespace) -> dict:
     def ours() -> torch.Tensor:
         with attn2_processor(unet, proc), deltas.installed():
             proc.set_rows(region_context, weights)
-            deltas.set_masks(weights, size, size)
+            deltas.set_masks(levels)
             return unet(x, t, context=context)
 
     def full_pass() -> torch.Tensor:
@@ -375,7 +383,7 @@ def _lora_worker(args: argparse.Namespace) -> dict:
         whole_proc.context_delta = whole_deltas.context_delta
         with attn2_processor(unet, whole_proc), whole_deltas.installed():
             whole_proc.set_rows(region_context[:, :1], whole_weights)
-            whole_deltas.set_masks(whole_weights, size, size)
+            whole_deltas.set_masks(level_masks(whole, size, size))
             ours_whole = unet(x, t, context=context)
         with singles[0].installed():  # latent blend weight 1 everywhere, global's 0: the region's call
             full_whole = unet(x, t, context=region_context[:, 0])

@@ -27,9 +27,10 @@ from lib_mos.concepts.concept import ConceptError, check_fits
 from lib_mos.concepts.library import lora_files
 from lib_mos.files import import_sibling
 from lib_mos.models.attention import attn2_processor
+from lib_mos.models.family import family_of_unet
 from lib_mos.regional.attention import SteppedRegionalContext
 from lib_mos.regional.loras import RegionDeltas, RegionLora, choose_region_loras, global_lora_names
-from lib_mos.regional.regions import RegionSpec, attention_sizes, layer_masks
+from lib_mos.regional.regions import RegionSpec, attention_sizes, level_masks
 from modules import prompt_parser, sd_samplers, shared
 
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
@@ -77,23 +78,24 @@ class GenerationJob:
         self.p = p
         self.spec = spec if spec is not None else RegionSpec(())
         self.processor = SteppedRegionalContext()
+        self.family = family = family_of_unet(shared.sd_model.model.diffusion_model)
         try:
             found = mos_host_binding.find_concepts(generation_texts(p, self.spec), strict=strict)
-            binder = PromptBinder(None, found.concepts)  # used for its token rows; encoding is the host's
+            binder = PromptBinder(None, found.concepts, family)  # for its token rows; the host encodes
         except Exception as e:
             if strict:
                 raise
             # the always-on script runs in the host's `process` hook, whose errors are only logged:
             # the prompt would silently lose its concepts, so fail the first UNet call instead
             self.processor.error = e
-            found, binder = mos_host_binding.FoundConcepts(), PromptBinder(None, [])
+            found, binder = mos_host_binding.FoundConcepts(), PromptBinder(None, [], family)
         for warning in found.warnings:
             print(warning, file=sys.stderr)
         self.sources = found.infotext()
         self.binder = binder
         self.cache: dict[str, torch.Tensor] = {}
         self.lora_caches: dict[tuple, dict[str, torch.Tensor]] = {}  # per set of region LoRAs
-        self.masks: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.masks: dict[tuple[int, int], dict[tuple[int, int], torch.Tensor]] = {}
         self.plans: dict[tuple, tuple] = {}
         self._installed: contextlib.ExitStack | None = None
         self.region_loras: list[RegionLora] = []
@@ -235,7 +237,7 @@ class GenerationJob:
         key = (n_cond, n_uncond, width, height, prompts, negatives)
         if key not in self.plans:
             self.plans = {key: self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)}
-        region, weights, cond, uncond, global_weight = self.plans[key]
+        region, weights, levels, cond, uncond, global_weight = self.plans[key]
         context = None
         if cond is not None or uncond is not None:  # the host's own rows change with prompt editing
             layers = self.binder.layers
@@ -246,14 +248,16 @@ class GenerationJob:
             cond, uncond = _common_length(cond.to(params.text_cond.dtype), uncond.to(params.text_cond.dtype))
             context = torch.cat([cond, uncond]).to(region.device)
         if self.unet_deltas:
-            self.unet_deltas.set_masks(weights, width, height)
+            self.unet_deltas.set_masks(levels)
         self.processor.set_step(region, weights, context, global_weight)
 
-    def _layer_masks(self, width: int, height: int) -> list[torch.Tensor]:
+    def _level_masks(self, width: int, height: int) -> dict[tuple[int, int], torch.Tensor]:
+        """Region masks at every UNet level for this size (px boxes refer to the first pass)."""
         if (width, height) not in self.masks:
             self.masks[(width, height)] = (
-                layer_masks(self.spec, width, height, base_size=(self.p.width, self.p.height)) if self.spec.regions
-                else [torch.zeros(1, h * w) for h, w in attention_sizes(width, height)])
+                level_masks(self.spec, width, height, base_size=(self.p.width, self.p.height), family=self.family)
+                if self.spec.regions else {(h, w): torch.zeros(1, h * w)
+                                           for h, w in self.family.level_sizes(width, height)})
         return self.masks[(width, height)]
 
     def _build_plan(self, params, n_cond: int, n_uncond: int, width: int, height: int,
@@ -270,7 +274,8 @@ class GenerationJob:
                                 neg.transpose(0, 1).unsqueeze(0).expand(n_uncond, -1, -1, -1, -1)])
         else:  # binding only: no region, all-zero weights make every layer plain attention
             region = params.text_uncond.new_zeros(n_cond + n_uncond, 1, 1, params.text_uncond.shape[-1])
-        weights = [m.to(device) for m in self._layer_masks(width, height)]
+        levels = {size: m.to(device) for size, m in self._level_masks(width, height).items()}
+        weights = [levels[size] for size in attention_sizes(width, height, self.family)]
         cond = uncond = None
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in prompts):
             if n_cond != len(prompts):
@@ -278,7 +283,7 @@ class GenerationJob:
             cond = self.encode(list(prompts)).to(device)  # [B, L, T, D]
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in negatives):
             uncond = self.encode(list(negatives)).to(device)
-        return region.to(device), weights, cond, uncond, global_weight
+        return region.to(device), weights, levels, cond, uncond, global_weight
 
 
 def job_of(p) -> GenerationJob | None:

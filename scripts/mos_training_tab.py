@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from lib_mos.files import import_sibling
-from lib_mos.models.sd1 import SD1Config, SD1Model, attn2_modules
+from lib_mos.models.family import SD1, attn2_modules
+from lib_mos.models.sd1 import SD1Config, SD1Model
 from lib_mos.training.data import PLACEHOLDER, TEMPLATES
 from modules import call_queue, devices, processing, script_callbacks, shared
 
@@ -101,7 +102,7 @@ def live_config(unet, text_encoder) -> SD1Config:
     """The widths of the live model, read from its modules: ldm's UNetModel keeps its constructor's
     `model_channels` / `num_heads`, transformers' CLIPTextModel its `config`."""
     cfg = text_encoder.config
-    _, attn2 = attn2_modules(unet)[0]
+    _, attn2 = attn2_modules(unet, SD1)[0]
     if attn2.to_k.in_features != cfg.hidden_size:
         raise ValueError(f"the UNet's cross-attention reads {attn2.to_k.in_features} wide contexts, the text encoder "
                          f"writes {cfg.hidden_size}: not an SD1 model")

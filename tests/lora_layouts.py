@@ -1,7 +1,7 @@
-"""LoRA files in the layouts the trainers write, shaped for a given SD1 model's real layers.
+"""LoRA files in the layouts the trainers write, shaped for a given model's real layers.
 
-Each builder returns a `LoraFile` (tensors + safetensors metadata) for `lib_mos.models.sd1.SD1Model`'s
-layers, with random values from a seeded generator, scaled so every layer's change is a sizeable
+Each builder returns a `LoraFile` (tensors + safetensors metadata) for the layers of an SD1 or SDXL
+model (`sd1.SD1Model`, `sdxl.SDXLModel`; text layers named from the model's text root), with random values from a seeded generator, scaled so every layer's change is a sizeable
 fraction of its weight (its spread about 0.2 to 0.8 of the weight's):
 
 - `kohya_lora`: kohya's `networks.lora` on the UNet transformer blocks (attn1/attn2 q, k, v,
@@ -28,8 +28,10 @@ fraction of its weight (its spread about 0.2 to 0.8 of the weight's):
 Key spellings: "diffusers" (kohya: `lora_unet_down_blocks_0_attentions_0_...`,
 `lora_unet_down_blocks_0_resnets_0_conv1`, `..._downsamplers_0_conv`, `lora_unet_mid_block_...`,
 `lora_te_text_model_...`) and "ldm" (`lora_unet_input_blocks_1_0_in_layers_2`, ...,
-`lora_te1_text_model_...`). The diffusers names are written out here from the SD1 block layout,
-independently of the reader under test.
+`lora_te1_text_model_...`). SDXL files name their text layers `lora_te1_...` (CLIP-L) and
+`lora_te2_...` (OpenCLIP bigG) in either spelling and carry `ss_base_model_version` sdxl_base_v1-0.
+The diffusers names are written out here from the block layout (three blocks per level in both
+families), independently of the reader under test.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lib_mos.models import sd1
+from lib_mos.models.family import SD1, ModelFamily
 
 Layer = tuple[str, str]  # ("unet" | "text", module name relative to the UNet / text encoder)
 Parts = dict[str, torch.Tensor]
@@ -94,7 +97,7 @@ def kohya_metadata(module: str = "networks.lora", dim: int | str = 4, alpha: flo
 
 # ------------------------------------------------------------------------------------ layer names
 def module(model: sd1.SD1Model, layer: Layer) -> nn.Linear | nn.Conv2d:
-    return (model.unet if layer[0] == "unet" else model.text_encoder).get_submodule(layer[1])
+    return (model.unet if layer[0] == "unet" else model.text_root).get_submodule(layer[1])
 
 
 def _layers(root: nn.Module, kind: str, keep: Callable[[str, nn.Module], bool]) -> list[Layer]:
@@ -107,7 +110,8 @@ def attention_layers(model: sd1.SD1Model) -> list[Layer]:
 
 
 def text_layers(model: sd1.SD1Model) -> list[Layer]:
-    return _layers(model.text_encoder, "text", lambda n, m: isinstance(m, nn.Linear))
+    """Every linear of the encoder layers (SDXL's te2 projection is no layer kohya trains)."""
+    return _layers(model.text_root, "text", lambda n, m: isinstance(m, nn.Linear) and ".encoder.layers." in n)
 
 
 def resnet_layers(model: sd1.SD1Model) -> list[Layer]:
@@ -121,8 +125,10 @@ def sampler_layers(model: sd1.SD1Model) -> list[Layer]:
 
 
 def outer_layers(model: sd1.SD1Model) -> list[Layer]:
-    """conv_in, conv_out and the time embedding's linears (LyCORIS' "full" preset trains them)."""
-    return _layers(model.unet, "unet", lambda n, m: n in ("input_blocks.0.0", "out.2", "time_embed.0", "time_embed.2"))
+    """conv_in, conv_out and the embedding MLPs' linears (LyCORIS' "full" preset trains them): the
+    time embedding, and SDXL's vector embedding (`label_emb`)."""
+    return _layers(model.unet, "unet", lambda n, m: n in ("input_blocks.0.0", "out.2", "time_embed.0", "time_embed.2",
+                                                          "label_emb.0.0", "label_emb.0.2"))
 
 
 def diffusers_path(name: str) -> str:
@@ -152,11 +158,18 @@ def diffusers_path(name: str) -> str:
     return f"{block}.{i}.attentions.{j}.{rest}" if sub == "1" else f"{block}.{i}.resnets.{j}.{_RESNET[rest]}"
 
 
-def key_stem(layer: Layer, spelling: str) -> str:
+def key_stem(layer: Layer, spelling: str, family: ModelFamily = SD1) -> str:
+    """SDXL files (kohya writes ldm names for SDXL) get the diffusers spelling on attention blocks
+    only: the host converts SDXL's other diffusers names with SD1's block layout, wrongly for the
+    first upsampler (tested in test_lora_kinds)."""
     kind, name = layer
     if kind == "text":
+        if family is not SD1:
+            root = next(e for e in family.text_encoders if name.startswith(e.root))
+            return root.lora_prefix + name[len(root.root):].replace(".", "_")
         return ("lora_te_" if spelling == "diffusers" else "lora_te1_") + name.replace(".", "_")
-    return "lora_unet_" + (diffusers_path(name) if spelling == "diffusers" else name).replace(".", "_")
+    diffusers = spelling == "diffusers" and (family is SD1 or bool(re.match(r"\w+_blocks\.\d+\.1\.|middle_block\.1\.", name)))
+    return "lora_unet_" + (diffusers_path(name) if diffusers else name).replace(".", "_")
 
 
 # ----------------------------------------------------------------------------------- layer parts
@@ -222,8 +235,8 @@ def lokr_parts(shape: torch.Size, rank: int, gen: torch.Generator, whole_w1: boo
 
 
 # -------------------------------------------------------------------------------------- builders
-_SAMPLE = re.compile(r"(input_blocks\.[0134]|middle_block|output_blocks\.[258]|out|time_embed)\.|"
-                     r"text_model\.encoder\.layers\.(0|11)\.")
+_SAMPLE = re.compile(r"(input_blocks\.[0134]|middle_block|output_blocks\.[258]|out|time_embed|label_emb)\.|"
+                     r"(\d\.)?text_model\.encoder\.layers\.(0|11)\.")
 
 
 def sample(layers: list[Layer]) -> list[Layer]:
@@ -238,9 +251,11 @@ def _build(model: sd1.SD1Model, layers: list[Layer], make: Callable[[int, Layer,
            spelling: str, dtype: torch.dtype, metadata: dict[str, str], few: bool) -> LoraFile:
     """The file's tensors in `dtype`, keyed in `spelling`; `few`: only the `sample` layers."""
     layers = sample(layers) if few else layers
+    if model.family is not SD1:
+        metadata = {**metadata, "ss_base_model_version": "sdxl_base_v1-0"}
     tensors: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
-        stem = key_stem(layer, spelling)
+        stem = key_stem(layer, spelling, model.family)
         for part, value in make(i, layer, module(model, layer)).items():
             tensors[f"{stem}.{part}"] = value.to(dtype)
     return LoraFile(tensors, metadata, list(layers))

@@ -12,6 +12,7 @@ from lib_mos.concepts.concept import Concept, ConceptError, LoraFactor, applied,
 from lib_mos.concepts.synthetic import random_concept
 from lib_mos.models import sampling, sd1
 from lib_mos.models.attention import LayerwiseContext, attn2_processor
+from lib_mos.models.family import attn2_modules
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_layerwise_context_processor_matches_plain_unet_and_is_removed(tiny):
         with attn2_processor(tiny.unet, LayerwiseContext()):
             same = tiny.unet(x, t, context=ctx.unsqueeze(1).expand(-1, 16, -1, -1))
         torch.testing.assert_close(same, plain, rtol=1e-4, atol=1e-4)
-        assert all("forward" not in m.__dict__ for _, m in sd1.attn2_modules(tiny.unet))
+        assert all("forward" not in m.__dict__ for _, m in attn2_modules(tiny.unet))
         with pytest.raises(RuntimeError):  # a layer-wise context without processors fails loudly
             tiny.unet(x, t, context=ctx.unsqueeze(1).expand(-1, 16, -1, -1))
 
@@ -119,7 +120,7 @@ def test_processor_removed_after_error(tiny):
 
     with pytest.raises(RuntimeError, match="boom"), attn2_processor(tiny.unet, broken), torch.no_grad():
         tiny.unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), context=torch.randn(1, 77, 32))
-    assert all("forward" not in m.__dict__ for _, m in sd1.attn2_modules(tiny.unet))
+    assert all("forward" not in m.__dict__ for _, m in attn2_modules(tiny.unet))
 
 
 def test_sampling_with_a_bound_concept(tiny):

@@ -109,7 +109,7 @@ def test_convert_names_the_trigger_words_and_where_they_came_from(tmp_path, caps
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == (f'{tagged}: trigger words "ohwx man" from most frequent training tag (5 times in '
                         "ss_tag_frequency); pass --trigger to choose others")
-    assert lines[1].startswith(f"wrote {out / 'a.safetensors'}: concept 'tagged', trigger words ohwx man, rank 2")
+    assert lines[1].startswith(f"wrote {out / 'a.safetensors'}: SD1.x concept 'tagged', trigger words ohwx man, rank 2")
     written = read_concept(out / "a.safetensors")
     assert (written.tokens, written.triggers) == ((), ("ohwx man",))
 

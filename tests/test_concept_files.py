@@ -184,10 +184,10 @@ def test_our_file_metadata_and_overwrite(tiny, tmp_path):
         meta = handle.metadata()
         keys = set(handle.keys())
     info = json.loads(meta[METADATA_KEY])
-    assert info == {"format": "mos-concept", "version": 2, "name": "dog", "tokens": ["<dog1>", "<dog2>"], "triggers": [],
+    assert info == {"format": "mos-concept", "version": 3, "name": "dog", "tokens": ["<dog1>", "<dog2>"], "triggers": [],
                     "layers": 16, "dim": tiny.config.context_dim, "rank": RANK, "class_word": "dog",
-                    "base_model_hash": "abc123", "source_sha256": "f" * 64}
-    assert meta["ss_network_module"] == "networks.lora"
+                    "base_model_hash": "abc123", "source_sha256": "f" * 64, "family": "sd1"}
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 2.0
     assert {k for k in keys if not k.startswith("lora_")} == {f"{EMBEDDING_PREFIX}0", f"{EMBEDDING_PREFIX}1"}
     assert len(keys) == 2 + 3 * 176
@@ -448,8 +448,11 @@ BAD_INPUTS: dict[str, tuple[Callable[[sd1.SD1Model, Path], tuple[Path, dict[str,
     "ours: wrong format": (_ours(lambda t, m: m.update({METADATA_KEY: json.dumps({"format": "other"})})),
                            [METADATA_KEY]),
     "ours: future version": (
-        _ours(lambda t, m: m.update({METADATA_KEY: m[METADATA_KEY].replace('"version": 2', '"version": 3')})),
-        ["version 3"]),
+        _ours(lambda t, m: m.update({METADATA_KEY: m[METADATA_KEY].replace('"version": 3', '"version": 4')})),
+        ["version 4"]),
+    "ours: for another family": (
+        _ours(lambda t, m: m.update({METADATA_KEY: m[METADATA_KEY].replace('"family": "sd1"', '"family": "sdxl"')})),
+        ["this concept is for SDXL; this is an SD1.x model"]),
     "ours: missing embedding key": (_ours(lambda t, m: t.pop(f"{EMBEDDING_PREFIX}1")), [f"{EMBEDDING_PREFIX}1"]),
     "ours: extra embedding key": (_ours(lambda t, m: _set(t, f"{EMBEDDING_PREFIX}7", torch.zeros(16, 32))),
                                   [f"{EMBEDDING_PREFIX}7"]),

@@ -15,6 +15,7 @@ from lib_mos.concepts import binding, synthetic
 from lib_mos.concepts.concept import ConceptError
 from lib_mos.concepts.files import write_concept
 from lib_mos.models import sampling, sd1
+from lib_mos.models.family import attn2_modules
 
 WITH_EXTENSION = True  # the `host` fixture installs this extension
 
@@ -46,7 +47,7 @@ def latents(res) -> torch.Tensor:
 
 
 def no_hooks(host) -> bool:
-    return all("forward" not in m.__dict__ for _, m in sd1.attn2_modules(host.model.model.diffusion_model))
+    return all("forward" not in m.__dict__ for _, m in attn2_modules(host.model.model.diffusion_model))
 
 
 def reference(model, concepts, prompt: str, negative: str, *, seed: int, steps: int, size: int = 64) -> torch.Tensor:

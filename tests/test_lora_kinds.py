@@ -263,7 +263,7 @@ def test_our_format_keeps_the_trigger_words(tiny_lora, tmp_path):
     written = write_concept(read_concept(path), tmp_path / "out" / "ours.safetensors")
     with safe_open(str(written), "pt") as f:
         meta = json.loads(f.metadata()["mos_concept"])
-    assert meta["version"] == 2 and meta["triggers"] == ["sks man", "red coat"] and meta["tokens"] == []
+    assert meta["version"] == 3 and meta["family"] == "sd1" and meta["triggers"] == ["sks man", "red coat"] and meta["tokens"] == []
     back = read_concept(written)
     assert back.triggers == ("sks man", "red coat") and back.trigger_source == "the file"
     assert read_concept(written, trigger="other").triggers == ("other",)

@@ -1,7 +1,8 @@
 """Region LoRAs (lib_mos.regional.loras) at module level: inside region r a hooked module gives what
 the module gives with only r's LoRA merged into its weight (as the host's Lora merges it), outside
-every region it gives the base module, for every LoRA kind the reader supports; the live weights
-are never touched and the hooks go away."""
+every region it gives the base module, for every LoRA kind the reader supports, on SD1 and SDXL
+alike (every test runs on both tiny models); the live weights are never touched and the hooks go
+away."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from lib_mos.concepts.concept import Concept, LoraFactor
 from lib_mos.concepts.files import read_concept
-from lib_mos.models import sd1
+from lib_mos.models import sd1, sdxl
 from lib_mos.models.attention import attend, attn2_processor
 from lib_mos.regional.attention import RegionalContext, regional_attention
 from lib_mos.regional.loras import (
@@ -26,7 +27,7 @@ from lib_mos.regional.loras import (
     choose_region_loras,
     global_lora_names,
 )
-from lib_mos.regional.regions import Region, RegionError, RegionSpec, layer_masks
+from lib_mos.regional.regions import Region, RegionError, RegionSpec, layer_masks, level_masks
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 SIZE = 64  # px: an 8x8 latent, the UNet's first level
@@ -50,23 +51,40 @@ KINDS: dict[str, Build] = {
 }
 
 
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint) -> sd1.SD1Model:
-    return sd1.load_checkpoint(tiny_checkpoint)
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def model(request, tiny_checkpoint) -> sd1.SD1Model | sdxl.SDXLModel:
+    return sd1.load_checkpoint(tiny_checkpoint) if request.param == "sd1" else sdxl.build_tiny_sdxl(seed=0)
+
+
+_EMBEDDING_MLPS = ("time_embed", "label_emb")
 
 
 def without_time_embed(lora: layouts.LoraFile) -> layouts.LoraFile:
-    """The file minus its time-embedding layers, which a region cannot confine (tested below)."""
-    return layouts.LoraFile({k: v for k, v in lora.tensors.items() if "time_embed" not in k}, lora.metadata)
+    """The file minus its embedding-MLP layers, which a region cannot confine (tested below)."""
+    return layouts.LoraFile({k: v for k, v in lora.tensors.items() if not any(m in k for m in _EMBEDDING_MLPS)},
+                            lora.metadata)
 
 
-def read(lora: layouts.LoraFile, folder: Path, name: str) -> Concept:
-    return read_concept(lora.save(folder, name), trigger="")
+def read(lora: layouts.LoraFile, folder: Path, name: str, model) -> Concept:
+    return read_concept(lora.save(folder, name), trigger="", family=model.family)
 
 
 def two_loras(model, build: Build, folder: Path) -> tuple[Concept, Concept]:
-    return (read(without_time_embed(build(model, 11)), folder, "a"),
-            read(without_time_embed(build(model, 12)), folder, "b"))
+    return (read(without_time_embed(build(model, 11)), folder, "a", model),
+            read(without_time_embed(build(model, 12)), folder, "b", model))
+
+
+def level0(model) -> torch.Tensor:
+    """[2, 64]: SPEC's masks at the latent resolution (8x8), where `sample_input`'s outputs lie."""
+    return level_masks(SPEC, SIZE, SIZE, family=model.family)[(8, 8)]
+
+
+def unet_call(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The UNet on (x, t, context), SDXL's with a fixed pooled/size vector."""
+    if model.family is sd1.SD1Model.family:
+        return model.unet(x, t, context)
+    y = torch.randn(x.shape[0], model.config.vector_dim, generator=torch.Generator().manual_seed(9))
+    return model.unet(x, t, context=context, y=y)
 
 
 @contextmanager
@@ -77,7 +95,7 @@ def merged(model: sd1.SD1Model, concept: Concept, weight: float) -> Iterator[Non
     reference here is the exact sum."""
     saved = []
     try:
-        for root, lora in ((model.unet, concept.unet_lora), (model.text_encoder, concept.text_lora)):
+        for root, lora in ((model.unet, concept.unet_lora), (model.text_root, concept.text_lora)):
             for name, delta in lora.items():
                 layer = root.get_submodule(name)
                 saved.append((layer, layer.weight.data, None if layer.bias is None else layer.bias.data))
@@ -97,7 +115,7 @@ def merged(model: sd1.SD1Model, concept: Concept, weight: float) -> Iterator[Non
 
 
 def snapshot(model: sd1.SD1Model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in (*model.unet.state_dict().items(), *model.text_encoder.state_dict().items())}
+    return {k: v.clone() for k, v in (*model.unet.state_dict().items(), *model.text_root.state_dict().items())}
 
 
 def sample_input(module: nn.Module, gen: torch.Generator) -> torch.Tensor:
@@ -132,28 +150,28 @@ def assert_by_region(got: torch.Tensor, base: torch.Tensor, only: list[torch.Ten
 def test_inside_each_region_a_module_is_the_module_with_that_regions_lora_only(model, tmp_path, kind):
     a, b = two_loras(model, KINDS[kind], tmp_path)
     before = snapshot(model)
-    masks = layer_masks(SPEC, SIZE, SIZE)
-    level0 = masks[0]  # [2, 64]
     deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
-    deltas.set_masks(masks, SIZE, SIZE)
+    deltas.set_masks(level_masks(SPEC, SIZE, SIZE, family=model.family))
     gen = torch.Generator().manual_seed(0)
     checked = 0
     with torch.no_grad():
-        for name, plan in deltas.plans.items():
-            if ".attn2.to_k" in name or ".attn2.to_v" in name or name.endswith("emb_layers.1"):
-                continue  # no positions: checked through their attention and their block below
-            module = plan.module
-            x = sample_input(module, gen)
-            conv = isinstance(module, nn.Conv2d)
-            base = positions(module(x), conv)
-            only = []
-            for concept, weight in zip((a, b), WEIGHTS):
-                with merged(model, concept, weight):
-                    only.append(positions(module(x), conv))
-            with deltas.installed():
-                got = positions(module(x), conv)
-            assert_by_region(got, base, only, level0, f"{kind}: {name}")
-            checked += 1
+        cases = {name: (plan.module, sample_input(plan.module, gen)) for name, plan in deltas.plans.items()
+                 # no positions: checked through their attention and their block below
+                 if not (".attn2.to_k" in name or ".attn2.to_v" in name or name.endswith("emb_layers.1"))}
+
+        def outputs() -> dict[str, torch.Tensor]:
+            return {n: positions(m(x), isinstance(m, nn.Conv2d)) for n, (m, x) in cases.items()}
+
+        base = outputs()
+        only = []
+        for concept, weight in zip((a, b), WEIGHTS):  # each LoRA merged once for every module
+            with merged(model, concept, weight):
+                only.append(outputs())
+        with deltas.installed():
+            got = outputs()
+    for name in cases:
+        assert_by_region(got[name], base[name], [o[name] for o in only], level0(model), f"{kind}: {name}")
+        checked += 1
     assert checked >= 10
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.unet.modules())
     after = snapshot(model)
@@ -163,16 +181,16 @@ def test_inside_each_region_a_module_is_the_module_with_that_regions_lora_only(m
 def test_cross_attention_gets_each_regions_lora_on_its_own_context(model, tmp_path):
     """attn2: to_q / to_out changed by position, to_k / to_v on the region's own context only."""
     a, b = two_loras(model, KINDS["kohya LoRA fp16"], tmp_path)
-    name = "input_blocks.1.1.transformer_blocks.0.attn2"
+    name = model.family.attn2[0]
     module = model.unet.get_submodule(name)
     assert {f"{name}.to_k", f"{name}.to_v", f"{name}.to_q"} <= set(a.unet_lora)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 64, module.to_q.in_features, generator=gen)
     context = torch.randn(2, 77, module.to_k.in_features, generator=gen)
     region_context = torch.randn(2, 2, 77, module.to_k.in_features, generator=gen)
-    masks = layer_masks(SPEC, SIZE, SIZE)
+    masks = level0(model)
     deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
-    deltas.set_masks(masks, SIZE, SIZE)
+    deltas.set_masks(level_masks(SPEC, SIZE, SIZE, family=model.family))
     with torch.no_grad():
         base = attend(module, x, context)
         only = []
@@ -180,9 +198,9 @@ def test_cross_attention_gets_each_regions_lora_on_its_own_context(model, tmp_pa
             with merged(model, concept, weight):
                 only.append(attend(module, x, region_context[:, r]))
         with deltas.installed():
-            got = regional_attention(module, x, context, region_context, masks[0].expand(2, -1, -1), None,
+            got = regional_attention(module, x, context, region_context, masks.expand(2, -1, -1), None,
                                      deltas.context_delta)
-    assert_by_region(got, base, only, masks[0], "attn2")
+    assert_by_region(got, base, only, masks, "attn2")
 
 
 def assert_feature_map_by_region(model: sd1.SD1Model, loras: tuple[Concept, Concept], block: nn.Module,
@@ -200,9 +218,8 @@ def assert_feature_map_by_region(model: sd1.SD1Model, loras: tuple[Concept, Conc
             handle.remove()
         return positions(seen.pop(), True)
 
-    masks = layer_masks(SPEC, SIZE, SIZE)
     deltas = RegionDeltas(model.unet, [RegionLora(r, c, w) for r, (c, w) in enumerate(zip(loras, WEIGHTS))], 2)
-    deltas.set_masks(masks, SIZE, SIZE)
+    deltas.set_masks(level_masks(SPEC, SIZE, SIZE, family=model.family))
     with torch.no_grad():
         base = feature_map()
         only = []
@@ -211,7 +228,7 @@ def assert_feature_map_by_region(model: sd1.SD1Model, loras: tuple[Concept, Conc
                 only.append(feature_map())
         with deltas.installed():
             got = feature_map()
-    assert_by_region(got, base, only, masks[0], what)
+    assert_by_region(got, base, only, level0(model), what)
 
 
 def test_a_resblocks_time_embedding_projection_lands_only_in_the_region(model, tmp_path):
@@ -229,53 +246,67 @@ def test_a_resblocks_time_embedding_projection_lands_only_in_the_region(model, t
 def test_weight_zero_hooks_nothing_and_the_text_encoder_gets_the_whole_change(model, tmp_path):
     a, _ = two_loras(model, KINDS["kohya LoRA fp16"], tmp_path)
     assert not RegionDeltas(model.unet, [RegionLora(0, a, 0.0)], 1)
+    assert {e.root for e in model.family.text_encoders} == {n[:2] if n[0].isdigit() else "" for n in a.text_lora}
     tokens = torch.randint(0, 1000, (2, 77), generator=torch.Generator().manual_seed(3))
+    tokens[:, -1] = 49407  # an EOS, where SDXL's pooled vector is read
+
+    def encode() -> torch.Tensor:
+        if model.family is sd1.SD1Model.family:
+            return model.text_encoder(tokens).last_hidden_state
+        cond = model.encode_ids(tokens)
+        return torch.cat([cond["crossattn"].flatten(1), cond["vector"]], 1)
+
     with torch.no_grad():
-        with RegionDeltas(model.text_encoder, [RegionLora(0, a, 0.6)], 1, masked=False, text=True).installed():
-            got = model.text_encoder(tokens).last_hidden_state
+        base = encode()
+        with RegionDeltas(model.text_root, [RegionLora(0, a, 0.6)], 1, masked=False, text=True).installed():
+            got = encode()
         with merged(model, a, 0.6):
-            want = model.text_encoder(tokens).last_hidden_state
+            want = encode()
+    assert (want - base).norm() > 1e-2 * base.norm()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def only_time_embedding(lora: layouts.LoraFile) -> layouts.LoraFile:
-    return layouts.LoraFile({k: v for k, v in lora.tensors.items() if "time_embed" in k}, lora.metadata)
+    """The file's embedding-MLP layers alone: the time embedding (and SDXL's vector embedding)."""
+    return layouts.LoraFile({k: v for k, v in lora.tensors.items() if any(m in k for m in _EMBEDDING_MLPS)},
+                            lora.metadata)
 
 
 def test_a_time_embedding_change_reaches_each_block_only_inside_its_region(model, tmp_path):
     """time_embed feeds every ResBlock at once: each region gets its own embedding, and the first
     block's feature map (conv_in and its in_layers unchanged) is the single-LoRA one inside each
     region and the base one outside."""
-    a = read(only_time_embedding(layouts.loha(model, seed=11, few=True)), tmp_path, "a")
-    b = read(only_time_embedding(layouts.loha(model, seed=12, few=True)), tmp_path, "b")
-    assert set(a.unet_lora) == {"time_embed.0", "time_embed.2"}
+    a = read(only_time_embedding(layouts.loha(model, seed=11, few=True)), tmp_path, "a", model)
+    b = read(only_time_embedding(layouts.loha(model, seed=12, few=True)), tmp_path, "b", model)
+    mlps = {"time_embed.0", "time_embed.2"} | ({"label_emb.0.0", "label_emb.0.2"} if model.family.vector_dim else set())
+    assert set(a.unet_lora) == mlps
     block = model.unet.get_submodule("input_blocks.1.0")
     gen = torch.Generator().manual_seed(4)
     x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500.0, 20.0])
-    context = torch.randn(2, 77, model.text_encoder.config.hidden_size, generator=gen)
-    assert_feature_map_by_region(model, (a, b), block, lambda: model.unet(x, t, context), "time embedding")
+    context = torch.randn(2, 77, model.config.context_dim, generator=gen)
+    assert_feature_map_by_region(model, (a, b), block, lambda: unet_call(model, x, t, context), "embedding MLPs")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.unet.modules())
 
 
 @pytest.mark.parametrize("kind", ["LoHa", "full diff with diff_b", "LoCon bf16 (convs, time_emb_proj)"])
 def test_a_region_covering_the_image_is_the_whole_lora_in_the_unet(model, tmp_path, kind):
     """Every layer at once, time embedding, conv_in and conv_out included."""
-    lora = read(KINDS[kind](model, 13), tmp_path, "x")
+    lora = read(KINDS[kind](model, 13), tmp_path, "x", model)
     spec = RegionSpec((Region("x", box=(0.0, 0.0, 1.0, 1.0), units="fraction"),))
     gen = torch.Generator().manual_seed(5)
     x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([700.0, 3.0])
-    context = torch.randn(2, 77, model.text_encoder.config.hidden_size, generator=gen)
-    masks = layer_masks(spec, SIZE, SIZE)
+    context = torch.randn(2, 77, model.config.context_dim, generator=gen)
+    masks = layer_masks(spec, SIZE, SIZE, family=model.family)
     deltas = RegionDeltas(model.unet, [RegionLora(0, lora, 0.8)], 1)
-    deltas.set_masks(masks, SIZE, SIZE)
+    deltas.set_masks(level_masks(spec, SIZE, SIZE, family=model.family))
     regional = RegionalContext(context.unsqueeze(1), masks)  # attn2 k/v changes apply to the region's context
     regional.context_delta = deltas.context_delta
     with torch.no_grad():
         with merged(model, lora, 0.8):
-            want = model.unet(x, t, context)
+            want = unet_call(model, x, t, context)
         with deltas.installed(), attn2_processor(model.unet, regional):
-            got = model.unet(x, t, context)
-        base = model.unet(x, t, context)
+            got = unet_call(model, x, t, context)
+        base = unet_call(model, x, t, context)
     assert (want - base).norm() > 1e-2 * base.norm()
     assert ((got - want).norm() / want.norm()).item() < 1e-5
 

@@ -9,6 +9,7 @@ from ldm.modules.attention import CrossAttention
 
 from lib_mos.models import sd1
 from lib_mos.models.attention import LayerwiseContext, attend, attn2_processor
+from lib_mos.models.family import attn2_modules
 from lib_mos.models.sampling import any_multiple_of_8
 from lib_mos.regional import regions
 from lib_mos.regional.attention import RegionalContext, regional_attention
@@ -197,7 +198,7 @@ def test_unet_with_box_regions_matches_the_reference(unet):
 
 
 def test_plan_errors_and_hooks_are_removed(unet):
-    modules = [m for _, m in sd1.attn2_modules(unet)]
+    modules = [m for _, m in attn2_modules(unet)]
     x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
     wrong_batch = RegionalContext(torch.zeros(3, 1, 77, 32), full_weights(3, 1, 64, 64, which=0))
     with pytest.raises(ValueError, match="row plan 3 rows"):

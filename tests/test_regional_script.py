@@ -14,6 +14,7 @@ from lib_mos.concepts import binding, synthetic
 from lib_mos.concepts.concept import ConceptError
 from lib_mos.concepts.files import write_concept
 from lib_mos.models import sampling, sd1
+from lib_mos.models.family import attn2_modules
 from lib_mos.regional.regions import MAX_REGIONS, RegionError
 
 WITH_EXTENSION = True  # the `host` fixture installs this extension
@@ -27,7 +28,7 @@ def latents(res) -> torch.Tensor:
 
 
 def no_hooks(host) -> bool:
-    return all("forward" not in m.__dict__ for _, m in sd1.attn2_modules(host.model.model.diffusion_model))
+    return all("forward" not in m.__dict__ for _, m in attn2_modules(host.model.model.diffusion_model))
 
 
 MODES = {

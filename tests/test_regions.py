@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lib_mos.models import sd1
+from lib_mos.models.family import attn2_modules
 from lib_mos.models.sampling import any_multiple_of_8
 from lib_mos.regional import regions
 from lib_mos.regional.regions import MAX_REGIONS, Region, RegionError, RegionSpec
@@ -179,7 +180,7 @@ SIZES = [(96, 64), (120, 72), (136, 200), (200, 136), (168, 104)]  # (width, hei
 def test_attention_sizes_match_the_unet(unet, width, height):
     seen: list[int] = []
     hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
-             for _, m in sd1.attn2_modules(unet)]
+             for _, m in attn2_modules(unet)]
     try:
         with any_multiple_of_8():
             unet(torch.randn(1, 4, height // 8, width // 8), torch.tensor([500.0]), context=torch.randn(1, 77, 32))

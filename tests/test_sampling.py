@@ -12,6 +12,7 @@ import torch
 
 from lib_mos.concepts import binding
 from lib_mos.models import sampling, sd1
+from lib_mos.models.family import attn2_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,7 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
         assert str(out / name) in proc.stdout
     assert "gradient fusion report" in proc.stdout and "trained concept <disc1> <disc2>: 40 steps" in proc.stdout
     loaded = sd1.load_checkpoint(out / "tiny-sd1.safetensors")
-    assert len(sd1.attn2_modules(loaded.unet)) == 16
+    assert len(attn2_modules(loaded.unet)) == 16
     _check_mixed_set(out, proc.stdout, loaded)
     # the toy world: a composition a person can judge (reference row + 4 samples, 3 regions wide)
     from PIL import Image
@@ -153,4 +154,4 @@ def test_regional_sampling_whole_image_region_equals_its_prompt_alone():
     alone = sampling.sample_euler(model, binding.encode_prompts(model, ["a dog"]),
                                   binding.encode_prompts(model, ["dark"]), **kwargs)
     torch.testing.assert_close(regional, alone, rtol=1e-3, atol=1e-3)  # SDPA vs ldm einsum, CFG 7.5
-    assert all("forward" not in m.__dict__ for _, m in sd1.attn2_modules(model.unet))
+    assert all("forward" not in m.__dict__ for _, m in attn2_modules(model.unet))

@@ -18,6 +18,7 @@ from torch import nn
 from lib_mos.files import atomic_save_safetensors
 from lib_mos.models import sd1
 from lib_mos.models.clip_tokenizer import VOCAB_SIZE, load_clip_tokenizer
+from lib_mos.models.family import attn2_modules
 
 REPO = Path(__file__).resolve().parents[1]
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -116,7 +117,7 @@ def test_names_are_sd1_order() -> None:
 def _check_topology(model: sd1.SD1Model) -> None:
     from ldm.modules.attention import CrossAttention
 
-    pairs = sd1.attn2_modules(model.unet)
+    pairs = attn2_modules(model.unet)
     assert [name for name, _ in pairs] == list(sd1.ATTN2_NAMES)
     assert all(isinstance(mod, CrossAttention) for _, mod in pairs)
     for name in sd1.unet_attention_linear_names():
@@ -145,8 +146,8 @@ def test_skeleton_topology(skeleton: sd1.SD1Model) -> None:
 
 
 def test_attn2_modules_rejects_other_unets() -> None:
-    with pytest.raises(ValueError, match="not an SD1 UNet"):
-        sd1.attn2_modules(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="unknown UNet: 0 attn2 layers"):
+        attn2_modules(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_config_validation() -> None:
@@ -211,7 +212,7 @@ def test_tiny_unet_forward_depends_on_context(tiny: sd1.SD1Model) -> None:
     with torch.no_grad():
         out = tiny.unet(x, t, context=ctx)
         out2 = tiny.unet(x, t, context=ctx + 0.1 * torch.randn(ctx.shape, generator=gen))
-        name, attn = sd1.attn2_modules(tiny.unet)[-1]
+        name, attn = attn2_modules(tiny.unet)[-1]
         saved = attn.to_out[0].weight.clone()
         attn.to_out[0].weight.mul_(2.0)
         try:

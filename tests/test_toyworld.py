@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lib_mos.concepts.concept import applied
 from lib_mos.fusion import pipeline as fusion
 from lib_mos.models import sd1
+from lib_mos.models.family import attn2_modules
 from lib_mos.toyworld import base, measure, novel, probe, weights, world
 from lib_mos.toyworld.codec import SD_PIXELS, PatchCodec, to_tensor
 
@@ -102,7 +103,7 @@ def test_probes_read_held_out_renders():
 def test_committed_base_is_an_sd1_model_under_30_mb(toy):
     path = weights.WEIGHTS / weights.BASE
     assert path.stat().st_size < 30e6
-    assert [n for n, _ in sd1.attn2_modules(toy.model.unet)] == list(sd1.ATTN2_NAMES)
+    assert [n for n, _ in attn2_modules(toy.model.unet)] == list(sd1.ATTN2_NAMES)
     assert toy.model.config == base.BASE_CONFIG
 
 

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                          help='trigger words of a LoRA without an embedding ("ohwx man"; commas separate several); '
                               "default: the activation text of its .json, else its most frequent training tag")
     convert.add_argument("--name", help="concept name (default: the file stem; names the tokens of an --embedding)")
+    convert.add_argument("--family", choices=("auto", "sd1", "sdxl"), default="auto",
+                         help="the model family the LoRA is for (default: what the file says, else its keys)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     fuse = sub.add_parser("fuse", help="gradient fusion: merge concepts into one checkpoint")
     fuse.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="base SD1 checkpoint")
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(args.out, seed=args.seed)
     elif args.command == "convert":
         return _convert(args.input, args.output, embedding=args.embedding, name=args.name, overwrite=args.overwrite,
-                        trigger=args.trigger)
+                        trigger=args.trigger, family=args.family)
     elif args.command == "fuse":
         return _fuse(args)
     elif args.command == "train":
@@ -317,13 +319,14 @@ def _fuse(args: argparse.Namespace) -> int:
 
 
 def _convert(src: Path, dst: Path, *, embedding: Path | None, name: str | None, overwrite: bool,
-             trigger: str | None = None) -> int:
+             trigger: str | None = None, family: str = "auto") -> int:
     """Read, validate, write; a bad input is one line on stderr and no output file, because this
     runs in scripts and batch jobs where a traceback hides which of many files was at fault. A
     trigger-word concept's words are named with where they came from (the user should know when
     they were guessed from the training tags)."""
     from lib_mos.concepts.concept import ConceptError
-    from lib_mos.concepts.files import read_concept, write_concept
+    from lib_mos.concepts.files import family_of_file, read_concept, write_concept
+    from lib_mos.models.family import family_named
 
     try:
         if trigger is not None and embedding is not None:
@@ -333,7 +336,8 @@ def _convert(src: Path, dst: Path, *, embedding: Path | None, name: str | None, 
             raise ConceptError(f"{dst}: already exists (pass --overwrite to replace it)")
         if dst.resolve() == src.resolve():
             raise ConceptError(f"{dst}: the output would replace the input")
-        concept = read_concept(src, embedding=embedding, name=name, trigger=trigger)
+        model_family = family_of_file(src) if family == "auto" else family_named(family)
+        concept = read_concept(src, embedding=embedding, name=name, trigger=trigger, family=model_family)
         written = write_concept(concept, dst, overwrite=overwrite)
     except ConceptError as exc:
         return _fail(str(exc))
@@ -346,7 +350,7 @@ def _convert(src: Path, dst: Path, *, embedding: Path | None, name: str | None, 
     words = (f"tokens {' '.join(concept.tokens)}, {concept.layers} layers, width {concept.dim}" if concept.tokens
              else f"trigger words {', '.join(concept.triggers)}")
     print(
-        f"wrote {written}: concept {concept.name!r}, {words}, "
+        f"wrote {written}: {concept.family.label} concept {concept.name!r}, {words}, "
         f"rank {concept.rank if concept.rank is not None else 'mixed'}, "
         f"{len(concept.unet_lora) + len(concept.text_lora)} LoRA targets "
         f"({len(concept.unet_lora)} UNet, {len(concept.text_lora)} text encoder)"

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from lib_mos.concepts.concept import Concept, ConceptError
-from lib_mos.models.sd1 import ATTN2_NAMES, SD1Model
+from lib_mos.models.family import ModelFamily
+from lib_mos.models.sd1 import SD1Model
 
 CHUNK_TOKENS = 75
 
@@ -69,10 +70,15 @@ def _rows_injected(text_encoder: nn.Module, mask: torch.Tensor, rows: torch.Tens
 
 class PromptBinder:
     """Binds prompts for one set of concepts; encodings are cached for the binder's lifetime (make
-    one per generation)."""
+    one per generation). Without a model (the host encodes) `family` says how many layers a prompt
+    without concept tokens spans."""
 
-    def __init__(self, model: SD1Model, concepts: Sequence[Concept] = ()) -> None:
+    def __init__(self, model: SD1Model | None, concepts: Sequence[Concept] = (),
+                 family: ModelFamily | None = None) -> None:
         self.model = model
+        family = family or (model.family if model is not None else None)
+        if family is None:
+            raise ValueError("PromptBinder needs a model or a model family")
         self.rows: dict[str, torch.Tensor] = {}
         for c in concepts:
             for token in c.tokens:
@@ -82,7 +88,10 @@ class PromptBinder:
         layers = {r.shape[0] for r in self.rows.values()}
         if len(layers) > 1:
             raise ConceptError(f"concepts have different layer counts: {sorted(layers)}")
-        self.layers = layers.pop() if layers else len(ATTN2_NAMES)
+        self.layers = layers.pop() if layers else family.layers
+        if self.layers != family.layers:
+            raise ConceptError(f"concepts have {self.layers} embedding rows per token; the {family.label} model has "
+                               f"{family.layers} cross-attention layers")
         names = sorted(self.rows, key=len, reverse=True)  # longest first: no prefix captures a longer token
         self._pattern = re.compile("|".join(map(re.escape, names))) if names else None
         self._cache: dict[str, torch.Tensor] = {}

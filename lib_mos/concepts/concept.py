@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lib_mos.models.family import SD1, ModelFamily
+
 
 class ConceptError(ValueError):
     """A concept file or concept set is unusable; the message names the file and the key."""
@@ -264,6 +266,7 @@ class Concept:
     base_model_hash: str | None = None
     source_path: str | None = None
     source_sha256: str | None = None
+    family: ModelFamily = SD1  # the model family its layer names and embedding rows are for
 
     @property
     def prompt_words(self) -> str:

@@ -63,6 +63,7 @@ from lib_mos.concepts.concept import (
 )
 from lib_mos.files import atomic_save_safetensors
 from lib_mos.models import sd1
+from lib_mos.models.family import SD1, ModelFamily, family_named, family_of_lora_metadata
 
 __all__ = [
     "EMBEDDING_PREFIX",
@@ -71,6 +72,7 @@ __all__ = [
     "VERSION",
     "check_against_model",
     "check_concept_set",
+    "family_of_file",
     "read_concept",
     "sha256_file",
     "torch_load_weights",
@@ -78,11 +80,13 @@ __all__ = [
 ]
 
 FORMAT = "mos-concept"
-VERSION = 2  # 2: trigger-word concepts (no tokens) and every layer kind the host's Lora applies
-READABLE_VERSIONS = (1, 2)
+VERSION = 3  # 2: trigger-word concepts and every layer kind the host's Lora applies; 3: "family"
+READABLE_VERSIONS = (1, 2, 3)  # before 3 every concept was SD1
 METADATA_KEY = "mos_concept"
 EMBEDDING_PREFIX = "mos_concept.embedding."
-SD1_LAYERS = 16
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+# what our writer puts in `ss_base_model_version` (kohya's words), per family
+BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 _FORBIDDEN_TOKEN_CHARS = set("()[]{}:|\\,")
 _PTH_SECTIONS = ("new_concept_embedding", "text_encoder", "unet")
 # The authors' LoRA parameter names: `main` has `<module>.lora_down.weight`, `research_branch` has
@@ -127,27 +131,45 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _linear_targets(kind: str) -> frozenset[str]:
+def _linear_targets(kind: str, family: ModelFamily = SD1) -> frozenset[str]:
     """Module names of every linear layer of the UNet ("unet") or text encoder ("text")."""
-    return frozenset(name for k, name, conv in _layer_table().values() if k == kind and not conv)
+    return frozenset(name for k, name, conv in _layer_table(family).values() if k == kind and not conv)
+
+
+# te2 (OpenCLIP bigG) layers the host's Lora reaches: kohya's `lora_te2_text_model_encoder_layers_N_*`
+# becomes `1_model_transformer_resblocks_N_*` (self_attn -> attn, mlp_fc1/fc2 -> mlp_c_fc/c_proj);
+# q/k/v live in one fused in_proj there.
+_TE2_LAYER = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])")
 
 
 @functools.cache
-def _layer_table() -> dict[str, tuple[str, str, bool]]:
-    """The host's Lora layer key of every Linear and Conv2d of an SD1 model -> ("unet" | "text",
+def _layer_table(family: ModelFamily = SD1) -> dict[str, tuple[str, str, bool]]:
+    """The host's Lora layer key of every Linear and Conv2d of a `family` model -> ("unet" | "text",
     module name, is a conv). The host names layers by their dotted path with `_`
-    (`diffusion_model_input_blocks_1_1_proj_in`, `transformer_text_model_encoder_layers_0_mlp_fc1`);
-    underscores in names are ambiguous, so keys are looked up, never split. Built from an SD1 model
-    on the meta device (the layer names do not depend on the widths)."""
+    (`diffusion_model_input_blocks_1_1_proj_in`, `transformer_text_model_encoder_layers_0_mlp_fc1`;
+    SDXL: `0_transformer_text_model_...` for te1); underscores in names are ambiguous, so keys are
+    looked up, never split. te2 of SDXL is keyed by kohya's own stem (`lora_te2_text_model_...`),
+    which the host maps onto OpenCLIP's modules. Built from a tiny model on the meta device (the
+    layer names do not depend on the widths); text module names are rooted at the model's text root."""
     from torch import nn
 
-    unet = sd1.build_unet(sd1.TINY_SD1, device="meta")
-    text = sd1.build_text_encoder(sd1.TINY_SD1, device="meta")
+    from lib_mos.models import sdxl
+
+    if family is SD1:
+        unet = sd1.build_unet(sd1.TINY_SD1, device="meta")
+        texts = [("transformer_", "", sd1.build_text_encoder(sd1.TINY_SD1, device="meta"))]
+    else:
+        unet = sdxl.build_unet(sdxl.TINY_SDXL, device="meta")
+        te1, te2 = sdxl.build_text_encoders(sdxl.TINY_SDXL, device="meta")
+        texts = [("0_transformer_", "0.", te1), ("lora_te2_", "1.", te2)]
     table: dict[str, tuple[str, str, bool]] = {}
-    for prefix, kind, root in (("diffusion_model_", "unet", unet), ("transformer_", "text", text)):
-        for name, module in root.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                table[prefix + name.replace(".", "_")] = (kind, name, isinstance(module, nn.Conv2d))
+    for name, module in unet.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            table["diffusion_model_" + name.replace(".", "_")] = ("unet", name, isinstance(module, nn.Conv2d))
+    for key_prefix, root, encoder in texts:
+        for name, module in encoder.named_modules():
+            if isinstance(module, nn.Linear) and (key_prefix != "lora_te2_" or _TE2_LAYER.fullmatch(name)):
+                table[key_prefix + name.replace(".", "_")] = ("text", root + name, False)
     return table
 
 
@@ -177,11 +199,12 @@ def _block(kind: str, rest: str) -> str:
     return f"1_{rest}" if kind == "attentions" else f"0_{RESNET_PARTS.get(rest, rest)}"
 
 
-def _resolve_stem(stem: str) -> tuple[str, str, bool] | None:
+def _resolve_stem(stem: str, family: ModelFamily = SD1) -> tuple[str, str, bool] | None:
     """A LoRA key stem -> ("unet" | "text", module name, is a conv), resolved as the host resolves it
-    for SD1: kohya's diffusers spelling, else ldm spelling (`lora_unet_input_blocks_...`), else
-    `lora_te1_text_model_...`; None when the host would match no layer either."""
-    table = _layer_table()
+    for `family`: kohya's diffusers spelling, else ldm spelling (`lora_unet_input_blocks_...`), else
+    `lora_te1_text_model_...` (SDXL: te1, SD1: its one encoder), SDXL's `lora_te2_...`; None when
+    the host would match no layer either."""
+    table = _layer_table(family)
     key = stem
     for pattern, convert in _DIFFUSERS_STEMS:
         if m := re.fullmatch(pattern, stem):
@@ -191,19 +214,28 @@ def _resolve_stem(stem: str) -> tuple[str, str, bool] | None:
     if found is None and "lora_unet" in stem:
         found = table.get(stem.replace("lora_unet", "diffusion_model"))
     elif found is None and "lora_te1_text_model" in stem:
-        found = table.get(stem.replace("lora_te1_text_model", "transformer_text_model"))
+        found = (table.get(stem.replace("lora_te1_text_model", "0_transformer_text_model"))
+                 or table.get(stem.replace("lora_te1_text_model", "transformer_text_model")))
+    elif found is None and stem.startswith("lora_te2_"):
+        found = table.get(stem)
     return found
 
 
-def _kohya_name(kind: str, name: str) -> str:
-    """The key stem our writer uses: kohya's diffusers spelling for attention-block layers (the
-    host's primary path), the ldm spelling for the others (which the host resolves as well)."""
+def _kohya_name(kind: str, name: str, family: ModelFamily = SD1) -> str:
+    """The key stem our writer uses: kohya's diffusers spelling for SD1 attention-block layers (the
+    host's primary path), the ldm spelling for the others and for SDXL (kohya's own SDXL keys);
+    text layers with their encoder's prefix (SDXL: "0." -> lora_te1_, "1." -> lora_te2_)."""
     if kind == "unet":
-        try:
-            return "lora_unet_" + unet_ldm_to_diffusers(name).replace(".", "_")
-        except KeyError:
-            return "lora_unet_" + name.replace(".", "_")
-    return "lora_te_" + name.replace(".", "_")
+        if family is SD1:
+            try:
+                return "lora_unet_" + unet_ldm_to_diffusers(name).replace(".", "_")
+            except KeyError:
+                pass
+        return "lora_unet_" + name.replace(".", "_")
+    for encoder in family.text_encoders:
+        if name.startswith(encoder.root):
+            return encoder.lora_prefix + name[len(encoder.root):].replace(".", "_")
+    raise ConceptError(f"text module {name!r} belongs to no text encoder of {family.label}")
 
 
 def _float_tensor(value: Any, where: str, key: str, ndim: int | tuple[int, ...]) -> torch.Tensor:
@@ -388,6 +420,43 @@ def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
+def family_of_file(path: str | os.PathLike[str]) -> ModelFamily:
+    """The model family a concept or LoRA file is for, from what it says (our metadata, kohya's
+    `ss_base_model_version`) or else from its keys (`lora_te2_*`, transformer blocks beyond the
+    first, `label_emb`: SDXL); pickles (the authors' SD1 files) are SD1. Only names and metadata
+    are read. An SD2 file or an unreadable one is a ConceptError naming the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _existing_file(path)
+    if _sniff(path) == "torch":
+        return SD1
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            keys = list(handle.keys())
+    except BaseException as exc:
+        if _is_interrupt(exc):
+            raise
+        raise ConceptError(f"{path}: corrupted or truncated .safetensors file: {_one_line(exc)}") from None
+    said = None
+    if METADATA_KEY in metadata:
+        try:
+            said = json.loads(metadata[METADATA_KEY]).get("family", SD1.name)
+        except (ValueError, AttributeError):
+            said = None
+    said = said or family_of_lora_metadata(metadata)
+    if said is None and any(k.startswith("lora_te2_") or re.search(r"transformer_blocks_[1-9]|label_emb", k)
+                            for k in keys):
+        said = "sdxl"
+    if said == "sd2":
+        raise ConceptError(f"{path}: this LoRA is for SD2.x, which is not supported (SD1.x and SDXL are)")
+    try:
+        return family_named(said or SD1.name)
+    except ValueError:
+        raise ConceptError(f"{path}: says it is for model family {said!r}, which is unknown") from None
+
+
 # ---------------------------------------------------------------------------------- authors' .pth
 def _pth_lora(section: Any, where: str, kind: str) -> dict[str, LoraFactor]:
     """The authors' `text_encoder` / `unet` dict -> {host module name: LoraFactor}."""
@@ -499,18 +568,22 @@ def _module_delta(parts: dict[str, tuple[str, Any]], where: str, stem: str, is_c
                            f"layer of this kind: {_one_line(exc)}") from None
 
 
-def _kohya_lora(tensors: Mapping[str, Any], where: str, extra_ok: str | None = None,
+def _kohya_lora(tensors: Mapping[str, Any], where: str, extra_ok: str | None = None, family: ModelFamily = SD1,
                 ) -> tuple[dict[str, LoraFactor | ModuleDelta], dict[str, LoraFactor | ModuleDelta]]:
-    """LoRA-file keys -> (unet changes, text changes) by host module name; keys under `extra_ok`
-    are left to the caller. Every key must reach an SD1 layer: the host skips (and debug-logs)
+    """LoRA-file keys -> (unet changes, text changes) by module name in a `family` model; keys under
+    `extra_ok` are left to the caller. Every key must reach a layer: the host skips (and debug-logs)
     keys it cannot match, but a concept missing some of its layers looks plausible and is wrong."""
     grouped: dict[str, dict[str, tuple[str, Any]]] = {}
     for key in tensors:
         if not isinstance(key, str):
             raise ConceptError(f"{where}: non-string key {key!r}")
-    sdxl = next((k for k in tensors if k.startswith("lora_te2_")), None)  # name the key SD1 lacks
-    if sdxl is not None:
-        raise ConceptError(f"{where}: key {sdxl!r} belongs to an SDXL LoRA (two text encoders); this is an SD1 model")
+    # name the key of the other family's text encoders first: the clearest sign of a wrong file
+    if family is SD1 and (key := next((k for k in tensors if k.startswith("lora_te2_")), None)):
+        raise ConceptError(f"{where}: key {key!r} belongs to an SDXL LoRA (two text encoders); this is an SD1 model")
+    if family is not SD1 and (key := next((k for k in tensors if k.startswith("lora_te_")), None)):
+        raise ConceptError(f"{where}: key {key!r} belongs to an SD1 LoRA (one text encoder, 'lora_te_'); "
+                           f"this is an {family.label} model")
+    prefixes = ("lora_unet_", "lora_te1_", *(e.lora_prefix for e in family.text_encoders))
     for key, value in tensors.items():
         if extra_ok is not None and key.startswith(extra_ok):
             continue
@@ -518,8 +591,8 @@ def _kohya_lora(tensors: Mapping[str, Any], where: str, extra_ok: str | None = N
         if stem == "bundle_emb":
             raise ConceptError(f"{where}: key {key!r} is an embedding bundled in the LoRA; pass it as a "
                                "textual-inversion file instead (embedding= / --embedding)")
-        if not stem.startswith(("lora_unet_", "lora_te_", "lora_te1_")):
-            raise ConceptError(f"{where}: key {key!r} is not a LoRA key (lora_unet_* / lora_te_*)")
+        if not stem.startswith(prefixes):
+            raise ConceptError(f"{where}: key {key!r} is not a LoRA key ({' / '.join(p + '*' for p in prefixes)})")
         if not part:
             raise ConceptError(f"{where}: key {key!r} has no part after the layer name (e.g. .lora_down.weight)")
         parts = grouped.setdefault(stem, {})
@@ -530,24 +603,46 @@ def _kohya_lora(tensors: Mapping[str, Any], where: str, extra_ok: str | None = N
     text: dict[str, LoraFactor | ModuleDelta] = {}
     seen: dict[tuple[str, str], str] = {}
     for stem, parts in grouped.items():
-        target = _resolve_stem(stem)
+        target = _resolve_stem(stem, family)
         key = next(iter(parts.values()))[0]
         other = next((p for p in parts if p in _OTHER_KINDS), None)
         if other is not None:
             raise ConceptError(f"{where}: key {parts[other][0]!r} is a LyCORIS {_OTHER_KINDS[other]} layer, which a "
                                "concept cannot hold (LoRA, LoCon, LoHa, LoKr, full diffs and DoRA can be)")
         if target is None:
-            hint = (" (an SDXL LoRA? its UNet has layers SD1 lacks)"
-                    if re.search(r"transformer_blocks_[1-9]|input_blocks_[4-8]_1_transformer_blocks_[1-9]|label_emb", stem)
-                    else "")
-            raise ConceptError(f"{where}: key {key!r} matches no layer of an SD1 model{hint}; the host would skip it")
+            hint = ""
+            if family is SD1 and re.search(r"transformer_blocks_[1-9]|label_emb", stem):
+                hint = " (an SDXL LoRA? its UNet has layers SD1 lacks)"
+            elif family is not SD1 and re.search(r"input_blocks_[12]_1_|down_blocks_0_attentions|output_blocks_(9|1[01])_",
+                                                 stem):
+                hint = f" (an SD1 LoRA? its UNet has attention where {family.label} has none)"
+            raise ConceptError(f"{where}: key {key!r} matches no layer of an {family.label} model{hint}; "
+                               "the host would skip it")
         kind, name, is_conv = target
         if (kind, name) in seen:
             raise ConceptError(f"{where}: key {key!r} changes {name!r} again (also {seen[(kind, name)]!r}, "
                                "another spelling of the same layer)")
         seen[(kind, name)] = key
         (unet if kind == "unet" else text)[name] = _module_delta(parts, where, stem, is_conv)
+    _check_fused_attention(text, where, family)
     return unet, text
+
+
+def _check_fused_attention(text: Mapping[str, Any], where: str, family: ModelFamily) -> None:
+    """The host holds SDXL's te2 attention as one MultiheadAttention and applies a LoRA's q, k, v and
+    out changes of a layer only when all four are there; a file with some of them would silently
+    lose them in the host, so it is refused."""
+    if family is SD1:
+        return
+    layers: dict[str, set[str]] = {}
+    for name in text:
+        if m := re.fullmatch(r"(1\.text_model\.encoder\.layers\.\d+)\.self_attn\.(q|k|v|out)_proj", name):
+            layers.setdefault(m[1], set()).add(m[2])
+    for layer, have in layers.items():
+        if have != {"q", "k", "v", "out"}:
+            missing = ", ".join(sorted({"q", "k", "v", "out"} - have))
+            raise ConceptError(f"{where}: te2 layer {layer[2:]!r} has attention changes without {missing}: the host "
+                               "applies a te2 attention LoRA only with all of q, k, v and out (it would drop these)")
 
 
 def _ti_vectors(obj: Any, where: str) -> torch.Tensor:
@@ -594,7 +689,7 @@ def _ti_tokens(base: str, n: int, where: str) -> tuple[str, ...]:
 
 # -------------------------------------------------------------------------------------- our format
 def _read_ours(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], where: str, layers: int,
-               ) -> tuple[dict[str, Any], tuple[str, ...], torch.Tensor, dict[str, LoraFactor],
+               family: ModelFamily) -> tuple[dict[str, Any], tuple[str, ...], torch.Tensor, dict[str, LoraFactor],
                           dict[str, LoraFactor]]:
     try:
         info = json.loads(metadata[METADATA_KEY])
@@ -620,6 +715,10 @@ def _read_ours(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
             raise ConceptError(f"{where}: metadata {field!r} must be a string or null")
     if not isinstance(info.get("name"), str):
         raise ConceptError(f"{where}: metadata 'name' must be a string")
+    written_for = info.get("family", SD1.name)
+    if written_for != family.name:
+        raise ConceptError(f"{where}: this concept is for {FAMILY_LABELS.get(written_for, repr(written_for))}; "
+                           f"this is an {family.label} model")
     if info.get("layers") != layers:
         raise ConceptError(f"{where}: metadata 'layers' is {info.get('layers')!r}, expected {layers}")
     emb_keys = sorted(k for k in tensors if k.startswith(EMBEDDING_PREFIX))
@@ -635,13 +734,14 @@ def _read_ours(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
     embeddings = _check_embeddings(tokens, rows, layers, where) if tokens else torch.zeros(0, layers, 0)
     if tokens and info.get("dim") != embeddings.shape[2]:
         raise ConceptError(f"{where}: metadata 'dim' is {info.get('dim')!r}, the embeddings are {embeddings.shape[2]} wide")
-    unet, text = _kohya_lora(tensors, where, extra_ok=EMBEDDING_PREFIX)
+    unet, text = _kohya_lora(tensors, where, extra_ok=EMBEDDING_PREFIX, family=family)
     return info, tokens, embeddings, unet, text
 
 
 # ---------------------------------------------------------------------------------------- public
 def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[str] | None = None,
-                 name: str | None = None, layers: int = SD1_LAYERS, trigger: str | None = None) -> Concept:
+                 name: str | None = None, layers: int | None = None, trigger: str | None = None,
+                 family: ModelFamily = SD1) -> Concept:
     """Load a concept from the authors' ED-LoRA `.pth`, our `.safetensors`, or any LoRA file the
     host applies (kohya, LyCORIS) plus an A1111 textual-inversion `embedding=`, or alone as a
     trigger-word concept; the kind is recognised from the content.
@@ -653,9 +753,12 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
 
     `name` overrides the concept name (default: the file stem, or the name stored in our format;
     for kohya + embedding it is the base of the token names, default the embedding's stem).
-    `layers` is the number of embedding rows per token the target model needs (16 for SD1).
+    `family` is the model family the concept is for: its layer names must be that family's, and a
+    file that says it is for another family is refused. `layers` is the number of embedding rows
+    per token the target model needs (default: the family's cross-attention layers).
     Raises ConceptError naming the file and key for anything unusable.
     """
+    layers = family.layers if layers is None else layers
     path = Path(path)
     where = str(path)
     _existing_file(path)
@@ -668,11 +771,13 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
             if embedding is not None or trigger:
                 raise ConceptError(f"{where}: is an ED-LoRA file with its own embeddings; embedding= and trigger= "
                                    "are only for LoRAs without them")
+            if family is not SD1:
+                raise ConceptError(f"{where}: the authors' ED-LoRA files are for SD1.x; this is an {family.label} model")
             tokens, embeddings, unet, text = _read_pth_params(obj, where, layers)
             return Concept(name=name or path.stem, tokens=tokens, embeddings=embeddings, unet_lora=unet,
                            text_lora=text, source_path=where, source_sha256=sha256_file(path))
         if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and k.startswith("lora_") for k in obj):
-            return _read_kohya_pair(path, obj, {}, embedding, name, layers, trigger)
+            return _read_kohya_pair(path, obj, {}, embedding, name, layers, trigger, family)
         found = list(obj)[:4] if isinstance(obj, Mapping) else type(obj).__name__
         raise ConceptError(
             f"{where}: not an ED-LoRA file: expected {{'params': {{'new_concept_embedding', 'text_encoder', "
@@ -681,7 +786,7 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
     if METADATA_KEY in metadata:
         if embedding is not None:
             raise ConceptError(f"{where}: is a Mix-of-Show concept with its own embeddings; embedding= is only for kohya LoRAs")
-        info, tokens, embeddings, unet, text = _read_ours(tensors, metadata, where, layers)
+        info, tokens, embeddings, unet, text = _read_ours(tensors, metadata, where, layers, family)
         if tokens and trigger:
             raise ConceptError(f"{where}: is a Mix-of-Show concept with tokens; trigger words are for LoRAs without them")
         triggers = tuple(info.get("triggers", ()))
@@ -691,10 +796,10 @@ def read_concept(path: str | os.PathLike[str], *, embedding: str | os.PathLike[s
                        text_lora=text, class_word=info.get("class_word"), triggers=() if tokens else triggers,
                        trigger_source=None if tokens else ("given" if trigger else "the file"),
                        base_model_hash=info.get("base_model_hash"), source_path=where,
-                       source_sha256=info.get("source_sha256"))
+                       source_sha256=info.get("source_sha256"), family=family)
     if any(k.startswith(EMBEDDING_PREFIX) for k in tensors):
         raise ConceptError(f"{where}: has {EMBEDDING_PREFIX}* keys but no {METADATA_KEY!r} metadata (damaged file?)")
-    return _read_kohya_pair(path, tensors, metadata, embedding, name, layers, trigger)
+    return _read_kohya_pair(path, tensors, metadata, embedding, name, layers, trigger, family)
 
 
 def _parse_triggers(text: str, where: str) -> tuple[str, ...]:
@@ -765,15 +870,15 @@ def find_triggers(path: Path, metadata: Mapping[str, str], trigger: str | None) 
 
 def _read_kohya_pair(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str],
                      embedding: str | os.PathLike[str] | None, name: str | None, layers: int,
-                     trigger: str | None) -> Concept:
+                     trigger: str | None, family: ModelFamily) -> Concept:
     where = str(path)
     if not tensors:
         raise ConceptError(f"{where}: has no LoRA weights")
-    base_version = str(metadata.get("ss_base_model_version", ""))
-    if base_version.startswith("sdxl") or str(metadata.get("ss_v2", "")) == "True":
+    meant = family_of_lora_metadata(metadata)
+    if meant is not None and meant != family.name:
         raise ConceptError(f"{where}: metadata 'ss_base_model_version'/'ss_v2' says this LoRA is for "
-                           f"{'SDXL' if base_version.startswith('sdxl') else 'SD2'}; this is an SD1 model")
-    unet, text = _kohya_lora(tensors, where)
+                           f"{FAMILY_LABELS.get(meant, meant)}; this is an {family.label} model")
+    unet, text = _kohya_lora(tensors, where, family=family)
     if embedding is None:
         if trigger == "":  # read for its weights only (a region LoRA): trigger words are optional
             try:
@@ -784,7 +889,7 @@ def _read_kohya_pair(path: Path, tensors: Mapping[str, Any], metadata: Mapping[s
             triggers, source = find_triggers(path, metadata, trigger)
         return Concept(name=name or path.stem, tokens=(), embeddings=torch.zeros(0, layers, 0), unet_lora=unet,
                        text_lora=text, triggers=triggers, trigger_source=source, source_path=where,
-                       source_sha256=sha256_file(path))
+                       source_sha256=sha256_file(path), family=family)
     if trigger is not None:
         raise ConceptError(f"{where}: give either an embedding or trigger words, not both")
     emb_path = Path(embedding)
@@ -795,7 +900,7 @@ def _read_kohya_pair(path: Path, tensors: Mapping[str, Any], metadata: Mapping[s
     embeddings = _check_embeddings(tokens, rows, layers, str(emb_path))
     concept_name = base[1:-1] if len(base) > 2 and base.startswith("<") and base.endswith(">") else base
     return Concept(name=concept_name, tokens=tokens, embeddings=embeddings, unet_lora=unet, text_lora=text,
-                   source_path=where, source_sha256=sha256_file(path))
+                   source_path=where, source_sha256=sha256_file(path), family=family)
 
 
 def _validate_for_writing(concept: Concept, where: str) -> None:
@@ -811,11 +916,12 @@ def _validate_for_writing(concept: Concept, where: str) -> None:
     else:
         _check_embeddings(tokens, [_float_tensor(emb[i], where, f"embedding of {t!r}", 2) for i, t in enumerate(tokens)],
                           emb.shape[1], where)
-    known = {(kind, name): conv for kind, name, conv in _layer_table().values()}
+    known = {(kind, name): conv for kind, name, conv in _layer_table(concept.family).values()}
     for kind, lora in (("unet", concept.unet_lora), ("text", concept.text_lora)):
         for module, f in lora.items():
             if (kind, module) not in known:
-                raise ConceptError(f"{where}: {kind} change of {module!r}, which is not a layer of an SD1 model")
+                raise ConceptError(f"{where}: {kind} change of {module!r}, which is not a layer of an "
+                                   f"{concept.family.label} model")
             if isinstance(f, LoraFactor):
                 _factor({"down": (f"{module} (down)", f.down), "up": (f"{module} (up)", f.up)}, where,
                         alpha_is_scale=True)
@@ -854,7 +960,7 @@ def write_concept(concept: Concept, path: str | os.PathLike[str], *, overwrite: 
     alphas = set()
     for kind, lora in (("unet", concept.unet_lora), ("text", concept.text_lora)):
         for module, f in lora.items():
-            layer = layer_tensors(_kohya_name(kind, module), f)
+            layer = layer_tensors(_kohya_name(kind, module, concept.family), f)
             alphas.update(float(t) for k, t in layer.items() if k.endswith(".alpha"))
             tensors.update(layer)
     rank = concept.rank
@@ -870,6 +976,7 @@ def write_concept(concept: Concept, path: str | os.PathLike[str], *, overwrite: 
         "class_word": concept.class_word,
         "base_model_hash": concept.base_model_hash,
         "source_sha256": concept.source_sha256,
+        "family": concept.family.name,
     }
     kinds = {f.kind if isinstance(f, ModuleDelta) else "lora"
              for f in (*concept.unet_lora.values(), *concept.text_lora.values())}
@@ -878,6 +985,8 @@ def write_concept(concept: Concept, path: str | os.PathLike[str], *, overwrite: 
         "ss_network_module": "networks.lora" if kinds <= {"lora"} else "lycoris.kohya",
         "ss_network_dim": str(rank) if rank is not None else "Dynamic",
         "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
+        # the host's Lora list shows a LoRA for the loaded model's family only (SDXL: "sdxl_" prefix)
+        "ss_base_model_version": BASE_MODEL_VERSIONS[concept.family.name],
     }
     try:
         return atomic_save_safetensors(tensors, path, metadata=metadata, overwrite=overwrite)
@@ -907,11 +1016,14 @@ def check_concept_set(concepts: Iterable[Concept]) -> None:
                     "so one token may not contain another (rename one)")
 
 
-def check_against_model(concept: Concept, model: sd1.SD1Model) -> None:
-    """The concept fits this SD1 model: one embedding row per attn2 layer, widths and LoRA shapes."""
+def check_against_model(concept: Concept, model: Any) -> None:
+    """The concept fits this model (SD1Model or SDXLModel): its family, one embedding row per attn2
+    layer, widths and LoRA shapes."""
     what = concept.source_path or concept.name
-    if concept.layers != len(sd1.ATTN2_NAMES):
+    if concept.family is not model.family:
+        raise ConceptError(f"{what}: this concept is for {concept.family.label}; this is an {model.family.label} model")
+    if concept.layers != model.family.layers:
         raise ConceptError(
             f"{what}: embeddings have {concept.layers} layer rows per token, the model has "
-            f"{len(sd1.ATTN2_NAMES)} cross-attention layers")
-    check_fits(concept, model.unet, model.text_encoder)
+            f"{model.family.layers} cross-attention layers")
+    check_fits(concept, model.unet, model.text_root)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lib_mos.concepts.concept import Concept, ConceptError
 from lib_mos.concepts.files import METADATA_KEY, read_concept, sha256_file, torch_load_weights
+from lib_mos.models.family import SD1, ModelFamily
 
 __all__ = ["LORA_SUFFIXES", "ConceptLibrary", "FoundConcepts", "LibraryEntry", "Scan", "lora_files", "lora_hash",
            "resolve"]
@@ -106,7 +107,7 @@ class ConceptLibrary:
         self._seen: dict[Path, tuple[tuple[int, int], LibraryEntry | str | None]] = {}
         self._concepts: dict[Path, tuple[tuple[int, int], Concept]] = {}
         self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
-        self._loras: dict[Path, tuple[tuple[int, int], Concept]] = {}
+        self._loras: dict[Path, tuple[tuple[int, int, str], Concept]] = {}
 
     def scan(self, folder: str | os.PathLike[str]) -> Scan:
         root = Path(folder)
@@ -144,13 +145,14 @@ class ConceptLibrary:
             cached = self._concepts[entry.path] = (key, read_concept(entry.path))
         return cached[1]
 
-    def lora(self, path: str | os.PathLike[str]) -> Concept:
-        """Any LoRA file read for its weights (trigger words optional), once per file version."""
+    def lora(self, path: str | os.PathLike[str], family: ModelFamily = SD1) -> Concept:
+        """Any LoRA file read for its weights (trigger words optional) for a `family` model, once per
+        file version and family."""
         path = Path(path)
-        key = _stat_key(path)
+        key = (*_stat_key(path), family.name)
         cached = self._loras.get(path)
         if cached is None or cached[0] != key:
-            cached = self._loras[path] = (key, read_concept(path, trigger=""))
+            cached = self._loras[path] = (key, read_concept(path, trigger="", family=family))
         return cached[1]
 
     def short_hash(self, path: str | os.PathLike[str]) -> str:

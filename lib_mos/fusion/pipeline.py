@@ -166,10 +166,11 @@ def solve_templates(concept: Concept, settings: FusionSettings) -> tuple[str, ..
 def spatial_rows(config: SD1Config, settings: FusionSettings) -> list[tuple[str, int, int]]:
     """(attn2 block, rows per concept, input width) of every spatial layer group: the rows one
     concept's sampling records there (feature-map cells x steps x seeds)."""
-    from lib_mos.regional.regions import ATTN2_LEVELS, attention_sizes
+    from lib_mos.models.family import SD1
+    from lib_mos.regional.regions import attention_sizes
 
     sizes = attention_sizes(settings.spatial_size, settings.spatial_size)
-    widths = [config.model_channels * (1, 2, 4, 4)[level] for level in ATTN2_LEVELS]
+    widths = [config.model_channels * SD1.channel_mult[level] for level in SD1.attn2_levels]
     return [(name.rsplit(".transformer_blocks", 1)[0], h * w * settings.spatial_steps * settings.spatial_seeds, width)
             for name, (h, w), width in zip(ATTN2_NAMES, sizes, widths)]
 

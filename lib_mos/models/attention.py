@@ -1,9 +1,9 @@
 """Cross-attention behaviour as swappable per-module processors (set and reset by name).
 
 The host replaces `CrossAttention.forward` at class level for its optimisations, so the project
-never patches the class: it installs a bound `forward` on each of the 16 attn2 *instances* and
-deletes it in `finally`, which restores whatever the class provides. A processor receives the
-module, its SD1 layer index (order of `sd1.ATTN2_NAMES`) and the call's inputs.
+never patches the class: it installs a bound `forward` on each attn2 *instance* and deletes it in
+`finally`, which restores whatever the class provides. A processor receives the module, its layer
+index (its family's order, `family.ModelFamily.attn2`) and the call's inputs.
 
 A layer-wise context is a 4-D tensor [B, L, T, D]: attn2 layer l attends to [:, l]. Passing one
 through a UNet without processors fails loudly (ldm's attention expects 3-D), never silently.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_mos.models.sd1 import attn2_modules
+from lib_mos.models.family import attn2_modules
 
 
 def attend(module: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from lib_mos.files import atomic_save_safetensors
+from lib_mos.models.family import SD1
 
 if TYPE_CHECKING:
-    from ldm.modules.attention import CrossAttention
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -39,7 +39,6 @@ __all__ = [
     "UNET_PREFIX",
     "SD1Config",
     "SD1Model",
-    "attn2_modules",
     "build_sd15_skeleton",
     "build_text_encoder",
     "build_tiny_sd1",
@@ -108,13 +107,7 @@ SD15 = SD1Config()
 
 # --------------------------------------------------------------------------------------------- names
 
-_ATTN_INPUT_BLOCKS = (1, 2, 4, 5, 7, 8)
-_ATTN_OUTPUT_BLOCKS = tuple(range(3, 12))
-ATTN2_NAMES: tuple[str, ...] = (
-    *(f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in _ATTN_INPUT_BLOCKS),
-    "middle_block.1.transformer_blocks.0.attn2",
-    *(f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in _ATTN_OUTPUT_BLOCKS),
-)
+ATTN2_NAMES: tuple[str, ...] = SD1.attn2
 _ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 _TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -138,29 +131,6 @@ def text_attention_linear_names(n_layers: int = 12) -> list[str]:
     ]
 
 
-def attn2_modules(unet: nn.Module) -> list[tuple[str, CrossAttention]]:
-    """The UNet's 16 cross-attention modules in SD1 order; anything else is not an SD1 UNet.
-
-    Duck-typed (heads, to_q/to_k/to_v/to_out) rather than isinstance, because hosts swap or
-    subclass the attention class for their optimisations.
-    """
-    found = {name: mod for name, mod in unet.named_modules() if name.rsplit(".", 1)[-1] == "attn2"}
-    if set(found) != set(ATTN2_NAMES):
-        extra = sorted(set(found) - set(ATTN2_NAMES))
-        missing = sorted(set(ATTN2_NAMES) - set(found))
-        raise ValueError(
-            f"not an SD1 UNet: expected the 16 attn2 modules of SD1 "
-            f"(found {len(found)}; missing {missing[:3]}, unexpected {extra[:3]})"
-        )
-    out = []
-    for name in ATTN2_NAMES:
-        mod = found[name]
-        if not all(hasattr(mod, attr) for attr in ("heads", "to_q", "to_k", "to_v", "to_out")):
-            raise ValueError(f"{name} is a {type(mod).__name__}, not an ldm CrossAttention-like module")
-        out.append((name, mod))
-    return out
-
-
 # ------------------------------------------------------------------------------------------ builders
 
 
@@ -173,6 +143,12 @@ class SD1Model:
     tokenizer: CLIPTokenizer | None
     alphas_cumprod: torch.Tensor
     config: SD1Config
+    family = SD1
+
+    @property
+    def text_root(self) -> CLIPTextModel:
+        """The module text LoRA names are rooted at (SD1: the one encoder)."""
+        return self.text_encoder
 
 
 @contextlib.contextmanager

@@ -48,13 +48,16 @@ from torch import nn
 
 from lib_mos.concepts.concept import Concept, ConceptError, Delta, LoraFactor
 from lib_mos.regional.attention import region_blend_weights
-from lib_mos.regional.regions import RegionError, RegionSpec, attention_sizes
+from lib_mos.regional.regions import RegionError, RegionSpec
 
 __all__ = ["RegionDeltas", "RegionLora", "RegionLoraChoice", "choose_region_loras", "global_lora_names"]
 
 _ATTN2_KV = re.compile(r"(^|\.)attn2\.to_[kv]$")
 _EMB = ".emb_layers.1"
-_TIME_LINEARS = ("time_embed.0", "time_embed.2")  # Linear, SiLU, Linear
+# The UNet's embedding MLPs (Linear, SiLU, Linear), summed into the embedding every ResBlock
+# projects: the time embedding, and SDXL's pooled/size vector (`label_emb`).
+_EMBED_MLPS = ("time_embed", "label_emb.0")
+_TIME_LINEARS = tuple(f"{mlp}.{i}" for mlp in _EMBED_MLPS for i in (0, 2))
 _NOT_LOW_RANK = {"lora_mid.weight", "dora_scale", "bias"}
 
 
@@ -199,7 +202,7 @@ class _Plan:
 
 class RegionDeltas:
     """Forward hooks adding region LoRAs' changes to the modules of `root` (a UNet, or with
-    `masked=False` a text encoder). `set_masks` gives the per-layer masks before each UNet call."""
+    `masked=False` a text encoder). `set_masks` gives the masks at every level before each UNet call."""
 
     def __init__(self, root: nn.Module, loras: Sequence[RegionLora], regions: int, *, masked: bool = True,
                  text: bool = False) -> None:
@@ -212,8 +215,8 @@ class RegionDeltas:
                 raise ValueError(f"region LoRA {lora.name!r}: region {lora.region} of {regions}")
             what = lora.concept.source_path or lora.name or lora.concept.name
             for name, delta in (lora.concept.text_lora if text else lora.concept.unet_lora).items():
-                if masked and name.startswith("time_embed.") and name not in _TIME_LINEARS:
-                    raise ConceptError(f"{what}: {name} is not a layer of the SD1 time embedding")
+                if masked and name.startswith(("time_embed.", "label_emb.")) and name not in _TIME_LINEARS:
+                    raise ConceptError(f"{what}: {name} is not a layer of the UNet's embedding MLPs")
                 if name not in self.plans:
                     self.plans[name] = _Plan(name, root.get_submodule(name))
                 self.plans[name].add(lora.region, delta, lora.weight)
@@ -223,11 +226,10 @@ class RegionDeltas:
                 if hasattr(module, "emb_layers") and hasattr(module, "out_layers"):
                     self.plans.setdefault(name + _EMB, _Plan(name + _EMB, module.emb_layers[1]))
         self._by_module = {id(p.module): p for p in self.plans.values()}
-        self._emb_regions: torch.Tensor | None = None  # [B, K, C] this UNet call's per-region embedding
+        self._emb_parts: dict[str, torch.Tensor] = {}  # this UNet call's per-region MLP outputs [B, K, C]
         self._weights: dict[tuple[int, int], torch.Tensor] = {}
         self._levels: dict[int, tuple[int, int]] = {}
-        self._masks_key: tuple | None = None
-        self._masks: Sequence[torch.Tensor] | None = None
+        self._masks: Mapping[tuple[int, int], torch.Tensor] | None = None
         self._cache: dict[tuple, torch.Tensor] = {}
         self._stash: dict[int, torch.Tensor] = {}
 
@@ -235,20 +237,16 @@ class RegionDeltas:
         return bool(self.plans or self.time)
 
     # ------------------------------------------------------------------------------ positions
-    def set_masks(self, masks: Sequence[torch.Tensor], width: int, height: int) -> None:
-        """Region masks per attn2 layer ([K, N_l], `regions.layer_masks` for a width x height image);
-        the hooks use their blend weights at every resolution of the UNet: its levels are the attn2
-        layers' sizes, and an upsampler's output before the host crops it is its level doubled."""
-        key = (width, height)
-        if masks is self._masks and key == self._masks_key:
+    def set_masks(self, masks: Mapping[tuple[int, int], torch.Tensor]) -> None:
+        """Region masks at every level of the UNet, (h, w) -> [K, h*w] (`regions.level_masks` for
+        this call's image size); the hooks use their blend weights at every resolution: the levels,
+        and an upsampler's output before the host crops it (its level doubled)."""
+        if masks is self._masks:
             return
         self._masks = masks
-        weights: dict[tuple[int, int], torch.Tensor] = {}
-        for m, size in zip(masks, attention_sizes(width, height)):
-            if size not in weights:
-                weights[size] = region_blend_weights(m.reshape(1, *m.shape[-2:]))[1][0]
-        self._weights, self._masks_key, self._cache = weights, key, {}
-        self._levels = {h * w: (h, w) for h, w in weights}
+        self._weights = {size: region_blend_weights(m.reshape(1, *m.shape[-2:]))[1][0] for size, m in masks.items()}
+        self._cache = {}
+        self._levels = {h * w: (h, w) for h, w in self._weights}
 
     def _region_weights(self, size: tuple[int, int], plan: _Plan) -> torch.Tensor:
         w = self._weights.get(size)
@@ -366,20 +364,32 @@ class RegionDeltas:
         plan = self._by_module.get(id(projection))
         return None if plan is None else self._each_region(plan, region_context)
 
-    def _region_embeddings(self, time_embed: nn.Module, t_emb: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """[B, K, C]: the time embedding as each region's LoRAs change it (ldm: Linear, SiLU, Linear)."""
-        first, act, second = time_embed[0], time_embed[1], time_embed[2]
+    def _region_mlp(self, mlp: nn.Module, prefix: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """[B, K, C]: an embedding MLP (Linear, SiLU, Linear) as each region's LoRAs change it."""
         k = self.regions
-        x = t_emb.to(emb.dtype)
+        first, act, second = mlp[0], mlp[1], mlp[2]
+        if f"{prefix}.0" not in self.time and f"{prefix}.2" not in self.time:
+            return base.unsqueeze(1).expand(-1, k, -1)
+        x = x.to(base.dtype)
         h = first(x).unsqueeze(1).expand(-1, k, -1)
-        if "time_embed.0" in self.time:
-            h = h + self._per_region(self.time["time_embed.0"], x, h[:, 0])
+        if f"{prefix}.0" in self.time:
+            h = h + self._per_region(self.time[f"{prefix}.0"], x, h[:, 0])
         h = act(h)
         out = second(h)
-        if "time_embed.2" in self.time:
-            change = self._each_region(self.time["time_embed.2"], h)
+        if f"{prefix}.2" in self.time:
+            change = self._each_region(self.time[f"{prefix}.2"], h)
             out = out if change is None else out + change
         return out
+
+    def _emb_regions(self) -> torch.Tensor | None:
+        """[B, K, C]: the embedding the ResBlocks project, as each region's LoRAs change it (the
+        time embedding, plus the vector embedding where the UNet has one), summed once per call."""
+        if "sum" not in self._emb_parts:
+            parts = list(self._emb_parts.values())
+            if not parts:
+                return None
+            self._emb_parts["sum"] = sum(parts[1:], parts[0])
+        return self._emb_parts["sum"]
 
     @contextmanager
     def installed(self) -> Iterator[RegionDeltas]:
@@ -402,18 +412,25 @@ class RegionDeltas:
 
                 handles.append(plan.module.register_forward_hook(hook))
             if self.time:
-                time_embed = self.root.get_submodule("time_embed")
+                for prefix in _EMBED_MLPS:
+                    try:
+                        mlp = self.root.get_submodule(prefix)
+                    except AttributeError:  # SD1 has no vector embedding
+                        continue
 
-                def keep_embeddings(module, args, output):
-                    self._emb_regions = self._region_embeddings(module, args[0], output)
+                    def keep_embeddings(module, args, output, _prefix=prefix):
+                        if _prefix == _EMBED_MLPS[0]:  # the first of a UNet call: forget the last call's
+                            self._emb_parts.clear()
+                        self._emb_parts.pop("sum", None)
+                        self._emb_parts[_prefix] = self._region_mlp(module, _prefix, args[0], output)
 
-                handles.append(time_embed.register_forward_hook(keep_embeddings))
+                    handles.append(mlp.register_forward_hook(keep_embeddings))
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             self._stash.clear()
-            self._emb_regions = None
+            self._emb_parts.clear()
 
     def _emb_hooks(self, name: str, plan: _Plan) -> list:
         """emb_layers.1 keeps each region's change [B, K, C]; the block's out_layers adds it at the
@@ -424,13 +441,14 @@ class RegionDeltas:
         act = block.emb_layers[0]
 
         def keep(module, args, output):
-            if self._emb_regions is None:
+            emb_regions = self._emb_regions()
+            if emb_regions is None:
                 self._stash[key] = self._per_region(plan, args[0], output)
                 return
-            if self._emb_regions.shape[0] != output.shape[0]:
+            if emb_regions.shape[0] != output.shape[0]:
                 raise RuntimeError(f"region LoRAs: {name} got {output.shape[0]} rows, the time embedding "
-                                   f"{self._emb_regions.shape[0]}")
-            x = act(self._emb_regions.to(output.dtype))  # each region's embedding, projected
+                                   f"{emb_regions.shape[0]}")
+            x = act(emb_regions.to(output.dtype))  # each region's embedding, projected
             out = F.linear(x, module.weight.to(x.dtype), None if module.bias is None else module.bias.to(x.dtype))
             change = self._each_region(plan, x)
             self._stash[key] = out - output.unsqueeze(1) + (0 if change is None else change)

@@ -29,9 +29,10 @@ restored from what was saved with it:
 The authors' textual form `[prompt]-*-[negative]-*-[top, left, bottom, right]|...` (`[]` = the
 whole image) is read too (`parse_authors_spec`), so their example commands paste as they are.
 
-Geometry. The latent is H/8 x W/8; every down level of the SD1 UNet halves with ceil (stride-2
+Geometry. The latent is H/8 x W/8; every down level of the UNet halves with ceil (stride-2
 conv, padding 1), and up levels come back to the same sizes (the host resizes skip connections),
-so the 16 attn2 layers see the sizes `attention_sizes` gives. Boxes map to a feature map of size
+so each attn2 layer sees the size `attention_sizes` gives for its family (SD1's 16 layers over
+four levels, SDXL's 70 over levels 1 and 2). Boxes map to a feature map of size
 (h, w) as rows ceil(t*h/H):floor(b*h/H), columns ceil(l*w/W):floor(r*w/W) (the authors' rule),
 at every layer's own size, so a region covers exactly the cells it covers in their code; a box
 may vanish at a coarse layer (it then simply has no effect there) but must cover at least one
@@ -60,8 +61,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib_mos.models.family import SD1, ModelFamily
+
 __all__ = [
-    "ATTN2_LEVELS",
     "LATENT_FACTOR",
     "MAX_FEATHER",
     "MAX_REGIONS",
@@ -73,6 +75,7 @@ __all__ = [
     "box_cells",
     "decode_mask_image",
     "layer_masks",
+    "level_masks",
     "mask_colors",
     "masks_for_layers",
     "parse_authors_spec",
@@ -83,10 +86,6 @@ __all__ = [
 MAX_REGIONS = 16  # regions per spec; each costs one extra attention per layer and row
 MAX_FEATHER = 64.0  # latent pixels; beyond this every region is a faint wash over the image
 LATENT_FACTOR = 8
-# UNet level (number of halvings) of each attn2 layer in SD1 order (`sd1.ATTN2_NAMES`):
-# input_blocks 1,2 / 4,5 / 7,8, the middle block, output_blocks 3-5 / 6-8 / 9-11. Measured on the
-# ldm UNet (tests/test_regions.py checks it at sizes that are not multiples of 64).
-ATTN2_LEVELS: tuple[int, ...] = (0, 0, 1, 1, 2, 2, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0)
 
 Units = Literal["px", "fraction"]
 Box = tuple[float, float, float, float]
@@ -560,14 +559,10 @@ def _check_size(width: int, height: int, what: str) -> None:
             raise RegionError(f"{what} {name} must be a positive multiple of {LATENT_FACTOR}, got {value!r}")
 
 
-def attention_sizes(width: int, height: int) -> list[tuple[int, int]]:
-    """(h, w) of the feature map each of the 16 attn2 layers sees, in SD1 order (N = h * w)."""
+def attention_sizes(width: int, height: int, family: ModelFamily = SD1) -> list[tuple[int, int]]:
+    """(h, w) of the feature map each attn2 layer of `family` sees, in its order (N = h * w)."""
     _check_size(width, height, "image")
-    levels = [(height // LATENT_FACTOR, width // LATENT_FACTOR)]
-    for _ in range(max(ATTN2_LEVELS)):
-        h, w = levels[-1]
-        levels.append(((h + 1) // 2, (w + 1) // 2))
-    return [levels[level] for level in ATTN2_LEVELS]
+    return family.attention_sizes(width, height, LATENT_FACTOR)
 
 
 def _exact(value: float) -> Fraction:
@@ -717,34 +712,40 @@ def masks_for_layers(latent_masks: torch.Tensor, sizes: Sequence[tuple[int, int]
     return out
 
 
-def layer_masks(
-    spec: RegionSpec, width: int, height: int, *, base_size: tuple[int, int] | None = None
-) -> list[torch.Tensor]:
-    """[K, h*w] mask per attn2 layer (SD1 order) for an image of width x height.
+def level_masks(
+    spec: RegionSpec, width: int, height: int, *, base_size: tuple[int, int] | None = None,
+    family: ModelFamily = SD1,
+) -> dict[tuple[int, int], torch.Tensor]:
+    """(h, w) -> [K, h*w] masks at every level of `family`'s UNet for an image of width x height
+    (region LoRAs act at every level, attention only at some: SDXL has none at level 0).
 
-    Without feathering, boxes are mapped with the authors' ceil/floor rule at each layer's own size
-    (hard 0/1, exactly their cells); painted and feathered masks are area-averaged from the latent
-    (`masks_for_layers`). Layers of equal size share one tensor.
+    Without feathering, boxes are mapped with the authors' ceil/floor rule at each level's own
+    size (hard 0/1, exactly their cells); painted and feathered masks are area-averaged from the
+    latent (`masks_for_layers`).
     """
     base_width, base_height = _sizes(width, height, base_size)
-    sizes = attention_sizes(width, height)
+    sizes = list(dict.fromkeys(family.level_sizes(width, height, LATENT_FACTOR)))
     latent = region_masks(spec, width, height, base_size=base_size)  # validates every region
-    pooled = masks_for_layers(latent, sizes)
+    pooled = dict(zip(sizes, masks_for_layers(latent, sizes)))
     if spec.feather > 0:
         return pooled
     boxes = {
         i: _fraction_box(r, i, base_width, base_height) for i, r in enumerate(spec.regions) if r.box is not None
     }
-    if not boxes:
-        return pooled
-    cache: dict[tuple[int, int], torch.Tensor] = {}
-    out = []
-    for (h, w), masks in zip(sizes, pooled):
-        if (h, w) not in cache:
+    for (h, w), masks in pooled.items():
+        if boxes:
             exact = masks.clone()
             for i, box in boxes.items():
                 exact[i] = _box_mask(box, h, w).reshape(-1)
-            cache[(h, w)] = exact
-        out.append(cache[(h, w)])
-    return out
+            pooled[(h, w)] = exact
+    return pooled
 
+
+def layer_masks(
+    spec: RegionSpec, width: int, height: int, *, base_size: tuple[int, int] | None = None,
+    family: ModelFamily = SD1,
+) -> list[torch.Tensor]:
+    """[K, h*w] mask per attn2 layer (in `family`'s order) for an image of width x height: the
+    `level_masks` of each layer's level (layers of equal size share one tensor)."""
+    levels = level_masks(spec, width, height, base_size=base_size, family=family)
+    return [levels[size] for size in attention_sizes(width, height, family)]

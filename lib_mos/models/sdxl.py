@@ -1,0 +1,254 @@
+"""SDXL topology: configs, model builders, conditioning, in the family's names (`family.SDXL`).
+
+The host runs SDXL with Stability's `sgm` package, which is not on PyPI. Its UNet shares its
+module and key names with `ldm`'s (input_blocks / middle_block / output_blocks, spatial
+transformers with transformer_blocks.i.attn1/attn2, `label_emb.0.0/0.2` for the vector), so the
+UNet here is the `ldm` UNetModel the SD1 code uses, built with SDXL's layout: three levels
+(channel_mult 1, 2, 4), no attention at level 0, transformer depth 2 at level 1 and 10 at level 2
+and in the middle block (70 attn2 layers), linear proj_in/proj_out, 64-channel heads, and the
+`y` vector through `label_emb`. One difference is sgm's forward: every block of a spatial
+transformer attends to the same context (ldm's indexes a list per block), which
+`_SharedContextTransformer` restores.
+
+The text side follows the host's conditioner: CLIP ViT-L (te1) and OpenCLIP ViT-bigG (te2), each
+giving its penultimate hidden state; the two are concatenated into the [B, 77, 2048] context.
+The vector is te2's pooled projection followed by Fourier features (256 each) of the original
+size, crop corner and target size, [B, 2816]. te2 is built as transformers' CLIPTextModel with
+a projection (the names kohya's `lora_te2_` keys use); the host holds it as open_clip's module,
+which only the host glue needs to know.
+
+Text LoRA module names of an SDXL model are rooted at `SDXLModel.text_root`, a ModuleList of the
+two encoders: "0.text_model..." is te1 and "1.text_model..." is te2 (the host's embedder index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lib_mos.models.family import SDXL
+from lib_mos.models.sd1 import (
+    _BOS_ID,
+    _EOS_ID,
+    _PAD_ID,
+    _default_device,
+    _plain_ldm_attention,
+    _randomise,
+    _skip_hf_init,
+)
+
+if TYPE_CHECKING:
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+__all__ = [
+    "SDXL_BASE",
+    "TINY_SDXL",
+    "SDXLConfig",
+    "SDXLModel",
+    "build_sdxl_skeleton",
+    "build_text_encoders",
+    "build_tiny_sdxl",
+    "build_unet",
+    "size_embedding",
+]
+
+_DEPTHS = (0, 2, 10)  # transformer depth per level; the middle block has the last level's
+
+
+@dataclass(frozen=True)
+class SDXLConfig:
+    """Widths of an SDXL-topology model; defaults are SDXL base 1.0. Depths are fixed (70 attn2)."""
+
+    model_channels: int = 320
+    head_channels: int = 64
+    te1_width: int = 768
+    te1_layers: int = 12
+    te1_heads: int = 12
+    te1_intermediate: int = 3072
+    te2_width: int = 1280
+    te2_layers: int = 32
+    te2_heads: int = 20
+    te2_intermediate: int = 5120
+    size_features: int = 256  # Fourier features per size number (6 numbers)
+    vocab_size: int = 49408
+    max_positions: int = 77
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"SDXLConfig.{field.name} must be a positive int, got {value!r}")
+        if self.model_channels % 32:
+            raise ValueError(f"SDXLConfig.model_channels must be a multiple of 32, got {self.model_channels}")
+        if self.model_channels % self.head_channels:
+            raise ValueError("SDXLConfig.model_channels must be divisible by head_channels")
+        if self.te1_width % self.te1_heads or self.te2_width % self.te2_heads:
+            raise ValueError("SDXLConfig: text widths must be divisible by their head counts")
+        if self.size_features % 2:
+            raise ValueError("SDXLConfig.size_features must be even (cos and sin halves)")
+
+    @property
+    def context_dim(self) -> int:
+        return self.te1_width + self.te2_width
+
+    @property
+    def vector_dim(self) -> int:
+        return self.te2_width + 6 * self.size_features
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+SDXL_BASE = SDXLConfig()
+TINY_SDXL = SDXLConfig(model_channels=32, head_channels=16, te1_width=32, te1_layers=2, te1_heads=4,
+                       te1_intermediate=64, te2_width=48, te2_layers=2, te2_heads=4, te2_intermediate=96,
+                       size_features=8)
+
+
+class _SharedContextTransformer(nn.Module):
+    """sgm's SpatialTransformer.forward: every transformer block attends to the one context."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        from einops import rearrange
+
+        h, w = x.shape[-2:]
+        x_in = x
+        x = self.norm(x)
+        x = rearrange(x, "b c h w -> b (h w) c").contiguous()
+        x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context=context)
+        x = self.proj_out(x)
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous()
+        return x + x_in
+
+
+def build_unet(cfg: SDXLConfig, device: torch.device | str | None = None) -> UNetModel:
+    """The ldm UNetModel in sd_xl_base.yaml's layout at cfg's widths (70 attn2, the `y` vector)."""
+    import copy
+
+    from ldm.modules.attention import SpatialTransformer
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with _plain_ldm_attention(), _default_device(device):
+        unet = UNetModel(
+            image_size=32,
+            in_channels=4,
+            out_channels=4,
+            model_channels=cfg.model_channels,
+            num_res_blocks=2,
+            attention_resolutions=(2, 4),
+            channel_mult=(1, 2, 4),
+            num_head_channels=cfg.head_channels,
+            use_spatial_transformer=True,
+            use_linear_in_transformer=True,
+            transformer_depth=1,
+            context_dim=cfg.context_dim,
+            use_checkpoint=False,
+            legacy=False,
+        )
+        for name, module in unet.named_modules():
+            if isinstance(module, SpatialTransformer):
+                level = 1 if name.startswith(("input_blocks.4", "input_blocks.5", "output_blocks.3",
+                                              "output_blocks.4", "output_blocks.5")) else 2
+                first = module.transformer_blocks[0]
+                module.transformer_blocks.extend(copy.deepcopy(first) for _ in range(_DEPTHS[level] - 1))
+                module.__class__ = type("SpatialTransformer", (_SharedContextTransformer, SpatialTransformer), {})
+        ted = cfg.model_channels * 4
+        unet.num_classes = "sequential"
+        unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.vector_dim, ted), nn.SiLU(), nn.Linear(ted, ted)))
+    found = [n for n, _ in unet.named_modules() if n.endswith(".attn2")]
+    if tuple(found) != SDXL.attn2:  # the family's table and the build must agree
+        raise AssertionError(f"SDXL build has {len(found)} attn2 layers, not the family's {SDXL.layers}")
+    return unet.eval()
+
+
+def build_text_encoders(cfg: SDXLConfig, device: torch.device | str | None = None) -> nn.ModuleList:
+    """[te1, te2]: CLIP ViT-L (quick_gelu) and OpenCLIP bigG (gelu, with its pooled projection)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(width: int, layers: int, heads: int, intermediate: int, act: str) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=width, intermediate_size=intermediate,
+                              projection_dim=width, num_hidden_layers=layers, num_attention_heads=heads,
+                              max_position_embeddings=cfg.max_positions, hidden_act=act, layer_norm_eps=1e-5,
+                              bos_token_id=_BOS_ID, eos_token_id=_EOS_ID, pad_token_id=_PAD_ID)
+
+    with _default_device(device), _skip_hf_init(device):
+        te1 = CLIPTextModel(config(cfg.te1_width, cfg.te1_layers, cfg.te1_heads, cfg.te1_intermediate, "quick_gelu"))
+        te2 = CLIPTextModelWithProjection(
+            config(cfg.te2_width, cfg.te2_layers, cfg.te2_heads, cfg.te2_intermediate, "gelu"))
+    return nn.ModuleList([te1, te2]).eval()
+
+
+def size_embedding(values: torch.Tensor, features: int) -> torch.Tensor:
+    """sgm's ConcatTimestepEmbedderND: each number of values [B, n] -> `features` Fourier features
+    (cos half, then sin half, max period 10000), flattened to [B, n * features]."""
+    half = features // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=values.device) / half)
+    args = values.float().reshape(-1, 1) * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).reshape(values.shape[0], -1)
+
+
+@dataclass
+class SDXLModel:
+    """An SDXL model as the project sees it outside the host."""
+
+    unet: UNetModel
+    text_root: nn.ModuleList  # [te1, te2]
+    tokenizer: CLIPTokenizer | None
+    alphas_cumprod: torch.Tensor
+    config: SDXLConfig
+    family = SDXL
+
+    @property
+    def text_encoders(self) -> tuple[CLIPTextModel, nn.Module]:
+        return self.text_root[0], self.text_root[1]
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor, width: int = 1024, height: int = 1024) -> dict[str, torch.Tensor]:
+        """{"crossattn": [B, T, D1 + D2], "vector": [B, V]} for token ids [B, T] (one 77-chunk per
+        row, EOS-padded as the host pads CLIP-L; OpenCLIP pads with 0 after the first EOS)."""
+        te1, te2 = self.text_encoders
+        ids = ids.to(next(te1.parameters()).device)
+        eos = (ids == _EOS_ID).int().argmax(1, keepdim=True)
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        ids2 = torch.where(positions > eos, torch.zeros_like(ids), ids)
+        h1 = te1(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+        out2 = te2(input_ids=ids2, output_hidden_states=True)
+        h2 = out2.hidden_states[-2]
+        # the pooled vector sits at the EOS (transformers picks the argmax id, which 0-padding keeps)
+        sizes = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
+                             device=ids.device).expand(ids.shape[0], -1)
+        vector = torch.cat([out2.text_embeds, size_embedding(sizes, self.config.size_features)], dim=1)
+        return {"crossattn": torch.cat([h1, h2], dim=-1), "vector": vector}
+
+
+def build_tiny_sdxl(seed: int = 0) -> SDXLModel:
+    """A TINY_SDXL model with random weights depending only on `seed`; the global RNG is untouched."""
+    from lib_mos.models.clip_tokenizer import load_clip_tokenizer
+    from lib_mos.models.sd1 import sd1_alphas_cumprod
+
+    with torch.random.fork_rng(devices=[]):
+        unet = build_unet(TINY_SDXL)
+        text_root = build_text_encoders(TINY_SDXL)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    _randomise(unet, gen)
+    _randomise(text_root, gen)
+    return SDXLModel(unet=unet.float().eval(), text_root=text_root.float().eval(), tokenizer=load_clip_tokenizer(),
+                     alphas_cumprod=sd1_alphas_cumprod(), config=TINY_SDXL)
+
+
+def build_sdxl_skeleton() -> SDXLModel:
+    """Full-size SDXL base on the meta device: all names and shapes, no memory, no tokenizer."""
+    with torch.random.fork_rng(devices=[]):
+        unet = build_unet(SDXL_BASE, device="meta")
+        text_root = build_text_encoders(SDXL_BASE, device="meta")
+    return SDXLModel(unet=unet, text_root=text_root, tokenizer=None,
+                     alphas_cumprod=torch.empty(1000, device="meta"), config=SDXL_BASE)

@@ -129,3 +129,39 @@ def test_the_tiny_model_depends_only_on_its_seed():
     for (name, pa), pb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.unet.out[2].weight, sdxl.build_tiny_sdxl(4).unet.out[2].weight)
+
+
+@torch.no_grad()
+def test_checkpoint_round_trip_in_the_host_layout(tiny, tmp_path):
+    """UNet under model.diffusion_model., CLIP-L under conditioner.embedders.0.transformer., bigG in
+    OpenCLIP's names under conditioner.embedders.1.model. (fused in_proj, x @ text_projection)."""
+    from safetensors import safe_open
+
+    path = sdxl.save_checkpoint(tiny, tmp_path / "xl.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        in_proj = handle.get_tensor("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight")
+        projection = handle.get_tensor("conditioner.embedders.1.model.text_projection")
+    te1, te2 = tiny.text_encoders
+    w = tiny.config.te2_width
+    assert in_proj.shape == (3 * w, w)
+    torch.testing.assert_close(in_proj[w:2 * w], te2.text_model.encoder.layers[0].self_attn.k_proj.weight)
+    torch.testing.assert_close(projection, te2.text_projection.weight.t())
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    assert not any("q_proj" in k for k in keys if k.startswith("conditioner.embedders.1."))
+    back = sdxl.load_checkpoint(path)
+    ids = prompt_ids(tiny, ["a red circle"])
+    a, b = tiny.encode_ids(ids), back.encode_ids(ids)
+    torch.testing.assert_close(a["crossattn"], b["crossattn"], rtol=0, atol=0)
+    torch.testing.assert_close(a["vector"], b["vector"], rtol=0, atol=0)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300.0])
+    assert torch.equal(tiny.unet(x, t, context=a["crossattn"], y=a["vector"]),
+                       back.unet(x, t, context=b["crossattn"], y=b["vector"]))
+    from lib_mos.models import sd1
+
+    with pytest.raises(ValueError, match="SDXL checkpoint"):
+        sd1.load_checkpoint(path)
+    with pytest.raises(ValueError, match="not an SDXL checkpoint"):
+        sd1_path = sd1.save_checkpoint(sd1.build_tiny_sd1(0), tmp_path / "sd1.safetensors")
+        sdxl.load_checkpoint(sd1_path)

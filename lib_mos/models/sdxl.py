@@ -26,7 +26,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,10 +59,13 @@ __all__ = [
     "build_text_encoders",
     "build_tiny_sdxl",
     "build_unet",
+    "load_checkpoint",
+    "save_checkpoint",
     "size_embedding",
 ]
 
 _DEPTHS = (0, 2, 10)  # transformer depth per level; the middle block has the last level's
+CONFIG_METADATA_KEY = "lib_mos.sdxl_config"
 
 
 @dataclass(frozen=True)
@@ -252,3 +258,124 @@ def build_sdxl_skeleton() -> SDXLModel:
         text_root = build_text_encoders(SDXL_BASE, device="meta")
     return SDXLModel(unet=unet, text_root=text_root, tokenizer=None,
                      alphas_cumprod=torch.empty(1000, device="meta"), config=SDXL_BASE)
+
+
+# ------------------------------------------------------------------------------------ checkpoint IO
+# The host keeps te2 as OpenCLIP's text transformer (`conditioner.embedders.1.model.*`): fused q/k/v
+# (`attn.in_proj_weight`), ln_1/ln_2, mlp.c_fc/c_proj, `positional_embedding`, and a
+# `text_projection` applied as x @ P (transformers' Linear holds P transposed).
+TE1_PREFIX = SDXL.text_encoders[0].checkpoint_prefix
+TE2_PREFIX = SDXL.text_encoders[1].checkpoint_prefix
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def te2_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' CLIPTextModelWithProjection state -> OpenCLIP's text keys, as SDXL files hold them."""
+    out: dict[str, torch.Tensor] = {
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+        "text_projection": state["text_projection.weight"].t(),
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+    }
+    layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        src, dst = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for ours, theirs in _OPENCLIP_LAYER.items():
+            for part in ("weight", "bias"):
+                out[f"{dst}{theirs}.{part}"] = state[f"{src}{ours}.{part}"]
+        for part in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{part}"] = torch.cat([state[f"{src}self_attn.{p}_proj.{part}"] for p in "qkv"])
+    return out
+
+
+def te2_from_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `te2_to_openclip` (logit_scale, which no prompt uses, is dropped)."""
+    out = {
+        "text_model.embeddings.token_embedding.weight": state["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": state["positional_embedding"],
+        "text_model.final_layer_norm.weight": state["ln_final.weight"],
+        "text_model.final_layer_norm.bias": state["ln_final.bias"],
+        "text_projection.weight": state["text_projection"].t(),
+    }
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")})
+    for i in layers:
+        src, dst = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for ours, theirs in _OPENCLIP_LAYER.items():
+            for part in ("weight", "bias"):
+                out[f"{dst}{ours}.{part}"] = state[f"{src}{theirs}.{part}"]
+        for part in ("weight", "bias"):
+            for p, chunk in zip("qkv", state[f"{src}attn.in_proj_{part}"].chunk(3)):
+                out[f"{dst}self_attn.{p}_proj.{part}"] = chunk
+    return out
+
+
+def checkpoint_tensors(model: SDXLModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The UNet and both text encoders in the host's SDXL key layout (`SDXL`'s prefixes)."""
+    def cast(value: torch.Tensor) -> torch.Tensor:
+        value = value.detach().cpu()
+        return (value.to(dtype) if value.is_floating_point() else value).contiguous()
+
+    te1, te2 = model.text_encoders
+    tensors = {SDXL.unet_prefix + k: cast(v) for k, v in model.unet.state_dict().items()}
+    tensors |= {TE1_PREFIX + k: cast(v) for k, v in te1.state_dict().items()}
+    te2_state = {k: v for k, v in te2.state_dict().items() if not k.endswith("position_ids")}
+    tensors |= {TE2_PREFIX + k: cast(v) for k, v in te2_to_openclip(te2_state).items()}
+    return tensors
+
+
+def save_checkpoint(model: SDXLModel, path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+                    extra: Mapping[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
+    """Save in the host's SDXL .safetensors layout (`extra`: e.g. a VAE under first_stage_model.)."""
+    from lib_mos.files import atomic_save_safetensors
+
+    tensors = checkpoint_tensors(model, dtype) | dict(extra or {})
+    return atomic_save_safetensors(tensors, path, metadata={CONFIG_METADATA_KEY: model.config.to_json()},
+                                   overwrite=overwrite)
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> SDXLModel:
+    """Load an SDXL .safetensors checkpoint (host layout) into float32 models; every UNet and text key
+    must be there with its shape (other keys, a VAE for one, are ignored). Widths come from the
+    file's `lib_mos.sdxl_config` metadata, else SDXL base's."""
+    from safetensors import safe_open
+
+    from lib_mos.models.clip_tokenizer import load_clip_tokenizer
+    from lib_mos.models.sd1 import sd1_alphas_cumprod
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        keys = set(handle.keys())
+        meta = handle.metadata() or {}
+        if not any(k.startswith("conditioner.embedders.") for k in keys):
+            raise ValueError(f"{path}: no 'conditioner.embedders.*' keys: not an SDXL checkpoint in the host's layout")
+        config = SDXLConfig(**json.loads(meta[CONFIG_METADATA_KEY])) if CONFIG_METADATA_KEY in meta else SDXL_BASE
+        with torch.random.fork_rng(devices=[]):
+            unet = build_unet(config, device="meta").to_empty(device=device)
+            text_root = build_text_encoders(config, device="meta").to_empty(device=device)
+
+        def take(prefix: str, want: Mapping[str, torch.Size], convert=None) -> dict[str, torch.Tensor]:
+            state = {k[len(prefix):]: handle.get_tensor(k) for k in keys if k.startswith(prefix)}
+            state = convert(state) if convert else state
+            for key, shape in want.items():
+                if key not in state:
+                    raise ValueError(f"{path}: missing key {prefix + key!r}")
+                if tuple(state[key].shape) != tuple(shape):
+                    raise ValueError(f"{path}: key {prefix + key!r} has shape {list(state[key].shape)}, "
+                                     f"expected {list(shape)}")
+            return {k: state[k].to(device, torch.float32) for k in want}
+
+        te1, te2 = text_root
+        unet.load_state_dict(take(SDXL.unet_prefix, {k: v.shape for k, v in unet.state_dict().items()}))
+        for prefix, encoder, convert in ((TE1_PREFIX, te1, None), (TE2_PREFIX, te2, te2_from_openclip)):
+            want = {k: v.shape for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}
+            encoder.load_state_dict(take(prefix, want, convert), strict=False)
+            embeddings = encoder.text_model.embeddings
+            with torch.no_grad():
+                embeddings.position_ids.copy_(torch.arange(config.max_positions, device=device).expand(1, -1))
+    return SDXLModel(unet=unet.float().eval(), text_root=text_root.float().eval(), tokenizer=load_clip_tokenizer(),
+                     alphas_cumprod=sd1_alphas_cumprod().to(device), config=config)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from lib_mos.models import sd1
-from lib_mos.models.family import attn2_modules
+from lib_mos.models.family import SD1, SDXL, attn2_modules
 from lib_mos.models.sampling import any_multiple_of_8
 from lib_mos.regional import regions
 from lib_mos.regional.regions import MAX_REGIONS, Region, RegionError, RegionSpec
@@ -202,8 +202,9 @@ def authors_box(box, width, height, h, w) -> torch.Tensor:
     return m.reshape(-1)
 
 
+@pytest.mark.parametrize("family", [SD1, SDXL], ids=["sd1", "sdxl"])
 @pytest.mark.parametrize(("width", "height"), SIZES)
-def test_boxes_follow_the_ceil_floor_rule_at_every_layer(width, height):
+def test_boxes_follow_the_ceil_floor_rule_at_every_layer(width, height, family):
     gen = torch.Generator().manual_seed(width * 1000 + height)
     boxes = []
     while len(boxes) < 5:
@@ -215,16 +216,18 @@ def test_boxes_follow_the_ceil_floor_rule_at_every_layer(width, height):
     spec = RegionSpec([Region(f"r{i}", box=box) for i, box in enumerate(boxes)])
     fractions = RegionSpec([Region(f"r{i}", box=(t / height, le / width, b / height, r / width), units="fraction")
                             for i, (t, le, b, r) in enumerate(boxes)])
-    ours = regions.layer_masks(spec, width, height)
-    sizes = regions.attention_sizes(width, height)
+    ours = regions.layer_masks(spec, width, height, family=family)
+    sizes = regions.attention_sizes(width, height, family)
+    assert len(ours) == family.layers
     for (h, w), masks in zip(sizes, ours):
         assert masks.shape == (len(boxes), h * w)
         for i, box in enumerate(boxes):
             assert torch.equal(masks[i], authors_box(box, width, height, h, w)), (i, h, w)
-    for a, b in zip(ours, regions.layer_masks(fractions, width, height)):
+    for a, b in zip(ours, regions.layer_masks(fractions, width, height, family=family)):
         assert torch.equal(a, b)
-    assert ours[0] is ours[1] and ours[0] is ours[15]  # equal sizes share one tensor
-    assert torch.equal(regions.region_masks(spec, width, height).flatten(1), ours[0])
+    assert ours[0] is ours[1] and ours[0] is ours[-1]  # equal sizes share one tensor
+    levels = regions.level_masks(spec, width, height, family=family)
+    assert torch.equal(regions.region_masks(spec, width, height).flatten(1), levels[(height // 8, width // 8)])
 
 
 def test_box_boundaries_are_exact_decimals():

@@ -1,4 +1,4 @@
-"""A seeded Euler sampler with classifier-free guidance for eps-prediction SD1 UNets.
+"""A seeded Euler sampler with classifier-free guidance for eps-prediction UNets (SD1, SDXL).
 
 Used where the host is not: the demo, the fusion CLI's spatial stage, tests. It follows the
 k-diffusion "Euler" sampler the host runs by default on the discrete SD1 schedule, so results are
@@ -8,7 +8,7 @@ comparable, and it is deterministic: noise comes from one torch.Generator per im
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -81,8 +81,8 @@ StepCallback = Callable[[int, torch.Tensor], None]
 @torch.no_grad()
 def sample_euler(
     model: SD1Model,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond: torch.Tensor | Mapping[str, torch.Tensor],
+    uncond: torch.Tensor | Mapping[str, torch.Tensor] | None,
     *,
     seeds: list[int],
     height: int,
@@ -93,11 +93,19 @@ def sample_euler(
     processor: Attn2Processor | None = None,
 ) -> torch.Tensor:
     """Latents [B, 4, H/8, W/8]. `cond`/`uncond` are [B, T, D], or layer-wise [B, L, T, D] (bound
-    concept prompts; see `binding`). uncond None or cfg 1: no guidance.
+    concept prompts; see `binding`); for a UNet with a vector input (SDXL) a mapping
+    {"crossattn": that tensor, "vector": [B, V]}. uncond None or cfg 1: no guidance.
 
     cond and uncond go through the UNet as one batch (cond rows first), like the host's default.
     `processor` replaces the attn2 behaviour (e.g. `RegionalContext` with rows set for that batch).
     """
+    vector = None
+    if isinstance(cond, Mapping):
+        if not isinstance(uncond, Mapping | None):
+            raise ValueError("cond is a {crossattn, vector} mapping, uncond must be one too")
+        vector = torch.cat([cond["vector"], uncond["vector"]]) if uncond is not None and cfg_scale != 1.0 \
+            else cond["vector"]
+        cond, uncond = cond["crossattn"], None if uncond is None else uncond["crossattn"]
     if cond.shape[0] != len(seeds):
         raise ValueError(f"{cond.shape[0]} conditionings for {len(seeds)} seeds")
     device = cond.device
@@ -110,6 +118,7 @@ def sample_euler(
         layers = (cond if cond.dim() == 4 else uncond).shape[1]
         cond, uncond = (c if c.dim() == 4 else c.unsqueeze(1).expand(-1, layers, -1, -1) for c in (cond, uncond))
     context = torch.cat([cond, uncond]) if guided else cond
+    extra = {} if vector is None else {"y": vector.to(device)}
     if processor is not None:
         layerwise = attn2_processor(model.unet, processor)
     elif context.dim() == 4:
@@ -122,7 +131,7 @@ def sample_euler(
             c_in = 1 / (sigma**2 + 1) ** 0.5
             x_in = torch.cat([x, x]) if guided else x
             t = sigma_to_t(sigma.reshape(1), log_sigmas).expand(x_in.shape[0])
-            eps = model.unet(x_in * c_in, t, context=context)
+            eps = model.unet(x_in * c_in, t, context=context, **extra)
             if guided:
                 eps_c, eps_u = eps.chunk(2)
                 eps = eps_u + cfg_scale * (eps_c - eps_u)

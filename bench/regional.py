@@ -1,8 +1,15 @@
 """Benchmark: regional cross-attention (lib_mos.regional.attention.RegionalContext) in a full-size SD1.5 UNet
-with random weights on this CPU, against the unhooked UNet and a per-region-loop reference.
+(or SDXL's, `--family sdxl`) with random weights on this CPU, against the unhooked UNet and a
+per-region-loop reference.
 
     .venv/bin/python bench/regional.py --size 256 --steps 2
     .venv/bin/python bench/regional.py --size 512 --regions 0 4 8
+    .venv/bin/python bench/regional.py --family sdxl --loras --size 256 --steps 2 --regions 4
+
+With `--family sdxl` the UNet is SDXL base's (2.6 B parameters, 70 attn2 layers at two levels,
+context 2048, every call also gets a random pooled/size vector `y`); contexts are 2048 wide; the
+LoRA sets name SDXL's attention blocks (attn1 + attn2: 560 linears; with ff and proj: 1,036
+modules). Its fp32 weights take about 10.3 GB.
 
 One step is one CFG step of one image: 2 UNet rows (row 0 cond, row 1 uncond) through one UNet
 call, at timestep 500. Per region count K:
@@ -95,8 +102,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.unet_step import materialize
 from lib_mos.concepts.synthetic import random_lora_concept
-from lib_mos.models import sd1
+from lib_mos.models import sd1, sdxl
 from lib_mos.models.attention import attn2_processor
+from lib_mos.models.family import FAMILIES, ModelFamily, family_named
 from lib_mos.models.sampling import any_multiple_of_8
 from lib_mos.regional.attention import RegionalContext, region_blend_weights
 from lib_mos.regional.loras import RegionDeltas, RegionLora
@@ -110,10 +118,11 @@ from lib_mos.regional.regions import (
 )
 
 ROWS = 2  # one image: cond + uncond
-TOKENS, WIDTH = 77, 768
+TOKENS = 77
 TIMESTEP = 500
 MARGIN, OVERLAP = 1 / 8, 1 / 16  # fractions of the image
 LORA_SETS = ("attention", "attention+ff+proj")
+MODEL_NAMES = {"sd1": "sd15-random", "sdxl": "sdxl-random"}
 LORA_RANK, LORA_STRENGTH = 4, 0.1  # each change has LORA_STRENGTH x the spread of its weight
 
 
@@ -144,17 +153,35 @@ def box_spec(k: int) -> RegionSpec:
     ))
 
 
-def lora_set_names(which: str) -> list[str]:
-    """ldm names of the UNet modules a LoRA set changes (see LORA_SETS)."""
+def lora_set_names(which: str, family: ModelFamily = sd1.SD1Model.family) -> list[str]:
+    """ldm names of the UNet modules a LoRA set changes (see LORA_SETS), block by block."""
     if which not in LORA_SETS:
         raise ValueError(f"LoRA set must be one of {', '.join(LORA_SETS)}, got {which!r}")
-    names = sd1.unet_attention_linear_names()
-    if which == "attention+ff+proj":
-        for attn2 in sd1.ATTN2_NAMES:
-            block = attn2.removesuffix(".attn2")  # <transformer>.transformer_blocks.0
-            transformer = block.removesuffix(".transformer_blocks.0")
-            names += [f"{block}.ff.net.0.proj", f"{block}.ff.net.2", f"{transformer}.proj_in", f"{transformer}.proj_out"]
+    names: list[str] = []
+    transformers: list[str] = []
+    for attn2 in family.attn2:
+        block = attn2.removesuffix(".attn2")  # <transformer>.transformer_blocks.<i>
+        names += [f"{block}.{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+        if which == "attention+ff+proj":
+            names += [f"{block}.ff.net.0.proj", f"{block}.ff.net.2"]
+            transformer = block.rsplit(".transformer_blocks.", 1)[0]
+            if transformer not in transformers:
+                transformers.append(transformer)
+    names += [f"{transformer}.{proj}" for transformer in transformers for proj in ("proj_in", "proj_out")]
     return names
+
+
+def skeleton(family: ModelFamily) -> sd1.SD1Model | sdxl.SDXLModel:
+    """The family's full-size model on the meta device."""
+    return sd1.build_sd15_skeleton() if family is sd1.SD1Model.family else sdxl.build_sdxl_skeleton()
+
+
+def with_vector(unet: nn.Module, family: ModelFamily, rows: int, gen: torch.Generator) -> Callable[..., torch.Tensor]:
+    """unet(x, t, context=...) with SDXL's pooled/size vector `y` fixed (random) for every call."""
+    if family.vector_dim is None:
+        return unet
+    y = torch.randn(rows, family.vector_dim, generator=gen)
+    return lambda x, t, context: unet(x, t, context=context, y=y)
 
 
 # ------------------------------------------------------------------------------ loop reference
@@ -228,18 +255,20 @@ def _interleaved(calls: dict[str, Callable[[], torch.Tensor]], steps: int) -> di
 
 
 def _worker(args: argparse.Namespace) -> dict:
-    k, size = args.regions[0], args.size
-    unet = materialize(sd1.build_sd15_skeleton().unet, seed=args.seed)
+    k, size, family = args.regions[0], args.size, family_named(args.family)
+    module = materialize(skeleton(family).unet, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randn(ROWS, 4, size // 8, size // 8, generator=gen)
     t = torch.full((ROWS,), TIMESTEP)
-    context = torch.randn(ROWS, TOKENS, WIDTH, generator=gen)  # row 0 prompt, row 1 negative
-    region_context = torch.randn(ROWS, k, TOKENS, WIDTH, generator=gen)  # row 0 prompts, row 1 negatives
+    width = family.context_dim
+    context = torch.randn(ROWS, TOKENS, width, generator=gen)  # row 0 prompt, row 1 negative
+    region_context = torch.randn(ROWS, k, TOKENS, width, generator=gen)  # row 0 prompts, row 1 negatives
+    unet = with_vector(module, family, ROWS, gen)
     spec = box_spec(k)
     # layer_masks needs at least one region (avg_pool2d rejects a 0-channel input): K=0 plans empty masks
-    weights = layer_masks(spec, size, size) if k else [torch.zeros(0, h * w) for h, w in attention_sizes(size, size)]
-    latent = weights[0]  # layer 0 runs at the latent resolution
-    coverage = latent.sum(0)
+    weights = (layer_masks(spec, size, size, family=family) if k
+               else [torch.zeros(0, h * w) for h, w in attention_sizes(size, size, family)])
+    coverage = region_masks(spec, size, size).flatten(1).sum(0) if k else torch.zeros(1)
     model_rss = _peak_rss_mb()
 
     def plain() -> torch.Tensor:
@@ -248,18 +277,19 @@ def _worker(args: argparse.Namespace) -> dict:
     ours_proc = RegionalContext()
 
     def ours() -> torch.Tensor:
-        with attn2_processor(unet, ours_proc):
+        with attn2_processor(module, ours_proc):
             ours_proc.set_rows(region_context, weights)
             return unet(x, t, context=context)
 
     loop_proc = LoopRegional()
 
     def loop() -> torch.Tensor:
-        with attn2_processor(unet, loop_proc):
+        with attn2_processor(module, loop_proc):
             loop_proc.set_rows(region_context, weights)
             return unet(x, t, context=context)
 
     result: dict = {"worker": args.worker, "regions": k, "size": size, "threads": torch.get_num_threads(),
+                    "family": family.name,
                     "latent_covered": float((coverage > 0).float().mean()),
                     "latent_overlapped": float((coverage > 1).float().mean())}
     with torch.inference_mode(), any_multiple_of_8():
@@ -294,31 +324,33 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _lora_worker(args: argparse.Namespace) -> dict:
-    k, size, which = args.regions[0], args.size, args.lora_set
-    model = sd1.build_sd15_skeleton()
-    unet = materialize(model.unet, seed=args.seed)  # in place: model.unet is this module now
+    k, size, which, family = args.regions[0], args.size, args.lora_set, family_named(args.family)
+    model = skeleton(family)
+    module = materialize(model.unet, seed=args.seed)  # in place: model.unet is this module now
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same inputs as the default mode
     x = torch.randn(ROWS, 4, size // 8, size // 8, generator=gen)
     t = torch.full((ROWS,), TIMESTEP)
-    context = torch.randn(ROWS, TOKENS, WIDTH, generator=gen)  # row 0 prompt, row 1 negative
-    region_context = torch.randn(ROWS, k, TOKENS, WIDTH, generator=gen)  # row 0 prompts, row 1 negatives
+    width = family.context_dim
+    context = torch.randn(ROWS, TOKENS, width, generator=gen)  # row 0 prompt, row 1 negative
+    region_context = torch.randn(ROWS, k, TOKENS, width, generator=gen)  # row 0 prompts, row 1 negatives
+    unet = with_vector(module, family, ROWS, gen)
     spec = box_spec(k)
-    weights = layer_masks(spec, size, size)
-    levels = level_masks(spec, size, size)
-    coverage = weights[0].sum(0)
+    weights = layer_masks(spec, size, size, family=family)
+    levels = level_masks(spec, size, size, family=family)
+    coverage = levels[(size // 8, size // 8)].sum(0)
     # full pass: latent blend weights, prepared once ([1, 1, h, w] and [K, 1, 1, h, w])
     latent = region_masks(spec, size, size)
     w_global, w_regions = region_blend_weights(latent.reshape(1, k, -1))
     w_global = w_global.reshape(1, 1, *latent.shape[1:])
     w_regions = w_regions[0].reshape(k, 1, 1, *latent.shape[1:])
 
-    names = lora_set_names(which)
+    names = lora_set_names(which, family)
     concepts = [random_lora_concept(model, "lora", triggers=(f"region {r}",), seed=args.seed + 100 + r,
                                     rank=LORA_RANK, strength=LORA_STRENGTH, name=f"region-{r}",
                                     unet_names=names, text_names=[]) for r in range(k)]
     loras = [RegionLora(r, c, 1.0, c.name) for r, c in enumerate(concepts)]
-    deltas = RegionDeltas(unet, loras, k)
-    singles = [RegionDeltas(unet, [RegionLora(0, c, 1.0, c.name)], 1, masked=False) for c in concepts]
+    deltas = RegionDeltas(module, loras, k)
+    singles = [RegionDeltas(module, [RegionLora(0, c, 1.0, c.name)], 1, masked=False) for c in concepts]
     # Regional Prompter has its LoRAs ready before sampling: cast the singles' factors now. Left to
     # their first UNet call (RegionDeltas casts lazily in the hooks), each instance's small lasting
     # tensors land amid the activations and the heap grows ~120 MB per instance at 256 px.
@@ -335,12 +367,12 @@ def _lora_worker(args: argparse.Namespace) -> dict:
     regional_proc = RegionalContext()
 
     def regional() -> torch.Tensor:  # ours without the LoRAs: what the LoRA hooks add on top
-        with attn2_processor(unet, regional_proc):
+        with attn2_processor(module, regional_proc):
             regional_proc.set_rows(region_context, weights)
             return unet(x, t, context=context)
 
     def ours() -> torch.Tensor:
-        with attn2_processor(unet, proc), deltas.installed():
+        with attn2_processor(module, proc), deltas.installed():
             proc.set_rows(region_context, weights)
             deltas.set_masks(levels)
             return unet(x, t, context=context)
@@ -352,7 +384,7 @@ def _lora_worker(args: argparse.Namespace) -> dict:
                 out += unet(x, t, context=region_context[:, r]) * w_regions[r]
         return out
 
-    result: dict = {"worker": "loras", "regions": k, "loras": which, "lora_modules": len(names),
+    result: dict = {"worker": "loras", "family": family.name, "regions": k, "loras": which, "lora_modules": len(names),
                     "lora_rank": LORA_RANK, "size": size, "threads": torch.get_num_threads(),
                     "latent_covered": float((coverage > 0).float().mean()),
                     "latent_overlapped": float((coverage > 1).float().mean())}
@@ -377,13 +409,13 @@ def _lora_worker(args: argparse.Namespace) -> dict:
         # exact cross-check: one region over the whole image with the first region's LoRA
         print(f"# K={k} {which}: whole-image check", file=sys.stderr, flush=True)
         whole = RegionSpec(regions=(Region(prompt="whole", negative="whole", box=(0.0, 0.0, 1.0, 1.0), units="fraction"),))
-        whole_weights = layer_masks(whole, size, size)
-        whole_deltas = RegionDeltas(unet, [RegionLora(0, concepts[0], 1.0, concepts[0].name)], 1)
+        whole_weights = layer_masks(whole, size, size, family=family)
+        whole_deltas = RegionDeltas(module, [RegionLora(0, concepts[0], 1.0, concepts[0].name)], 1)
         whole_proc = RegionalContext()
         whole_proc.context_delta = whole_deltas.context_delta
-        with attn2_processor(unet, whole_proc), whole_deltas.installed():
+        with attn2_processor(module, whole_proc), whole_deltas.installed():
             whole_proc.set_rows(region_context[:, :1], whole_weights)
-            whole_deltas.set_masks(level_masks(whole, size, size))
+            whole_deltas.set_masks(level_masks(whole, size, size, family=family))
             ours_whole = unet(x, t, context=context)
         with singles[0].installed():  # latent blend weight 1 everywhere, global's 0: the region's call
             full_whole = unet(x, t, context=region_context[:, 0])
@@ -394,7 +426,7 @@ def _lora_worker(args: argparse.Namespace) -> dict:
 
 def _run_worker(args: argparse.Namespace, method: str, k: int, lora_set: str | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--regions", str(k),
-           "--size", str(args.size), "--steps", str(args.steps), "--seed", str(args.seed)]
+           "--size", str(args.size), "--steps", str(args.steps), "--seed", str(args.seed), "--family", args.family]
     if lora_set is not None:
         cmd += ["--lora-set", lora_set]
     t0 = time.perf_counter()
@@ -422,6 +454,7 @@ def main() -> None:
     ap.add_argument("--regions", type=int, nargs="+", default=None,
                     help="region counts (default 0 1 2 4 8; with --loras 1 2 4 8)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", choices=list(FAMILIES), default="sd1", help="the UNet: SD1.5's or SDXL base's shapes")
     ap.add_argument("--loras", action="store_true",
                     help="region LoRAs: ours (one pass) against Regional Prompter's latent mode (K+1 passes)")
     ap.add_argument("--lora-sets", nargs="+", choices=LORA_SETS, default=list(LORA_SETS),
@@ -458,7 +491,7 @@ def main() -> None:
         loop = _run_worker(args, "loop", k)
         ratios[k] = ours["step_s"] / ours["plain_step_s"]
         row = {
-            "bench": "regional", "model": "sd15-random", "regions": k, "size": args.size, "unet_rows": ROWS,
+            "bench": "regional", "model": MODEL_NAMES[args.family], "regions": k, "size": args.size, "unet_rows": ROWS,
             "steps": args.steps, "threads": ours["threads"],
             "step_s": ours["step_s"], "plain_step_s": ours["plain_step_s"], "loop_step_s": loop["step_s"],
             "loop_plain_step_s": loop["plain_step_s"],
@@ -487,7 +520,7 @@ def _main_loras(args: argparse.Namespace) -> None:
         for which in args.lora_sets:
             r = _run_worker(args, "loras", k, lora_set=which)
             row = {
-                "bench": "regional_loras", "model": "sd15-random", "regions": k, "loras": which,
+                "bench": "regional_loras", "model": MODEL_NAMES[args.family], "regions": k, "loras": which,
                 "lora_modules": r["lora_modules"], "lora_rank": r["lora_rank"], "size": args.size,
                 "unet_rows": ROWS, "steps": args.steps, "threads": r["threads"],
                 "step_s": r["step_s"], "plain_step_s": r["plain_step_s"], "full_pass_step_s": r["full_pass_step_s"],

@@ -19,6 +19,7 @@ import gradio as gr
 
 from lib_mos.concepts.library import lora_files
 from lib_mos.files import import_sibling
+from lib_mos.models.family import family_of_unet
 from lib_mos.regional.regions import RegionSpec
 from modules import processing, script_callbacks, scripts, shared
 
@@ -34,12 +35,20 @@ LORAS_ROUTE = "/mix-of-show/loras"
 
 
 def lora_list() -> dict:
-    """The LoRA files a region may use, for the canvas' picker: name (as `<lora:name>` says it),
-    path in the Lora folder, and concept tokens of our concept files."""
+    """The LoRA files a region may use with the loaded model, for the canvas' picker: name (as
+    `<lora:name>` says it), path in the Lora folder, and concept tokens of our concept files. Only
+    files for the loaded model's family are listed (an SD1 LoRA cannot go into an SDXL region)."""
     folder = Path(mos_host_binding.concept_folder())
-    tokens = {entry.path: entry.tokens for entry in mos_host_binding.LIBRARY.scan(folder).entries}
-    return {"loras": [{"name": name, "path": path.relative_to(folder).as_posix(), "tokens": list(tokens.get(path, ()))}
-                      for name, path in lora_files(folder).items()]}
+    library = mos_host_binding.LIBRARY
+    tokens = {entry.path: entry.tokens for entry in library.scan(folder).entries}
+    model = shared.sd_model
+    try:
+        family = family_of_unet(model.model.diffusion_model) if model is not None else None
+    except ValueError:
+        return {"loras": [], "family": None}
+    return {"family": family.name if family else None,
+            "loras": [{"name": name, "path": path.relative_to(folder).as_posix(), "tokens": list(tokens.get(path, ()))}
+                      for name, path in lora_files(folder).items() if family is None or library.family(path) is family]}
 
 
 def _add_routes(demo, app) -> None:

@@ -23,6 +23,7 @@ from lib_mos.concepts.binding import PromptBinder, aliased_prompts
 from lib_mos.concepts.concept import Concept
 from lib_mos.concepts.library import ConceptLibrary, FoundConcepts, resolve
 from lib_mos.fusion.checkpoint import read_fused_concepts
+from lib_mos.models.family import SD1, ModelFamily
 from modules import paths, shared
 
 _TOKEN = re.compile(r"<[^<>:\s,]+>")
@@ -68,8 +69,9 @@ def find_concepts(texts: list[str], *, strict: bool) -> FoundConcepts:
 
 
 def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str],
-                 cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """[B, L, T, D] layer-wise contexts of `prompts`, T a multiple of 77 as the host makes it.
+                 cache: dict[str, torch.Tensor] | None = None, family: ModelFamily = SD1) -> torch.Tensor:
+    """[B, L, T, D] layer-wise contexts of `prompts`, T a multiple of 77 as the host makes it (the
+    cross-attention part of the host's conditioning; SDXL's pooled vector stays the main prompt's).
 
     `cache` (prompt -> [L, T, D]) lets one generation encode each prompt once. As in the host for
     a batch, emphasis's mean restore is computed over the batch it encodes, here all L copies of a
@@ -83,7 +85,7 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
     bound = [p for p in todo if p not in plain]
     if plain:  # no concept tokens: one pass, the same context for every layer
         with torch.no_grad():
-            z = sd_model.get_learned_conditioning(plain)
+            z = family.crossattn(sd_model.get_learned_conditioning(plain))
         for p, zp in zip(plain, z):
             cache[p] = zp.unsqueeze(0).expand(binder.layers, -1, -1)
     texts, rows = aliased_prompts(binder, bound)
@@ -97,7 +99,8 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
             registered.append(name)
         with torch.no_grad():
             for k, prompt in enumerate(bound):
-                cache[prompt] = sd_model.get_learned_conditioning(texts[k * binder.layers:(k + 1) * binder.layers])
+                cache[prompt] = family.crossattn(
+                    sd_model.get_learned_conditioning(texts[k * binder.layers:(k + 1) * binder.layers]))
     finally:
         for name in registered:
             embedding_db.register_embedding_by_name(None, sd_model, name)

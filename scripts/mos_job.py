@@ -27,13 +27,14 @@ from lib_mos.concepts.concept import ConceptError, check_fits
 from lib_mos.concepts.library import lora_files
 from lib_mos.files import import_sibling
 from lib_mos.models.attention import attn2_processor
-from lib_mos.models.family import family_of_unet
+from lib_mos.models.family import SD1, ModelFamily, family_of_unet
 from lib_mos.regional.attention import SteppedRegionalContext
 from lib_mos.regional.loras import RegionDeltas, RegionLora, choose_region_loras, global_lora_names
 from lib_mos.regional.regions import RegionSpec, attention_sizes, level_masks
 from modules import prompt_parser, sd_samplers, shared
 
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
+mos_host_text = import_sibling(__file__, "mos_host_text")
 
 REGIONS_KEY = "Mix-of-Show regions"
 CONCEPTS_KEY = "Mix-of-Show concepts"
@@ -78,17 +79,19 @@ class GenerationJob:
         self.p = p
         self.spec = spec if spec is not None else RegionSpec(())
         self.processor = SteppedRegionalContext()
-        self.family = family = family_of_unet(shared.sd_model.model.diffusion_model)
-        try:
-            found = mos_host_binding.find_concepts(generation_texts(p, self.spec), strict=strict)
-            binder = PromptBinder(None, found.concepts, family)  # for its token rows; the host encodes
-        except Exception as e:
-            if strict:
-                raise
-            # the always-on script runs in the host's `process` hook, whose errors are only logged:
-            # the prompt would silently lose its concepts, so fail the first UNet call instead
-            self.processor.error = e
-            found, binder = mos_host_binding.FoundConcepts(), PromptBinder(None, [], family)
+        texts = generation_texts(p, self.spec)
+        self.family = self._model_family(texts, strict)
+        found, binder = mos_host_binding.FoundConcepts(), PromptBinder(None, [], self.family or SD1)
+        if self.family is not None:
+            try:
+                found = mos_host_binding.find_concepts(texts, strict=strict)
+                binder = PromptBinder(None, found.concepts, self.family)  # for its token rows; the host encodes
+            except Exception as e:
+                if strict:
+                    raise
+                # the always-on script runs in the host's `process` hook, whose errors are only logged:
+                # the prompt would silently lose its concepts, so fail the first UNet call instead
+                self.processor.error = e
         for warning in found.warnings:
             print(warning, file=sys.stderr)
         self.sources = found.infotext()
@@ -104,6 +107,19 @@ class GenerationJob:
         if self.spec.regions:
             self._choose_region_loras(found)
 
+    def _model_family(self, texts: list[str], strict: bool) -> ModelFamily | None:
+        """The loaded model's family; None for a model of no family we know, which is an error only
+        where this generation asks something of us (raised, or failing the first UNet call)."""
+        try:
+            return family_of_unet(shared.sd_model.model.diffusion_model)
+        except ValueError as e:
+            error = ConceptError(f"Mix-of-Show: this checkpoint is not supported ({e})")
+            if strict:
+                raise error from None
+            if self.spec.regions or mos_host_binding.concept_tokens_mentioned(texts):
+                self.processor.error = error
+            return None
+
     def _choose_region_loras(self, found) -> None:
         """Every region's LoRAs, read and checked against the live model before sampling starts
         (errors name the region, the LoRA and the file)."""
@@ -113,11 +129,12 @@ class GenerationJob:
                        for r in self.spec.regions]
         choices = choose_region_loras(self.spec, lora_files(folder), folder, token_files, global_lora_names(main))
         model = shared.sd_model
-        unet, text_encoder = model.model.diffusion_model, model.cond_stage_model.wrapped.transformer
+        unet = model.model.diffusion_model
+        self.text_root = text_root = mos_host_text.HostTextRoot(model, self.family)
         loras = []
         for choice in choices:
-            concept = mos_host_binding.LIBRARY.lora(choice.path)
-            check_fits(concept, unet, text_encoder, embeddings=False)
+            concept = mos_host_binding.LIBRARY.lora(choice.path, self.family)
+            check_fits(concept, unet, text_root, embeddings=False)
             loras.append(RegionLora(choice.region, concept, choice.weight, choice.name))
         self.region_loras = loras
         self.unet_deltas = RegionDeltas(unet, loras, len(self.spec.regions)) or None
@@ -189,7 +206,7 @@ class GenerationJob:
         from modules.sd_hijack import model_hijack
 
         return mos_host_binding.encode_bound(shared.sd_model, model_hijack.embedding_db, self.binder, prompts,
-                                             self.cache if cache is None else cache)
+                                             self.cache if cache is None else cache, self.family)
 
     def encode_regions(self, texts: list[str]) -> torch.Tensor:
         """[K, L, T, D]: region k's text encoded with its LoRAs' text-encoder changes (regions with
@@ -200,7 +217,6 @@ class GenerationJob:
                         if lora.region == k and lora.weight and lora.concept.text_lora)
             groups.setdefault(key, []).append(k)
         out: list[torch.Tensor | None] = [None] * len(texts)
-        text_encoder = shared.sd_model.cond_stage_model.wrapped.transformer
         for key, members in groups.items():
             prompts = [texts[k] for k in members]
             if not key:
@@ -208,7 +224,7 @@ class GenerationJob:
             else:
                 loras = [RegionLora(0, lora.concept, lora.weight, lora.name) for lora in self.region_loras
                          if lora.region == members[0] and lora.weight and lora.concept.text_lora]
-                with RegionDeltas(text_encoder, loras, 1, masked=False, text=True).installed():
+                with self.text_root.changed(loras):
                     encoded = self.encode(prompts, self.lora_caches.setdefault(key, {}))
             for k, e in zip(members, _common_length(*encoded.unbind(0))):
                 out[k] = e
@@ -232,7 +248,8 @@ class GenerationJob:
         step = params.denoiser.step
         prompts = self._texts_now(list(p.hr_prompts if hires else p.prompts), step, hires)
         negatives = self._texts_now(list(p.hr_negative_prompts if hires else p.negative_prompts), step, hires)
-        n_cond, n_uncond = params.text_cond.shape[0], params.text_uncond.shape[0]
+        text_cond, text_uncond = self.family.crossattn(params.text_cond), self.family.crossattn(params.text_uncond)
+        n_cond, n_uncond = text_cond.shape[0], text_uncond.shape[0]
         height, width = params.x.shape[-2] * 8, params.x.shape[-1] * 8
         key = (n_cond, n_uncond, width, height, prompts, negatives)
         if key not in self.plans:
@@ -242,10 +259,10 @@ class GenerationJob:
         if cond is not None or uncond is not None:  # the host's own rows change with prompt editing
             layers = self.binder.layers
             if cond is None:
-                cond = params.text_cond.unsqueeze(1).expand(-1, layers, -1, -1)
+                cond = text_cond.unsqueeze(1).expand(-1, layers, -1, -1)
             if uncond is None:
-                uncond = params.text_uncond.unsqueeze(1).expand(-1, layers, -1, -1)
-            cond, uncond = _common_length(cond.to(params.text_cond.dtype), uncond.to(params.text_cond.dtype))
+                uncond = text_uncond.unsqueeze(1).expand(-1, layers, -1, -1)
+            cond, uncond = _common_length(cond.to(text_cond.dtype), uncond.to(text_cond.dtype))
             context = torch.cat([cond, uncond]).to(region.device)
         if self.unet_deltas:
             self.unet_deltas.set_masks(levels)
@@ -265,15 +282,19 @@ class GenerationJob:
         device = params.x.device
         regions = self.spec.regions
         global_weight = None
+        text_uncond = self.family.crossattn(params.text_uncond)
         if regions:
-            pos, neg = _common_length(self.encode_regions([r.text for r in regions]),
-                                      self.encode_regions([r.negative for r in regions]))
+            texts, negs = [r.text for r in regions], [r.negative for r in regions]
+            pos, neg = _common_length(self.encode_regions(texts), self.encode_regions(negs))  # [K, L, T, D]
             if any(self.spec.global_weights()):
                 global_weight = torch.tensor(self.spec.global_weights(), device=device)
-            region = torch.cat([pos.transpose(0, 1).unsqueeze(0).expand(n_cond, -1, -1, -1, -1),
-                                neg.transpose(0, 1).unsqueeze(0).expand(n_uncond, -1, -1, -1, -1)])
+            if not any(self.binder.concept_tokens_in(t) for t in texts + negs):
+                pos, neg = pos[:, 0], neg[:, 0]  # the same context at every layer: [K, T, D], no layer copies
+            else:
+                pos, neg = pos.transpose(0, 1), neg.transpose(0, 1)  # [L, K, T, D]
+            region = torch.cat([pos.unsqueeze(0).expand(n_cond, *pos.shape), neg.unsqueeze(0).expand(n_uncond, *neg.shape)])
         else:  # binding only: no region, all-zero weights make every layer plain attention
-            region = params.text_uncond.new_zeros(n_cond + n_uncond, 1, 1, params.text_uncond.shape[-1])
+            region = text_uncond.new_zeros(n_cond + n_uncond, 1, 1, text_uncond.shape[-1])
         levels = {size: m.to(device) for size, m in self._level_masks(width, height).items()}
         weights = [levels[size] for size in attention_sizes(width, height, self.family)]
         cond = uncond = None

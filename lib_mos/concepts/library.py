@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib_mos.concepts.concept import Concept, ConceptError
-from lib_mos.concepts.files import METADATA_KEY, read_concept, sha256_file, torch_load_weights
+from lib_mos.concepts.files import METADATA_KEY, family_of_file, read_concept, sha256_file, torch_load_weights
 from lib_mos.models.family import SD1, ModelFamily
 
 __all__ = ["LORA_SUFFIXES", "ConceptLibrary", "FoundConcepts", "LibraryEntry", "Scan", "lora_files", "lora_hash",
@@ -108,6 +108,7 @@ class ConceptLibrary:
         self._concepts: dict[Path, tuple[tuple[int, int], Concept]] = {}
         self._hashes: dict[Path, tuple[tuple[int, int], str]] = {}
         self._loras: dict[Path, tuple[tuple[int, int, str], Concept]] = {}
+        self._families: dict[Path, tuple[tuple[int, int], ModelFamily | None]] = {}
 
     def scan(self, folder: str | os.PathLike[str]) -> Scan:
         root = Path(folder)
@@ -153,6 +154,20 @@ class ConceptLibrary:
         cached = self._loras.get(path)
         if cached is None or cached[0] != key:
             cached = self._loras[path] = (key, read_concept(path, trigger="", family=family))
+        return cached[1]
+
+    def family(self, path: str | os.PathLike[str]) -> ModelFamily | None:
+        """The model family a LoRA file is for (`files.family_of_file`), once per file version;
+        None for a file that says it is for another model (SD2) or cannot be read."""
+        path = Path(path)
+        key = _stat_key(path)
+        cached = self._families.get(path)
+        if cached is None or cached[0] != key:
+            try:
+                family = family_of_file(path)
+            except ConceptError:
+                family = None
+            cached = self._families[path] = (key, family)
         return cached[1]
 
     def short_hash(self, path: str | os.PathLike[str]) -> str:

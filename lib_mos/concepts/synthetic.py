@@ -156,10 +156,10 @@ def random_lora_concept(model: sd1.SD1Model, kind: str = "locon", *, triggers: t
             return LoraFactor(parts["lora_down.weight"], parts["lora_up.weight"], float(parts["alpha"]) / r)
         return ModuleDelta.of("lora", parts)
 
-    return Concept(name=name or triggers[0].replace(" ", "-"), tokens=(), embeddings=torch.zeros(0, len(sd1.ATTN2_NAMES), 0),
+    return Concept(name=name or triggers[0].replace(" ", "-"), tokens=(), embeddings=torch.zeros(0, model.family.layers, 0),
                    unet_lora={n: change(model.unet.get_submodule(n)) for n in unet_names},
-                   text_lora={n: change(model.text_encoder.get_submodule(n)) for n in text_names},
-                   triggers=tuple(triggers))
+                   text_lora={n: change(model.text_root.get_submodule(n)) for n in text_names},
+                   triggers=tuple(triggers), family=model.family)
 
 
 def kohya_key_stem(kind: str, name: str) -> str:

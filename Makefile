@@ -42,9 +42,13 @@ test-compat: $(CSTAMP)
 	$(CVPY) -m pytest -q
 
 # The extension inside a real AUTOMATIC1111 v1.10.1 (see tests/realhost); skipped without MOS_WEBUI.
-.PHONY: test-realhost
+# The SDXL module needs about 17 GB of RAM for the host alone: it runs on its own.
+.PHONY: test-realhost test-realhost-sdxl
 test-realhost: setup
-	$(VPY) -m pytest -v -rA -s tests/realhost
+	$(VPY) -m pytest -v -rA -s tests/realhost/test_realhost.py
+
+test-realhost-sdxl: setup
+	$(VPY) -m pytest -v -rA -s tests/realhost/test_realhost_sdxl.py
 
 lint: setup
 	$(VPY) -m ruff check .

@@ -31,23 +31,49 @@ def checkpoint_file() -> Path:
     """The random SD1.5, written once and kept in $MOS_REALHOST_CACHE (default ~/.cache/lib_mos)."""
     from sd15_checkpoint import write_random_sd15
 
-    cache = Path(os.environ.get("MOS_REALHOST_CACHE") or Path.home() / ".cache" / "lib_mos" / "realhost")
-    path = cache / "sd15-random-seed0.safetensors"
+    path = _cache() / "sd15-random-seed0.safetensors"
     if not path.exists():
         write_random_sd15(path, seed=0)
     return path
 
 
+def _cache() -> Path:
+    return Path(os.environ.get("MOS_REALHOST_CACHE") or Path.home() / ".cache" / "lib_mos" / "realhost")
+
+
 @pytest.fixture(scope="session")
-def realhost(tmp_path_factory, checkpoint_file):
+def sdxl_checkpoint_file() -> Path:
+    """The random SDXL base (fp16, about 6.9 GB), written once and kept beside the SD1.5 one."""
+    from sd15_checkpoint import write_random_sdxl
+
+    path = _cache() / "sdxl-random-seed0.safetensors"
+    if not path.exists():
+        write_random_sdxl(path, seed=0)
+    return path
+
+
+def _running_host(tmp_path_factory, checkpoint: Path, name: str):
     webui = Path(os.environ["MOS_WEBUI"]).resolve()
     if not (webui / "launch.py").is_file():
         pytest.fail(f"MOS_WEBUI={webui} is not a WebUI folder (no launch.py)", pytrace=False)
     host = RealHost(webui, tmp_path_factory.mktemp("webui-data"))
-    host.prepare(checkpoint_file)
+    host.prepare(checkpoint, name)
     host.start()
     try:
         yield host
     finally:
         host.stop()
         print(f"\nreal host log: {host.log}")
+
+
+@pytest.fixture(scope="module")
+def realhost(tmp_path_factory, checkpoint_file):
+    """The WebUI with the random SD1.5, for one test module (a host with SDXL loaded takes about
+    17 GB on the CPU: two hosts never run at once)."""
+    yield from _running_host(tmp_path_factory, checkpoint_file, "sd15-random.safetensors")
+
+
+@pytest.fixture(scope="module")
+def realhost_xl(tmp_path_factory, sdxl_checkpoint_file):
+    """The WebUI with the random SDXL base as its only checkpoint."""
+    yield from _running_host(tmp_path_factory, sdxl_checkpoint_file, "sdxl-random.safetensors")

@@ -1,10 +1,13 @@
-"""A random-weight, full-size SD1.5 checkpoint in the WebUI's key layout, for the real-host suite
-(no SD weights can be downloaded here).
+"""Random-weight, full-size SD1.5 and SDXL checkpoints in the WebUI's key layout, for the real-host
+suite (no SD weights can be downloaded here).
 
-UNet and text encoder come from `lib_mos.models.sd1` (built on the meta device); the VAE has the layout
-of ldm's AutoencoderKL with the host's `configs/v1-inference.yaml` settings, so the host decodes
-real (if meaningless) pictures instead of a flat grey. Values come from `lib_mos.models.sd1._randomise`,
-module by module, streamed straight into the .safetensors file: peak memory is about one layer.
+UNet and text encoders come from `lib_mos.models.sd1` / `lib_mos.models.sdxl` (built on the meta
+device); the VAE has the layout of ldm's AutoencoderKL with the host's `configs/v1-inference.yaml`
+settings (SDXL's VAE has the same layout), so the host decodes real (if meaningless) pictures
+instead of a flat grey. Values come from `lib_mos.models.sd1._randomise`, module by module,
+streamed straight into the .safetensors file: peak memory is about one layer, except SDXL's bigG
+text encoder, which is filled whole and written in OpenCLIP's names (fused q/k/v:
+`lib_mos.models.sdxl.te2_to_openclip`), about 3 GB.
 """
 
 from __future__ import annotations
@@ -60,26 +63,37 @@ def _leaf_parameters(prefix: str, model: nn.Module) -> list[tuple[nn.Module, lis
     return out
 
 
-def write_random_sd15(path: str | os.PathLike[str], *, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
-    """Write the checkpoint (atomically); returns its path."""
-    path = Path(path)
-    skeleton = build_sd15_skeleton()
-    with torch.device("meta"):
-        vae = _Autoencoder()
-    plan = [leaf for prefix, model in ((UNET_PREFIX, skeleton.unet), (TEXT_PREFIX, skeleton.text_encoder),
-                                       (VAE_PREFIX, vae)) for leaf in _leaf_parameters(prefix, model)]
+Unit = tuple[nn.Module, list[tuple[str, str]]]  # a module owning parameters, [(file key, parameter name)]
+
+
+def _write(path: Path, units: list[Unit | tuple[nn.Module, str, object]], extra: dict[str, torch.Tensor],
+           metadata: dict[str, str], seed: int, dtype: torch.dtype) -> Path:
+    """Stream the units into a .safetensors file (atomically): each plain unit is filled by
+    `_randomise` and written; a (module, prefix, convert) unit is filled whole and written as
+    `convert(state)`, whose key order and shapes the header takes from the meta module."""
     st_dtype = {torch.float16: "F16", torch.float32: "F32"}[dtype]
     size = torch.empty((), dtype=dtype).element_size()
     header: dict[str, object] = {}
     offset = 0
-    for sub, keys in plan:
-        for key, name in keys:
-            n = getattr(sub, name).numel() * size
-            header[key] = {"dtype": st_dtype, "shape": list(getattr(sub, name).shape), "data_offsets": [offset, offset + n]}
-            offset += n
-    alphas = sd1_alphas_cumprod().float().contiguous()
-    header["alphas_cumprod"] = {"dtype": "F32", "shape": list(alphas.shape), "data_offsets": [offset, offset + alphas.numel() * 4]}
-    header["__metadata__"] = {CONFIG_METADATA_KEY: SD15.to_json(), "random_seed": str(seed)}
+
+    def add(key: str, shape: list[int], n_bytes: int, kind: str) -> None:
+        nonlocal offset
+        header[key] = {"dtype": kind, "shape": shape, "data_offsets": [offset, offset + n_bytes]}
+        offset += n_bytes
+
+    for unit in units:
+        if len(unit) == 3:
+            module, prefix, convert = unit
+            state = {k: v for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+            for key, value in convert(state).items():
+                add(prefix + key, list(value.shape), value.numel() * size, st_dtype)
+        else:
+            sub, keys = unit
+            for key, name in keys:
+                add(key, list(getattr(sub, name).shape), getattr(sub, name).numel() * size, st_dtype)
+    for key, value in extra.items():
+        add(key, list(value.shape), value.numel() * value.element_size(), "F32")
+    header["__metadata__"] = {**metadata, "random_seed": str(seed)}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     gen = torch.Generator().manual_seed(seed)
@@ -88,16 +102,53 @@ def write_random_sd15(path: str | os.PathLike[str], *, seed: int = 0, dtype: tor
     try:
         with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(blob)) + blob)
-            for sub, keys in plan:
+            for unit in units:
+                if len(unit) == 3:
+                    module, _, convert = unit
+                    module.to_empty(device="cpu")
+                    _randomise(module, gen)
+                    state = {k: v for k, v in module.state_dict().items() if not k.endswith("position_ids")}
+                    for value in convert(state).values():
+                        fh.write(value.detach().to(dtype).contiguous().numpy().tobytes())
+                    module.to_empty(device="meta")
+                    continue
+                sub, keys = unit
                 sub.to_empty(device="cpu", recurse=False)
                 _randomise(sub, gen)
                 for _, name in keys:
                     fh.write(getattr(sub, name).detach().to(dtype).contiguous().numpy().tobytes())
                 sub.to_empty(device="meta", recurse=False)
-            fh.write(alphas.numpy().tobytes())
+            for value in extra.values():
+                fh.write(value.float().contiguous().numpy().tobytes())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_random_sd15(path: str | os.PathLike[str], *, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the SD1.5 checkpoint (atomically); returns its path."""
+    skeleton = build_sd15_skeleton()
+    with torch.device("meta"):
+        vae = _Autoencoder()
+    units = [leaf for prefix, model in ((UNET_PREFIX, skeleton.unet), (TEXT_PREFIX, skeleton.text_encoder),
+                                        (VAE_PREFIX, vae)) for leaf in _leaf_parameters(prefix, model)]
+    return _write(Path(path), units, {"alphas_cumprod": sd1_alphas_cumprod()}, {CONFIG_METADATA_KEY: SD15.to_json()},
+                  seed, dtype)
+
+
+def write_random_sdxl(path: str | os.PathLike[str], *, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the SDXL base checkpoint (atomically); returns its path. About 6.9 GB in fp16."""
+    from lib_mos.models import sdxl
+
+    skeleton = sdxl.build_sdxl_skeleton()
+    te1, te2 = skeleton.text_encoders
+    with torch.device("meta"):
+        vae = _Autoencoder()
+    units: list = [*_leaf_parameters(sdxl.SDXL.unet_prefix, skeleton.unet),
+                   *_leaf_parameters(sdxl.TE1_PREFIX, te1),
+                   (te2, sdxl.TE2_PREFIX, sdxl.te2_to_openclip),
+                   *_leaf_parameters(VAE_PREFIX, vae)]
+    return _write(Path(path), units, {}, {sdxl.CONFIG_METADATA_KEY: skeleton.config.to_json()}, seed, dtype)

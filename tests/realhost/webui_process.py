@@ -55,15 +55,23 @@ class RealHost:
     def loras(self) -> Path:
         return self.data / "models" / "Lora"
 
-    def prepare(self, checkpoint: Path) -> None:
+    def prepare(self, checkpoint: Path, name: str = CHECKPOINT) -> None:
         for folder in (self.checkpoints, self.loras, self.extension.parent):
             folder.mkdir(parents=True, exist_ok=True)
         self.extension.symlink_to(ROOT, target_is_directory=True)
-        target = self.checkpoints / CHECKPOINT
+        target = self.checkpoints / name
         try:
             os.link(checkpoint, target)
         except OSError:
             shutil.copy(checkpoint, target)
+        # The live preview of an SDXL generation ("Approx NN") downloads vaeapprox-sdxl.pt on first
+        # use, which an offline machine cannot; the SD1 approximator has the same layout (4 latent
+        # channels in, RGB out), so it stands in, in this data folder only.
+        approx = self.webui / "models" / "VAE-approx" / "model.pt"
+        sdxl_approx = self.data / "models" / "VAE-approx" / "vaeapprox-sdxl.pt"
+        if approx.is_file() and not sdxl_approx.exists():
+            sdxl_approx.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(approx, sdxl_approx)
 
     # ----------------------------------------------------------------------------- process
     def start(self, timeout: float = 600) -> None:

@@ -1,0 +1,135 @@
+"""The extension in the real WebUI v1.10.1 with a random full-size SDXL base loaded, as a user drives
+it: region LoRAs (a kohya LoCon and a LyCORIS LoHa for SDXL, te1, te2 and UNet keys) through the
+API and the canvas, against the host's own Lora; an SD1 LoRA refused by name; the plain image
+identical before and after. The host needs about 17 GB of RAM on the CPU: run this module alone
+(`MOS_WEBUI=<webui> make test-realhost-sdxl`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import lora_layouts as layouts
+import numpy as np
+import pytest
+from webui_process import HostError, images, infotexts
+
+from lib_mos.models import sd1, sdxl
+
+PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
+STATE: dict = {}
+
+
+def pixels(result: dict) -> np.ndarray:
+    return np.asarray(images(result)[0].convert("RGB")).astype(int)
+
+
+def test_plain_image_before(realhost_xl):
+    start = time.perf_counter()
+    STATE["plain"] = pixels(realhost_xl.txt2img(**PLAIN))
+    print(f"SDXL plain 128x128, 2 steps: {time.perf_counter() - start:.1f} s; host RSS "
+          f"{realhost_xl.rss_bytes() / 2**30:.1f} GiB")
+    assert STATE["plain"].shape == (128, 128, 3)
+
+
+@pytest.fixture(scope="module")
+def loras(realhost_xl):
+    """SDXL LoRAs as users download them (random values): a kohya LoCon with the host's sidecar json,
+    a LyCORIS LoHa, both on a sample of every layer type of both text encoders and the UNet; and an
+    SD1 LoRA in the same folder."""
+    skeleton = sdxl.build_sdxl_skeleton()
+    hero = layouts.kohya_locon(skeleton, few=True, seed=1).save(realhost_xl.loras, "hero-xl")
+    layouts.write_sidecar(hero, "ohwx man")
+    layouts.loha(skeleton, few=True, seed=2).save(realhost_xl.loras, "bird-xl")
+    layouts.kohya_lora(sd1.build_sd15_skeleton(), few=True).save(realhost_xl.loras, "old-sd1")
+    realhost_xl.post("/sdapi/v1/refresh-loras")
+    return realhost_xl.loras
+
+
+def whole(**region) -> list[str]:
+    return [json.dumps({"regions": [{"prompt": "a photo of ohwx man", "negative": "dark", "box": [0, 0, 1, 1],
+                                     "units": "fraction", **region}]})]
+
+
+COMMON = dict(negative_prompt="dark", seed=5, script_name="mix-of-show")
+
+
+def test_the_lora_route_lists_the_loaded_familys_files(realhost_xl, loras):
+    listing = realhost_xl.get("/mix-of-show/loras")
+    print("route:", listing)
+    names = {e["name"] for e in listing["loras"]}
+    assert listing["family"] == "sdxl" and {"hero-xl", "bird-xl"} <= names and "old-sd1" not in names
+
+
+def test_a_whole_image_region_lora_is_the_hosts_own_lora(realhost_xl, loras):
+    ours = realhost_xl.txt2img("a photo of ohwx man", script_args=whole(loras=[{"name": "hero-xl"}]), **COMMON)
+    hosts = realhost_xl.txt2img("<lora:hero-xl:1> a photo of ohwx man", script_args=whole(), **COMMON)
+    plain = realhost_xl.txt2img("a photo of ohwx man", script_args=whole(), **COMMON)
+    info = infotexts(ours)[0]
+    print("region LoRA infotext:", info)
+    print("host's <lora:hero-xl:1> infotext:", infotexts(hosts)[0])
+    assert 'Mix-of-Show region LoRAs: "region 0: hero-xl 1"' in info
+    assert "Networks with errors" not in infotexts(hosts)[0]
+    diff = np.abs(pixels(ours) - pixels(hosts)).max()
+    effect = np.abs(pixels(plain) - pixels(hosts)).max()
+    print(f"SDXL whole-image region LoRA vs the host's <lora:hero-xl:1>: max pixel difference {diff}; "
+          f"the LoRA's own effect {effect}")
+    assert diff <= 2 and effect > 10
+    zero = realhost_xl.txt2img("a photo of ohwx man", script_args=whole(loras=[{"name": "hero-xl", "weight": 0}]),
+                               **COMMON)
+    assert np.array_equal(pixels(zero), pixels(plain))
+
+
+def test_two_regions_each_change_their_own_side_most(realhost_xl, loras):
+    two = {"regions": [{"prompt": "a photo of ohwx man", "box": [0, 0, 1, 0.5], "units": "fraction"},
+                       {"prompt": "a photo of zkq bird", "box": [0, 0.5, 1, 1], "units": "fraction"}]}
+    for label, region, name in (("LoCon left", 0, "hero-xl"), ("LoHa right", 1, "bird-xl")):
+        spec = json.loads(json.dumps(two))
+        spec["regions"][region]["loras"] = [{"name": name}]
+        start = time.perf_counter()
+        with_lora = pixels(realhost_xl.txt2img("two friends", script_args=[json.dumps(spec)], **COMMON))
+        seconds = time.perf_counter() - start
+        without = pixels(realhost_xl.txt2img("two friends", script_args=[json.dumps(two)], **COMMON))
+        change = np.abs(with_lora - without).mean(axis=(0, 2))  # per column
+        own, other = (change[:64].mean(), change[64:].mean()) if region == 0 else (change[64:].mean(), change[:64].mean())
+        print(f"{label} ({name}): mean pixel change on its own side {own:.2f}, on the other side {other:.2f} "
+              f"({seconds:.1f} s with the LoRA)")
+        assert own > other
+
+
+def test_an_sd1_lora_in_a_region_is_refused_naming_it(realhost_xl, loras):
+    with pytest.raises(HostError) as exc:
+        realhost_xl.txt2img("a cat", script_args=whole(loras=[{"name": "old-sd1"}]), **COMMON)
+    print("SD1 LoRA on SDXL:", exc.value.body[:400])
+    assert exc.value.status == 500 and "old-sd1.safetensors" in exc.value.body
+    assert "this is an SDXL model" in exc.value.body
+
+
+def test_the_canvas_picker_offers_sdxl_loras_only(realhost_xl, loras):
+    from browser import Browser, choose_script
+
+    with Browser() as browser:
+        page = browser.page
+        page.goto(realhost_xl.url, timeout=120_000)
+        choose_script(page, "Mix-of-Show")
+        page.click(".mos-canvas button:has-text('+ Region')", timeout=60_000)
+        page.click(".mos-region[data-index='0'] .mos-lora-add")
+        page.wait_for_selector(".mos-region[data-index='0'] .mos-lora-option[data-name='hero-xl']", timeout=60_000)
+        offered = page.evaluate("() => [...gradioApp().querySelectorAll(\".mos-region[data-index='0'] "
+                                ".mos-lora-option\")].map(e => e.dataset.name)")
+        print("picker offers:", offered)
+        assert "old-sd1" not in offered and "bird-xl" in offered
+        page.click(".mos-region[data-index='0'] .mos-lora-option[data-name='bird-xl']")
+        page.wait_for_function("() => gradioApp().querySelector('#script_mixofshow_regions textarea').value"
+                               ".includes('bird-xl')", timeout=30_000)
+        spec = json.loads(page.evaluate("() => gradioApp().querySelector('#script_mixofshow_regions textarea').value"))
+        print("canvas JSON:", spec)
+        assert spec["regions"][0]["loras"] == [{"name": "bird-xl", "weight": 1}]
+        assert not browser.errors, browser.errors
+
+
+def test_plain_image_after_everything_is_identical(realhost_xl):
+    after = pixels(realhost_xl.txt2img(**PLAIN))
+    print(f"plain image before vs after: max pixel difference {np.abs(after - STATE['plain']).max()}")
+    assert np.array_equal(after, STATE["plain"])

@@ -93,7 +93,7 @@ def save_torch_file(obj: Any, path: str | os.PathLike[str], *, style: str = "cur
 # ------------------------------------------------------------------ trigger-word LoRAs (kohya, LyCORIS)
 LORA_KINDS = ("lora", "locon", "loha")  # kohya LoRA, kohya LoCon (conv_dim), LyCORIS LoHa
 _TRANSFORMER_LAYER = re.compile(
-    r".*\.transformer_blocks\.0\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
+    r".*\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2)"
     r"|.*\.1\.proj_(in|out)")
 _RESNET_CONV = re.compile(r"(input_blocks\.\d+\.0|middle_block\.[02]|output_blocks\.\d+\.0)\.(in_layers\.2|out_layers\.3)")
 
@@ -107,8 +107,8 @@ def lora_layer_names(model: sd1.SD1Model, kind: str = "locon") -> tuple[list[str
         raise ValueError(f"kind must be one of {', '.join(LORA_KINDS)}, got {kind!r}")
     unet = [n for n, m in model.unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
             and (_TRANSFORMER_LAYER.fullmatch(n) or (kind != "lora" and _RESNET_CONV.fullmatch(n)))]
-    text = [n for n, m in model.text_encoder.named_modules() if isinstance(m, nn.Linear)
-            and n.startswith("text_model.encoder.layers.")]
+    text = [n for n, m in model.text_root.named_modules() if isinstance(m, nn.Linear)
+            and re.match(r"(\d\.)?text_model\.encoder\.layers\.", n)]
     return unet, text
 
 

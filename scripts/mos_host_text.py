@@ -105,7 +105,9 @@ class HostTextRoot(nn.Module):
                 change = layer_change(delta, weight).to(weight.dtype) * lora.weight
                 parts = fused.setdefault(attention, {})
                 parts[which] = parts[which] + change if which in parts else change
-                bias = delta.bias_delta()
+                # as the host's Lora: of a fused attention's changes only out's bias change is applied
+                # (it keeps q/k/v's updown and drops their bias: `updown_q, _ = module_q.calc_updown(qw)`)
+                bias = delta.bias_delta() if which == "out" else None
                 if bias is not None:
                     key = which + ".bias"
                     bias = bias.to(weight.device, weight.dtype) * lora.weight
@@ -118,7 +120,7 @@ class HostTextRoot(nn.Module):
             parts = fused[attention]
             saved = swapped[attention] = {}
             d = attention.embed_dim
-            in_w, in_b = attention.in_proj_weight, attention.in_proj_bias
+            in_w = attention.in_proj_weight
             if any(p in parts for p in _FUSED_ROWS):
                 saved["in_proj_weight"] = in_w.data
                 changed = in_w.data.clone()
@@ -126,13 +128,6 @@ class HostTextRoot(nn.Module):
                     if which in parts:
                         changed[index * d:(index + 1) * d] += parts[which]
                 in_w.data = changed
-            if in_b is not None and any(p + ".bias" in parts for p in _FUSED_ROWS):
-                saved["in_proj_bias"] = in_b.data
-                changed = in_b.data.clone()
-                for which, index in _FUSED_ROWS.items():
-                    if which + ".bias" in parts:
-                        changed[index * d:(index + 1) * d] += parts[which + ".bias"]
-                in_b.data = changed
             if "out" in parts:
                 saved["out_proj.weight"] = attention.out_proj.weight.data
                 attention.out_proj.weight.data = attention.out_proj.weight.data + parts["out"]

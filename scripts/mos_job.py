@@ -254,7 +254,7 @@ class GenerationJob:
         key = (n_cond, n_uncond, width, height, prompts, negatives)
         if key not in self.plans:
             self.plans = {key: self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)}
-        region, weights, levels, cond, uncond, global_weight = self.plans[key]
+        region, rows, weights, levels, cond, uncond, global_weight = self.plans[key]
         context = None
         if cond is not None or uncond is not None:  # the host's own rows change with prompt editing
             layers = self.binder.layers
@@ -266,7 +266,7 @@ class GenerationJob:
             context = torch.cat([cond, uncond]).to(region.device)
         if self.unet_deltas:
             self.unet_deltas.set_masks(levels)
-        self.processor.set_step(region, weights, context, global_weight)
+        self.processor.set_step(region, weights, context, global_weight, rows)
 
     def _level_masks(self, width: int, height: int) -> dict[tuple[int, int], torch.Tensor]:
         """Region masks at every UNet level for this size (px boxes refer to the first pass)."""
@@ -292,9 +292,12 @@ class GenerationJob:
                 pos, neg = pos[:, 0], neg[:, 0]  # the same context at every layer: [K, T, D], no layer copies
             else:
                 pos, neg = pos.transpose(0, 1), neg.transpose(0, 1)  # [L, K, T, D]
-            region = torch.cat([pos.unsqueeze(0).expand(n_cond, *pos.shape), neg.unsqueeze(0).expand(n_uncond, *neg.shape)])
+            # the distinct region contexts, [2, (L,) K, T, D]: every cond row uses 0, every uncond row 1
+            region = torch.stack([pos, neg])
+            rows = torch.tensor([0] * n_cond + [1] * n_uncond, device=device)
         else:  # binding only: no region, all-zero weights make every layer plain attention
-            region = text_uncond.new_zeros(n_cond + n_uncond, 1, 1, text_uncond.shape[-1])
+            region = text_uncond.new_zeros(1, 1, 1, text_uncond.shape[-1])
+            rows = torch.zeros(n_cond + n_uncond, dtype=torch.long, device=device)
         levels = {size: m.to(device) for size, m in self._level_masks(width, height).items()}
         weights = [levels[size] for size in attention_sizes(width, height, self.family)]
         cond = uncond = None
@@ -304,7 +307,7 @@ class GenerationJob:
             cond = self.encode(list(prompts)).to(device)  # [B, L, T, D]
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in negatives):
             uncond = self.encode(list(negatives)).to(device)
-        return region.to(device), weights, levels, cond, uncond, global_weight
+        return region.to(device), rows, weights, levels, cond, uncond, global_weight
 
 
 def job_of(p) -> GenerationJob | None:

@@ -249,3 +249,48 @@ def test_batched_equals_loop_at_sd15_layer0_size():
     masks = masks.flatten(2)
     torch.testing.assert_close(regional_attention(module, x, context, region_context, masks),
                                authors_loop(module, x, context, region_context, masks), rtol=1e-4, atol=1e-4)
+
+
+def test_region_keys_and_values_are_projected_once_per_plan(unet, monkeypatch):
+    """Sampling projects each distinct region context once per layer, not once per step or per row:
+    a second UNet call with the same plan projects nothing, distinct contexts picked by `rows`
+    give what per-row contexts give, and a weight changed in place (the host's Lora) is seen."""
+    from lib_mos.regional import attention as regional
+
+    calls = []
+    original = regional.region_keys_values
+
+    def counting(module, region_context, context_delta=None):
+        calls.append(region_context.shape[0])
+        return original(module, region_context, context_delta)
+
+    monkeypatch.setattr(regional, "region_keys_values", counting)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 4, 8, 8, generator=gen)
+    context = torch.randn(4, 77, 32, generator=gen)
+    distinct = torch.randn(2, 3, 77, 32, generator=gen)  # [cond set, uncond set]
+    rows = torch.tensor([0, 0, 1, 1])
+    masks = regions.layer_masks(regions.RegionSpec.from_json(
+        "[a]-*-[]-*-[0, 0, 64, 32]|[b]-*-[]-*-[0, 32, 64, 64]|[c]-*-[]-*-[16, 16, 48, 48]"), 64, 64)
+    proc = RegionalContext()
+    proc.set_rows(distinct, masks, rows=rows)
+    first = run_unet(unet, x, context, proc)
+    active = sum(proc._active)  # layers where some region has cells (at 1x1 the boxes vanish)
+    assert active >= 14 and calls == [2] * active  # each layer projects the two distinct contexts once
+    second = run_unet(unet, x, context, proc)
+    assert calls == [2] * active and torch.equal(first, second)
+    per_row = run_unet(unet, x, context, RegionalContext(distinct[rows], masks))
+    torch.testing.assert_close(first, per_row, rtol=1e-5, atol=1e-5)
+    to_k = attn2_modules(unet)[5][1].to_k.weight
+    saved = to_k.detach().clone()
+    calls.clear()
+    try:
+        with torch.no_grad():
+            to_k.mul_(1.5)  # in place, as the host's Lora changes weights
+        changed = run_unet(unet, x, context, proc)
+        assert calls == [2] and (changed - first).abs().max() > 1e-4  # that layer only
+    finally:
+        with torch.no_grad():
+            to_k.copy_(saved)
+    proc.clear_rows()
+    assert not proc._kv

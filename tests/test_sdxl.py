@@ -142,7 +142,7 @@ def test_checkpoint_round_trip_in_the_host_layout(tiny, tmp_path):
         keys = set(handle.keys())
         in_proj = handle.get_tensor("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight")
         projection = handle.get_tensor("conditioner.embedders.1.model.text_projection")
-    te1, te2 = tiny.text_encoders
+    _, te2 = tiny.text_encoders
     w = tiny.config.te2_width
     assert in_proj.shape == (3 * w, w)
     torch.testing.assert_close(in_proj[w:2 * w], te2.text_model.encoder.layers[0].self_attn.k_proj.weight)

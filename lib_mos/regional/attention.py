@@ -44,6 +44,19 @@ def region_blend_weights(region_weight: torch.Tensor, global_weight: torch.Tenso
 ContextDelta = Callable[[nn.Module, torch.Tensor], "torch.Tensor | None"]
 
 
+def region_keys_values(module: nn.Module, region_context: torch.Tensor, context_delta: ContextDelta | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_k / to_v of every region's context [B, K, Tr, D] -> two [B, K, Tr, inner], each region's
+    LoRA change (`context_delta`) applied to its own context only."""
+    kk, vv = module.to_k(region_context), module.to_v(region_context)
+    if context_delta is not None:
+        for projection, projected in ((module.to_k, kk), (module.to_v, vv)):
+            change = context_delta(projection, region_context)
+            if change is not None:
+                projected += change.to(projected.dtype)
+    return kk, vv
+
+
 def regional_attention(
     module: nn.Module,
     x: torch.Tensor,
@@ -52,6 +65,7 @@ def regional_attention(
     region_weight: torch.Tensor,
     global_weight: torch.Tensor | None = None,
     context_delta: ContextDelta | None = None,
+    region_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Cross-attention of `x` [B, N, C] over the global `context` [B, T, D] and, per region k, over
     `region_context[:, k]` ([B, K, Tr, D]), blended by the masks `region_weight` [B, K, N] (see
@@ -60,15 +74,17 @@ def regional_attention(
 
     `context_delta(projection, region_context)` -> [B, K, Tr, out] or None adds region LoRAs'
     changes of to_k / to_v, region k's on region k's context only (`region_loras.RegionDeltas`).
+    `region_kv`: the regions' keys and values already projected (`region_keys_values`), which a
+    caller keeps across denoising steps, since the region prompts do not change.
 
     to_q runs once; the global (when T == Tr) and all K region attentions are one batched
     scaled_dot_product_attention call; the blend happens before to_out so that runs once too.
     """
     b, n, _ = x.shape
-    k = region_context.shape[1]
+    rows, k, tr = (region_kv[0] if region_kv is not None else region_context).shape[:3]
     if k == 0:
         return attend(module, x, context)
-    if region_context.shape[0] != b or region_weight.shape != (b, k, n) or context.shape[0] != b:
+    if rows != b or region_weight.shape != (b, k, n) or context.shape[0] != b:
         raise ValueError(
             f"regional attention: x {tuple(x.shape)}, context {tuple(context.shape)}, region context "
             f"{tuple(region_context.shape)} and weights {tuple(region_weight.shape)} do not line up "
@@ -79,20 +95,16 @@ def regional_attention(
     inner = q.shape[-1]
     q = _heads(q, h)  # [B, h, N, d]
     w_global, w_regions = region_blend_weights(region_weight, global_weight)
-    fold = context.shape[1] == region_context.shape[2]
+    rk, rv = region_kv if region_kv is not None else region_keys_values(
+        module, region_context.to(context.dtype), context_delta)  # [B, K, Tr, inner]
+    fold = context.shape[1] == tr
     if fold:  # the global context is slot 0 of the same batched call
-        keys = torch.cat([context.unsqueeze(1), region_context.to(context.dtype)], 1)
+        kk = torch.cat([module.to_k(context).unsqueeze(1), rk.to(q.dtype)], 1)
+        vv = torch.cat([module.to_v(context).unsqueeze(1), rv.to(q.dtype)], 1)
         weights = torch.cat([w_global.unsqueeze(1), w_regions], 1)
     else:
-        keys, weights = region_context.to(context.dtype), w_regions
-    s = keys.shape[1]
-    kk, vv = module.to_k(keys), module.to_v(keys)  # [B, S, T, inner]
-    if context_delta is not None:
-        first = s - k  # the region slots (after the global one when folded)
-        for projection, projected in ((module.to_k, kk), (module.to_v, vv)):
-            change = context_delta(projection, keys[:, first:])
-            if change is not None:
-                projected[:, first:] += change.to(projected.dtype)
+        kk, vv, weights = rk.to(q.dtype), rv.to(q.dtype), w_regions
+    s = kk.shape[1]
     kk, vv = _heads(kk, h), _heads(vv, h)  # [B, S, h, T, d]
     qq = q.unsqueeze(1).expand(b, s, *q.shape[1:]).reshape(b * s, *q.shape[1:])
     out = F.scaled_dot_product_attention(qq, kk.flatten(0, 1), vv.flatten(0, 1)).view(b, s, *q.shape[1:])
@@ -115,7 +127,9 @@ class RegionalContext:
 
     - region_context: [B, K, Tr, D], or layer-wise [B, L, K, Tr, D] (layer l uses [:, l]), the
       region prompts of each row (cond rows: region prompts; uncond rows: region negatives). Rows
-      with fewer regions than K pad with anything and give those slots zero weight.
+      with fewer regions than K pad with anything and give those slots zero weight. With `rows`
+      ([B] indices), region_context holds only the distinct contexts [U, ...] and row b uses
+      region_context[rows[b]] (a batch of images shares one set of region prompts and negatives).
     - weights: one tensor per attn2 layer (SD1 order), [B, K, N_l] masks in [0, 1] at that
       layer's resolution (`regions.layer_masks`), or [K, N_l] shared by all rows.
     - context: optional [B, T, D] or [B, L, T, D] replacing the UNet call's own context (e.g. the
@@ -123,6 +137,11 @@ class RegionalContext:
     - global_weight: optional [K], each region's share of the global prompt inside it.
 
     `context_delta` (attribute) adds region LoRAs' to_k / to_v changes (see `regional_attention`).
+
+    The regions' keys and values (to_k / to_v of the distinct region contexts, LoRA changes
+    included) are kept per layer while the plan's region_context, the projection weights (also
+    their in-place version) and `context_delta` stay the same: sampling projects each region
+    prompt once per layer, not once per step (outside autograd only). `clear_rows` drops them.
 
     A call whose batch or resolution does not match the plan raises, never broadcasts silently.
     """
@@ -134,7 +153,9 @@ class RegionalContext:
         context: torch.Tensor | None = None,
     ) -> None:
         self._plan: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None] | None = None
+        self._rows: torch.Tensor | None = None
         self._active: list[bool] = []
+        self._kv: dict[int, tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.global_weight: torch.Tensor | None = None
         self.context_delta: ContextDelta | None = None
         if region_context is not None or weights is not None:
@@ -148,6 +169,7 @@ class RegionalContext:
         weights: Sequence[torch.Tensor],
         context: torch.Tensor | None = None,
         global_weight: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> None:
         """Install the row plan for the next UNet call(s); see the class docstring for shapes."""
         if region_context.dim() not in (4, 5):
@@ -157,7 +179,9 @@ class RegionalContext:
             raise ValueError(f"layer-wise region_context has {region_context.shape[1]} layers, weights {layers}")
         if context is not None and context.dim() == 4 and context.shape[1] != layers:
             raise ValueError(f"layer-wise context has {context.shape[1]} layers, weights {layers}")
-        b, k = region_context.shape[0], region_context.shape[-3]
+        if rows is not None and (rows.dim() != 1 or (len(rows) and int(rows.max()) >= region_context.shape[0])):
+            raise ValueError(f"rows {tuple(rows.shape)} must index the {region_context.shape[0]} region contexts")
+        b, k = (len(rows) if rows is not None else region_context.shape[0]), region_context.shape[-3]
         plan = []
         for layer, w in enumerate(weights):
             if w.dim() == 2:
@@ -170,13 +194,32 @@ class RegionalContext:
         if global_weight is not None and tuple(global_weight.shape) != (k,):
             raise ValueError(f"global_weight {tuple(global_weight.shape)} does not match {k} regions")
         self._plan = (region_context, plan, context)
+        self._rows = rows
         self.global_weight = global_weight if global_weight is not None and bool(global_weight.any()) else None
         self._active = [k > 0 and bool(w.any()) for w in plan]  # all-zero layer: plain attention
 
     def clear_rows(self) -> None:
         """Forget the plan, so a UNet call nobody planned for fails instead of reusing stale rows."""
         self._plan = None
+        self._rows = None
         self._active = []
+        self._kv = {}
+
+    def _region_kv(self, module: nn.Module, layer: int, region_context: torch.Tensor, like: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct region contexts' keys and values at this layer, kept while nothing they
+        depend on changes (see the class docstring). The kept entry holds region_context, so its
+        memory cannot be reused by another tensor with the same address."""
+        if torch.is_grad_enabled() and module.to_k.weight.requires_grad:
+            return region_keys_values(module, region_context.to(like.device, like.dtype), self.context_delta)
+        key = (region_context.data_ptr(), tuple(region_context.shape), region_context.stride(), like.dtype,
+               like.device, id(self.context_delta),
+               *((w.data_ptr(), w._version) for w in (module.to_k.weight, module.to_v.weight)))
+        kept = self._kv.get(layer)
+        if kept is None or kept[0] != key:
+            kk, vv = region_keys_values(module, region_context.to(like.device, like.dtype), self.context_delta)
+            kept = self._kv[layer] = (key, region_context, kk, vv)
+        return kept[2], kept[3]
 
     def __call__(self, module: nn.Module, layer: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if self._plan is None:
@@ -198,9 +241,13 @@ class RegionalContext:
             return attend(module, x, context.to(x.device, x.dtype))
         if region_context.dim() == 5:
             region_context = region_context[:, layer]
+        kk, vv = self._region_kv(module, layer, region_context, x)
+        if self._rows is not None:
+            rows = self._rows.to(kk.device)
+            kk, vv = kk.index_select(0, rows), vv.index_select(0, rows)
         return regional_attention(
-            module, x, context.to(x.device, x.dtype), region_context.to(x.device, x.dtype), w.to(x.device),
-            self.global_weight, self.context_delta,
+            module, x, context.to(x.device, x.dtype), region_context, w.to(x.device),
+            self.global_weight, region_kv=(kk, vv),
         )
 
 
@@ -218,21 +265,26 @@ class SteppedRegionalContext:
     def __init__(self) -> None:
         self.inner = RegionalContext()
         self._step: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None] | None = None
+        self._rows: torch.Tensor | None = None
         self._global_weight: torch.Tensor | None = None
         self._cursor = 0
         self.error: BaseException | None = None  # raised at the next call (hosts swallow callback errors)
 
     def set_step(self, region_context: torch.Tensor, weights: Sequence[torch.Tensor],
-                 context: torch.Tensor | None = None, global_weight: torch.Tensor | None = None) -> None:
-        """Rows of the whole step: region_context [R, (L,) K, Tr, D], weights per layer [R, K, N_l]
-        or [K, N_l], optional context [R, (L,) T, D] replacing the call's own, optional [K] shares
-        of the global prompt inside the regions."""
+                 context: torch.Tensor | None = None, global_weight: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> None:
+        """Rows of the whole step: region_context [R, (L,) K, Tr, D] (or its distinct contexts [U, ...]
+        with `rows` [R] saying which each row uses), weights per layer [R, K, N_l] or [K, N_l],
+        optional context [R, (L,) T, D] replacing the call's own, optional [K] shares of the global
+        prompt inside the regions."""
         self._step = (region_context, list(weights), context)
+        self._rows = rows
         self._global_weight = global_weight
         self._cursor = 0
 
     def clear(self) -> None:
         self._step = None
+        self._rows = None
         self._cursor = 0
         self.inner.clear_rows()
 
@@ -243,10 +295,15 @@ class SteppedRegionalContext:
             if self._step is None:
                 raise RuntimeError("SteppedRegionalContext: no plan for this denoising step")
             region_context, weights, override = self._step
+            total = len(self._rows) if self._rows is not None else region_context.shape[0]
             a, b = self._cursor, self._cursor + x.shape[0]
-            if b > region_context.shape[0]:
-                raise RuntimeError(f"the UNet call needs rows {a}:{b} but the step has {region_context.shape[0]}")
+            if b > total:
+                raise RuntimeError(f"the UNet call needs rows {a}:{b} but the step has {total}")
             self._cursor = b
-            self.inner.set_rows(region_context[a:b], [w[a:b] if w.dim() == 3 else w for w in weights],
-                                None if override is None else override[a:b], self._global_weight)
+            if self._rows is None:
+                region_context, rows = region_context[a:b], None
+            else:
+                rows = self._rows[a:b]
+            self.inner.set_rows(region_context, [w[a:b] if w.dim() == 3 else w for w in weights],
+                                None if override is None else override[a:b], self._global_weight, rows)
         return self.inner(module, layer, x, context)

@@ -1,0 +1,202 @@
+"""The Mix-of-Show script on an SDXL checkpoint in the host double (sgm attention, two text
+encoders, dict conditioning): regions map to the right rows in every batching mode, a whole-image
+region with a LoRA samples what the host's own Lora samples, the wrong family's LoRA is refused
+before sampling, and nothing stays hooked or changed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lora_layouts as layouts
+import pytest
+import torch
+from test_region_loras_in_host import latents, relative
+from test_regional_script import LONG, MODES
+
+from lib_mos.models import sd1, sdxl
+from lib_mos.models.family import SDXL, attn2_modules
+
+WITH_EXTENSION = True
+PROMPT, NEGATIVE = "a photo of a cat", "blurry"
+WHOLE_BOX = {"box": [0, 0, 1, 1], "units": "fraction"}
+
+
+def whole(prompt: str = PROMPT, negative: str = NEGATIVE, **region) -> str:
+    return json.dumps({"regions": [{"prompt": prompt, "negative": negative, **WHOLE_BOX, **region}]})
+
+
+def lora_dir() -> Path:
+    from modules import shared
+
+    return Path(shared.cmd_opts.lora_dir)
+
+
+def untouched(host) -> bool:
+    """No hook, no instance forward, on the UNet and both text encoders."""
+    model = host.model
+    modules = [*model.model.diffusion_model.modules(), *model.conditioner.modules()]
+    return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ for m in modules)
+
+
+def run(host, spec: str, prompt: str = PROMPT, negative: str = NEGATIVE, **fields):
+    fields.setdefault("steps", 3)
+    fields.setdefault("seed", 5)
+    return host.txt2img(prompt, negative, script_args=host.script_args("Mix-of-Show", spec), **fields)
+
+
+def set_mode(mode: str) -> tuple[dict, bool]:
+    from modules import shared
+
+    options, fields = MODES[mode]
+    fields = dict(fields)
+    long = fields.pop("long", False)
+    for k, v in options.items():
+        setattr(shared.opts, k, v)
+    return fields, long
+
+
+@pytest.fixture
+def xl_model(tiny_sdxl_checkpoint) -> sdxl.SDXLModel:
+    return sdxl.load_checkpoint(tiny_sdxl_checkpoint)
+
+
+def without_te2(lora: layouts.LoraFile) -> layouts.LoraFile:
+    return layouts.LoraFile({k: v for k, v in lora.tensors.items() if not k.startswith("lora_te2_")}, lora.metadata)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_whole_image_region_sets_the_context_and_the_vector_stays_the_main_prompts(host_xl, mode):
+    """A whole-image region "a red dog" / "dark" under the main prompt and negative samples as the
+    host does when, at every step, its cond rows' cross-attention context is replaced by its own
+    encoding of "a red dog" and its uncond rows' by "dark", the pooled/size vectors left as the
+    main prompt's and negative's. A negative on a cond row, a region on the wrong pass, or the
+    region's vector instead of the main one would not match."""
+    from modules import prompt_parser, script_callbacks, shared
+
+    fields, long = set_mode(mode)
+    prompt = LONG if long else PROMPT
+    common = dict(batch_size=2, width=64, height=96, **fields)
+    regional = run(host_xl, whole("a red dog", "dark"), prompt, NEGATIVE, **common)
+    region, negative = (shared.sd_model.get_learned_conditioning([text])["crossattn"] for text in ("a red dog", "dark"))
+    swap = {"on": True}
+
+    def with_region_context(params) -> None:
+        if not swap["on"]:
+            return
+        for field, context in (("text_cond", region), ("text_uncond", negative)):
+            cond = getattr(params, field)
+            rows = cond["crossattn"].shape[0]
+            setattr(params, field, prompt_parser.DictWithShape(
+                {"crossattn": context.expand(rows, -1, -1), "vector": cond["vector"]}))
+
+    script_callbacks.on_cfg_denoiser(with_region_context)
+    try:
+        alone = run(host_xl, json.dumps({"regions": []}), prompt, NEGATIVE, **common)
+    finally:
+        swap["on"] = False
+    assert relative(latents(regional), latents(alone)) < 1e-5
+    plain = run(host_xl, json.dumps({"regions": []}), prompt, NEGATIVE, **common)
+    assert relative(latents(regional), latents(plain)) > 1e-2
+    assert untouched(host_xl)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_whole_image_region_lora_samples_as_the_hosts_own_lora(host_xl, xl_model, mode):
+    """A kohya LoCon on the UNet (every layer type) and CLIP-L: once the region's (our hooks), once
+    the host's `<lora:x:1>` in the main prompt (weights merged by the built-in Lora)."""
+    without_te2(layouts.kohya_locon(xl_model, dtype=torch.float32, seed=7)).save(lora_dir(), "x")
+    fields, long = set_mode(mode)
+    prompt = ", ".join([PROMPT] * 12) if long else PROMPT
+    common = dict(batch_size=2, width=64, height=72, **fields)
+    ours = run(host_xl, whole(prompt, loras=[{"name": "x", "weight": 1}]), prompt, **common)
+    hosts = run(host_xl, whole(prompt), f"{prompt} <lora:x:1>", **common)
+    plain = run(host_xl, whole(prompt), prompt, **common)
+    assert relative(latents(hosts), latents(plain)) > 1e-2
+    assert relative(latents(ours), latents(hosts)) < 1e-5
+    assert untouched(host_xl)
+
+
+@pytest.mark.parametrize("kind", ["LoHa", "full", "LoKr", "DoRA"])
+def test_every_kind_with_both_text_encoders_in_a_region(host_xl, xl_model, kind):
+    """LyCORIS files over every layer type, CLIP-L and bigG (te2's fused attention) included: the
+    region's context is its prompt encoded with the LoRA, as the host's Lora encodes it (checked
+    on the encoder itself), and the sampled image equals the host's Lora but for the pooled vector,
+    which stays the main prompt's without region LoRAs."""
+    from modules import script_callbacks, scripts
+
+    build = {"LoHa": layouts.loha, "full": layouts.full, "LoKr": layouts.lokr, "DoRA": layouts.dora}[kind]
+    build(xl_model, few=True).save(lora_dir(), "y")
+    module = next(d.module for d in scripts.scripts_data if d.script_class.__name__ == "MixOfShowScript")
+    encodings: dict[tuple[str, ...], torch.Tensor] = {}
+    original = module.mos_job.GenerationJob.encode_regions
+
+    def spy(self, texts):
+        encodings[tuple(texts)] = out = original(self, texts)
+        return out
+
+    module.mos_job.GenerationJob.encode_regions = spy
+    try:
+        ours = run(host_xl, whole(loras=[{"name": "y"}]), width=64, height=72)
+    finally:
+        module.mos_job.GenerationJob.encode_regions = original
+    host_conds = []
+    script_callbacks.on_cfg_denoiser(lambda params: host_conds.append(params.text_cond["crossattn"].clone()))
+    hosts = run(host_xl, json.dumps({"regions": []}), f"{PROMPT} <lora:y:1>", width=64, height=72)
+    # the region's context is the host's own encoding of that prompt with the LoRA merged
+    assert relative(encodings[(PROMPT,)][0, 0], host_conds[0][0]) < 1e-5
+    plain = run(host_xl, json.dumps({"regions": []}), width=64, height=72)
+    assert relative(latents(hosts), latents(plain)) > 1e-2
+    assert relative(latents(ours), latents(plain)) > 1e-2
+    assert untouched(host_xl)
+
+
+def test_weight_zero_is_bit_identical_and_weights_come_back(host_xl, xl_model):
+    layouts.kohya_lora(xl_model, dtype=torch.float32, seed=3).save(lora_dir(), "z")
+    model = host_xl.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    none = run(host_xl, whole())
+    zero = run(host_xl, whole(loras=[{"name": "z", "weight": 0}]))
+    assert torch.equal(latents(zero), latents(none))
+    run(host_xl, whole(loras=[{"name": "z", "weight": 0.8}]))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert untouched(host_xl)
+
+
+def test_two_regions_use_sgm_attention_and_change_their_own_side(host_xl, xl_model):
+    assert all(type(m).__module__.startswith("sgm.") for _, m in attn2_modules(host_xl.model.model.diffusion_model, SDXL))
+    layouts.kohya_locon(xl_model, dtype=torch.float32, seed=9).save(lora_dir(), "left")
+    spec = {"regions": [{"prompt": "a red dog", "box": [0, 0, 1, 0.5], "units": "fraction"},
+                        {"prompt": "a green bird", "box": [0, 0.5, 1, 1], "units": "fraction"}]}
+    base = latents(run(host_xl, json.dumps(spec), width=96, height=64))
+    spec["regions"][0]["loras"] = [{"name": "left"}]
+    res = run(host_xl, json.dumps(spec), width=96, height=64)
+    change = (latents(res) - base).abs().mean(dim=(0, 1, 2))  # per latent column
+    # the other side changes too, through self-attention and convolutions (the random tiny model
+    # spreads a lot in 3 steps), but less
+    assert change[:6].mean() > 1.3 * change[6:].mean()
+    info = res.infotexts[0]
+    assert "Mix-of-Show region LoRAs: " in info and "left" in info
+
+
+def test_a_lora_for_another_family_is_refused_before_sampling(host_xl, tiny_checkpoint):
+    layouts.kohya_lora(sd1.load_checkpoint(tiny_checkpoint), seed=4).save(lora_dir(), "old")
+    with pytest.raises(Exception, match=r"old\.safetensors.*this is an SDXL model"):
+        run(host_xl, whole(loras=[{"name": "old"}]))
+    assert untouched(host_xl)
+    sd2 = layouts.kohya_lora(sd1.load_checkpoint(tiny_checkpoint), seed=4)
+    sd2.metadata["ss_v2"] = "True"
+    sd2.save(lora_dir(), "sd2")
+    with pytest.raises(Exception, match=r"sd2\.safetensors.*SD2\.x; this is an SDXL model"):
+        run(host_xl, whole(loras=[{"name": "sd2"}]))
+
+
+def test_the_lora_route_lists_the_loaded_familys_files(host_xl, xl_model, tiny_checkpoint):
+    from modules import scripts
+
+    mos_generation = next(d.module for d in scripts.scripts_data if d.script_class.__name__ == "MixOfShowScript")
+    layouts.kohya_lora(xl_model, few=True).save(lora_dir(), "xl-one")
+    layouts.kohya_lora(sd1.load_checkpoint(tiny_checkpoint), few=True).save(lora_dir(), "sd1-one")
+    listing = mos_generation.lora_list()
+    assert listing["family"] == "sdxl" and [e["name"] for e in listing["loras"]] == ["xl-one"]

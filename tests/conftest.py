@@ -70,3 +70,27 @@ def browser_page():
         pytest.fail(str(e), pytrace=False)
     with Browser() as browser:
         yield browser
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory) -> Path:
+    """The tiny random-weight SDXL model saved once per session in the host's SDXL checkpoint layout
+    (its widths in the `lib_mos.sdxl_config` metadata; no VAE keys: the double's first stage has none)."""
+    from lib_mos.models import sdxl
+
+    path = tmp_path_factory.mktemp("ckpt-xl") / "tiny-sdxl.safetensors"
+    sdxl.save_checkpoint(sdxl.build_tiny_sdxl(0), path)
+    return path
+
+
+@pytest.fixture
+def host_xl(request, tmp_path, tiny_sdxl_checkpoint):
+    """As `host`, with the tiny SDXL checkpoint loaded."""
+    from host_harness import HostHarness
+
+    extensions = [str(ROOT)] if getattr(request.module, "WITH_EXTENSION", False) else None
+    harness = HostHarness(tmp_path, tiny_sdxl_checkpoint, extensions=extensions)
+    try:
+        yield harness
+    finally:
+        harness.close()

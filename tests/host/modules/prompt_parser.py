@@ -173,7 +173,8 @@ def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_sc
         if prompt not in cache:
             texts = SdConditioning([text for _, text in schedule], copy_from=prompts)
             conds = model.get_learned_conditioning(texts)
-            cache[prompt] = [ScheduledPromptConditioning(end, conds[i]) for i, (end, _) in enumerate(schedule)]
+            cache[prompt] = [ScheduledPromptConditioning(end, {k: v[i] for k, v in conds.items()} if isinstance(conds, dict)
+                                                         else conds[i]) for i, (end, _) in enumerate(schedule)]
         res.append(cache[prompt])
     return res
 
@@ -226,9 +227,30 @@ def _pick(schedules, current_step):
     return schedules[0].cond
 
 
+class DictWithShape(dict):
+    """SDXL conds: a dict ("crossattn", "vector") whose `shape` is its crossattn's, so the CFG
+    denoiser's `.shape[1]` comparisons work on it. The `shape` argument is ignored (as in the host)."""
+
+    def __init__(self, x, shape=None):
+        super().__init__()
+        self.update(x)
+
+    @property
+    def shape(self):
+        return self["crossattn"].shape
+
+
 def reconstruct_cond_batch(c, current_step):
-    """Stack one cond per image; as in the host, conds of different lengths cannot be stacked."""
+    """Stack one cond per image (each key of a dict cond on its own); as in the host, conds of
+    different lengths cannot be stacked."""
     param = c[0][0].cond
+    if isinstance(param, dict):
+        res = DictWithShape({k: torch.zeros((len(c),) + tuple(v.shape), device=v.device, dtype=v.dtype)
+                             for k, v in param.items()}, (len(c),) + tuple(param["crossattn"].shape))
+        for i, schedules in enumerate(c):
+            for k, v in _pick(schedules, current_step).items():
+                res[k][i] = v
+        return res
     res = torch.zeros((len(c),) + tuple(param.shape), device=param.device, dtype=param.dtype)
     for i, schedules in enumerate(c):
         res[i] = _pick(schedules, current_step)
@@ -244,6 +266,8 @@ def stack_conds(tensors):
 
 
 def reconstruct_multicond_batch(c, current_step):
+    """Cond rows (one per AND sub-prompt); dict conds stacked key by key into a DictWithShape
+    (left on their own device and dtype, as the host leaves them)."""
     param = c.batch[0][0].schedules[0].cond
     tensors, conds_list = [], []
     for composable_prompts in c.batch:
@@ -252,4 +276,7 @@ def reconstruct_multicond_batch(c, current_step):
             entry.append((len(tensors), cp.weight))
             tensors.append(_pick(cp.schedules, current_step))
         conds_list.append(entry)
+    if isinstance(tensors[0], dict):
+        stacked = {k: stack_conds([x[k] for x in tensors]) for k in tensors[0]}
+        return conds_list, DictWithShape(stacked, stacked["crossattn"].shape)
     return conds_list, stack_conds(tensors).to(device=param.device, dtype=param.dtype)

@@ -1,13 +1,17 @@
 """Cross-attention optimisation: the host replaces `CrossAttention.forward` at class level
-(sdp, xformers, Doggettx...). The double installs an SDPA forward the same way, so code that
+(sdp, xformers, Doggettx...), ldm's and sgm's alike (SDXL runs sgm's class). The double installs an
+SDPA forward the same way on both, taking and ignoring sgm's extra keywords (`additional_tokens`,
+`n_times_crossframe_attn_in_self`) as the host's forwards do (`**kwargs`), so code that
 patches the class instead of hooking instances would break here as it breaks in the host."""
 
 from __future__ import annotations
 
+import sgm.modules.attention
 import torch
 from ldm.modules.attention import CrossAttention
 
 _original_forward = CrossAttention.forward
+_original_sgm_forward = sgm.modules.attention.CrossAttention.forward
 
 
 def scaled_dot_product_attention_forward(self, x, context=None, mask=None, **kwargs):
@@ -23,7 +27,9 @@ def scaled_dot_product_attention_forward(self, x, context=None, mask=None, **kwa
 
 def apply() -> None:
     CrossAttention.forward = scaled_dot_product_attention_forward
+    sgm.modules.attention.CrossAttention.forward = scaled_dot_product_attention_forward
 
 
 def undo() -> None:
     CrossAttention.forward = _original_forward
+    sgm.modules.attention.CrossAttention.forward = _original_sgm_forward

@@ -330,11 +330,72 @@ class LatentDiffusion(torch.nn.Module):
         yield
 
 
-def _config_for(info: CheckpointInfo, state_dict: dict) -> sd1.SD1Config:
-    """The host picks a model config yaml from the state dict; SD1 files get v1-inference (SD1.5
-    widths). Files written by lib_mos for the tiny test model carry their widths in metadata."""
+SDXL_SCALE_FACTOR = 0.13025  # sd_xl_base.yaml
+
+
+def build_sdxl_model(config):
+    """sd_xl_base.yaml as the double builds it: sgm's DiffusionEngine with the UNet (lib_mos's
+    ldm build at `config`'s widths, its attention modules given sgm's classes), a GeneralConditioner
+    of FrozenCLIPEmbedder (layer "hidden", layer_idx = its penultimate layer), FrozenOpenCLIPEmbedder2
+    (layer "penultimate", pooled, legacy False) and three ConcatTimestepEmbedderND (original size,
+    crop corner, target size; `config.size_features` per number: 256 in SDXL base), and the
+    first-stage stand-in at SDXL's scale factor."""
+    from sgm.models.diffusion import DiffusionEngine
+    from sgm.modules import GeneralConditioner
+    from sgm.modules.attention import convert_ldm_attention
+    from sgm.modules.encoders import modules as encoders
+    from transformers import CLIPTextModel
+
+    from lib_mos.models import sdxl
+    from modules import sd_models_xl  # noqa: F401  (the host imports it with sd_models: class patches)
+
+    with torch.random.fork_rng(devices=[]):
+        unet = convert_ldm_attention(sdxl.build_unet(config))
+        te1 = CLIPTextModel(sdxl.build_text_encoders(config, device="meta")[0].config)
+        tower = encoders.OpenCLIPTextTower(config.te2_width, config.te2_layers, config.te2_heads,
+                                           config.te2_intermediate, config.te2_width, config.vocab_size,
+                                           config.max_positions)
+    tokenizer = load_clip_tokenizer()
+    sizes = [{"target": encoders.ConcatTimestepEmbedderND, "params": {"outdim": config.size_features},
+              "input_key": key} for key in ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")]
+    conditioner = GeneralConditioner([
+        {"target": encoders.FrozenCLIPEmbedder, "input_key": "txt",
+         "params": {"transformer": te1, "tokenizer": tokenizer, "layer": "hidden", "layer_idx": config.te1_layers - 1}},
+        {"target": encoders.FrozenOpenCLIPEmbedder2, "input_key": "txt",
+         "params": {"model": tower, "tokenizer": encoders.OpenCLIPTokenizer(tokenizer), "layer": "penultimate",
+                    "always_return_pooled": True, "legacy": False}},
+        *sizes,
+    ])
+    model = DiffusionEngine(unet, conditioner, FirstStageModel(SDXL_SCALE_FACTOR).eval().requires_grad_(False),
+                            scale_factor=SDXL_SCALE_FACTOR)
+    model.lowvram = False
+    model.sd_checkpoint_info = None
+    model.sd_model_hash = None
+    model.sd_model_checkpoint = None
+    model.cond_stage_model_empty_prompt = None
+    return model
+
+
+SDXL_CLIP_WEIGHT = "conditioner.embedders.1.model.ln_final.weight"
+SDXL_REFINER_CLIP_WEIGHT = "conditioner.embedders.0.model.ln_final.weight"
+
+
+def _config_for(info: CheckpointInfo, state_dict: dict):
+    """The host picks a model config yaml from the state dict: `conditioner.embedders.1.model.
+    ln_final.weight` means SDXL (sd_xl_base.yaml), else SD1 files get v1-inference (SD1.5 widths).
+    Files written by lib_mos for the tiny test models carry their widths in metadata."""
+    if state_dict.get(SDXL_CLIP_WEIGHT) is not None:
+        if state_dict["model.diffusion_model.input_blocks.0.0.weight"].shape[1] == 9:
+            raise RuntimeError(f"{info.filename}: the test double has no SDXL inpainting model")
+        from lib_mos.models import sdxl
+
+        value = info.metadata.get(sdxl.CONFIG_METADATA_KEY)
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        return sdxl.SDXLConfig(**json.loads(value)) if value else sdxl.SDXL_BASE
     if any(k.startswith("conditioner.") for k in state_dict):
-        raise RuntimeError(f"{info.filename}: SDXL checkpoints are not supported by the test double")
+        raise RuntimeError(f"{info.filename}: the test double runs SD1 and SDXL base only (not the refiner, SSD, "
+                           "SD2 turbo)")
     value = info.metadata.get(sd1.CONFIG_METADATA_KEY)
     if isinstance(value, dict):  # the host's metadata reader parses values that look like JSON
         value = json.dumps(value)
@@ -367,7 +428,20 @@ def get_empty_cond(sd_model):
 
     p = processing.StableDiffusionProcessingTxt2Img()
     extra_networks.activate(p, {})
-    return sd_model.get_learned_conditioning([""])
+    d = sd_model.get_learned_conditioning([""])
+    return d["crossattn"] if isinstance(d, dict) else d  # SDXL: the crossattn of [""]
+
+
+def set_model_type(model, state_dict) -> None:
+    model.is_sd1 = model.is_sd2 = model.is_sdxl = model.is_ssd = model.is_sd3 = False
+    if hasattr(model, "conditioner"):
+        model.is_sdxl = True
+        if "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight" not in state_dict:
+            raise RuntimeError("the test double has no SSD-1B")
+    else:
+        model.is_sd1 = True
+    if not hasattr(model, "latent_channels"):
+        model.latent_channels = 4
 
 
 def load_model_weights(model, checkpoint_info: CheckpointInfo, state_dict, timer=None) -> None:
@@ -376,7 +450,13 @@ def load_model_weights(model, checkpoint_info: CheckpointInfo, state_dict, timer
         shared.opts.data["sd_model_checkpoint"] = checkpoint_info.title
     if state_dict is None:
         state_dict = read_state_dict(checkpoint_info.filename)
+    set_model_type(model, state_dict)
+    if model.is_sdxl:
+        from modules import sd_models_xl
+
+        sd_models_xl.extend_sdxl(model)
     model.load_state_dict(state_dict, strict=False)
+    model.is_sdxl_inpaint = False
     model.sd_model_hash = sd_model_hash
     model.sd_model_checkpoint = checkpoint_info.filename
     model.sd_checkpoint_info = checkpoint_info
@@ -392,7 +472,7 @@ def load_model(checkpoint_info: CheckpointInfo | None = None, already_loaded_sta
         shared.sd_model = None
     state_dict = already_loaded_state_dict if already_loaded_state_dict is not None else read_state_dict(info.filename)
     config = _config_for(info, state_dict)
-    model = LatentDiffusion(config)
+    model = LatentDiffusion(config) if isinstance(config, sd1.SD1Config) else build_sdxl_model(config)
     model.used_config = config
     load_model_weights(model, info, state_dict)
     model.eval().requires_grad_(False)

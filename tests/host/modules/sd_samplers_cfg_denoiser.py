@@ -1,7 +1,9 @@
 """Classifier-free-guidance denoiser (modules/sd_samplers_cfg_denoiser.py).
 
 The UNet row layout is what the regional hook depends on, so it follows the host exactly:
-cond rows (one per AND sub-prompt, image by image) then one uncond row per image; one call when
+cond rows (one per AND sub-prompt, image by image) then one uncond row per image (SDXL: the conds
+are `DictWithShape` {"crossattn", "vector"}, concatenated, cut and padded key by key as the host's
+`catenate_conds` / `subscript_cond` / `pad_cond` do, padding only touching crossattn); one call when
 `batch_cond_uncond` and the token lengths match, else chunks of `batch_size` rows in that order;
 when the lengths differ, cond rows in chunks (of 2*batch_size with `batch_cond_uncond`) and
 uncond rows in a call of their own; NGMS / skip-early-CFG drop the uncond rows.
@@ -17,15 +19,23 @@ from modules.shared import opts, state
 
 
 def catenate_conds(conds):
-    return torch.cat(conds)
+    if not isinstance(conds[0], dict):
+        return torch.cat(conds)
+    return {key: torch.cat([x[key] for x in conds]) for key in conds[0]}
 
 
 def subscript_cond(cond, a, b):
-    return cond[a:b]
+    if not isinstance(cond, dict):
+        return cond[a:b]
+    return {key: vec[a:b] for key, vec in cond.items()}
 
 
 def pad_cond(tensor, repeats, empty):
-    return torch.cat([tensor, empty.repeat((tensor.shape[0], repeats, 1))], dim=1)
+    """A dict cond has its crossattn padded in place (the dict itself is returned)."""
+    if not isinstance(tensor, dict):
+        return torch.cat([tensor, empty.repeat((tensor.shape[0], repeats, 1))], dim=1)
+    tensor["crossattn"] = pad_cond(tensor["crossattn"], repeats, empty)
+    return tensor
 
 
 class CFGDenoiser(torch.nn.Module):
@@ -69,12 +79,19 @@ class CFGDenoiser(torch.nn.Module):
         return cond, uncond
 
     def pad_cond_uncond_v0(self, cond, uncond):
-        if uncond.shape[1] < cond.shape[1]:
-            uncond = torch.hstack([uncond, uncond[:, -1:].repeat([1, cond.shape[1] - uncond.shape[1], 1])])
+        """uncond's crossattn (a dict's, set back in place) padded with its last vector or cut."""
+        is_dict = isinstance(uncond, dict)
+        vec = uncond["crossattn"] if is_dict else uncond
+        if vec.shape[1] < cond.shape[1]:
+            vec = torch.hstack([vec, vec[:, -1:].repeat([1, cond.shape[1] - vec.shape[1], 1])])
             self.padded_cond_uncond_v0 = True
-        elif uncond.shape[1] > cond.shape[1]:
-            uncond = uncond[:, :cond.shape[1]]
+        elif vec.shape[1] > cond.shape[1]:
+            vec = vec[:, :cond.shape[1]]
             self.padded_cond_uncond_v0 = True
+        if is_dict:
+            uncond["crossattn"] = vec
+        else:
+            uncond = vec
         return cond, uncond
 
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
@@ -87,8 +104,12 @@ class CFGDenoiser(torch.nn.Module):
         batch_size = len(conds_list)
         repeats = [len(conds_list[i]) for i in range(batch_size)]
 
-        def make_condition_dict(c_crossattn, c_concat):
-            return {"c_crossattn": [c_crossattn], "c_concat": [c_concat]}
+        if isinstance(uncond, dict):  # SDXL: the cond dict's keys plus c_concat (which sgm ignores)
+            def make_condition_dict(c_crossattn, c_concat):
+                return {**c_crossattn, "c_concat": [c_concat]}
+        else:
+            def make_condition_dict(c_crossattn, c_concat):
+                return {"c_crossattn": [c_crossattn], "c_concat": [c_concat]}
 
         def expand(t):
             return torch.cat([t[i:i + 1].expand(n, *t.shape[1:]) for i, n in enumerate(repeats)] + [t])

@@ -36,6 +36,12 @@ _DEFAULTS: dict[str, Any] = {
     "hires_fix_use_firstpass_conds": False,
     "textual_inversion_add_hashes_to_infotext": True,
     "use_old_scheduling": False,
+    # SDXL (shared_options.py)
+    "sdxl_clip_l_skip": False,
+    "sdxl_crop_top": 0,
+    "sdxl_crop_left": 0,
+    "sdxl_refiner_low_aesthetic_score": 2.5,
+    "sdxl_refiner_high_aesthetic_score": 6.0,
     # checkpoints
     "sd_model_checkpoint": None,
     "sd_checkpoint_hash": "",

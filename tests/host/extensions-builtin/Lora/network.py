@@ -13,6 +13,8 @@ import enum
 import os
 from collections import namedtuple
 
+import torch
+
 from modules import errors, hashes, sd_models, shared
 
 NetworkWeights = namedtuple("NetworkWeights", ["network_key", "sd_key", "w", "sd_module"])
@@ -103,7 +105,13 @@ class NetworkModule:
         self.network_key = weights.network_key
         self.sd_key = weights.sd_key
         self.sd_module = weights.sd_module
-        self.shape = self.sd_module.weight.shape if hasattr(self.sd_module, "weight") else None
+        if hasattr(self.sd_module, "weight"):
+            self.shape = self.sd_module.weight.shape
+        elif isinstance(self.sd_module, torch.nn.MultiheadAttention):
+            # q/k/v keys resolve to OpenCLIP's MultiheadAttention; the host takes out_proj's shape
+            self.shape = self.sd_module.out_proj.weight.shape
+        else:
+            self.shape = None
         self.dim = None
         self.bias = weights.w.get("bias")
         self.alpha = weights.w["alpha"].item() if "alpha" in weights.w else None

@@ -1,4 +1,4 @@
-"""The built-in Lora extension's core (extensions-builtin/Lora/networks.py), for SD1.
+"""The built-in Lora extension's core (extensions-builtin/Lora/networks.py), for SD1 and SDXL.
 
 Files in `--lora-dir` (and `--lyco-dir-backcompat`) are networks named after the file (or the alias
 in their `ss_output_name` metadata). A network's keys are resolved to the live model's layers as the
@@ -15,7 +15,14 @@ networks (names and multipliers) changes, and a generation without `<lora:...>` 
 
 Not reproduced (see tests/host/README.md): the functional `lora_functional` mode (refused), IA3,
 Norm, GLoRA and OFT modules (a file needing them fails to load), bundled embeddings (`bundle_emb.*`:
-the file fails to load), MultiheadAttention layers (SD2/SDXL only).
+the file fails to load).
+
+SDXL: text layers are named per embedder (`0_transformer_text_model_...` for CLIP-L,
+`1_model_transformer_resblocks_N_...` for OpenCLIP bigG); `lora_te2_` keys convert to the latter
+(mlp_fc1 -> mlp_c_fc, mlp_fc2 -> mlp_c_proj, self_attn -> attn), so q/k/v resolve through
+`re_x_proj` to the block's MultiheadAttention while out_proj is its own Linear (whose forward
+MultiheadAttention never calls); the MultiheadAttention's patched forward applies q, k, v (to
+`in_proj_weight`) and out (to `out_proj`) only when a network has all four for it.
 """
 
 from __future__ import annotations
@@ -105,10 +112,24 @@ def convert_diffusers_name_to_compvis(key, is_sd2):
 
 def assign_network_names_to_compvis_modules(sd_model):
     """Every module of the text encoder (below the hijack's `wrapped`) and of `model` gets
-    `network_layer_name`, its dotted name with `_`; the map goes to `sd_model.network_layer_mapping`."""
+    `network_layer_name`, its dotted name with `_`; the map goes to `sd_model.network_layer_mapping`.
+    SDXL: each hijacked embedder's wrapped module, its names prefixed with the embedder's index
+    (`0_transformer_text_model_...`, `1_model_transformer_resblocks_...`); embedders without
+    `wrapped` (the size embedders) are skipped."""
     mapping = {}
-    cond_stage_model = getattr(shared.sd_model.cond_stage_model, "wrapped", shared.sd_model.cond_stage_model)
-    for root in (cond_stage_model, shared.sd_model.model):
+    if shared.sd_model.is_sdxl:
+        for i, embedder in enumerate(shared.sd_model.conditioner.embedders):
+            if not hasattr(embedder, "wrapped"):
+                continue
+            for name, module in embedder.wrapped.named_modules():
+                network_name = f'{i}_{name.replace(".", "_")}'
+                mapping[network_name] = module
+                module.network_layer_name = network_name
+        roots = (shared.sd_model.model,)
+    else:
+        roots = (getattr(shared.sd_model.cond_stage_model, "wrapped", shared.sd_model.cond_stage_model),
+                 shared.sd_model.model)
+    for root in roots:
         for name, module in root.named_modules():
             network_name = name.replace(".", "_")
             mapping[network_name] = module
@@ -261,6 +282,12 @@ def network_restore_weights_from_backup(self):
     bias_backup = getattr(self, "network_bias_backup", None)
     if weights_backup is None and bias_backup is None:
         return
+    if isinstance(self, torch.nn.MultiheadAttention):
+        if weights_backup is not None:
+            restore_weights_backup(self, "in_proj_weight", weights_backup[0])
+            restore_weights_backup(self.out_proj, "weight", weights_backup[1])
+        restore_weights_backup(self.out_proj, "bias", bias_backup)
+        return
     if weights_backup is not None:
         restore_weights_backup(self, "weight", weights_backup)
     restore_weights_backup(self, "bias", bias_backup)
@@ -275,15 +302,25 @@ def network_apply_weights(self):
     current_names = getattr(self, "network_current_names", ())
     wanted_names = tuple((x.name, x.te_multiplier, x.unet_multiplier, x.dyn_dim) for x in loaded_networks)
 
+    is_mha = isinstance(self, torch.nn.MultiheadAttention)
     weights_backup = getattr(self, "network_weights_backup", None)
     if weights_backup is None and wanted_names != ():
         if current_names != () and not allowed_layer_without_weight(self):
             raise RuntimeError(f"{network_layer_name} - no backup weights found and current weights are not unchanged")
-        self.network_weights_backup = store_weights_backup(self.weight)
+        if is_mha:
+            self.network_weights_backup = (store_weights_backup(self.in_proj_weight),
+                                           store_weights_backup(self.out_proj.weight))
+        else:
+            self.network_weights_backup = store_weights_backup(self.weight)
 
     bias_backup = getattr(self, "network_bias_backup", None)
     if bias_backup is None and wanted_names != ():
-        bias_backup = store_weights_backup(self.bias) if getattr(self, "bias", None) is not None else None
+        if is_mha and self.out_proj.bias is not None:
+            bias_backup = store_weights_backup(self.out_proj.bias)
+        elif getattr(self, "bias", None) is not None:
+            bias_backup = store_weights_backup(self.bias)
+        else:
+            bias_backup = None
         if bias_backup is not None and current_names != ():
             raise RuntimeError("no backup bias found and current bias are not unchanged")
         self.network_bias_backup = bias_backup
@@ -293,27 +330,57 @@ def network_apply_weights(self):
     network_restore_weights_from_backup(self)
     for net in loaded_networks:
         module = net.modules.get(network_layer_name, None)
-        if module is None:
-            continue  # (the host's MultiheadAttention q/k/v/out modules are not reproduced)
-        if not hasattr(self, "weight"):
-            logging.debug(f"Network {net.name} layer {network_layer_name}: couldn't find supported operation")
-            extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+        if module is not None and hasattr(self, "weight"):
+            try:
+                with torch.no_grad():
+                    weight, bias = self.weight, self.bias
+                    updown, ex_bias = module.calc_updown(weight)
+                    if len(weight.shape) == 4 and weight.shape[1] == 9:
+                        updown = torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))  # inpainting model
+                    self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+                    if ex_bias is not None and hasattr(self, "bias"):
+                        if self.bias is None:
+                            self.bias = torch.nn.Parameter(ex_bias).to(self.weight.dtype)
+                        else:
+                            self.bias.copy_((bias + ex_bias).to(dtype=self.bias.dtype))
+            except RuntimeError as e:
+                logging.debug(f"Network {net.name} layer {network_layer_name}: {e}")
+                extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
             continue
-        try:
-            with torch.no_grad():
-                weight, bias = self.weight, self.bias
-                updown, ex_bias = module.calc_updown(weight)
-                if len(weight.shape) == 4 and weight.shape[1] == 9:
-                    updown = torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))  # inpainting model
-                self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
-                if ex_bias is not None and hasattr(self, "bias"):
-                    if self.bias is None:
-                        self.bias = torch.nn.Parameter(ex_bias).to(self.weight.dtype)
+
+        # OpenCLIP's MultiheadAttention: q/k/v/out modules are keyed `<name>_q_proj` ...; all four
+        # are needed, else nothing is applied to it
+        module_q = net.modules.get(network_layer_name + "_q_proj", None)
+        module_k = net.modules.get(network_layer_name + "_k_proj", None)
+        module_v = net.modules.get(network_layer_name + "_v_proj", None)
+        module_out = net.modules.get(network_layer_name + "_out_proj", None)
+        if isinstance(self, torch.nn.MultiheadAttention) and module_q and module_k and module_v and module_out:
+            try:
+                with torch.no_grad():
+                    qw, kw, vw = self.in_proj_weight.chunk(3, 0)
+                    updown_q, _ = module_q.calc_updown(qw)
+                    updown_k, _ = module_k.calc_updown(kw)
+                    updown_v, _ = module_v.calc_updown(vw)
+                    del qw, kw, vw
+                    updown_qkv = torch.vstack([updown_q, updown_k, updown_v])
+                    updown_out, ex_bias = module_out.calc_updown(self.out_proj.weight)
+                    self.in_proj_weight += updown_qkv
+                    self.out_proj.weight += updown_out
+                # as in the host, the bias is changed outside no_grad
+                if ex_bias is not None:
+                    if self.out_proj.bias is None:
+                        self.out_proj.bias = torch.nn.Parameter(ex_bias)
                     else:
-                        self.bias.copy_((bias + ex_bias).to(dtype=self.bias.dtype))
-        except RuntimeError as e:
-            logging.debug(f"Network {net.name} layer {network_layer_name}: {e}")
-            extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+                        self.out_proj.bias += ex_bias
+            except RuntimeError as e:
+                logging.debug(f"Network {net.name} layer {network_layer_name}: {e}")
+                extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+            continue
+
+        if module is None:
+            continue
+        logging.debug(f"Network {net.name} layer {network_layer_name}: couldn't find supported operation")
+        extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
     self.network_current_names = wanted_names
 
 
@@ -370,6 +437,17 @@ def network_LayerNorm_forward(self, input):
 def network_LayerNorm_load_state_dict(self, *args, **kwargs):
     network_reset_cached_weight(self)
     return originals.LayerNorm_load_state_dict(self, *args, **kwargs)
+
+
+def network_MultiheadAttention_forward(self, *args, **kwargs):
+    _refuse_functional()
+    network_apply_weights(self)
+    return originals.MultiheadAttention_forward(self, *args, **kwargs)
+
+
+def network_MultiheadAttention_load_state_dict(self, *args, **kwargs):
+    network_reset_cached_weight(self)
+    return originals.MultiheadAttention_load_state_dict(self, *args, **kwargs)
 
 
 def process_network_files(names: list[str] | None = None):

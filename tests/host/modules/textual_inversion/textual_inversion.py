@@ -36,6 +36,17 @@ def create_embedding_from_data(data, name, filename="unknown embedding file", fi
         params = data["string_to_param"]
         assert len(params) == 1, "embedding file has multiple terms in it"
         vec = next(iter(params.values())).detach().to(devices.device, dtype=torch.float32)
+    elif type(data) is dict and "clip_g" in data and "clip_l" in data:  # SDXL: one vector set per encoder
+        vec = {k: v.detach().to(devices.device, dtype=torch.float32) for k, v in data.items()}
+        embedding = Embedding(vec, name)
+        embedding.step = data.get("step", None)
+        embedding.vectors = data["clip_g"].shape[0]
+        embedding.shape = data["clip_g"].shape[-1] + data["clip_l"].shape[-1]
+        if filepath:
+            embedding.filename = filepath
+            with open(filepath, "rb") as f:
+                embedding.set_hash(hashlib.sha256(f.read()).hexdigest())
+        return embedding
     elif isinstance(data, dict) and data and isinstance(next(iter(data.values())), torch.Tensor):
         assert len(data) == 1, "embedding file has multiple terms in it"
         vec = next(iter(data.values()))

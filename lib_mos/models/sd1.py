@@ -57,6 +57,15 @@ _POSITION_IDS = "text_model.embeddings.position_ids"
 _BOS_ID, _EOS_ID, _PAD_ID = 49406, 49407, 1
 
 
+def check_positive_ints(config: Any) -> None:
+    """Every field of a model config dataclass is a positive int (widths, counts), or a ValueError
+    naming the field."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{type(config).__name__}.{field.name} must be a positive int, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SD1Config:
     """Widths of an SD1-topology model; defaults are SD1.5. Depth/resolution layout is fixed."""
@@ -71,10 +80,7 @@ class SD1Config:
     max_positions: int = 77
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SD1Config.{field.name} must be a positive int, got {value!r}")
+        check_positive_ints(self)
         # ldm's GroupNorm uses 32 groups at every width the UNet reaches.
         if self.model_channels % 32:
             raise ValueError(f"SD1Config.model_channels must be a multiple of 32, got {self.model_channels}")

@@ -44,6 +44,7 @@ from lib_mos.models.sd1 import (
     _plain_ldm_attention,
     _randomise,
     _skip_hf_init,
+    check_positive_ints,
 )
 
 if TYPE_CHECKING:
@@ -87,10 +88,7 @@ class SDXLConfig:
     max_positions: int = 77
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"SDXLConfig.{field.name} must be a positive int, got {value!r}")
+        check_positive_ints(self)
         if self.model_channels % 32:
             raise ValueError(f"SDXLConfig.model_channels must be a multiple of 32, got {self.model_channels}")
         if self.model_channels % self.head_channels:

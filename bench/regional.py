@@ -8,7 +8,7 @@ per-region-loop reference.
 
 With `--family sdxl` the UNet is SDXL base's (2.6 B parameters, 70 attn2 layers at two levels,
 context 2048, every call also gets a random pooled/size vector `y`); contexts are 2048 wide; the
-LoRA sets name SDXL's attention blocks (attn1 + attn2: 560 linears; with ff and proj: 1,036
+LoRA sets name SDXL's attention blocks (attn1 + attn2: 560 linears; with ff and proj: 722
 modules). Its fp32 weights take about 10.3 GB.
 
 One step is one CFG step of one image: 2 UNet rows (row 0 cond, row 1 uncond) through one UNet

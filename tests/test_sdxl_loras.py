@@ -49,6 +49,20 @@ def test_keys_reach_the_layers_the_host_changes(xl, tmp_path):
         assert "middle_block.1.transformer_blocks.9.attn2.to_k" in concept.unet_lora
 
 
+def test_a_full_size_sdxl_loras_keys_all_resolve(tmp_path):
+    """Found in the real WebUI: the key table must know SDXL base's 12 CLIP-L and 32 bigG layers,
+    not the tiny model's 2 (a LoRA for the real model was refused at 'layers_11')."""
+    skeleton = sdxl.build_sdxl_skeleton()
+    lora = layouts.kohya_lora(skeleton, few=True)
+    concept = read_concept(lora.save(tmp_path, "full"), trigger="", family=SDXL)
+    assert {"0.text_model.encoder.layers.11.mlp.fc1", "1.text_model.encoder.layers.11.self_attn.q_proj"} \
+        <= set(concept.text_lora)
+    last = {"lora_te2_text_model_encoder_layers_31_mlp_fc2.lora_down.weight": torch.zeros(4, 5120),
+            "lora_te2_text_model_encoder_layers_31_mlp_fc2.lora_up.weight": torch.zeros(1280, 4)}
+    assert set(read_concept(layouts.LoraFile(last).save(tmp_path, "last"), trigger="", family=SDXL).text_lora) \
+        == {"1.text_model.encoder.layers.31.mlp.fc2"}
+
+
 def sd1_lora_keys_on(model, **kw) -> layouts.LoraFile:
     return layouts.kohya_lora(model, dtype=torch.float32, few=True, **kw)
 

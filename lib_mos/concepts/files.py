@@ -32,6 +32,7 @@ Choices (see also the module constants):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -150,7 +151,8 @@ def _layer_table(family: ModelFamily = SD1) -> dict[str, tuple[str, str, bool]]:
     SDXL: `0_transformer_text_model_...` for te1); underscores in names are ambiguous, so keys are
     looked up, never split. te2 of SDXL is keyed by kohya's own stem (`lora_te2_text_model_...`),
     which the host maps onto OpenCLIP's modules. Built from a tiny model on the meta device (the
-    layer names do not depend on the widths); text module names are rooted at the model's text root."""
+    layer names do not depend on the widths, only on the layer counts, which are the full-size
+    model's); text module names are rooted at the model's text root."""
     from torch import nn
 
     from lib_mos.models import sdxl
@@ -159,8 +161,11 @@ def _layer_table(family: ModelFamily = SD1) -> dict[str, tuple[str, str, bool]]:
         unet = sd1.build_unet(sd1.TINY_SD1, device="meta")
         texts = [("transformer_", "", sd1.build_text_encoder(sd1.TINY_SD1, device="meta"))]
     else:
-        unet = sdxl.build_unet(sdxl.TINY_SDXL, device="meta")
-        te1, te2 = sdxl.build_text_encoders(sdxl.TINY_SDXL, device="meta")
+        # the full-size layer counts (12 and 32 text layers) at the tiny widths: names, not shapes
+        names = dataclasses.replace(sdxl.TINY_SDXL, te1_layers=sdxl.SDXL_BASE.te1_layers,
+                                    te2_layers=sdxl.SDXL_BASE.te2_layers)
+        unet = sdxl.build_unet(names, device="meta")
+        te1, te2 = sdxl.build_text_encoders(names, device="meta")
         texts = [("0_transformer_", "0.", te1), ("lora_te2_", "1.", te2)]
     table: dict[str, tuple[str, str, bool]] = {}
     for name, module in unet.named_modules():

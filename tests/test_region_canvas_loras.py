@@ -124,7 +124,7 @@ def test_route_lists_the_lora_folder(served, browser_page):
     page = browser_page.page
     open_script(page, served)
     answer = page.evaluate("fetch('mix-of-show/loras').then(r => r.json())")
-    assert answer == {"loras": [
+    assert answer == {"family": "sd1", "loras": [
         {"name": "Background-Forest", "path": "Background-Forest.safetensors", "tokens": []},
         {"name": "hermione", "path": "chars/hermione.safetensors", "tokens": []},
         {"name": "potter", "path": "chars/potter.safetensors", "tokens": ["<potter1>", "<potter2>"]},

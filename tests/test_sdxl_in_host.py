@@ -40,7 +40,7 @@ def untouched(host) -> bool:
 
 
 def run(host, spec: str, prompt: str = PROMPT, negative: str = NEGATIVE, **fields):
-    fields.setdefault("steps", 3)
+    fields.setdefault("steps", 2)
     fields.setdefault("seed", 5)
     return host.txt2img(prompt, negative, script_args=host.script_args("Mix-of-Show", spec), **fields)
 
@@ -96,8 +96,9 @@ def test_whole_image_region_sets_the_context_and_the_vector_stays_the_main_promp
     finally:
         swap["on"] = False
     assert relative(latents(regional), latents(alone)) < 1e-5
-    plain = run(host_xl, json.dumps({"regions": []}), prompt, NEGATIVE, **common)
-    assert relative(latents(regional), latents(plain)) > 1e-2
+    if mode == "one call":  # that the region acts at all, once
+        plain = run(host_xl, json.dumps({"regions": []}), prompt, NEGATIVE, **common)
+        assert relative(latents(regional), latents(plain)) > 1e-2
     assert untouched(host_xl)
 
 
@@ -111,8 +112,9 @@ def test_whole_image_region_lora_samples_as_the_hosts_own_lora(host_xl, xl_model
     common = dict(batch_size=2, width=64, height=72, **fields)
     ours = run(host_xl, whole(prompt, loras=[{"name": "x", "weight": 1}]), prompt, **common)
     hosts = run(host_xl, whole(prompt), f"{prompt} <lora:x:1>", **common)
-    plain = run(host_xl, whole(prompt), prompt, **common)
-    assert relative(latents(hosts), latents(plain)) > 1e-2
+    if mode == "one call":  # that the LoRA matters, once
+        plain = run(host_xl, whole(prompt), prompt, **common)
+        assert relative(latents(hosts), latents(plain)) > 1e-2
     assert relative(latents(ours), latents(hosts)) < 1e-5
     assert untouched(host_xl)
 

@@ -56,7 +56,7 @@ def set_mode(mode: str) -> tuple[dict, bool]:
     return fields, long
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def xl_model(tiny_sdxl_checkpoint) -> sdxl.SDXLModel:
     return sdxl.load_checkpoint(tiny_sdxl_checkpoint)
 

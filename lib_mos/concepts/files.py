@@ -64,7 +64,7 @@ from lib_mos.concepts.concept import (
 )
 from lib_mos.files import atomic_save_safetensors
 from lib_mos.models import sd1
-from lib_mos.models.family import SD1, ModelFamily, family_named, family_of_lora_metadata
+from lib_mos.models.family import FAMILIES, SD1, ModelFamily, family_named, family_of_lora_metadata
 
 __all__ = [
     "EMBEDDING_PREFIX",
@@ -85,9 +85,8 @@ VERSION = 3  # 2: trigger-word concepts and every layer kind the host's Lora app
 READABLE_VERSIONS = (1, 2, 3)  # before 3 every concept was SD1
 METADATA_KEY = "mos_concept"
 EMBEDDING_PREFIX = "mos_concept.embedding."
-FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-# what our writer puts in `ss_base_model_version` (kohya's words), per family
-BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+# what a user calls each family a file may say it is for (SD2 is read, never supported)
+FAMILY_LABELS = {**{name: family.label for name, family in FAMILIES.items()}, "sd2": "SD2.x"}
 _FORBIDDEN_TOKEN_CHARS = set("()[]{}:|\\,")
 _PTH_SECTIONS = ("new_concept_embedding", "text_encoder", "unet")
 # The authors' LoRA parameter names: `main` has `<module>.lora_down.weight`, `research_branch` has
@@ -991,7 +990,7 @@ def write_concept(concept: Concept, path: str | os.PathLike[str], *, overwrite: 
         "ss_network_dim": str(rank) if rank is not None else "Dynamic",
         "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
         # the host's Lora list shows a LoRA for the loaded model's family only (SDXL: "sdxl_" prefix)
-        "ss_base_model_version": BASE_MODEL_VERSIONS[concept.family.name],
+        "ss_base_model_version": concept.family.lora_version_written,
     }
     try:
         return atomic_save_safetensors(tensors, path, metadata=metadata, overwrite=overwrite)

@@ -64,6 +64,7 @@ class ModelFamily:
     unet_prefix: str  # the UNet's prefix in a host-layout checkpoint
     vector_dim: int | None  # the UNet's pooled/size vector `y` (SDXL), None when it has none
     lora_versions: tuple[str, ...]  # prefixes of kohya's `ss_base_model_version` for this family
+    lora_version_written: str  # what our writer puts there (the host's Lora list filters by it)
 
     def __post_init__(self) -> None:
         if len(self.attn2) != len(self.attn2_levels):
@@ -117,6 +118,7 @@ SD1 = ModelFamily(
     unet_prefix="model.diffusion_model.",
     vector_dim=None,
     lora_versions=("sd_v1", "sd_1"),
+    lora_version_written="sd_v1",
 )
 
 # sd_xl_base.yaml: channel_mult (1, 2, 4), attention at levels 1 and 2 with transformer depth 2
@@ -138,6 +140,7 @@ SDXL = ModelFamily(
     unet_prefix="model.diffusion_model.",
     vector_dim=2816,  # pooled bigG 1280 + 6 size numbers x 256 Fourier features
     lora_versions=("sdxl",),
+    lora_version_written="sdxl_base_v1-0",
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}

@@ -65,7 +65,6 @@ __all__ = [
     "size_embedding",
 ]
 
-_DEPTHS = (0, 2, 10)  # transformer depth per level; the middle block has the last level's
 CONFIG_METADATA_KEY = "lib_mos.sdxl_config"
 
 
@@ -149,7 +148,7 @@ def build_unet(cfg: SDXLConfig, device: torch.device | str | None = None) -> UNe
             model_channels=cfg.model_channels,
             num_res_blocks=2,
             attention_resolutions=(2, 4),
-            channel_mult=(1, 2, 4),
+            channel_mult=SDXL.channel_mult,
             num_head_channels=cfg.head_channels,
             use_spatial_transformer=True,
             use_linear_in_transformer=True,
@@ -159,11 +158,10 @@ def build_unet(cfg: SDXLConfig, device: torch.device | str | None = None) -> UNe
             legacy=False,
         )
         for name, module in unet.named_modules():
-            if isinstance(module, SpatialTransformer):
-                level = 1 if name.startswith(("input_blocks.4", "input_blocks.5", "output_blocks.3",
-                                              "output_blocks.4", "output_blocks.5")) else 2
+            if isinstance(module, SpatialTransformer):  # its depth: the family table's blocks under it
+                depth = sum(attn2.startswith(f"{name}.transformer_blocks.") for attn2 in SDXL.attn2)
                 first = module.transformer_blocks[0]
-                module.transformer_blocks.extend(copy.deepcopy(first) for _ in range(_DEPTHS[level] - 1))
+                module.transformer_blocks.extend(copy.deepcopy(first) for _ in range(depth - 1))
                 module.__class__ = type("SpatialTransformer", (_SharedContextTransformer, SpatialTransformer), {})
         ted = cfg.model_channels * 4
         unet.num_classes = "sequential"

@@ -24,7 +24,7 @@ from lib_mos.concepts.concept import Concept
 from lib_mos.concepts.library import ConceptLibrary, FoundConcepts, resolve
 from lib_mos.fusion.checkpoint import read_fused_concepts
 from lib_mos.models.family import SD1, ModelFamily
-from modules import paths, shared
+from modules import paths, prompt_parser, shared
 
 _TOKEN = re.compile(r"<[^<>:\s,]+>")
 _EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
@@ -69,9 +69,11 @@ def find_concepts(texts: list[str], *, strict: bool) -> FoundConcepts:
 
 
 def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str],
-                 cache: dict[str, torch.Tensor] | None = None, family: ModelFamily = SD1) -> torch.Tensor:
+                 cache: dict[str, torch.Tensor] | None = None, family: ModelFamily = SD1,
+                 negative: bool = False) -> torch.Tensor:
     """[B, L, T, D] layer-wise contexts of `prompts`, T a multiple of 77 as the host makes it (the
-    cross-attention part of the host's conditioning; SDXL's pooled vector stays the main prompt's).
+    cross-attention part of the host's conditioning). `negative`: encoded as the host encodes
+    negative prompts (SDXL: an empty one is zeros), so `cache` must hold one kind only.
 
     `cache` (prompt -> [L, T, D]) lets one generation encode each prompt once. As in the host for
     a batch, emphasis's mean restore is computed over the batch it encodes, here all L copies of a
@@ -85,7 +87,8 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
     bound = [p for p in todo if p not in plain]
     if plain:  # no concept tokens: one pass, the same context for every layer
         with torch.no_grad():
-            z = family.crossattn(sd_model.get_learned_conditioning(plain))
+            z = family.crossattn(sd_model.get_learned_conditioning(
+                prompt_parser.SdConditioning(plain, is_negative_prompt=negative)))
         for p, zp in zip(plain, z):
             cache[p] = zp.unsqueeze(0).expand(binder.layers, -1, -1)
     texts, rows = aliased_prompts(binder, bound)
@@ -99,8 +102,9 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
             registered.append(name)
         with torch.no_grad():
             for k, prompt in enumerate(bound):
-                cache[prompt] = family.crossattn(
-                    sd_model.get_learned_conditioning(texts[k * binder.layers:(k + 1) * binder.layers]))
+                copies = texts[k * binder.layers:(k + 1) * binder.layers]
+                cache[prompt] = family.crossattn(sd_model.get_learned_conditioning(
+                    prompt_parser.SdConditioning(copies, is_negative_prompt=negative)))
     finally:
         for name in registered:
             embedding_db.register_embedding_by_name(None, sd_model, name)

@@ -96,12 +96,14 @@ class GenerationJob:
             print(warning, file=sys.stderr)
         self.sources = found.infotext()
         self.binder = binder
-        self.cache: dict[str, torch.Tensor] = {}
-        self.lora_caches: dict[tuple, dict[str, torch.Tensor]] = {}  # per set of region LoRAs
+        # encodings per (set of region LoRAs, negative): prompt -> [L, T, D]
+        self.caches: dict[tuple[tuple, bool], dict[str, torch.Tensor]] = {}
         self.masks: dict[tuple[int, int], dict[tuple[int, int], torch.Tensor]] = {}
         self.plans: dict[tuple, tuple] = {}
         self._installed: contextlib.ExitStack | None = None
         self.region_loras: list[RegionLora] = []
+        self.pooled_regions: list[int] = []
+        self.vector_cache: dict[tuple, tuple[list[int], torch.Tensor]] = {}
         self.lora_notes = ""
         self.unet_deltas: RegionDeltas | None = None
         if self.spec.regions:
@@ -137,7 +139,11 @@ class GenerationJob:
             check_fits(concept, unet, text_root, embeddings=False)
             loras.append(RegionLora(choice.region, concept, choice.weight, choice.name))
         self.region_loras = loras
-        self.unet_deltas = RegionDeltas(unet, loras, len(self.spec.regions)) or None
+        root = self.family.pooled_root
+        # regions whose LoRAs change the encoder the UNet's vector input is pooled from
+        self.pooled_regions = sorted({lora.region for lora in loras if lora.weight and root is not None
+                                      and any(name.startswith(root) for name in lora.concept.text_lora)})
+        self.unet_deltas = RegionDeltas(unet, loras, len(self.spec.regions), vectors=bool(self.pooled_regions)) or None
         self.lora_notes = "; ".join(
             f"region {c.region}: {c.name} {c.weight:g}" + ("" if c.source == "listed" else f" ({c.source})")
             for c in choices)
@@ -164,9 +170,13 @@ class GenerationJob:
             with attn2_processor(shared.sd_model.model.diffusion_model, self.processor), \
                     (deltas.installed() if deltas else contextlib.nullcontext()):
                 self.processor.inner.context_delta = deltas.context_delta if deltas else None
+                if deltas and deltas.vectors:
+                    deltas.vector_changes = self.processor.vector_changes
                 yield
         finally:
             self.processor.inner.context_delta = None
+            if deltas:
+                deltas.vector_changes = None
             self.processor.clear()
             if getattr(self.p, "mos_job", None) is self:
                 del self.p.mos_job
@@ -201,46 +211,91 @@ class GenerationJob:
         except BaseException as e:  # the host only logs callback errors: fail the next UNet call
             self.processor.error = e
 
-    def encode(self, prompts: list[str], cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """[n, L, T, D] through the host's encoder (binding concept tokens), cached."""
+    def encode(self, prompts: list[str], negative: bool = False, loras: tuple = ()) -> torch.Tensor:
+        """[n, L, T, D] through the host's encoder (binding concept tokens), as prompts or as
+        negative prompts, cached per set of region LoRAs (`loras`, their key; applied by the caller)."""
         from modules.sd_hijack import model_hijack
 
         return mos_host_binding.encode_bound(shared.sd_model, model_hijack.embedding_db, self.binder, prompts,
-                                             self.cache if cache is None else cache, self.family)
+                                             self.caches.setdefault((loras, negative), {}), self.family, negative)
 
-    def encode_regions(self, texts: list[str]) -> torch.Tensor:
-        """[K, L, T, D]: region k's text encoded with its LoRAs' text-encoder changes (regions with
-        the same LoRAs in one call, each set's encodings cached for the generation)."""
+    def _text_loras(self, region: int) -> tuple[tuple, list[RegionLora]]:
+        """(a key naming them, the LoRAs) that change region `region`'s text encoding."""
+        loras = [RegionLora(0, lora.concept, lora.weight, lora.name) for lora in self.region_loras
+                 if lora.region == region and lora.weight and lora.concept.text_lora]
+        return tuple((lora.name, lora.weight) for lora in loras), loras
+
+    def encode_regions(self, texts: list[str], negative: bool = False) -> torch.Tensor:
+        """[K, L, T, D]: region k's text (prompt or negative) encoded with its LoRAs' text-encoder
+        changes (regions with the same LoRAs in one call, each set's encodings cached)."""
         groups: dict[tuple, list[int]] = {}
         for k in range(len(texts)):
-            key = tuple((lora.name, lora.weight) for lora in self.region_loras
-                        if lora.region == k and lora.weight and lora.concept.text_lora)
-            groups.setdefault(key, []).append(k)
+            groups.setdefault(self._text_loras(k)[0], []).append(k)
         out: list[torch.Tensor | None] = [None] * len(texts)
         for key, members in groups.items():
             prompts = [texts[k] for k in members]
-            if not key:
-                encoded = self.encode(prompts)
-            else:
-                loras = [RegionLora(0, lora.concept, lora.weight, lora.name) for lora in self.region_loras
-                         if lora.region == members[0] and lora.weight and lora.concept.text_lora]
-                with self.text_root.changed(loras):
-                    encoded = self.encode(prompts, self.lora_caches.setdefault(key, {}))
+            with self.text_root.changed(self._text_loras(members[0])[1]) if key else contextlib.nullcontext():
+                encoded = self.encode(prompts, negative, key)
             for k, e in zip(members, _common_length(*encoded.unbind(0))):
                 out[k] = e
         return torch.stack(_common_length(*out))
 
-    def _texts_now(self, prompts: list[str], step: int, hires: bool) -> tuple[str, ...]:
-        """Each prompt's text at denoiser step `step`, as the host's prompt schedules pick it."""
+    def _schedules(self, prompts: list[str], hires: bool) -> list[list[tuple[int, str]]]:
+        """Each prompt's [(last step, text)] as the host schedules it for this pass."""
         p = self.p
         hires_steps = None
         if hires:
             steps = p.hr_second_pass_steps or p.steps
             config = sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
             hires_steps = config.total_steps(steps) if config else steps
-        schedules = prompt_parser.get_learned_conditioning_prompt_schedules(
+        return prompt_parser.get_learned_conditioning_prompt_schedules(
             prompts, p.firstpass_steps, hires_steps, shared.opts.use_old_scheduling)
-        return tuple(next((text for end, text in s if step <= end), s[-1][1]) for s in schedules)
+
+    def _texts_now(self, prompts: list[str], step: int, hires: bool) -> tuple[str, ...]:
+        """Each prompt's text at denoiser step `step`, as the host's prompt schedules pick it."""
+        return tuple(_at(step, s) for s in self._schedules(prompts, hires))
+
+    def _vectors_now(self, prompts: list[str], negative: bool, region: int, step: int, hires: bool) -> torch.Tensor:
+        """[n, V]: each prompt's vector input at this step, encoded as the host encodes it (each
+        prompt's scheduled texts as one batch, so an empty negative is zeros as there) with region
+        `region`'s text-encoder LoRAs, or with none for region -1. Cached per prompt."""
+        key, loras = self._text_loras(region) if region >= 0 else ((), [])
+        out = []
+        for prompt, schedule in zip(prompts, self._schedules(prompts, hires)):
+            entry = self.vector_cache.get((key, negative, hires, prompt))
+            if entry is None:
+                batch = prompt_parser.SdConditioning([text for _, text in schedule], is_negative_prompt=negative)
+                with torch.no_grad(), (self.text_root.changed(loras) if loras else contextlib.nullcontext()):
+                    vector = shared.sd_model.get_learned_conditioning(batch)["vector"]
+                entry = self.vector_cache[(key, negative, hires, prompt)] = ([end for end, _ in schedule], vector)
+            ends, vectors = entry
+            out.append(vectors[next((i for i, end in enumerate(ends) if step <= end), len(ends) - 1)])
+        return torch.stack(out)
+
+    def _vector_changes(self, step: int, hires: bool, n_cond: int, n_uncond: int) -> torch.Tensor | None:
+        """[R, K, V]: how region k's LoRAs change each row's vector input (the pooled part; the size
+        part, encoded alike both times, cancels), rows in the host's order: one cond row per prompt
+        or AND part, then one uncond row per negative. None when no region LoRA changes the pooled
+        encoder."""
+        if not self.pooled_regions:
+            return None
+        p = self.p
+        prompts = list(p.hr_prompts if hires else p.prompts)
+        negatives = list(p.hr_negative_prompts if hires else p.negative_prompts)
+        per_image, flat, _ = prompt_parser.get_multicond_prompt_list(prompts)
+        rows = [index for parts in per_image for index, _ in parts]
+        if len(rows) != n_cond or len(negatives) != n_uncond:
+            raise RuntimeError(f"Mix-of-Show: the step has {n_cond} cond and {n_uncond} uncond rows, the prompts "
+                               f"give {len(rows)} and {len(negatives)}")
+        index = torch.tensor(rows)
+        base_cond = self._vectors_now(flat, False, -1, step, hires)
+        base_uncond = self._vectors_now(negatives, True, -1, step, hires)
+        changes = base_cond.new_zeros(n_cond + n_uncond, len(self.spec.regions), base_cond.shape[-1])
+        for k in self.pooled_regions:
+            cond = self._vectors_now(flat, False, k, step, hires) - base_cond
+            uncond = self._vectors_now(negatives, True, k, step, hires) - base_uncond
+            changes[:, k] = torch.cat([cond.index_select(0, index.to(cond.device)), uncond])
+        return changes
 
     def _plan(self, params) -> None:
         p = self.p
@@ -253,8 +308,9 @@ class GenerationJob:
         height, width = params.x.shape[-2] * 8, params.x.shape[-1] * 8
         key = (n_cond, n_uncond, width, height, prompts, negatives)
         if key not in self.plans:
-            self.plans = {key: self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)}
-        region, rows, weights, levels, cond, uncond, global_weight = self.plans[key]
+            plan = self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)
+            self.plans = {key: (*plan, self._vector_changes(step, hires, n_cond, n_uncond))}
+        region, rows, weights, levels, cond, uncond, global_weight, vectors = self.plans[key]
         context = None
         if cond is not None or uncond is not None:  # the host's own rows change with prompt editing
             layers = self.binder.layers
@@ -266,7 +322,7 @@ class GenerationJob:
             context = torch.cat([cond, uncond]).to(region.device)
         if self.unet_deltas:
             self.unet_deltas.set_masks(levels)
-        self.processor.set_step(region, weights, context, global_weight, rows)
+        self.processor.set_step(region, weights, context, global_weight, rows, vectors)
 
     def _level_masks(self, width: int, height: int) -> dict[tuple[int, int], torch.Tensor]:
         """Region masks at every UNet level for this size (px boxes refer to the first pass)."""
@@ -285,7 +341,7 @@ class GenerationJob:
         text_uncond = self.family.crossattn(params.text_uncond)
         if regions:
             texts, negs = [r.text for r in regions], [r.negative for r in regions]
-            pos, neg = _common_length(self.encode_regions(texts), self.encode_regions(negs))  # [K, L, T, D]
+            pos, neg = _common_length(self.encode_regions(texts), self.encode_regions(negs, True))  # [K, L, T, D]
             if any(self.spec.global_weights()):
                 global_weight = torch.tensor(self.spec.global_weights(), device=device)
             if not any(self.binder.concept_tokens_in(t) for t in texts + negs):
@@ -306,8 +362,13 @@ class GenerationJob:
                 raise ConceptError("concept tokens cannot be combined with AND in the prompt")
             cond = self.encode(list(prompts)).to(device)  # [B, L, T, D]
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in negatives):
-            uncond = self.encode(list(negatives)).to(device)
+            uncond = self.encode(list(negatives), True).to(device)
         return region.to(device), rows, weights, levels, cond, uncond, global_weight
+
+
+def _at(step: int, schedule: list[tuple[int, str]]) -> str:
+    """The text a prompt schedule gives at denoiser step `step` (its last after the end)."""
+    return next((text for end, text in schedule if step <= end), schedule[-1][1])
 
 
 def job_of(p) -> GenerationJob | None:

@@ -74,7 +74,8 @@ def test_box_regions_through_all_70_layers_match_the_per_region_reference(xl):
 
 def test_a_region_lora_in_one_pass_equals_the_lora_merged(xl, tmp_path):
     """A whole-image region with a LoCon (convs at level 0, attention at levels 1-2, both text
-    encoders) is the LoRA merged, text side included; weight 0 is the base model bit for bit."""
+    encoders) is the LoRA merged, text side included: its context and, through `vector_changes`,
+    its pooled vector are the prompt encoded with the LoRA; weight 0 is the base model bit for bit."""
     from test_region_loras import merged
 
     lora = read_concept(layouts.kohya_locon(xl, few=True, seed=5).save(tmp_path, "x"), trigger="", family=SDXL)
@@ -90,12 +91,17 @@ def test_a_region_lora_in_one_pass_equals_the_lora_merged(xl, tmp_path):
         with text.installed():
             region_cond = xl.encode_ids(ids, WIDTH, HEIGHT)
         cond = xl.encode_ids(ids, WIDTH, HEIGHT)
-        deltas = RegionDeltas(xl.unet, [RegionLora(0, lora, 0.8)], 1)
+        deltas = RegionDeltas(xl.unet, [RegionLora(0, lora, 0.8)], 1, vectors=True)
         deltas.set_masks(regions.level_masks(spec, WIDTH, HEIGHT, family=SDXL))
+        rows = []
+        # the UNet gets the main vector; the region's own (bigG changed) comes as a change per region
+        deltas.vector_changes = lambda n: rows.append(n) or (region_cond["vector"] - cond["vector"]).unsqueeze(1)
         proc = RegionalContext(region_cond["crossattn"].unsqueeze(1), masks)
         proc.context_delta = deltas.context_delta
         with deltas.installed():
-            got = unet(xl, x, {"crossattn": cond["crossattn"], "vector": region_cond["vector"]}, proc)
+            got = unet(xl, x, cond, proc)
+        assert rows == [1]
+        assert not torch.equal(region_cond["vector"], cond["vector"])
         base = unet(xl, x, cond)
         zero = RegionDeltas(xl.unet, [RegionLora(0, lora, 0.0)], 1)
         assert not zero
@@ -103,3 +109,49 @@ def test_a_region_lora_in_one_pass_equals_the_lora_merged(xl, tmp_path):
             assert torch.equal(unet(xl, x, cond), base)
     assert (want - base).norm() > 1e-2 * base.norm()
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_each_regions_vector_reaches_the_blocks_only_inside_it(xl, tmp_path):
+    """Two regions with their own vector input (and region 1 a LoRA on the vector MLP): the first
+    ResBlock's feature map is, inside region r, the UNet's with r's vector (and LoRA), and outside
+    every region the UNet's with the main vector; a change given to the wrong region would fail."""
+    from test_region_loras import (
+        SPEC,
+        WEIGHTS,
+        assert_by_region,
+        level0,
+        merged,
+        only_time_embedding,
+        positions,
+    )
+
+    lora = read_concept(only_time_embedding(layouts.loha(xl, seed=12, few=True)).save(tmp_path, "v"), trigger="",
+                        family=SDXL)
+    gen = torch.Generator().manual_seed(11)
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([500.0, 20.0])
+    context = torch.randn(2, 77, xl.config.context_dim, generator=gen)
+    y = torch.randn(2, xl.config.vector_dim, generator=gen)
+    changes = torch.randn(2, 2, xl.config.vector_dim, generator=gen)  # [rows, regions, V]
+    block = xl.unet.get_submodule("input_blocks.1.0")
+    seen: list[torch.Tensor] = []
+
+    def feature_map(vector: torch.Tensor) -> torch.Tensor:
+        handle = block.out_layers.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            xl.unet(x, t, context=context, y=vector)
+        finally:
+            handle.remove()
+        return positions(seen.pop(), True)
+
+    deltas = RegionDeltas(xl.unet, [RegionLora(1, lora, WEIGHTS[1])], 2, vectors=True)
+    deltas.set_masks(regions.level_masks(SPEC, 64, 64, family=SDXL))
+    deltas.vector_changes = lambda n: changes[:n]
+    with torch.no_grad():
+        base = feature_map(y)
+        only = [feature_map(y + changes[:, 0])]
+        with merged(xl, lora, WEIGHTS[1]):
+            only.append(feature_map(y + changes[:, 1]))
+        with deltas.installed():
+            got = feature_map(y)
+    assert_by_region(got, base, only, level0(xl), "vector per region")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in xl.unet.modules())

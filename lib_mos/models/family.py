@@ -63,6 +63,7 @@ class ModelFamily:
     text_encoders: tuple[TextEncoderSpec, ...]
     unet_prefix: str  # the UNet's prefix in a host-layout checkpoint
     vector_dim: int | None  # the UNet's pooled/size vector `y` (SDXL), None when it has none
+    pooled_encoder: str | None  # key of the text encoder whose pooled output is part of `y`
     lora_versions: tuple[str, ...]  # prefixes of kohya's `ss_base_model_version` for this family
     lora_version_written: str  # what our writer puts there (the host's Lora list filters by it)
 
@@ -81,6 +82,11 @@ class ModelFamily:
     def dict_conditioning(self) -> bool:
         """The UNet is called with `{"crossattn": [B, T, D], "vector": [B, V]}`, not a tensor."""
         return self.vector_dim is not None
+
+    @property
+    def pooled_root(self) -> str | None:
+        """Text-root prefix of the encoder giving the pooled vector (a LoRA changes `y` only there)."""
+        return next((t.root for t in self.text_encoders if t.key == self.pooled_encoder), None)
 
     def crossattn(self, cond: Any) -> torch.Tensor:
         """The cross-attention context of a conditioning as the host passes it (tensor or dict)."""
@@ -117,6 +123,7 @@ SD1 = ModelFamily(
     text_encoders=(TextEncoderSpec("clip_l", 768, "cond_stage_model.transformer.", "lora_te_", 12, ""),),
     unet_prefix="model.diffusion_model.",
     vector_dim=None,
+    pooled_encoder=None,
     lora_versions=("sd_v1", "sd_1"),
     lora_version_written="sd_v1",
 )
@@ -139,6 +146,7 @@ SDXL = ModelFamily(
     ),
     unet_prefix="model.diffusion_model.",
     vector_dim=2816,  # pooled bigG 1280 + 6 size numbers x 256 Fourier features
+    pooled_encoder="clip_g",
     lora_versions=("sdxl",),
     lora_version_written="sdxl_base_v1-0",
 )

@@ -259,7 +259,8 @@ class SteppedRegionalContext:
     This holds in every batching mode of the host (one call; chunks of batch_size; cond chunks
     then an uncond call when token lengths differ; uncond rows dropped by NGMS or skip-early-CFG),
     because all of them process the rows as contiguous slices in that order. A new call is
-    recognised at attn2 layer 0, which every UNet call passes exactly once.
+    recognised at attn2 layer 0, which every UNet call passes exactly once, or earlier by
+    `vector_changes`, called from the UNet's vector embedding before any attention.
     """
 
     def __init__(self) -> None:
@@ -267,39 +268,62 @@ class SteppedRegionalContext:
         self._step: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None] | None = None
         self._rows: torch.Tensor | None = None
         self._global_weight: torch.Tensor | None = None
+        self._vectors: torch.Tensor | None = None
         self._cursor = 0
+        self._begun: tuple[int, int] | None = None  # rows taken by this call before its layer 0
         self.error: BaseException | None = None  # raised at the next call (hosts swallow callback errors)
 
     def set_step(self, region_context: torch.Tensor, weights: Sequence[torch.Tensor],
                  context: torch.Tensor | None = None, global_weight: torch.Tensor | None = None,
-                 rows: torch.Tensor | None = None) -> None:
+                 rows: torch.Tensor | None = None, vectors: torch.Tensor | None = None) -> None:
         """Rows of the whole step: region_context [R, (L,) K, Tr, D] (or its distinct contexts [U, ...]
         with `rows` [R] saying which each row uses), weights per layer [R, K, N_l] or [K, N_l],
         optional context [R, (L,) T, D] replacing the call's own, optional [K] shares of the global
-        prompt inside the regions."""
+        prompt inside the regions, optional [R, K, V] changes of each row's vector input per region
+        (handed out by `vector_changes`)."""
         self._step = (region_context, list(weights), context)
         self._rows = rows
         self._global_weight = global_weight
+        self._vectors = vectors
         self._cursor = 0
+        self._begun = None
 
     def clear(self) -> None:
         self._step = None
         self._rows = None
+        self._vectors = None
         self._cursor = 0
+        self._begun = None
         self.inner.clear_rows()
+
+    def _take(self, n: int) -> tuple[int, int]:
+        """The next n rows of the step, for the UNet call that starts now."""
+        if self.error is not None:
+            raise self.error
+        if self._step is None:
+            raise RuntimeError("SteppedRegionalContext: no plan for this denoising step")
+        total = len(self._rows) if self._rows is not None else self._step[0].shape[0]
+        a, b = self._cursor, self._cursor + n
+        if b > total:
+            raise RuntimeError(f"the UNet call needs rows {a}:{b} but the step has {total}")
+        self._cursor = b
+        return a, b
+
+    def vector_changes(self, n: int) -> torch.Tensor | None:
+        """Begin a UNet call of n rows (before its attention) and give its rows' [n, K, V] vector
+        changes (None when the step has none); attn2 layer 0 of the same call then takes no rows."""
+        self._begun = a, b = self._take(n)
+        return None if self._vectors is None else self._vectors[a:b]
 
     def __call__(self, module: nn.Module, layer: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if self.error is not None:
             raise self.error
         if layer == 0:
-            if self._step is None:
-                raise RuntimeError("SteppedRegionalContext: no plan for this denoising step")
+            begun, self._begun = self._begun, None
+            a, b = begun if begun is not None else self._take(x.shape[0])
+            if b - a != x.shape[0]:
+                raise RuntimeError(f"the UNet call began with {b - a} rows but its attention has {x.shape[0]}")
             region_context, weights, override = self._step
-            total = len(self._rows) if self._rows is not None else region_context.shape[0]
-            a, b = self._cursor, self._cursor + x.shape[0]
-            if b > total:
-                raise RuntimeError(f"the UNet call needs rows {a}:{b} but the step has {total}")
-            self._cursor = b
             if self._rows is None:
                 region_context, rows = region_context[a:b], None
             else:

@@ -17,7 +17,10 @@ pre-hook on the block's `out_layers` adds it where the region is. A change of th
 itself (`time_embed`) gives each region its own embedding [B, K, C]; every ResBlock then projects
 each region's embedding (with that region's own projection change) and adds the difference to the
 base projection where the region is: inside a region, each block sees what the UNet with only that
-region's LoRA gives it.
+region's LoRA gives it. SDXL's vector input `y` goes the same way when region LoRAs change the
+text encoder it is pooled from (`vectors=True`): `vector_changes(rows)` gives each row's change of
+`y` per region for the UNet call that starts, and region k's embedding is the vector MLP of its
+own `y`.
 
 How each change is computed: plain LoRAs (linear, LoCon conv without a Tucker core, no DoRA) and
 LoHa without Tucker cores (as a rank r1*r2 LoRA, `_low_rank`) stay low-rank, all regions'
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,7 @@ _EMB = ".emb_layers.1"
 # The UNet's embedding MLPs (Linear, SiLU, Linear), summed into the embedding every ResBlock
 # projects: the time embedding, and SDXL's pooled/size vector (`label_emb`).
 _EMBED_MLPS = ("time_embed", "label_emb.0")
+_VECTOR_MLP = _EMBED_MLPS[1]
 _TIME_LINEARS = tuple(f"{mlp}.{i}" for mlp in _EMBED_MLPS for i in (0, 2))
 _NOT_LOW_RANK = {"lora_mid.weight", "dora_scale", "bias"}
 
@@ -205,8 +209,12 @@ class RegionDeltas:
     `masked=False` a text encoder). `set_masks` gives the masks at every level before each UNet call."""
 
     def __init__(self, root: nn.Module, loras: Sequence[RegionLora], regions: int, *, masked: bool = True,
-                 text: bool = False) -> None:
+                 text: bool = False, vectors: bool = False) -> None:
         self.root, self.regions, self.masked = root, regions, masked
+        self.vectors = vectors and masked
+        # called at the start of every UNet call with its row count: [rows, K, V] changes of the
+        # vector input `y` per region, or None (the caller knows which rows the call takes)
+        self.vector_changes: Callable[[int], torch.Tensor | None] | None = None
         self.plans: dict[str, _Plan] = {}
         for lora in loras:
             if lora.weight == 0:  # exactly no change: nothing hooked for it
@@ -221,7 +229,7 @@ class RegionDeltas:
                     self.plans[name] = _Plan(name, root.get_submodule(name))
                 self.plans[name].add(lora.region, delta, lora.weight)
         self.time = {n: self.plans.pop(n) for n in _TIME_LINEARS if n in self.plans} if masked else {}
-        if self.time:  # every ResBlock must project each region's own embedding
+        if self.time or self.vectors:  # every ResBlock must project each region's own embedding
             for name, module in root.named_modules():
                 if hasattr(module, "emb_layers") and hasattr(module, "out_layers"):
                     self.plans.setdefault(name + _EMB, _Plan(name + _EMB, module.emb_layers[1]))
@@ -234,7 +242,7 @@ class RegionDeltas:
         self._stash: dict[int, torch.Tensor] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.plans or self.time)
+        return bool(self.plans or self.time or self.vectors)
 
     # ------------------------------------------------------------------------------ positions
     def set_masks(self, masks: Mapping[tuple[int, int], torch.Tensor]) -> None:
@@ -364,16 +372,28 @@ class RegionDeltas:
         plan = self._by_module.get(id(projection))
         return None if plan is None else self._each_region(plan, region_context)
 
-    def _region_mlp(self, mlp: nn.Module, prefix: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """[B, K, C]: an embedding MLP (Linear, SiLU, Linear) as each region's LoRAs change it."""
+    def _region_mlp(self, mlp: nn.Module, prefix: str, x: torch.Tensor, base: torch.Tensor,
+                    change: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, K, C]: an embedding MLP (Linear, SiLU, Linear) as each region's LoRAs change it, its
+        input x [B, in] changed per region by `change` [B, K, in] where given."""
         k = self.regions
         first, act, second = mlp[0], mlp[1], mlp[2]
-        if f"{prefix}.0" not in self.time and f"{prefix}.2" not in self.time:
+        if change is None and f"{prefix}.0" not in self.time and f"{prefix}.2" not in self.time:
             return base.unsqueeze(1).expand(-1, k, -1)
         x = x.to(base.dtype)
-        h = first(x).unsqueeze(1).expand(-1, k, -1)
-        if f"{prefix}.0" in self.time:
-            h = h + self._per_region(self.time[f"{prefix}.0"], x, h[:, 0])
+        if change is None:
+            h = first(x).unsqueeze(1).expand(-1, k, -1)
+            if f"{prefix}.0" in self.time:
+                h = h + self._per_region(self.time[f"{prefix}.0"], x, h[:, 0])
+        else:
+            if change.shape != (x.shape[0], k, x.shape[-1]):
+                raise RuntimeError(f"region LoRAs: {prefix} got {tuple(x.shape)}, the vector changes are "
+                                   f"{tuple(change.shape)}, not [rows, {k}, {x.shape[-1]}]")
+            xk = x.unsqueeze(1) + change.to(x.device, x.dtype)  # each region's own input
+            h = first(xk)
+            if f"{prefix}.0" in self.time:
+                d = self._each_region(self.time[f"{prefix}.0"], xk)
+                h = h if d is None else h + d
         h = act(h)
         out = second(h)
         if f"{prefix}.2" in self.time:
@@ -411,7 +431,7 @@ class RegionDeltas:
                     return _body(_plan, args[0], output)
 
                 handles.append(plan.module.register_forward_hook(hook))
-            if self.time:
+            if self.time or self.vectors:
                 for prefix in _EMBED_MLPS:
                     try:
                         mlp = self.root.get_submodule(prefix)
@@ -422,7 +442,10 @@ class RegionDeltas:
                         if _prefix == _EMBED_MLPS[0]:  # the first of a UNet call: forget the last call's
                             self._emb_parts.clear()
                         self._emb_parts.pop("sum", None)
-                        self._emb_parts[_prefix] = self._region_mlp(module, _prefix, args[0], output)
+                        change = None
+                        if self.vectors and _prefix == _VECTOR_MLP and self.vector_changes is not None:
+                            change = self.vector_changes(args[0].shape[0])
+                        self._emb_parts[_prefix] = self._region_mlp(module, _prefix, args[0], output, change)
 
                     handles.append(mlp.register_forward_hook(keep_embeddings))
             yield self

@@ -36,19 +36,20 @@ def test_plain_image_before(realhost_xl):
 
 @pytest.fixture(scope="module")
 def loras(realhost_xl):
-    """SDXL LoRAs as users download them (random values): a kohya LoCon on the UNet and CLIP-L (as
-    many SDXL LoRAs are trained) with the host's sidecar json, a LyCORIS LoHa on a sample of every
-    layer type of both text encoders and the UNet; and an SD1 LoRA in the same folder."""
+    """SDXL LoRAs as users download them (random values): a kohya LoCon on the UNet and both text
+    encoders (bigG changes the pooled vector too) with the host's sidecar json, a LyCORIS LoHa on a
+    sample of every layer type of both text encoders and the UNet; and an SD1 LoRA in the same
+    folder."""
     skeleton = sdxl.build_sdxl_skeleton()
 
-    def lighter(lora: layouts.LoraFile, te2: bool = True) -> layouts.LoraFile:
+    def lighter(lora: layouts.LoraFile) -> layouts.LoraFile:
         """Every layer type, but of the 10-deep level-2 transformers only their first block: the
         WebUI's own Lora keeps a copy of every weight it changes, and SDXL in fp32 already holds
         about 17 GB of this machine's 24 during a generation."""
-        return layouts.LoraFile({k: v for k, v in lora.tensors.items() if not re.search(r"transformer_blocks_[1-9]", k)
-                                 and (te2 or not k.startswith("lora_te2_"))}, lora.metadata)
+        return layouts.LoraFile({k: v for k, v in lora.tensors.items() if not re.search(r"transformer_blocks_[1-9]", k)},
+                                lora.metadata)
 
-    hero = lighter(layouts.kohya_locon(skeleton, few=True, seed=1), te2=False).save(realhost_xl.loras, "hero-xl")
+    hero = lighter(layouts.kohya_locon(skeleton, few=True, seed=1)).save(realhost_xl.loras, "hero-xl")
     layouts.write_sidecar(hero, "ohwx man")
     lighter(layouts.loha(skeleton, few=True, seed=2)).save(realhost_xl.loras, "bird-xl")
     layouts.kohya_lora(sd1.build_sd15_skeleton(), few=True).save(realhost_xl.loras, "old-sd1")

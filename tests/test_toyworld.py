@@ -6,6 +6,8 @@ them directly; the sampling ones use few seeds and steps and stay within seconds
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from lib_mos.concepts.concept import applied
 from lib_mos.fusion import pipeline as fusion
 from lib_mos.models import sd1
 from lib_mos.models.family import attn2_modules
+from lib_mos.regional.regions import Region, RegionSpec
 from lib_mos.toyworld import base, measure, novel, probe, weights, world
 from lib_mos.toyworld.codec import SD_PIXELS, PatchCodec, to_tensor
 
@@ -97,6 +100,59 @@ def test_probes_read_held_out_renders():
     assert attributes.predict(blue)["colour"][0] == list(world.COLOURS).index("blue")
 
 
+def test_wide_canvases_hold_one_object_per_cell_captioned_left_to_right():
+    images, scenes = world.batch(3, 4, cells=3)
+    assert images.shape == (4, 32, 96, 3)
+    for scene in scenes:
+        assert scene.width == 96 and len(scene.things) == 3
+        assert all(i * 32 < t.cx - t.r and t.cx + t.r < (i + 1) * 32 for i, t in enumerate(scene.things))
+        assert scene.caption() == " and ".join(f"a {t.words()}" for t in scene.things)
+    # each cell is the picture of its object alone (plain and grid backgrounds repeat every 32 px)
+    thing = world.Thing("triangle", "blue", "checked", cx=40.0, cy=14.0, r=9.0)
+    other = world.Thing("circle", "red", "striped", cx=15.0, cy=17.0, r=8.0)
+    for background in ("grey", "grid"):
+        wide = world.render(world.Scene((other, thing), background, width=64))
+        alone = world.render(world.Scene((world.Thing("triangle", "blue", "checked", cx=8.0, cy=14.0, r=9.0),),
+                                         background))
+        np.testing.assert_array_equal(wide[:, 32:], alone)
+    with pytest.raises(ValueError, match="base objects only"):
+        world.batch(3, 2, cells=2, style="rings")
+
+
+def test_the_attribute_probe_scores_placement_per_cell(toy):
+    """Renders of what was asked score 100%, the mirrored order (and a doubled object) not."""
+    rng = np.random.default_rng(0)
+    objects = [[world.random_thing(rng, r_range=(7.0, 10.0)) for _ in range(2)] for _ in range(16)]
+    objects = [row for row in objects if row[0].shape != row[1].shape][:8]
+    pics = to_tensor(np.stack([world.render(world.Scene(
+        tuple(dataclasses.replace(t, cx=t.cx + 32 * i) for i, t in enumerate(row)), "black", width=64))
+        for row in objects]))
+    right = measure.objects_placed(toy.attribute_probe, pics, objects)
+    assert right["placement"] == 1.0 and right["one_object_per_region"] == 1.0, right
+    assert measure.objects_placed(toy.attribute_probe, pics, [row[::-1] for row in objects])["placement"] == 0.0
+    doubled = pics.clone()
+    doubled[..., 32:] = to_tensor(np.stack([world.render(world.Scene(
+        (dataclasses.replace(row[1], cx=9.0, r=6.0), dataclasses.replace(row[1], cx=24.0, r=6.0)), "black"))
+        for row in objects]))
+    assert measure.objects_placed(toy.attribute_probe, doubled, objects)["one_object_per_region"] < 0.5
+
+
+def test_a_region_spec_per_picture_samples_as_each_spec_alone(toy):
+    """`pictures` with one spec per picture gives each picture what its own spec gives it."""
+    def spec(left: str, right: str) -> RegionSpec:
+        return RegionSpec((Region(left, box=(0.0, 0.0, 1.0, 0.5), units="fraction"),
+                           Region(right, box=(0.0, 0.5, 1.0, 1.0), units="fraction")))
+
+    a, b = spec("a red circle", "a blue square"), spec("a green cross", "a yellow triangle")
+    sampler = measure.Sampler(steps=3)
+    both = measure.pictures(toy.model, toy.codec, ["x", "y"], [1, 2], sampler=sampler, cells=2, spec=[a, b])
+    alone_a = measure.pictures(toy.model, toy.codec, ["x"], [1], sampler=sampler, cells=2, spec=a)
+    alone_b = measure.pictures(toy.model, toy.codec, ["y"], [2], sampler=sampler, cells=2, spec=b)
+    torch.testing.assert_close(both, torch.cat([alone_a, alone_b]), rtol=1e-4, atol=1e-4)
+    swapped = measure.pictures(toy.model, toy.codec, ["x", "y"], [1, 2], sampler=sampler, cells=2, spec=[b, a])
+    assert not torch.allclose(swapped, both, atol=1e-2)
+
+
 # ------------------------------------------------------------------------------------ base model
 
 
@@ -119,9 +175,20 @@ def test_base_draws_what_the_caption_says(toy):
     assert (pred["shape"] == shapes).sum() >= 3, pred
 
 
-def test_base_training_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("wide", [False, True], ids=["32x32", "wide canvases from the committed base"])
+def test_base_training_resumes_exactly(tmp_path, wide):
     s = base.BaseSettings(steps=3, batch_size=2, warmup=2, save_every=1000, snapshot_every=1000)
+    if wide:
+        s = dataclasses.replace(s, batch_size=6, wide_fraction=1.0, single_only_fraction=0.0,
+                                init=str(weights.WEIGHTS / weights.BASE))
+        assert {s.cells_at(i) for i in range(3)} <= {2, 3}
+        latents, captions = base.training_batch(s, 0, PatchCodec.load(weights.WEIGHTS / weights.CODEC))
+        cells = s.cells_at(0)
+        assert latents.shape == (6 // cells, 4, 16, 16 * cells) and len(captions) == 6 // cells
     straight = base.BaseTrainer(tmp_path / "a", s)
+    if wide:  # starts from the checkpoint's weights
+        start = base.load_base(weights.WEIGHTS / weights.BASE).unet.state_dict()
+        assert all(torch.equal(straight.model.unet.state_dict()[k], v) for k, v in start.items())
     for _ in range(3):
         straight.train_step()
     (tmp_path / "b").mkdir()

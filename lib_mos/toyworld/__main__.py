@@ -55,7 +55,9 @@ def _train_base(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     args.out.mkdir(parents=True, exist_ok=True)
     _codec(args.out)
-    final = base.train_base(args.out, base.BaseSettings(steps=args.steps),
+    settings = base.BaseSettings(steps=args.steps, lr=args.lr, warmup=args.warmup, wide_fraction=args.wide_fraction,
+                                 single_only_fraction=args.single_only_fraction, init=str(args.init or ""))
+    final = base.train_base(args.out, settings,
                             log=lambda m: print(m, flush=True), should_stop=lambda: stop["now"])
     return 0 if final else 130
 
@@ -65,7 +67,11 @@ def _curve(args: argparse.Namespace) -> int:
     attributes, _ = probe.Probe.load(args.probes / weights.ATTRIBUTE_PROBE)
     for snap in sorted((args.run / "snapshots").glob("ema-*.safetensors")):
         step = int(snap.stem.split("-")[1])
-        scores = measure.base_accuracy(base.load_base(snap), codec, attributes, seeds_per_caption=args.seeds)
+        model = base.load_base(snap)
+        scores = measure.base_accuracy(model, codec, attributes, seeds_per_caption=args.seeds)
+        if args.placement_seeds:  # plain prompts in 2 side-by-side regions: the composition ceiling
+            placed, _ = measure.prompt_placement(model, codec, attributes, 2, seeds=args.placement_seeds)
+            scores["placement_2"] = placed["placement"]
         print(json.dumps({"step": step, **{k: round(v, 4) for k, v in scores.items()}}), flush=True)
     return 0
 
@@ -101,10 +107,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train-base")
     p.add_argument("--out", type=Path, required=True, help="run folder (state, log, snapshots)")
     p.add_argument("--steps", type=int, default=base.BaseSettings.steps)
+    p.add_argument("--init", type=Path, help="start from this base checkpoint (fine-tune it)")
+    p.add_argument("--lr", type=float, default=base.BaseSettings.lr)
+    p.add_argument("--warmup", type=int, default=base.BaseSettings.warmup)
+    p.add_argument("--wide-fraction", type=float, default=base.BaseSettings.wide_fraction,
+                   help="share of steps on 64x32 / 96x32 canvases, one object per 32-px cell")
+    p.add_argument("--single-only-fraction", type=float, default=base.BaseSettings.single_only_fraction,
+                   help="the first part of the run shows one object only")
     p = sub.add_parser("curve")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--probes", type=Path, default=weights.WEIGHTS)
     p.add_argument("--seeds", type=int, default=2, help="samples per caption (48 captions)")
+    p.add_argument("--placement-seeds", type=int, default=32,
+                   help="pictures of plain prompts in two regions per snapshot (0: skip)")
     p = sub.add_parser("tune-concepts")
     p.add_argument("--weights", type=Path, default=weights.WEIGHTS)
     p.add_argument("--steps", type=int, help="training steps (default: the concept's recipe, novel.RECIPES)")

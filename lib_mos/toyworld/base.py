@@ -57,7 +57,13 @@ class BaseSettings:
     ema: float = 0.999
     caption_dropout: float = 0.1
     single_only_fraction: float = 0.25  # curriculum: the first part of the run shows one object only
-    two_fraction: float = 0.3  # afterwards, this share of scenes has two objects
+    two_fraction: float = 0.3  # afterwards, this share of 32x32 scenes has two objects
+    # afterwards, this share of steps shows wide canvases of one object per 32-px cell (`wide_cells`
+    # cells, one count per step, batch_size // cells pictures: the same pixels per step), so the
+    # base learns to draw several objects side by side, as regions ask of it
+    wide_fraction: float = 0.0
+    wide_cells: tuple[int, ...] = (2, 3)
+    init: str = ""  # a base checkpoint to start from (fine-tuning it) instead of fresh weights
     min_snr: float = 5.0
     seed: int = 0
     save_every: int = 250
@@ -65,6 +71,13 @@ class BaseSettings:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    def cells_at(self, step: int) -> int:
+        """Canvas width of step `step` in 32-px cells (a pure function of seed and step)."""
+        if step < self.single_only_fraction * self.steps or not self.wide_fraction or not self.wide_cells:
+            return 1
+        rng = np.random.default_rng(self.seed * 1_000_003 + step + 3)
+        return int(self.wide_cells[rng.integers(len(self.wide_cells))]) if rng.random() < self.wide_fraction else 1
 
 
 def build_base(seed: int = 0) -> sd1.SD1Model:
@@ -94,10 +107,11 @@ def captions_for(scenes: list[world.Scene], rng: np.random.Generator, dropout: f
 
 
 def training_batch(s: BaseSettings, step: int, codec: codec_mod.PatchCodec) -> tuple[torch.Tensor, list[str]]:
-    """Latents [B, 4, 16, 16] and captions of step `step`: a pure function of (seed, step)."""
+    """Latents [B, 4, 16, 16 * cells] and captions of step `step`: a pure function of (seed, step)."""
     two = 0.0 if step < s.single_only_fraction * s.steps else s.two_fraction
     seed = s.seed * 1_000_003 + step
-    images, scenes = world.batch(seed, s.batch_size, two_fraction=two)
+    cells = s.cells_at(step)
+    images, scenes = world.batch(seed, max(1, s.batch_size // cells), two_fraction=two, cells=cells)
     captions = captions_for(scenes, np.random.default_rng(seed + 7), s.caption_dropout)
     return codec.encode(codec_mod.to_tensor(images)), captions
 
@@ -120,6 +134,11 @@ class BaseTrainer:
     def __init__(self, out: Path, settings: BaseSettings) -> None:
         self.out, self.s = out, settings
         self.model = build_base(settings.seed)
+        if settings.init:
+            start = _params(load_base(settings.init))
+            with torch.no_grad():
+                for k, p in _params(self.model).items():
+                    p.copy_(start[k])
         self.params = _params(self.model)
         self.ema = {k: p.detach().clone() for k, p in self.params.items()}
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, betas=(0.9, 0.99),
@@ -146,7 +165,7 @@ class BaseTrainer:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             saved = json.loads(meta.get("settings", "{}"))
-            mine = dataclasses.asdict(self.s)
+            mine = json.loads(self.s.to_json())  # as saved: tuples become lists
             changed = {k for k in mine if k not in ("steps", "save_every", "snapshot_every") and saved.get(k) != mine[k]}
             if changed:
                 raise ValueError(f"{path}: the run was started with other settings ({sorted(changed)}); "

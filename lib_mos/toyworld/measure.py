@@ -42,20 +42,21 @@ class Sampler:
 
 def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str], seeds: Sequence[int], *,
              concepts: Sequence[Concept] = (), sampler: Sampler = Sampler(), cells: int = 1,
-             spec: RegionSpec | None = None) -> torch.Tensor:
+             spec: RegionSpec | Sequence[RegionSpec] | None = None) -> torch.Tensor:
     """[B, 3, 32, 32 * cells] pictures in [-1, 1] of prompts[i] with seeds[i], in batches.
 
     `spec`: regional sampling (its regions' prompts everywhere the spec puts them; `prompts` are the
-    global prompts), as the WebUI script runs it.
+    global prompts), as the WebUI script runs it; one spec for every picture, or one per picture
+    (their regions in the same places).
     """
     binder = PromptBinder(model, list(concepts))
     height, width = codec_mod.SD_PIXELS, codec_mod.SD_PIXELS * cells
-    processor, region_rows = None, None
-    if spec is not None:
-        regions = binder.encode([r.text for r in spec.regions])  # [K, L, 77, D]
-        negatives = binder.encode([r.negative for r in spec.regions])
-        region_rows = torch.stack([regions, negatives]).transpose(1, 2)  # [2, L, K, 77, D]
-        masks = layer_masks(spec, width, height)
+    specs = None if spec is None else [spec] * len(prompts) if isinstance(spec, RegionSpec) else list(spec)
+    processor = masks = None
+    if specs is not None:
+        if len(specs) != len(prompts):
+            raise ValueError(f"{len(specs)} region specs for {len(prompts)} prompts")
+        masks = layer_masks(specs[0], width, height)
         processor = RegionalContext()
     out = []
     for i in range(0, len(prompts), sampler.batch):
@@ -63,8 +64,11 @@ def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str
         cond = binder.encode(chunk)
         uncond = binder.encode([NEGATIVE] * len(chunk))
         if processor is not None:
-            b = len(chunk)
-            rows = region_rows[:, None].expand(2, b, *region_rows.shape[1:]).reshape(2 * b, *region_rows.shape[1:])
+            chunk_specs = specs[i:i + sampler.batch]
+            k = len(chunk_specs[0].regions)
+            texts = [r.text for s in chunk_specs for r in s.regions] + [r.negative for s in chunk_specs for r in s.regions]
+            rows = binder.encode(texts)  # [2 B K, L, 77, D]: cond rows' regions, then uncond rows'
+            rows = rows.reshape(2 * len(chunk), k, *rows.shape[1:]).transpose(1, 2)  # [2 B, L, K, 77, D]
             processor.set_rows(rows, masks)
         latents = sampling.sample_euler(model, cond, uncond, seeds=chunk_seeds, height=height, width=width,
                                         steps=sampler.steps, cfg_scale=sampler.cfg, processor=processor)
@@ -97,6 +101,39 @@ def base_accuracy(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, *,
     result["all_correct"] = float(np.logical_and.reduce(list(ok.values())).mean())
     result["samples"] = len(prompts)
     return result
+
+
+def prompt_placement(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, cells: int, *, seeds: int = 32,
+                     sampler: Sampler = Sampler(), first_seed: int = 4000) -> tuple[dict[str, float], torch.Tensor]:
+    """The ceiling of composition: plain prompts in `cells` side-by-side regions (random base
+    objects, the global prompt naming them left to right), scored by `objects_placed`. Also
+    returns the pictures."""
+    rng = np.random.default_rng(first_seed)
+    objects = [[world.random_thing(rng) for _ in range(cells)] for _ in range(seeds)]
+    prompts = [" and ".join(f"a {t.words()}" for t in row) for row in objects]
+    specs = [RegionSpec(tuple(Region(f"a {t.words()}", box=(0.0, i / cells, 1.0, (i + 1) / cells), units="fraction")
+                              for i, t in enumerate(row))) for row in objects]
+    pics = pictures(model, codec, prompts, [first_seed + i for i in range(seeds)], sampler=sampler, cells=cells,
+                    spec=specs)
+    return {**objects_placed(probe, pics, objects), "samples": seeds}, pics
+
+
+def objects_placed(probe: Probe, pics: torch.Tensor, objects: Sequence[Sequence[world.Thing]]) -> dict[str, float]:
+    """Pictures [B, 3, 32, 32 k] of base objects asked for left to right (objects[b][i] in the
+    i-th 32-px square): `placement`, the share where every square's crop shows one object of the
+    shape and colour asked for there; `all_attributes`, texture right too; `one_object_per_region`."""
+    k, size, n = len(objects[0]), world.SIZE, len(objects)
+    crops = torch.cat([pics[..., i * size:(i + 1) * size] for i in range(k)])  # region-major
+    pred = probe.predict(crops)
+    asked = [row[i] for i in range(k) for row in objects]
+    truth = {"shape": [world.SHAPES.index(t.shape) for t in asked],
+             "colour": [list(world.COLOURS).index(t.colour) for t in asked],
+             "texture": [world.TEXTURES.index(t.texture) for t in asked]}
+    ok = {key: (pred[key] == np.asarray(v)).reshape(k, n) for key, v in truth.items()}
+    one = (pred["count"] == 0).reshape(k, n)
+    placed = (ok["shape"] & ok["colour"] & one).all(axis=0)
+    return {"placement": float(placed.mean()), "all_attributes": float((placed & ok["texture"].all(axis=0)).mean()),
+            "one_object_per_region": float(one.all(axis=0).mean())}
 
 
 # ------------------------------------------------------------------------------------ concepts

@@ -1,4 +1,5 @@
-"""The toy world: 32x32 pictures of one or two simple objects, with captions, deterministic by seed.
+"""The toy world: 32x32 pictures of one or two simple objects, and wide canvases (64x32, 96x32) of
+one object per 32-px cell, with captions, deterministic by seed.
 
 An object is a shape x colour x texture (4 x 4 x 3 = 48 kinds) at a position and size; the
 background is plain or faintly patterned (never named in captions, so the model learns it as
@@ -11,6 +12,8 @@ anti-aliased by 4x supersampling. Everything is numpy, vectorised per object.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -54,6 +57,7 @@ class Thing:
 class Scene:
     things: tuple[Thing, ...]
     background: str = "black"
+    width: int = SIZE  # pixels; the height is always SIZE
 
     def caption(self) -> str:
         """"a red circle" or "a red circle and a blue striped square" (base objects only)."""
@@ -65,15 +69,13 @@ class Scene:
 # ------------------------------------------------------------------------------------ geometry
 
 
-def _grid(scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates at `scale` subsamples per pixel, in pixel units."""
-    n = SIZE * scale
-    c = (np.arange(n) + 0.5) / scale
-    return np.meshgrid(c, c)  # x, y
-
-
-_XS, _YS = _grid(_SS)
-_X1, _Y1 = _grid(1)
+@functools.cache
+def _grid(scale: int, width: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates of a SIZE x width canvas at `scale` subsamples per pixel, in pixel
+    units: x [SIZE * scale, width * scale], y alike (read-only: shared between calls)."""
+    x, y = np.meshgrid((np.arange(width * scale) + 0.5) / scale, (np.arange(SIZE * scale) + 0.5) / scale)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
 
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -93,20 +95,20 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, x: np.ndarray, y: np.
     raise ValueError(f"unknown shape {shape!r}; the world knows {SHAPES}")
 
 
-def coverage(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
-    """[32, 32] fraction of each pixel inside the shape (anti-aliased alpha)."""
-    inside = shape_mask(shape, cx, cy, r, _XS, _YS).astype(np.float32)
-    return inside.reshape(SIZE, _SS, SIZE, _SS).mean(axis=(1, 3))
+def coverage(shape: str, cx: float, cy: float, r: float, width: int = SIZE) -> np.ndarray:
+    """[32, width] fraction of each pixel inside the shape (anti-aliased alpha)."""
+    inside = shape_mask(shape, cx, cy, r, *_grid(_SS, width)).astype(np.float32)
+    return inside.reshape(SIZE, _SS, width, _SS).mean(axis=(1, 3))
 
 
 # ------------------------------------------------------------------------------------ painting
 
 
-def _texture_fill(colour: tuple[float, float, float], texture: str) -> np.ndarray:
+def _texture_fill(colour: tuple[float, float, float], texture: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     c = np.asarray(colour, dtype=np.float32)
-    xi, yi = _X1.astype(int), _Y1.astype(int)
+    xi, yi = x.astype(int), y.astype(int)
     if texture == "plain":
-        light = np.ones((SIZE, SIZE), bool)
+        light = np.ones(x.shape, bool)
     elif texture == "striped":
         light = (yi // 2) % 2 == 0
     elif texture == "checked":
@@ -120,32 +122,33 @@ def _two_tone(a: tuple[float, float, float], b: tuple[float, float, float], whic
     return np.where(which[..., None], np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-# Novel styles: (shape, painter(thing) -> [32, 32, 3] fill). Colours and patterns the base world lacks.
-def _rings(t: Thing) -> np.ndarray:
-    d = np.hypot(_X1 - t.cx, _Y1 - t.cy)
+# Novel styles: (shape, painter(thing, x, y) -> [32, width, 3] fill on pixel-centre coordinates x, y).
+# Colours and patterns the base world lacks.
+def _rings(t: Thing, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    d = np.hypot(x - t.cx, y - t.cy)
     return _two_tone((1.0, 0.55, 0.05), (0.97, 0.97, 0.97), (d // 2.2).astype(int) % 2 == 0)
 
 
-def _frame(t: Thing) -> np.ndarray:
-    edge = np.maximum(np.abs(_X1 - t.cx), np.abs(_Y1 - t.cy))
+def _frame(t: Thing, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    edge = np.maximum(np.abs(x - t.cx), np.abs(y - t.cy))
     return _two_tone((0.1, 0.9, 0.9), (0.85, 0.1, 0.75), edge >= 0.82 * t.r - 2.5)
 
 
-def _zebra(t: Thing) -> np.ndarray:
-    xi, yi = _X1.astype(int), _Y1.astype(int)
+def _zebra(t: Thing, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    xi, yi = x.astype(int), y.astype(int)
     return _two_tone((0.55, 0.15, 0.85), (0.97, 0.97, 0.97), ((xi + yi) // 2) % 2 == 0)
 
 
-def _split(t: Thing) -> np.ndarray:
-    return _two_tone((0.0, 0.62, 0.55), (1.0, 0.55, 0.7), t.cx > _X1)
+def _split(t: Thing, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return _two_tone((0.0, 0.62, 0.55), (1.0, 0.55, 0.7), t.cx > x)
 
 
-def _core(t: Thing) -> np.ndarray:
-    centre = np.maximum(np.abs(_X1 - t.cx), np.abs(_Y1 - t.cy)) <= 0.36 * t.r
+def _core(t: Thing, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    centre = np.maximum(np.abs(x - t.cx), np.abs(y - t.cy)) <= 0.36 * t.r
     return _two_tone((0.95, 0.1, 0.1), (0.96, 0.96, 0.96), centre)
 
 
-STYLES: dict[str, tuple[str, Callable[[Thing], np.ndarray]]] = {
+STYLES: dict[str, tuple[str, Callable[[Thing, np.ndarray, np.ndarray], np.ndarray]]] = {
     "rings": ("circle", _rings),  # orange and white concentric rings
     "frame": ("square", _frame),  # magenta with a cyan border
     "zebra": ("triangle", _zebra),  # purple and white diagonal stripes
@@ -154,31 +157,34 @@ STYLES: dict[str, tuple[str, Callable[[Thing], np.ndarray]]] = {
 }
 
 
-def _background(name: str) -> np.ndarray:
+def _background(name: str, width: int = SIZE) -> np.ndarray:
+    x, y = _grid(1, width)
     if name in _PLAIN_BG:
-        return np.broadcast_to(np.asarray(_PLAIN_BG[name], np.float32), (SIZE, SIZE, 3)).copy()
+        return np.broadcast_to(np.asarray(_PLAIN_BG[name], np.float32), (SIZE, width, 3)).copy()
     if name == "grid":
-        line = ((_X1.astype(int) % 8) < 2) | ((_Y1.astype(int) % 8) < 2)  # 2 px: on the codec's grid
+        line = ((x.astype(int) % 8) < 2) | ((y.astype(int) % 8) < 2)  # 2 px: on the codec's grid
         return _two_tone((0.22, 0.22, 0.26), (0.08, 0.08, 0.10), line)
-    if name == "gradient":
-        g = ((_X1 + _Y1) / (2 * SIZE))[..., None].astype(np.float32)
+    if name == "gradient":  # corner to corner, whatever the width
+        g = ((x / width + y / SIZE) / 2)[..., None].astype(np.float32)
         return (1 - g) * np.asarray((0.02, 0.02, 0.08), np.float32) + g * np.asarray((0.25, 0.12, 0.25), np.float32)
     raise ValueError(f"unknown background {name!r}; the world knows {BACKGROUNDS}")
 
 
 def render(scene: Scene) -> np.ndarray:
-    """[32, 32, 3] float32 RGB in [0, 1]; later objects are painted over earlier ones."""
-    img = _background(scene.background)
+    """[32, width, 3] float32 RGB in [0, 1]; later objects are painted over earlier ones."""
+    width = scene.width
+    img = _background(scene.background, width)
+    x, y = _grid(1, width)
     for t in scene.things:
         if t.style is not None:
             if t.style not in STYLES:
                 raise ValueError(f"unknown style {t.style!r}; the world knows {sorted(STYLES)}")
-            fill = STYLES[t.style][1](t)
+            fill = STYLES[t.style][1](t, x, y)
         else:
             if t.colour not in COLOURS:
                 raise ValueError(f"unknown colour {t.colour!r}; the world knows {sorted(COLOURS)}")
-            fill = _texture_fill(COLOURS[t.colour], t.texture)
-        alpha = coverage(t.shape, t.cx, t.cy, t.r)[..., None]
+            fill = _texture_fill(COLOURS[t.colour], t.texture, x, y)
+        alpha = coverage(t.shape, t.cx, t.cy, t.r, width)[..., None]
         img = img * (1 - alpha) + fill * alpha
     return img.astype(np.float32)
 
@@ -214,10 +220,26 @@ def random_scene(rng: np.random.Generator, n_objects: int = 1, *, style: str | N
     raise ValueError("scenes hold one or two objects")
 
 
-def batch(seed: int, n: int, *, two_fraction: float = 0.0, style: str | None = None) -> tuple[np.ndarray, list[Scene]]:
-    """n scenes from one seed: images [n, 32, 32, 3] in [0, 1] and the scenes (for captions/labels)."""
+def wide_scene(rng: np.random.Generator, cells: int) -> Scene:
+    """A canvas `cells` x 32 px wide with one base object per 32-px cell, each sized as a single
+    object's (so every cell looks like a one-object picture); captioned left to right."""
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    things = tuple(
+        dataclasses.replace(t, cx=t.cx + i * SIZE) for i, t in enumerate(random_thing(rng) for _ in range(cells)))
+    return Scene(things, background, width=cells * SIZE)
+
+
+def batch(seed: int, n: int, *, two_fraction: float = 0.0, style: str | None = None,
+          cells: int = 1) -> tuple[np.ndarray, list[Scene]]:
+    """n scenes from one seed: images [n, 32, 32 * cells, 3] in [0, 1] and the scenes (for
+    captions/labels); `cells` > 1 gives wide canvases of one base object per cell."""
     rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng, 2 if rng.random() < two_fraction else 1, style=style) for _ in range(n)]
+    if cells > 1:
+        if style is not None:
+            raise ValueError("wide canvases hold base objects only")
+        scenes = [wide_scene(rng, cells) for _ in range(n)]
+    else:
+        scenes = [random_scene(rng, 2 if rng.random() < two_fraction else 1, style=style) for _ in range(n)]
     return np.stack([render(s) for s in scenes]), scenes
 
 

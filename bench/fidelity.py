@@ -7,13 +7,19 @@ concepts merged into one model:
 - fused:   the product's gradient fusion (lib_mos.fusion.fuse, exact solver, default settings
            except the toy world's prompt templates and picture size);
 - average: every concept's LoRA merged at weight 1/N (weight averaging);
-- stacked: every LoRA merged at full weight (LoRA stacking).
+- stacked: every LoRA merged at full weight (LoRA stacking);
+- region_loras: nothing merged; each concept's LoRA applied inside its own region only, in the
+           same pass (the product's region LoRAs), composed rows only.
 
 identity: the share of "a <tok1> <tok2>" pictures the concept probe reads as that concept (mean
-over the concepts; every concept's tokens bound). placement: regional composition of 2 and 3
-concepts side by side (a global prompt naming their shapes, one region per concept, the
-product's RegionalContext), the share of pictures in which every region's crop is its own
-concept. "single" rows are each concept alone with its own LoRA: the ceiling.
+over the concepts; every concept's tokens bound); for region_loras and prompts, the share of
+region crops read as what their region asks. placement: regional composition of 2 and 3 concepts
+side by side (a global prompt naming their shapes, one region per concept, the product's
+RegionalContext), the share of pictures in which every region's crop is its own concept.
+"single" rows are each concept alone with its own LoRA: the ceiling of identity. "prompts" rows
+are plain prompts (random base objects) in the same regions, read by the attribute probe: the
+ceiling of placement, set by the base model. Every share comes with its 95% interval (Wilson):
+identity_low/high, low/high for placement.
 
     .venv/bin/python bench/fidelity.py            # 32 seeds per measure, 30 sampling steps
     .venv/bin/python bench/fidelity.py --quick    # 8 seeds, 20 steps (a few minutes on 2 cores)
@@ -39,7 +45,7 @@ from lib_mos.fusion import pipeline as fusion
 from lib_mos.toyworld import measure, weights
 from lib_mos.toyworld.codec import to_pil
 
-METHODS = ("fused", "average", "stacked")
+METHODS = ("fused", "average", "stacked")  # merged into the weights; "region_loras" is composed only
 TEMPLATES = ("a {}", "{}")  # the toy world's captions around the concept's tokens
 
 
@@ -73,12 +79,27 @@ def run(args: argparse.Namespace) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    def save(pics, name: str) -> None:
+        if args.images:
+            args.images.mkdir(parents=True, exist_ok=True)
+            for i, pic in enumerate(to_pil(pics[:4])):
+                pic.resize((pic.width * 4, pic.height * 4), 0).save(args.images / f"{name}-{i}.png")
+
+    for n in args.compose:  # the ceiling of placement: plain prompts, the base model alone
+        t0 = time.perf_counter()
+        scores, pics = measure.prompt_placement(world.model, world.codec, world.attribute_probe, n, seeds=seeds,
+                                                sampler=sampler)
+        save(pics, f"compose-{n}-prompts")
+        emit({"concepts": n, "method": "prompts", **with_intervals(scores["identity"], n * seeds),
+              **placement(scores["placement"], seeds), "all_attributes": scores["all_attributes"],
+              "seconds": round(time.perf_counter() - t0, 1)})
     singles = []
     for label, concept in enumerate(world.concepts):
         with merged(world, [concept], "single", args.quick) as bound:
             singles.append(measure.identity_rate(world.model, world.codec, world.concept_probe, bound, [label],
                                                  seeds=seeds, sampler=sampler)[0])
-    emit({"concepts": 1, "method": "single", "identity": sum(singles) / len(singles),
+    emit({"concepts": 1, "method": "single",
+          **with_intervals(sum(singles) / len(singles), len(singles) * seeds),
           "identity_per_concept": dict(zip((c.name for c in world.concepts), singles))})
     for n in args.counts:
         chosen, labels = world.concepts[:n], list(range(n))
@@ -87,27 +108,43 @@ def run(args: argparse.Namespace) -> list[dict]:
             with merged(world, chosen, method, args.quick) as bound:
                 identity = measure.identity_rate(world.model, world.codec, world.concept_probe, bound, labels,
                                                  seeds=seeds, sampler=sampler)
-                row = {"concepts": n, "method": method, "identity": sum(identity) / n,
+                row = {"concepts": n, "method": method, **with_intervals(sum(identity) / n, n * seeds),
                        "identity_per_concept": dict(zip((c.name for c in chosen), identity))}
                 if n in args.compose:
                     rate, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, bound, labels,
                                                         world.classes[:n], seeds=seeds, sampler=sampler)
-                    row["placement"] = rate
-                    if args.images:
-                        args.images.mkdir(parents=True, exist_ok=True)
-                        for i, pic in enumerate(to_pil(pics[:4])):
-                            pic.resize((pic.width * 4, pic.height * 4), 0).save(
-                                args.images / f"compose-{n}-{method}-{i}.png")
+                    row.update(placement(rate, seeds))
+                    save(pics, f"compose-{n}-{method}")
             row["seconds"] = round(time.perf_counter() - t0, 1)
             emit(row)
+        if n in args.compose:  # nothing merged: each LoRA inside its own region, one pass
+            t0 = time.perf_counter()
+            _, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, chosen, labels,
+                                             world.classes[:n], seeds=seeds, sampler=sampler, region_loras=True)
+            reads = measure.region_reads(world.concept_probe, pics, labels)  # [n, seeds]
+            save(pics, f"compose-{n}-region_loras")
+            emit({"concepts": n, "method": "region_loras", **with_intervals(float(reads.mean()), reads.size),
+                  "identity_per_concept": dict(zip((c.name for c in chosen), map(float, reads.mean(axis=1)))),
+                  **placement(float(reads.all(axis=0).mean()), seeds), "seconds": round(time.perf_counter() - t0, 1)})
     return rows
 
 
+def with_intervals(identity: float, n: int) -> dict:
+    low, high = measure.interval(identity * n, n)
+    return {"identity": identity, "identity_low": round(low, 4), "identity_high": round(high, 4), "samples": n}
+
+
+def placement(rate: float, n: int) -> dict:
+    low, high = measure.interval(rate * n, n)
+    return {"placement": rate, "low": round(low, 4), "high": round(high, 4)}
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| concepts | method | identity | placement |", "|---|---|---|---|"]
+    lines = ["| concepts | method | identity (95% interval) | placement (95% interval) |", "|---|---|---|---|"]
     for r in rows:
-        placement = f"{r['placement']:.0%}" if "placement" in r else ""
-        lines.append(f"| {r['concepts']} | {r['method']} | {r['identity']:.0%} | {placement} |")
+        identity = f"{r['identity']:.0%} ({r['identity_low']:.0%}-{r['identity_high']:.0%})"
+        where = f"{r['placement']:.0%} ({r['low']:.0%}-{r['high']:.0%})" if "placement" in r else ""
+        lines.append(f"| {r['concepts']} | {r['method']} | {identity} | {where} |")
     return "\n".join(lines)
 
 
@@ -115,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--weights", type=Path, default=weights.WEIGHTS)
-    parser.add_argument("--counts", type=int, nargs="+", default=[2, 3, 5])
+    parser.add_argument("--counts", type=int, nargs="+", default=[2, 3, 5], help="concepts merged together")
     parser.add_argument("--compose", type=int, nargs="*", default=[2, 3], help="concept counts also composed regionally")
     parser.add_argument("--images", type=Path, help="save a few composition pictures here")
     args = parser.parse_args()

@@ -260,6 +260,25 @@ def test_regional_sampling_draws_each_concept_in_its_square(toy):
     assert rate > mirrored, (rate, mirrored)
 
 
+def test_region_loras_draw_each_concept_in_its_square_with_nothing_merged(toy):
+    """Each concept's LoRA inside its own region only (the product's region LoRAs, one pass): some
+    pictures right, more than mirrored, and the model's weights untouched."""
+    pair = toy.concepts[:2]
+    before = {k: v.clone() for k, v in toy.model.unet.state_dict().items()}
+    rate, pics = measure.placement_rate(toy.model, toy.codec, toy.concept_probe, pair, [0, 1], toy.classes[:2],
+                                        seeds=8, sampler=measure.Sampler(steps=20), region_loras=True)
+    mirrored = float(measure.placed(toy.concept_probe, pics, [1, 0]).mean())
+    assert rate > mirrored, (rate, mirrored)
+    assert measure.region_reads(toy.concept_probe, pics, [0, 1]).shape == (2, 8)
+    assert all(torch.equal(v, before[k]) for k, v in toy.model.unet.state_dict().items())
+
+
+def test_shares_come_with_wilsons_interval():
+    low, high = measure.interval(16, 32)
+    assert (round(low, 3), round(high, 3)) == (0.336, 0.664)
+    assert measure.interval(0, 8)[0] == 0.0 and measure.interval(8, 8)[1] == 1.0
+
+
 def test_fused_weights_are_applied_and_restored(toy):
     model = toy.model
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}

@@ -76,6 +76,7 @@ class PromptBinder:
     def __init__(self, model: SD1Model | None, concepts: Sequence[Concept] = (),
                  family: ModelFamily | None = None) -> None:
         self.model = model
+        self.concepts = tuple(concepts)
         family = family or (model.family if model is not None else None)
         if family is None:
             raise ValueError("PromptBinder needs a model or a model family")

@@ -8,6 +8,7 @@ codec's decode, so what the probes see is what a user would see.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from lib_mos.concepts.concept import Concept
 from lib_mos.models import sampling
 from lib_mos.models.sd1 import SD1Model
 from lib_mos.regional.attention import RegionalContext
-from lib_mos.regional.regions import Region, RegionSpec, layer_masks
+from lib_mos.regional.loras import RegionDeltas, RegionLora
+from lib_mos.regional.regions import Region, RegionSpec, layer_masks, level_masks
 from lib_mos.toyworld import codec as codec_mod
 from lib_mos.toyworld import world
 from lib_mos.toyworld.probe import Probe
@@ -42,38 +44,60 @@ class Sampler:
 
 def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str], seeds: Sequence[int], *,
              concepts: Sequence[Concept] = (), sampler: Sampler = Sampler(), cells: int = 1,
-             spec: RegionSpec | Sequence[RegionSpec] | None = None) -> torch.Tensor:
+             spec: RegionSpec | Sequence[RegionSpec] | None = None,
+             region_loras: Sequence[RegionLora] = ()) -> torch.Tensor:
     """[B, 3, 32, 32 * cells] pictures in [-1, 1] of prompts[i] with seeds[i], in batches.
 
     `spec`: regional sampling (its regions' prompts everywhere the spec puts them; `prompts` are the
     global prompts), as the WebUI script runs it; one spec for every picture, or one per picture
-    (their regions in the same places).
+    (their regions in the same places). `region_loras`: LoRAs applied inside their regions only,
+    unfused, in the same pass (`regional.loras`), each region's text encoded with its own.
     """
     binder = PromptBinder(model, list(concepts))
     height, width = codec_mod.SD_PIXELS, codec_mod.SD_PIXELS * cells
     specs = None if spec is None else [spec] * len(prompts) if isinstance(spec, RegionSpec) else list(spec)
     processor = masks = None
+    unet_deltas: RegionDeltas | None = None
     if specs is not None:
         if len(specs) != len(prompts):
             raise ValueError(f"{len(specs)} region specs for {len(prompts)} prompts")
         masks = layer_masks(specs[0], width, height)
         processor = RegionalContext()
+        if region_loras:
+            unet_deltas = RegionDeltas(model.unet, region_loras, len(specs[0].regions))
+            unet_deltas.set_masks(level_masks(specs[0], width, height))
+            processor.context_delta = unet_deltas.context_delta
+    elif region_loras:
+        raise ValueError("region LoRAs need a region spec")
     out = []
     for i in range(0, len(prompts), sampler.batch):
         chunk, chunk_seeds = list(prompts[i:i + sampler.batch]), list(seeds[i:i + sampler.batch])
         cond = binder.encode(chunk)
         uncond = binder.encode([NEGATIVE] * len(chunk))
         if processor is not None:
-            chunk_specs = specs[i:i + sampler.batch]
-            k = len(chunk_specs[0].regions)
-            texts = [r.text for s in chunk_specs for r in s.regions] + [r.negative for s in chunk_specs for r in s.regions]
-            rows = binder.encode(texts)  # [2 B K, L, 77, D]: cond rows' regions, then uncond rows'
-            rows = rows.reshape(2 * len(chunk), k, *rows.shape[1:]).transpose(1, 2)  # [2 B, L, K, 77, D]
+            rows = _region_rows(binder, specs[i:i + sampler.batch], region_loras)
             processor.set_rows(rows, masks)
-        latents = sampling.sample_euler(model, cond, uncond, seeds=chunk_seeds, height=height, width=width,
-                                        steps=sampler.steps, cfg_scale=sampler.cfg, processor=processor)
+        with unet_deltas.installed() if unet_deltas else contextlib.nullcontext():
+            latents = sampling.sample_euler(model, cond, uncond, seeds=chunk_seeds, height=height, width=width,
+                                            steps=sampler.steps, cfg_scale=sampler.cfg, processor=processor)
         out.append(codec.decode(latents).clamp(-1, 1))
     return torch.cat(out)
+
+
+def _region_rows(binder: PromptBinder, specs: Sequence[RegionSpec], region_loras: Sequence[RegionLora]) -> torch.Tensor:
+    """[2 B, L, K, 77, D]: every picture's region prompts (cond rows), then their negatives (uncond
+    rows), region k's texts encoded with region k's LoRAs' text-encoder changes."""
+    out = []
+    for r in range(len(specs[0].regions)):
+        mine = [RegionLora(0, lora.concept, lora.weight, lora.name) for lora in region_loras
+                if lora.region == r and lora.weight and lora.concept.text_lora]
+        texts = [s.regions[r].text for s in specs] + [s.regions[r].negative for s in specs]
+        if mine:  # a binder of its own: the shared one caches encodings without this region's LoRAs
+            with RegionDeltas(binder.model.text_root, mine, 1, masked=False, text=True).installed():
+                out.append(PromptBinder(binder.model, binder.concepts).encode(texts))
+        else:
+            out.append(binder.encode(texts))  # [2 B, L, 77, D]
+    return torch.stack(out, dim=2)
 
 
 # ------------------------------------------------------------------------------------ base model
@@ -121,7 +145,8 @@ def prompt_placement(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe,
 def objects_placed(probe: Probe, pics: torch.Tensor, objects: Sequence[Sequence[world.Thing]]) -> dict[str, float]:
     """Pictures [B, 3, 32, 32 k] of base objects asked for left to right (objects[b][i] in the
     i-th 32-px square): `placement`, the share where every square's crop shows one object of the
-    shape and colour asked for there; `all_attributes`, texture right too; `one_object_per_region`."""
+    shape and colour asked for there; `all_attributes`, texture right too; `one_object_per_region`;
+    `identity`, the share of crops with all three attributes right."""
     k, size, n = len(objects[0]), world.SIZE, len(objects)
     crops = torch.cat([pics[..., i * size:(i + 1) * size] for i in range(k)])  # region-major
     pred = probe.predict(crops)
@@ -133,7 +158,8 @@ def objects_placed(probe: Probe, pics: torch.Tensor, objects: Sequence[Sequence[
     one = (pred["count"] == 0).reshape(k, n)
     placed = (ok["shape"] & ok["colour"] & one).all(axis=0)
     return {"placement": float(placed.mean()), "all_attributes": float((placed & ok["texture"].all(axis=0)).mean()),
-            "one_object_per_region": float(one.all(axis=0).mean())}
+            "one_object_per_region": float(one.all(axis=0).mean()),
+            "identity": float((ok["shape"] & ok["colour"] & ok["texture"]).mean())}
 
 
 # ------------------------------------------------------------------------------------ concepts
@@ -162,19 +188,36 @@ def side_by_side(concepts: Sequence[Concept], classes: Sequence[str]) -> tuple[s
 
 def placement_rate(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, concepts: Sequence[Concept],
                    labels: Sequence[int], classes: Sequence[str], *, seeds: int = 16, sampler: Sampler = Sampler(),
-                   first_seed: int = 3000) -> tuple[float, torch.Tensor]:
+                   first_seed: int = 3000, region_loras: bool = False) -> tuple[float, torch.Tensor]:
     """Regional composition, concept i in the i-th of k side-by-side squares: the share of pictures
-    where every square's crop is read as its own concept. Also returns the pictures."""
+    where every square's crop is read as its own concept. `region_loras`: each concept's LoRA
+    applied inside its own region only (unfused, one pass). Also returns the pictures."""
     k = len(concepts)
     prompt, spec = side_by_side(concepts, classes)
+    loras = [RegionLora(i, c, 1.0, c.name) for i, c in enumerate(concepts)] if region_loras else []
     pics = pictures(model, codec, [prompt] * seeds, [first_seed + i for i in range(seeds)], concepts=concepts,
-                    sampler=sampler, cells=k, spec=spec)
+                    sampler=sampler, cells=k, spec=spec, region_loras=loras)
     return float(placed(probe, pics, labels).mean()), pics
+
+
+def region_reads(probe: Probe, pics: torch.Tensor, labels: Sequence[int]) -> np.ndarray:
+    """[k, B] for pictures [B, 3, 32, 32 k]: is the crop of square i read as concept labels[i]?"""
+    k, size = len(labels), world.SIZE
+    crops = torch.cat([pics[..., i * size:(i + 1) * size] for i in range(k)])  # region-major
+    pred = probe.predict(crops)["concept"].reshape(k, len(pics))
+    return pred == np.asarray(labels)[:, None]
 
 
 def placed(probe: Probe, pics: torch.Tensor, labels: Sequence[int]) -> np.ndarray:
     """Per picture [B, 3, 32, 32 k]: is the crop of every square i read as concept labels[i]?"""
-    k, size = len(labels), world.SIZE
-    crops = torch.cat([pics[..., i * size:(i + 1) * size] for i in range(k)])  # region-major
-    pred = probe.predict(crops)["concept"].reshape(k, len(pics))
-    return (pred == np.asarray(labels)[:, None]).all(axis=0)
+    return region_reads(probe, pics, labels).all(axis=0)
+
+
+def interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% interval of a share measured on n samples."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

@@ -100,9 +100,9 @@ def test_prompt_editing_with_concept_tokens_is_scheduled(host, model, cat, monke
 
     original = attention.SteppedRegionalContext.set_step
 
-    def spy(self, region_context, weights, context=None, global_weight=None, rows=None):
+    def spy(self, region_context, weights, context=None, *rest):
         seen.append(None if context is None else context[0].clone())
-        return original(self, region_context, weights, context, global_weight, rows)
+        return original(self, region_context, weights, context, *rest)
 
     monkeypatch.setattr(attention.SteppedRegionalContext, "set_step", spy)
     res = host.txt2img("[a photo of <cat1>:a painting of <cat2>:2]", steps=4, seed=1)

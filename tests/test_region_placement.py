@@ -97,9 +97,9 @@ def test_hires_pass_binds_the_hires_prompt(host, cat, monkeypatch):
     seen: list[tuple[int, torch.Tensor | None]] = []
     original = attention.SteppedRegionalContext.set_step
 
-    def spy(self, region_context, weights, context=None, global_weight=None, rows=None):
+    def spy(self, region_context, weights, context=None, *rest):
         seen.append((weights[0].shape[-1], None if context is None else context[0].clone()))
-        return original(self, region_context, weights, context, global_weight, rows)
+        return original(self, region_context, weights, context, *rest)
 
     monkeypatch.setattr(attention.SteppedRegionalContext, "set_step", spy)
     host.txt2img("a photo of <cat1> <cat2>", width=64, height=64, steps=2, seed=1, enable_hr=True, hr_scale=2.0,

@@ -269,7 +269,7 @@ class GenerationJob:
                     vector = shared.sd_model.get_learned_conditioning(batch)["vector"]
                 entry = self.vector_cache[(key, negative, hires, prompt)] = ([end for end, _ in schedule], vector)
             ends, vectors = entry
-            out.append(vectors[next((i for i, end in enumerate(ends) if step <= end), len(ends) - 1)])
+            out.append(vectors[_step_index(step, ends)])
         return torch.stack(out)
 
     def _vector_changes(self, step: int, hires: bool, n_cond: int, n_uncond: int) -> torch.Tensor | None:
@@ -366,9 +366,14 @@ class GenerationJob:
         return region.to(device), rows, weights, levels, cond, uncond, global_weight
 
 
+def _step_index(step: int, ends: list[int]) -> int:
+    """Which entry of a prompt schedule (its entries' last steps) holds at denoiser step `step`."""
+    return next((i for i, end in enumerate(ends) if step <= end), len(ends) - 1)
+
+
 def _at(step: int, schedule: list[tuple[int, str]]) -> str:
     """The text a prompt schedule gives at denoiser step `step` (its last after the end)."""
-    return next((text for end, text in schedule if step <= end), schedule[-1][1])
+    return schedule[_step_index(step, [end for end, _ in schedule])][1]
 
 
 def job_of(p) -> GenerationJob | None:

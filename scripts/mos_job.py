@@ -29,7 +29,13 @@ from lib_mos.files import import_sibling
 from lib_mos.models.attention import attn2_processor
 from lib_mos.models.family import SD1, ModelFamily, family_of_unet
 from lib_mos.regional.attention import SteppedRegionalContext
-from lib_mos.regional.loras import RegionDeltas, RegionLora, choose_region_loras, global_lora_names
+from lib_mos.regional.loras import (
+    RegionDeltas,
+    RegionLora,
+    choose_region_loras,
+    global_lora_names,
+    text_loras_of,
+)
 from lib_mos.regional.regions import RegionSpec, attention_sizes, level_masks
 from modules import prompt_parser, sd_samplers, shared
 
@@ -221,8 +227,7 @@ class GenerationJob:
 
     def _text_loras(self, region: int) -> tuple[tuple, list[RegionLora]]:
         """(a key naming them, the LoRAs) that change region `region`'s text encoding."""
-        loras = [RegionLora(0, lora.concept, lora.weight, lora.name) for lora in self.region_loras
-                 if lora.region == region and lora.weight and lora.concept.text_lora]
+        loras = text_loras_of(self.region_loras, region)
         return tuple((lora.name, lora.weight) for lora in loras), loras
 
     def encode_regions(self, texts: list[str], negative: bool = False) -> torch.Tensor:

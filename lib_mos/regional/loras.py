@@ -53,7 +53,8 @@ from lib_mos.concepts.concept import Concept, ConceptError, Delta, LoraFactor
 from lib_mos.regional.attention import region_blend_weights
 from lib_mos.regional.regions import RegionError, RegionSpec
 
-__all__ = ["RegionDeltas", "RegionLora", "RegionLoraChoice", "choose_region_loras", "global_lora_names"]
+__all__ = ["RegionDeltas", "RegionLora", "RegionLoraChoice", "choose_region_loras", "global_lora_names",
+           "text_loras_of"]
 
 _ATTN2_KV = re.compile(r"(^|\.)attn2\.to_[kv]$")
 _EMB = ".emb_layers.1"
@@ -87,6 +88,13 @@ class RegionLoraChoice:
 
 
 _HOST_TAG = re.compile(r"<(lora|lyco):([^>:]+)[^>]*>")
+
+
+def text_loras_of(loras: Sequence[RegionLora], region: int) -> list[RegionLora]:
+    """The LoRAs that change region `region`'s text encoding, as one set applied everywhere while
+    that region's texts are encoded (`RegionDeltas(..., masked=False, text=True)`: region 0)."""
+    return [RegionLora(0, lora.concept, lora.weight, lora.name) for lora in loras
+            if lora.region == region and lora.weight and lora.concept.text_lora]
 
 
 def global_lora_names(prompts: Sequence[str]) -> set[str]:

@@ -21,7 +21,7 @@ from lib_mos.concepts.concept import Concept
 from lib_mos.models import sampling
 from lib_mos.models.sd1 import SD1Model
 from lib_mos.regional.attention import RegionalContext
-from lib_mos.regional.loras import RegionDeltas, RegionLora
+from lib_mos.regional.loras import RegionDeltas, RegionLora, text_loras_of
 from lib_mos.regional.regions import Region, RegionSpec, layer_masks, level_masks
 from lib_mos.toyworld import codec as codec_mod
 from lib_mos.toyworld import world
@@ -89,8 +89,7 @@ def _region_rows(binder: PromptBinder, specs: Sequence[RegionSpec], region_loras
     rows), region k's texts encoded with region k's LoRAs' text-encoder changes."""
     out = []
     for r in range(len(specs[0].regions)):
-        mine = [RegionLora(0, lora.concept, lora.weight, lora.name) for lora in region_loras
-                if lora.region == r and lora.weight and lora.concept.text_lora]
+        mine = text_loras_of(region_loras, r)
         texts = [s.regions[r].text for s in specs] + [s.regions[r].negative for s in specs]
         if mine:  # a binder of its own: the shared one caches encodings without this region's LoRAs
             with RegionDeltas(binder.model.text_root, mine, 1, masked=False, text=True).installed():

@@ -153,6 +153,22 @@ def test_a_region_spec_per_picture_samples_as_each_spec_alone(toy):
     assert not torch.allclose(swapped, both, atol=1e-2)
 
 
+def test_the_specs_global_weight_reaches_the_regions(toy):
+    """A spec keeping all of the global prompt inside its regions samples as no regions at all;
+    half of it, as neither."""
+    def spec(weight: float) -> RegionSpec:
+        return RegionSpec((Region("a red circle", box=(0.0, 0.0, 1.0, 0.5), units="fraction"),
+                           Region("a blue square", box=(0.0, 0.5, 1.0, 1.0), units="fraction")), global_weight=weight)
+
+    sampler, prompt = measure.Sampler(steps=3), ["a green cross and a yellow triangle"]
+    plain = measure.pictures(toy.model, toy.codec, prompt, [1], sampler=sampler, cells=2)
+    kept = measure.pictures(toy.model, toy.codec, prompt, [1], sampler=sampler, cells=2, spec=spec(1.0))
+    torch.testing.assert_close(kept, plain, rtol=1e-4, atol=1e-4)
+    regions = measure.pictures(toy.model, toy.codec, prompt, [1], sampler=sampler, cells=2, spec=spec(0.0))
+    half = measure.pictures(toy.model, toy.codec, prompt, [1], sampler=sampler, cells=2, spec=spec(0.5))
+    assert (half - plain).abs().max() > 1e-2 and (half - regions).abs().max() > 1e-2
+
+
 # ------------------------------------------------------------------------------------ base model
 
 

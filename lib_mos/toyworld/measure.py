@@ -50,18 +50,22 @@ def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str
 
     `spec`: regional sampling (its regions' prompts everywhere the spec puts them; `prompts` are the
     global prompts), as the WebUI script runs it; one spec for every picture, or one per picture
-    (their regions in the same places). `region_loras`: LoRAs applied inside their regions only,
+    (their regions in the same places and global weights alike). `region_loras`: LoRAs applied inside their regions only,
     unfused, in the same pass (`regional.loras`), each region's text encoded with its own.
     """
     binder = PromptBinder(model, list(concepts))
     height, width = codec_mod.SD_PIXELS, codec_mod.SD_PIXELS * cells
     specs = None if spec is None else [spec] * len(prompts) if isinstance(spec, RegionSpec) else list(spec)
-    processor = masks = None
+    processor = masks = global_weight = None
     unet_deltas: RegionDeltas | None = None
     if specs is not None:
         if len(specs) != len(prompts):
             raise ValueError(f"{len(specs)} region specs for {len(prompts)} prompts")
+        if any(s.global_weights() != specs[0].global_weights() for s in specs):
+            raise ValueError("the region specs of one call must keep the global prompt alike")
         masks = layer_masks(specs[0], width, height)
+        if any(specs[0].global_weights()):
+            global_weight = torch.tensor(specs[0].global_weights())
         processor = RegionalContext()
         if region_loras:
             unet_deltas = RegionDeltas(model.unet, region_loras, len(specs[0].regions))
@@ -76,7 +80,7 @@ def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str
         uncond = binder.encode([NEGATIVE] * len(chunk))
         if processor is not None:
             rows = _region_rows(binder, specs[i:i + sampler.batch], region_loras)
-            processor.set_rows(rows, masks)
+            processor.set_rows(rows, masks, global_weight=global_weight)
         with unet_deltas.installed() if unet_deltas else contextlib.nullcontext():
             latents = sampling.sample_euler(model, cond, uncond, seeds=chunk_seeds, height=height, width=width,
                                             steps=sampler.steps, cfg_scale=sampler.cfg, processor=processor)
@@ -127,15 +131,16 @@ def base_accuracy(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, *,
 
 
 def prompt_placement(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, cells: int, *, seeds: int = 32,
-                     sampler: Sampler = Sampler(), first_seed: int = 4000) -> tuple[dict[str, float], torch.Tensor]:
+                     sampler: Sampler = Sampler(), first_seed: int = 4000, global_weight: float = 0.0,
+                     ) -> tuple[dict[str, float], torch.Tensor]:
     """The ceiling of composition: plain prompts in `cells` side-by-side regions (random base
-    objects, the global prompt naming them left to right), scored by `objects_placed`. Also
-    returns the pictures."""
+    objects, the global prompt naming them left to right, kept at `global_weight` inside each
+    region), scored by `objects_placed`. Also returns the pictures."""
     rng = np.random.default_rng(first_seed)
     objects = [[world.random_thing(rng) for _ in range(cells)] for _ in range(seeds)]
     prompts = [" and ".join(f"a {t.words()}" for t in row) for row in objects]
     specs = [RegionSpec(tuple(Region(f"a {t.words()}", box=(0.0, i / cells, 1.0, (i + 1) / cells), units="fraction")
-                              for i, t in enumerate(row))) for row in objects]
+                              for i, t in enumerate(row)), global_weight=global_weight) for row in objects]
     pics = pictures(model, codec, prompts, [first_seed + i for i in range(seeds)], sampler=sampler, cells=cells,
                     spec=specs)
     return {**objects_placed(probe, pics, objects), "samples": seeds}, pics
@@ -177,22 +182,26 @@ def identity_rate(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, co
     return [float((pred[i * seeds:(i + 1) * seeds] == label).mean()) for i, label in enumerate(labels)]
 
 
-def side_by_side(concepts: Sequence[Concept], classes: Sequence[str]) -> tuple[str, RegionSpec]:
-    """A global prompt naming the objects' kinds and one region per concept, left to right."""
+def side_by_side(concepts: Sequence[Concept], classes: Sequence[str], global_weight: float = 0.0,
+                 ) -> tuple[str, RegionSpec]:
+    """A global prompt naming the objects' kinds (kept at `global_weight` inside the regions) and
+    one region per concept, left to right."""
     k = len(concepts)
     regions = tuple(Region(f"a {c.prompt_words}", box=(0.0, i / k, 1.0, (i + 1) / k), units="fraction")
                     for i, c in enumerate(concepts))
-    return " and ".join(f"a {w}" for w in classes), RegionSpec(regions=regions)
+    return " and ".join(f"a {w}" for w in classes), RegionSpec(regions=regions, global_weight=global_weight)
 
 
 def placement_rate(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, concepts: Sequence[Concept],
                    labels: Sequence[int], classes: Sequence[str], *, seeds: int = 16, sampler: Sampler = Sampler(),
-                   first_seed: int = 3000, region_loras: bool = False) -> tuple[float, torch.Tensor]:
+                   first_seed: int = 3000, region_loras: bool = False, global_weight: float = 0.0,
+                   ) -> tuple[float, torch.Tensor]:
     """Regional composition, concept i in the i-th of k side-by-side squares: the share of pictures
     where every square's crop is read as its own concept. `region_loras`: each concept's LoRA
-    applied inside its own region only (unfused, one pass). Also returns the pictures."""
+    applied inside its own region only (unfused, one pass). `global_weight`: the spec's share of
+    the global prompt inside each region. Also returns the pictures."""
     k = len(concepts)
-    prompt, spec = side_by_side(concepts, classes)
+    prompt, spec = side_by_side(concepts, classes, global_weight)
     loras = [RegionLora(i, c, 1.0, c.name) for i, c in enumerate(concepts)] if region_loras else []
     pics = pictures(model, codec, [prompt] * seeds, [first_seed + i for i in range(seeds)], concepts=concepts,
                     sampler=sampler, cells=k, spec=spec, region_loras=loras)

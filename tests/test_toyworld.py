@@ -251,6 +251,35 @@ def test_training_images_are_the_concepts_renders():
     assert len(imgs) == novel.IMAGES_PER_CONCEPT
     assert all(i.image.size == (SD_PIXELS, SD_PIXELS) and "<TOK>" in i.caption for i in imgs)
     assert novel.NOVEL[1].tokens == ("<frame1>", "<frame2>") and novel.NOVEL[1].class_word == "square"
+    assert all(i.mask is None for i in imgs)
+
+
+def test_the_authors_recipe_trains_on_subject_masks():
+    """Masked images: the mask covers the object (where the picture differs from its background)."""
+    concept = novel.NOVEL[0]
+    masked = novel.training_images(concept, masks=True)
+    plain = novel.training_images(concept)
+    for m, p in zip(masked, plain):
+        assert m.image.tobytes() == p.image.tobytes() and m.mask.size == m.image.size and m.mask.mode == "L"
+        pixels, mask = np.asarray(m.image, dtype=np.float32), np.asarray(m.mask) / 255.0
+        corner = pixels[0, 0]  # objects never reach the corners (faint background patterns differ a little)
+        differs = np.abs(pixels - corner).max(axis=-1) > 0.2 * 255
+        assert mask[differs].mean() > 0.8 and mask[~differs].mean() < 0.1
+    s = novel.settings(concept, recipe_name="authors")
+    assert (s.lr_embedding, s.lr_text, s.lr_unet, s.attn_reg_weight) == (1e-3, 1e-5, 1e-4, 0.01)
+    assert novel.settings(concept, steps=7).steps == 7
+    with pytest.raises(ValueError, match="unknown recipe"):
+        novel.recipe(concept, "nope")
+
+
+def test_identity_parts_split_the_unet_lora_at_attn2_k_v(toy):
+    concept = toy.concepts[0]
+    parts = {p: set(measure.concept_part(concept, p).unet_lora) for p in measure.IDENTITY_PARTS}
+    assert parts["tokens"] == set() and parts["all"] == set(concept.unet_lora)
+    assert parts["kv"] | parts["spatial"] == parts["all"] and not parts["kv"] & parts["spatial"]
+    assert parts["kv"] and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in parts["kv"])
+    assert any(".attn1." in n for n in parts["spatial"])
+    assert measure.concept_part(concept, "kv").text_lora == concept.text_lora
 
 
 def test_placement_is_read_per_region(toy):

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-from lib_mos.concepts.concept import applied
 from lib_mos.toyworld import base, measure, novel, probe, weights
 from lib_mos.toyworld.codec import PatchCodec
 
@@ -69,9 +68,11 @@ def _curve(args: argparse.Namespace) -> int:
         step = int(snap.stem.split("-")[1])
         model = base.load_base(snap)
         scores = measure.base_accuracy(model, codec, attributes, seeds_per_caption=args.seeds)
-        if args.placement_seeds:  # plain prompts in 2 side-by-side regions: the composition ceiling
-            placed, _ = measure.prompt_placement(model, codec, attributes, 2, seeds=args.placement_seeds)
-            scores["placement_2"] = placed["placement"]
+        for cells in args.placement_cells if args.placement_seeds else ():  # plain prompts in regions: the ceiling
+            for g in args.global_weights:
+                placed, _ = measure.prompt_placement(model, codec, attributes, cells, seeds=args.placement_seeds,
+                                                     global_weight=g)
+                scores[f"placement_{cells}" + (f"_global_{g:g}" if g else "")] = placed["placement"]
         print(json.dumps({"step": step, **{k: round(v, 4) for k, v in scores.items()}}), flush=True)
     return 0
 
@@ -85,15 +86,15 @@ def _tune(args: argparse.Namespace) -> int:
         if args.only and concept.style not in args.only:
             continue
         t0 = time.perf_counter()
-        out = weights.concept_path(folder, concept.style)
+        out = weights.concept_path(args.out or folder, concept.style)
         out.parent.mkdir(parents=True, exist_ok=True)
-        trained = novel.tune(model, codec, concept, out, steps=args.steps)
+        trained = novel.tune(model, codec, concept, out, steps=args.steps, recipe_name=args.recipe)
         seconds = time.perf_counter() - t0
-        with applied([(trained, 1.0, 1.0)], model.unet, model.text_encoder):
-            identity = measure.identity_rate(model, codec, concept_probe, [trained], [label], seeds=args.seeds)[0]
-        print(json.dumps({"concept": concept.style, "tokens": list(concept.tokens),
-                          "steps": novel.settings(concept, args.steps).steps,
-                          "seconds": round(seconds, 1), "identity_alone": identity}), flush=True)
+        parts = measure.identity_parts(model, codec, concept_probe, trained, label, seeds=args.seeds)
+        print(json.dumps({"concept": concept.style, "recipe": args.recipe, "tokens": list(concept.tokens),
+                          "steps": novel.recipe(concept, args.recipe, args.steps)["steps"],
+                          "seconds": round(seconds, 1), "identity_alone": parts["all"],
+                          "identity_parts": parts}), flush=True)
     return 0
 
 
@@ -119,15 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probes", type=Path, default=weights.WEIGHTS)
     p.add_argument("--seeds", type=int, default=2, help="samples per caption (48 captions)")
     p.add_argument("--placement-seeds", type=int, default=32,
-                   help="pictures of plain prompts in two regions per snapshot (0: skip)")
+                   help="pictures of plain prompts in side-by-side regions per snapshot (0: skip)")
+    p.add_argument("--placement-cells", type=int, nargs="+", default=[2], help="regions side by side")
+    p.add_argument("--global-weights", type=float, nargs="+", default=[0.0],
+                   help="the share of the global prompt kept inside each region")
     p = sub.add_parser("tune-concepts")
     p.add_argument("--weights", type=Path, default=weights.WEIGHTS)
     p.add_argument("--steps", type=int, help="training steps (default: the concept's recipe, novel.RECIPES)")
+    p.add_argument("--recipe", choices=sorted(novel.RECIPES), default="product",
+                   help="product: rates scaled to the toy model; authors: their rates, masks and regulariser")
+    p.add_argument("--out", type=Path, help="where the concepts go (default: the weights folder's concepts/)")
     p.add_argument("--seeds", type=int, default=32)
     p.add_argument("--only", nargs="*", help="styles to tune (default: all)")
     p = sub.add_parser("publish", help="copy a finished run's base, codec and log into the weights folder")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--to", type=Path, default=weights.WEIGHTS)
+    p.add_argument("--log-as", default="base-train-log.jsonl", help="the training log's name in the weights folder")
     args = parser.parse_args(argv)
     if args.command == "train-probes":
         return _train_probes(args)
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "publish":
         args.to.mkdir(parents=True, exist_ok=True)
         for name in (weights.BASE, weights.CODEC, base.LOG):
-            shutil.copy2(args.run / name, args.to / (name if name != base.LOG else "base-train-log.jsonl"))
+            shutil.copy2(args.run / name, args.to / (name if name != base.LOG else args.log_as))
         return 0
     return 2
 

@@ -9,6 +9,7 @@ codec's decode, so what the probes see is what a user would see.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 
 from lib_mos.concepts.binding import PromptBinder
-from lib_mos.concepts.concept import Concept
+from lib_mos.concepts.concept import Concept, applied
+from lib_mos.fusion.pipeline import KV_PROJECTIONS
 from lib_mos.models import sampling
-from lib_mos.models.sd1 import SD1Model
+from lib_mos.models.sd1 import ATTN2_NAMES, SD1Model
 from lib_mos.regional.attention import RegionalContext
 from lib_mos.regional.loras import RegionDeltas, RegionLora, text_loras_of
 from lib_mos.regional.regions import Region, RegionSpec, layer_masks, level_masks
@@ -180,6 +182,33 @@ def identity_rate(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, co
     seed_list = [first_seed + i % seeds for i in range(len(prompts))]
     pred = probe.predict(pictures(model, codec, prompts, seed_list, concepts=concepts, sampler=sampler))["concept"]
     return [float((pred[i * seeds:(i + 1) * seeds] == label).mean()) for i, label in enumerate(labels)]
+
+
+IDENTITY_PARTS = ("tokens", "kv", "spatial", "all")
+_KV = frozenset(f"{a}.{p}" for a in ATTN2_NAMES for p in KV_PROJECTIONS)
+
+
+def concept_part(concept: Concept, part: str) -> Concept:
+    """The concept with only part of its UNet LoRA, to find where its identity sits: "tokens" (the
+    bound tokens and the text-encoder LoRA, no UNet LoRA), "kv" (plus the attn2 to_k / to_v layers,
+    which fusion's k/v stage and regions control), "spatial" (plus every other UNet layer instead),
+    "all"."""
+    keep = {"tokens": lambda n: False, "kv": lambda n: n in _KV, "spatial": lambda n: n not in _KV,
+            "all": lambda n: True}
+    if part not in keep:
+        raise ValueError(f"unknown part {part!r}; known: {IDENTITY_PARTS}")
+    return dataclasses.replace(concept, unet_lora={n: d for n, d in concept.unet_lora.items() if keep[part](n)})
+
+
+def identity_parts(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, concept: Concept, label: int, *,
+                   seeds: int = 16, sampler: Sampler = Sampler()) -> dict[str, float]:
+    """The concept alone, identity with each `IDENTITY_PARTS` of it applied."""
+    out = {}
+    for part in IDENTITY_PARTS:
+        piece = concept_part(concept, part)
+        with applied([(piece, 1.0, 1.0)], model.unet, model.text_encoder):
+            out[part] = identity_rate(model, codec, probe, [piece], [label], seeds=seeds, sampler=sampler)[0]
+    return out
 
 
 def side_by_side(concepts: Sequence[Concept], classes: Sequence[str], global_weight: float = 0.0,

@@ -21,6 +21,12 @@ are plain prompts (random base objects) in the same regions, read by the attribu
 ceiling of placement, set by the base model. Every share comes with its 95% interval (Wilson):
 identity_low/high, low/high for placement.
 
+Composed rows are measured for every layout: `global_weight` (the spec's share of the global
+prompt kept inside each region) x `margin` (0: the regions tile the canvas; 0.15: each region
+leaves that share of its cell to the global prompt on every side, a background as the authors lay
+scenes out). region_loras rows also give `spill`: how much one concept's LoRA, applied in its
+region only, changes the other squares against its own (mean absolute pixel change; 0 = none).
+
     .venv/bin/python bench/fidelity.py            # 32 seeds per measure, 30 sampling steps
     .venv/bin/python bench/fidelity.py --quick    # 8 seeds, 20 steps (a few minutes on 2 cores)
 
@@ -85,14 +91,16 @@ def run(args: argparse.Namespace) -> list[dict]:
             for i, pic in enumerate(to_pil(pics[:4])):
                 pic.resize((pic.width * 4, pic.height * 4), 0).save(args.images / f"{name}-{i}.png")
 
+    layouts = [measure.Layout(global_weight=g, margin=m) for m in args.margins for g in args.global_weights]
     for n in args.compose:  # the ceiling of placement: plain prompts, the base model alone
-        t0 = time.perf_counter()
-        scores, pics = measure.prompt_placement(world.model, world.codec, world.attribute_probe, n, seeds=seeds,
-                                                sampler=sampler)
-        save(pics, f"compose-{n}-prompts")
-        emit({"concepts": n, "method": "prompts", **with_intervals(scores["identity"], n * seeds),
-              **placement(scores["placement"], seeds), "all_attributes": scores["all_attributes"],
-              "seconds": round(time.perf_counter() - t0, 1)})
+        for layout in layouts:
+            t0 = time.perf_counter()
+            scores, pics = measure.prompt_placement(world.model, world.codec, world.attribute_probe, n, seeds=seeds,
+                                                    sampler=sampler, layout=layout)
+            save(pics, f"compose-{n}-prompts-{tag(layout)}")
+            emit({"concepts": n, "method": "prompts", **layout.describe(),
+                  **with_intervals(scores["identity"], n * seeds), **placement(scores["placement"], seeds),
+                  "all_attributes": scores["all_attributes"], "seconds": round(time.perf_counter() - t0, 1)})
     singles = []
     for label, concept in enumerate(world.concepts):
         with merged(world, [concept], "single", args.quick) as bound:
@@ -102,7 +110,7 @@ def run(args: argparse.Namespace) -> list[dict]:
           **with_intervals(sum(singles) / len(singles), len(singles) * seeds),
           "identity_per_concept": dict(zip((c.name for c in world.concepts), singles))})
     for n in args.counts:
-        chosen, labels = world.concepts[:n], list(range(n))
+        chosen, labels, classes = world.concepts[:n], list(range(n)), world.classes[:n]
         for method in METHODS:
             t0 = time.perf_counter()
             with merged(world, chosen, method, args.quick) as bound:
@@ -110,23 +118,35 @@ def run(args: argparse.Namespace) -> list[dict]:
                                                  seeds=seeds, sampler=sampler)
                 row = {"concepts": n, "method": method, **with_intervals(sum(identity) / n, n * seeds),
                        "identity_per_concept": dict(zip((c.name for c in chosen), identity))}
-                if n in args.compose:
+                if n not in args.compose:
+                    row["seconds"] = round(time.perf_counter() - t0, 1)
+                    emit(row)
+                for layout in layouts if n in args.compose else ():
                     rate, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, bound, labels,
-                                                        world.classes[:n], seeds=seeds, sampler=sampler)
-                    row.update(placement(rate, seeds))
-                    save(pics, f"compose-{n}-{method}")
-            row["seconds"] = round(time.perf_counter() - t0, 1)
-            emit(row)
-        if n in args.compose:  # nothing merged: each LoRA inside its own region, one pass
+                                                        classes, seeds=seeds, sampler=sampler, layout=layout)
+                    save(pics, f"compose-{n}-{method}-{tag(layout)}")
+                    emit({**row, **layout.describe(), **placement(rate, seeds),
+                          "seconds": round(time.perf_counter() - t0, 1)})
+                    t0 = time.perf_counter()
+        for layout in layouts if n in args.compose else ():  # nothing merged: each LoRA in its own region, one pass
             t0 = time.perf_counter()
-            _, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, chosen, labels,
-                                             world.classes[:n], seeds=seeds, sampler=sampler, region_loras=True)
+            _, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, chosen, labels, classes,
+                                             seeds=seeds, sampler=sampler, region_loras=True, layout=layout)
             reads = measure.region_reads(world.concept_probe, pics, labels)  # [n, seeds]
-            save(pics, f"compose-{n}-region_loras")
-            emit({"concepts": n, "method": "region_loras", **with_intervals(float(reads.mean()), reads.size),
+            save(pics, f"compose-{n}-region_loras-{tag(layout)}")
+            spill = measure.region_lora_spill(world.model, world.codec, chosen, classes, seeds=seeds, sampler=sampler,
+                                              layout=layout)
+            emit({"concepts": n, "method": "region_loras", **layout.describe(),
+                  **with_intervals(float(reads.mean()), reads.size),
                   "identity_per_concept": dict(zip((c.name for c in chosen), map(float, reads.mean(axis=1)))),
-                  **placement(float(reads.all(axis=0).mean()), seeds), "seconds": round(time.perf_counter() - t0, 1)})
+                  **placement(float(reads.all(axis=0).mean()), seeds), "spill": round(sum(spill) / n, 4),
+                  "spill_per_concept": dict(zip((c.name for c in chosen), (round(v, 4) for v in spill))),
+                  "seconds": round(time.perf_counter() - t0, 1)})
     return rows
+
+
+def tag(layout: measure.Layout) -> str:
+    return f"g{layout.global_weight:g}-m{layout.margin:g}"
 
 
 def with_intervals(identity: float, n: int) -> dict:
@@ -140,11 +160,14 @@ def placement(rate: float, n: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| concepts | method | identity (95% interval) | placement (95% interval) |", "|---|---|---|---|"]
+    lines = ["| concepts | method | global weight | margin | identity (95% interval) | placement (95% interval) "
+             "| spill |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         identity = f"{r['identity']:.0%} ({r['identity_low']:.0%}-{r['identity_high']:.0%})"
         where = f"{r['placement']:.0%} ({r['low']:.0%}-{r['high']:.0%})" if "placement" in r else ""
-        lines.append(f"| {r['concepts']} | {r['method']} | {identity} | {where} |")
+        spill = f"{r['spill']:.0%}" if "spill" in r else ""
+        lines.append(f"| {r['concepts']} | {r['method']} | {r.get('global_weight', '')} | {r.get('margin', '')} "
+                     f"| {identity} | {where} | {spill} |")
     return "\n".join(lines)
 
 
@@ -154,6 +177,10 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=weights.WEIGHTS)
     parser.add_argument("--counts", type=int, nargs="+", default=[2, 3, 5], help="concepts merged together")
     parser.add_argument("--compose", type=int, nargs="*", default=[2, 3], help="concept counts also composed regionally")
+    parser.add_argument("--global-weights", type=float, nargs="+", default=[0.0, 0.5],
+                        help="shares of the global prompt kept inside the regions (the spec's global_weight)")
+    parser.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.15],
+                        help="share of each cell left to the global prompt around its region (0: regions tile)")
     parser.add_argument("--images", type=Path, help="save a few composition pictures here")
     args = parser.parse_args()
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import gradio as gr
 from lib_mos.concepts.files import read_concept, sidecar_path
 from lib_mos.files import import_sibling
 from lib_mos.fusion.process import FusionProcessInterrupted, run_fusion_process
+from lib_mos.fusion.report import PICTURE, concept_summary
 from modules import call_queue, devices, script_callbacks, sd_models, shared
 
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
@@ -191,8 +192,10 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
     warnings = "".join(f"<p class='mos-warning'>&#9888; {html.escape(w)}</p>" for w in result["warnings"])
     notes = "".join(f"<p>{html.escape(_short_note(n))}</p>" for n in result.get("notes", ()))
+    verdicts = "".join(f"<p>{html.escape(line)}</p>" for line in concept_summary(result["report"])
+                       if any(r["stage"] == PICTURE for r in result["report"]))
     return (_report_rows(result["report"]), gr.update(choices=sd_models.checkpoint_tiles(), value=base_title),
-            f"{warnings}{notes}<p>Saved <code>{html.escape(str(result['path']))}</code> ({seconds}). It is in the checkpoint "
+            f"{warnings}{notes}{verdicts}<p>Saved <code>{html.escape(str(result['path']))}</code> ({seconds}). It is in the checkpoint "
             "list now.</p>")
 
 

@@ -41,11 +41,16 @@ def fused(tiny, inputs) -> fusion.FusionResult:
     return result
 
 
+def layer_rows(result: fusion.FusionResult) -> list[dict]:
+    return [r for r in result.report if r["stage"] != fusion_report.PICTURE]
+
+
 def test_every_stage_beats_weight_averaging(fused):
     stages = {r["stage"] for r in fused.report}
-    assert stages == {"te", "kv", "spatial"}
-    assert len(fused.report) == 6
-    for row in fused.report:
+    assert stages == {"te", "kv", "spatial", fusion_report.PICTURE}
+    layers = layer_rows(fused)
+    assert len(layers) == 6
+    for row in layers:
         assert row["fused"] < row["average"], row
         assert 0 < row["held_out"] < fusion_report.HELD_OUT_BOUND and row["held_out"] != row["fused"], row
         assert row["distance"] > 0 and row["change"] <= fusion_report.DISTANCE_BOUND and not row["flags"], row
@@ -55,7 +60,7 @@ def test_every_stage_beats_weight_averaging(fused):
 def test_report_counts_rows_against_layer_widths(fused):
     """Rows per concept in each stage's least-covered layer: the spatial stage's middle block sees
     one latent cell at 64 px, so steps x seeds rows for the solve and steps rows held out."""
-    rows = {(r["concept"], r["stage"]): (r["rows"], r["held_out_rows"], r["width"]) for r in fused.report}
+    rows = {(r["concept"], r["stage"]): (r["rows"], r["held_out_rows"], r["width"]) for r in layer_rows(fused)}
     steps, seeds = FAST.spatial_steps, FAST.spatial_seeds
     assert rows["cat", "spatial"] == rows["dog", "spatial"] == (steps * seeds, steps, 128)
     # k/v: 2 prompts x (2 concept tokens + EOS) against the 32-wide context, the same held out
@@ -74,7 +79,7 @@ def test_held_out_inputs_never_enter_the_solve(tiny, inputs, fused):
     for name, w in {**fused.text_weights, **fused.unet_weights}.items():
         other = plain.text_weights.get(name, plain.unet_weights.get(name))
         torch.testing.assert_close(other, w, rtol=1e-3, atol=1e-5)
-    assert all(r["held_out"] is None and r["held_out_rows"] == 0 for r in plain.report)
+    assert all(r["held_out"] is None and r["held_out_rows"] == 0 for r in layer_rows(plain))
     assert [r["fused"] for r in plain.report] == pytest.approx([r["fused"] for r in fused.report], rel=1e-3)
 
 
@@ -116,12 +121,26 @@ def test_one_concept_fuses_to_its_own_weights(tiny, inputs):
         for name, fused_weight in weights.items():
             expected = root.get_submodule(name).weight + w * lora[name].delta()
             torch.testing.assert_close(fused_weight, expected, rtol=0, atol=1e-6)
-    assert len(result.unet_weights) == 32 and all(r["held_out"] < 1e-5 for r in result.report)
+    assert len(result.unet_weights) == 32 and all(r["held_out"] < 1e-5 for r in layer_rows(result))
+
+
+def test_the_picture_check_measures_against_the_concepts_own_model(tiny, inputs):
+    """One concept, all stages: averaging and stacking are its own model (error 0), the fused
+    weights nearly so; with a stage skipped, fusion loses what that stage's LoRA drew."""
+    item = inputs[1]
+    full = fusion.fuse(tiny, [item], FAST)
+    [row] = [r for r in full.report if r["stage"] == fusion_report.PICTURE]
+    assert row["average"] == row["stacked"] == 0.0 and row["fused"] < 0.05, row
+    skipped = fusion.fuse(tiny, [item], dataclasses.replace(FAST, skip=frozenset({"spatial"})))
+    [row] = [r for r in skipped.report if r["stage"] == fusion_report.PICTURE]
+    assert row["average"] == 0.0 and row["fused"] > 0.2, row
+    none = fusion.fuse(tiny, [item], dataclasses.replace(FAST, check_steps=0))
+    assert fusion_report.PICTURE not in {r["stage"] for r in none.report}
 
 
 def test_skipping_stages(tiny, inputs):
     result = fusion.fuse(tiny, inputs, dataclasses.replace(FAST, skip=frozenset({"te", "spatial"})))
-    assert not result.text_weights and {r["stage"] for r in result.report} == {"kv"}
+    assert not result.text_weights and {r["stage"] for r in result.report} == {"kv", fusion_report.PICTURE}
     assert all(n.endswith(("to_k", "to_v")) for n in result.unet_weights)
 
 
@@ -256,7 +275,7 @@ def test_cli_fuses_and_prints_the_report(tmp_path, tiny, inputs):
     assert "\r" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line]
     actions = ["te: recording", "te: solving", "kv: recording", "kv: solving", "spatial: sampling concept 1/2",
-               "spatial: sampling concept 2/2", "spatial: solving"]
+               "spatial: sampling concept 2/2", "spatial: solving", "picture: checking"]
     assert list(dict.fromkeys(line.split(" |")[0] for line in lines)) == actions, proc.stderr
     ends = {line.split(" |")[0]: line for line in lines}  # each action's last line
     assert all(line.split("| ")[1].split(" ")[0] in ("2/2", "48/48", "32/32", "96/96") for line in ends.values())
@@ -375,6 +394,20 @@ def test_report_summary_line_per_concept_compares_fused_with_averaging_and_stack
         "cat: held-out error over 2 stage(s): fused 0.400, averaged 0.800, stacked 1.400 (best: fused)",
         "dog: held-out error over 1 stage(s): fused 0.900, averaged 0.800, stacked 0.700 (best: stacked)"]
     assert fusion_report.format_report(rows).splitlines()[-2:] == summary
+
+
+def test_the_reports_verdict_is_what_the_merged_model_draws():
+    """A picture row decides the verdict over the layer errors, and a method other than fusion is
+    named with what to do instead."""
+    layer = {"concept": "cat", "stage": "spatial", "layers": 4, "fused": 0.1, "average": 0.8, "stacked": 1.4}
+    rows = [layer, {**layer, "concept": "dog"},
+            {"concept": "cat", "stage": "picture", "layers": 0, "fused": 0.9, "average": 0.3, "stacked": 0.7},
+            {"concept": "dog", "stage": "picture", "layers": 0, "fused": 0.2, "average": 0.3, "stacked": 0.7}]
+    cat, dog = fusion_report.concept_summary(rows)
+    assert cat.startswith("cat: what it draws") and "fused 0.900, averaged 0.300, stacked 0.700 (best: averaged)" in cat
+    assert "averaged keeps it better than fusion" in cat and "region" in cat
+    assert dog.endswith("(best: fused)")
+    assert fusion_report.verdicts(rows) == {"cat": "average", "dog": "fused"}
 
 
 def test_kv_stage_records_the_concept_tokens_and_the_real_eos(tiny, inputs, monkeypatch):

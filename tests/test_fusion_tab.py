@@ -130,10 +130,13 @@ def test_tab_fuses_in_a_child_with_progress_and_refreshes(tab):
         done.set()
         watcher.join()
     assert "Saved" in status and "Time taken" in status, status
+    assert status.count("what it draws, error against its own model") == 2, status  # the verdict per concept
+    assert [r[1] for r in rows].count("picture") == 2
     assert "fused-pets.safetensors" in checkpoint_folder_files()
     assert any(t.startswith("fused-pets.safetensors") for t in sd_models.checkpoint_tiles())
     assert any(t.startswith("fused-pets.safetensors") for t in update["choices"])
-    assert len(rows) == 4 and all(r[3] < r[4] for r in rows)  # fused beats averaging on every row
+    layers = [r for r in rows if r[1] != "picture"]
+    assert len(layers) == 4 and all(r[3] < r[4] for r in layers)  # fused beats averaging in every layer stage
     assert all(r[5] is not None for r in rows)  # held-out errors measured
     assert seen and all(0 < p <= 1 for p, _ in seen) and any("te" in text for _, text in seen)
     assert "task(test)" in progress.finished_tasks

@@ -318,6 +318,24 @@ def test_region_loras_draw_each_concept_in_its_square_with_nothing_merged(toy):
     assert all(torch.equal(v, before[k]) for k, v in toy.model.unet.state_dict().items())
 
 
+def test_layouts_tile_or_leave_a_background():
+    tiling = measure.Layout().boxes(3)
+    assert tiling == [(0.0, 0.0, 1.0, 1 / 3), (0.0, 1 / 3, 1.0, 2 / 3), (0.0, 2 / 3, 1.0, 1.0)]
+    top, left, bottom, right = measure.Layout(margin=0.25).boxes(2)[1]
+    assert (top, left, bottom, right) == (0.25, 0.625, 0.75, 0.875)
+    spec = measure.Layout(global_weight=0.5).spec(["a", "b"])
+    assert spec.global_weights() == [0.5, 0.5] and [r.prompt for r in spec.regions] == ["a", "b"]
+
+
+def test_a_region_loras_spill_is_measured_against_its_own_square(toy):
+    """Concept i's LoRA in region i changes square i more than the others (a ratio below 1), and the
+    measure is per concept."""
+    pair = toy.concepts[:2]
+    spill = measure.region_lora_spill(toy.model, toy.codec, pair, toy.classes[:2], seeds=2,
+                                      sampler=measure.Sampler(steps=8))
+    assert len(spill) == 2 and all(0.0 < v < 1.0 for v in spill), spill
+
+
 def test_shares_come_with_wilsons_interval():
     low, high = measure.interval(16, 32)
     assert (round(low, 3), round(high, 3)) == (0.336, 0.664)

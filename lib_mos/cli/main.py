@@ -179,7 +179,7 @@ class ProgressBar:
         self.open, self.key = False, None
 
 
-_UNITS = {"solving": "layer", "recording": "concept"}  # per action; sampling counts steps
+_UNITS = {"solving": "layer", "recording": "concept", "checking": "concept"}  # per action; sampling counts steps
 
 
 def _stop_on_terminate() -> None:

@@ -37,7 +37,8 @@ from torch import nn
 
 from lib_mos.concepts.binding import PromptBinder
 from lib_mos.concepts.concept import Concept, ConceptError, applied, check_fits
-from lib_mos.fusion.report import LayerMeasure, measure_layers, stage_report
+from lib_mos.fusion import check
+from lib_mos.fusion.report import PICTURE, LayerMeasure, measure_layers, stage_report
 from lib_mos.fusion.solver import (
     MAX_CHANGE,
     PRIORS,
@@ -105,6 +106,12 @@ class FusionSettings:
     # change or few rows (an ED-LoRA's 6 k/v rows beside a kohya LoRA's) is kept as well as the
     # others; False: the authors' plain sum of squared output errors
     balance: bool = True
+    # the report's verdict (`fusion.check`): each concept's CFG-guided prediction along its own
+    # model's sampling trajectory (check_seeds x check_steps at check_cfg), fused vs averaged vs
+    # stacked; 0 steps: no check
+    check_steps: int = 8
+    check_seeds: int = 2
+    check_cfg: float = 7.0
 
     def __post_init__(self) -> None:
         if self.solver not in ("exact", "lbfgs"):
@@ -122,6 +129,9 @@ class FusionSettings:
             raise ValueError(f"spatial size must be a positive multiple of 8, got {self.spatial_size}")
         if self.spatial_steps <= 0:
             raise ValueError(f"spatial steps must be positive, got {self.spatial_steps}")
+        if self.check_steps < 0 or self.check_seeds <= 0:
+            raise ValueError(f"check steps must be >= 0 and check seeds positive, got {self.check_steps}, "
+                             f"{self.check_seeds}")
         if not (self.memory_gb > 0 and math.isfinite(self.memory_gb)):
             raise ValueError(f"memory budget must be a positive number of GiB, got {self.memory_gb}")
         if self.templates is not None:
@@ -618,4 +628,21 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
     for table in (result.text_weights, result.unet_weights, result.text_biases, result.unet_biases):
         for n, w in table.items():
             table[n] = w.float().cpu()
+    if settings.check_steps:
+        t0 = time.perf_counter()
+
+        def on_concept(k: int) -> None:
+            stop_check("picture check")
+            if progress:
+                progress("picture: checking", k, len(inputs))
+
+        errors = check.prediction_errors(
+            model, inputs, result, size=settings.spatial_size, steps=settings.check_steps, seeds=settings.check_seeds,
+            cfg=settings.check_cfg, seed=settings.seed, templates=lambda c: solve_templates(c, settings),
+            fused=lambda: fused_weights(model, result), on_concept=on_concept)
+        if progress:
+            progress("picture: checking", len(inputs), len(inputs))
+        result.report += [{"concept": i.concept.name, "stage": PICTURE, "layers": 0, **e}
+                          for i, e in zip(inputs, errors)]
+        result.seconds[PICTURE] = time.perf_counter() - t0
     return result

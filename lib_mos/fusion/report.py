@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lib_mos.fusion import check
 from lib_mos.fusion.solver import MAX_CHANGE, LayerStats, relative_errors_many, weight_average, weight_stack
 
-__all__ = ["DISTANCE_BOUND", "HELD_OUT_BOUND", "HELD_OUT_MARGIN", "LayerMeasure", "concept_summary",
-           "format_report", "measure_layers", "stage_report"]
+__all__ = ["DISTANCE_BOUND", "HELD_OUT_BOUND", "HELD_OUT_MARGIN", "PICTURE", "LayerMeasure", "concept_summary",
+           "format_report", "measure_layers", "stage_report", "verdicts"]
 
 # Report bounds (README, "The report"). Held-out error 1 is what dropping the concept's LoRA
 # scores, so a fused layer set that does worse than that on prompts and noise it did not see is not
@@ -31,6 +32,10 @@ __all__ = ["DISTANCE_BOUND", "HELD_OUT_BOUND", "HELD_OUT_MARGIN", "LayerMeasure"
 HELD_OUT_BOUND = 1.0
 HELD_OUT_MARGIN = 1.1  # ...and 10 % above averaging's, which with many concepts nears 1 too
 DISTANCE_BOUND = MAX_CHANGE  # the exact solve's trust region keeps to it; LBFGS may not
+
+
+PICTURE = "picture"  # the report stage of `fusion.check`'s prediction errors
+_NAMES = {"fused": "fused", "average": "averaged", "stacked": "stacked"}
 
 
 def _mean(values: list[float]) -> float:
@@ -130,20 +135,40 @@ def stage_report(stage: str, concepts: Sequence[str], layers: Sequence[LayerMeas
 
 
 def concept_summary(report: Sequence[dict]) -> list[str]:
-    """One line per concept: its mean error over the stages, fused against averaging and stacking,
-    on held-out inputs where they were recorded (else on the recorded ones)."""
+    """One line per concept. With a "picture" row (`fusion.check`), the verdict is what the merged
+    model draws: the CFG-guided prediction's error against the concept's own model, fused vs
+    averaged vs stacked, and where fusion is not the best, what to use instead. Without one (older
+    reports), its mean layer error over the stages, on held-out inputs where they were recorded."""
     lines = []
     for concept in dict.fromkeys(r["concept"] for r in report):
-        rows = [r for r in report if r["concept"] == concept]
+        picture = [r for r in report if r["concept"] == concept and r["stage"] == PICTURE]
+        rows = [r for r in report if r["concept"] == concept and r["stage"] != PICTURE]
+        if picture:
+            errors = {m: picture[0][m] for m in check.METHODS}
+            best = check.best_method(errors)
+            line = (f"{concept}: what it draws, error against its own model (0 = as its own, 1 = as without "
+                    f"it): fused {errors['fused']:.3f}, averaged {errors['average']:.3f}, stacked "
+                    f"{errors['stacked']:.3f} (best: {_NAMES[best]})")
+            if best != "fused":
+                line += (f"; {_NAMES[best]} keeps it better than fusion here: give each concept its own region "
+                         f"with its LoRA (Mix-of-Show regions, nothing merged), or merge it {_NAMES[best]}")
+            lines.append(line)
+            continue
         unseen = all(isinstance(r.get("held_out"), (int, float)) for r in rows)
         keys = ("held_out", "held_out_average", "held_out_stacked") if unseen else ("fused", "average", "stacked")
-        if not all(isinstance(r.get(k), (int, float)) for r in rows for k in keys):
+        if not rows or not all(isinstance(r.get(k), (int, float)) for r in rows for k in keys):
             continue  # a report written before stacking was measured
         fused, avg, stack = (_mean([r[k] for r in rows]) for k in keys)
         best = "fused" if fused <= min(avg, stack) else ("averaged" if avg <= stack else "stacked")
         lines.append(f"{concept}: {'held-out' if unseen else 'recorded'} error over {len(rows)} stage(s): fused "
                      f"{fused:.3f}, averaged {avg:.3f}, stacked {stack:.3f} (best: {best})")
     return lines
+
+
+def verdicts(report: Sequence[dict]) -> dict[str, str]:
+    """concept -> the method the report finds best ("fused", "average", "stacked"), from its
+    picture row."""
+    return {r["concept"]: check.best_method(r) for r in report if r["stage"] == PICTURE}
 
 
 def format_report(report: Sequence[dict], warnings: Sequence[str] = ()) -> str:

@@ -142,6 +142,25 @@ def sample_euler(
     return x
 
 
+@torch.no_grad()
+def guided_eps(model: SD1Model, x: torch.Tensor, sigma: float, cond: torch.Tensor, uncond: torch.Tensor,
+               cfg_scale: float) -> torch.Tensor:
+    """The CFG-guided noise prediction at latents `x` [B, 4, h, w] and noise level `sigma`: what a
+    step of `sample_euler` moves along (cond / uncond [B, T, D] or layer-wise [B, L, T, D])."""
+    ac = model.alphas_cumprod.to(x.device)
+    log_sigmas = (((1 - ac) / ac) ** 0.5).log()
+    s = torch.tensor([float(sigma)], device=x.device)
+    t = sigma_to_t(s, log_sigmas).expand(2 * x.shape[0])
+    if uncond.dim() != cond.dim():
+        layers = (cond if cond.dim() == 4 else uncond).shape[1]
+        cond, uncond = (c if c.dim() == 4 else c.unsqueeze(1).expand(-1, layers, -1, -1) for c in (cond, uncond))
+    context = torch.cat([cond, uncond])
+    layerwise = attn2_processor(model.unet, LayerwiseContext()) if context.dim() == 4 else contextlib.nullcontext()
+    with any_multiple_of_8(), layerwise:
+        eps_c, eps_u = model.unet(torch.cat([x, x]) / (s**2 + 1) ** 0.5, t, context=context).chunk(2)
+    return eps_u + cfg_scale * (eps_c - eps_u)
+
+
 def latents_to_images(latents: torch.Tensor) -> list[Image.Image]:
     """Preview decode (linear latent->RGB, nearest x8): the tiny model has no VAE."""
     rgb = torch.einsum("bchw,cr->brhw", latents.float().cpu(), LATENT_RGB)

@@ -71,7 +71,7 @@ def _curve(args: argparse.Namespace) -> int:
         for cells in args.placement_cells if args.placement_seeds else ():  # plain prompts in regions: the ceiling
             for g in args.global_weights:
                 placed, _ = measure.prompt_placement(model, codec, attributes, cells, seeds=args.placement_seeds,
-                                                     global_weight=g)
+                                                     layout=measure.Layout(global_weight=g))
                 scores[f"placement_{cells}" + (f"_global_{g:g}" if g else "")] = placed["placement"]
         print(json.dumps({"step": step, **{k: round(v, 4) for k, v in scores.items()}}), flush=True)
     return 0

@@ -36,6 +36,32 @@ BATCH = 64
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How regions are laid out side by side: `global_weight`, the spec's share of the global
+    prompt kept inside each region; `margin`, the share of each 32-px cell's width and height left
+    outside its region on every side (0: the regions tile the canvas; > 0: they sit in a
+    background the global prompt alone draws, as the authors lay scenes out)."""
+
+    global_weight: float = 0.0
+    margin: float = 0.0
+
+    def boxes(self, cells: int) -> list[tuple[float, float, float, float]]:
+        """[top, left, bottom, right] fractions of the i-th cell's region, left to right."""
+        m = self.margin
+        return [(m, (i + m) / cells, 1.0 - m, (i + 1 - m) / cells) for i in range(cells)]
+
+    def spec(self, prompts: Sequence[str]) -> RegionSpec:
+        return RegionSpec(tuple(Region(p, box=b, units="fraction") for p, b in zip(prompts, self.boxes(len(prompts)))),
+                          global_weight=self.global_weight)
+
+    def describe(self) -> dict[str, float]:
+        return {"global_weight": self.global_weight, "margin": self.margin}
+
+
+TILING = Layout()
+
+
+@dataclass(frozen=True)
 class Sampler:
     """Sampling settings shared by every measurement (so the numbers compare)."""
 
@@ -133,16 +159,15 @@ def base_accuracy(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, *,
 
 
 def prompt_placement(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, cells: int, *, seeds: int = 32,
-                     sampler: Sampler = Sampler(), first_seed: int = 4000, global_weight: float = 0.0,
+                     sampler: Sampler = Sampler(), first_seed: int = 4000, layout: Layout = TILING,
                      ) -> tuple[dict[str, float], torch.Tensor]:
-    """The ceiling of composition: plain prompts in `cells` side-by-side regions (random base
-    objects, the global prompt naming them left to right, kept at `global_weight` inside each
-    region), scored by `objects_placed`. Also returns the pictures."""
+    """The ceiling of composition: plain prompts in `cells` side-by-side regions laid out by
+    `layout` (random base objects, the global prompt naming them left to right), scored by
+    `objects_placed`. Also returns the pictures."""
     rng = np.random.default_rng(first_seed)
     objects = [[world.random_thing(rng) for _ in range(cells)] for _ in range(seeds)]
     prompts = [" and ".join(f"a {t.words()}" for t in row) for row in objects]
-    specs = [RegionSpec(tuple(Region(f"a {t.words()}", box=(0.0, i / cells, 1.0, (i + 1) / cells), units="fraction")
-                              for i, t in enumerate(row)), global_weight=global_weight) for row in objects]
+    specs = [layout.spec([f"a {t.words()}" for t in row]) for row in objects]
     pics = pictures(model, codec, prompts, [first_seed + i for i in range(seeds)], sampler=sampler, cells=cells,
                     spec=specs)
     return {**objects_placed(probe, pics, objects), "samples": seeds}, pics
@@ -211,30 +236,46 @@ def identity_parts(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, c
     return out
 
 
-def side_by_side(concepts: Sequence[Concept], classes: Sequence[str], global_weight: float = 0.0,
+def side_by_side(concepts: Sequence[Concept], classes: Sequence[str], layout: Layout = TILING,
                  ) -> tuple[str, RegionSpec]:
-    """A global prompt naming the objects' kinds (kept at `global_weight` inside the regions) and
-    one region per concept, left to right."""
-    k = len(concepts)
-    regions = tuple(Region(f"a {c.prompt_words}", box=(0.0, i / k, 1.0, (i + 1) / k), units="fraction")
-                    for i, c in enumerate(concepts))
-    return " and ".join(f"a {w}" for w in classes), RegionSpec(regions=regions, global_weight=global_weight)
+    """A global prompt naming the objects' kinds and one region per concept, left to right."""
+    return " and ".join(f"a {w}" for w in classes), layout.spec([f"a {c.prompt_words}" for c in concepts])
 
 
 def placement_rate(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, concepts: Sequence[Concept],
                    labels: Sequence[int], classes: Sequence[str], *, seeds: int = 16, sampler: Sampler = Sampler(),
-                   first_seed: int = 3000, region_loras: bool = False, global_weight: float = 0.0,
+                   first_seed: int = 3000, region_loras: bool = False, layout: Layout = TILING,
                    ) -> tuple[float, torch.Tensor]:
-    """Regional composition, concept i in the i-th of k side-by-side squares: the share of pictures
-    where every square's crop is read as its own concept. `region_loras`: each concept's LoRA
-    applied inside its own region only (unfused, one pass). `global_weight`: the spec's share of
-    the global prompt inside each region. Also returns the pictures."""
+    """Regional composition, concept i in the i-th of k side-by-side squares (regions laid out by
+    `layout`): the share of pictures where every square's crop is read as its own concept.
+    `region_loras`: each concept's LoRA applied inside its own region only (unfused, one pass).
+    Also returns the pictures."""
     k = len(concepts)
-    prompt, spec = side_by_side(concepts, classes, global_weight)
+    prompt, spec = side_by_side(concepts, classes, layout)
     loras = [RegionLora(i, c, 1.0, c.name) for i, c in enumerate(concepts)] if region_loras else []
     pics = pictures(model, codec, [prompt] * seeds, [first_seed + i for i in range(seeds)], concepts=concepts,
                     sampler=sampler, cells=k, spec=spec, region_loras=loras)
     return float(placed(probe, pics, labels).mean()), pics
+
+
+def region_lora_spill(model: SD1Model, codec: codec_mod.PatchCodec, concepts: Sequence[Concept],
+                      classes: Sequence[str], *, seeds: int = 16, sampler: Sampler = Sampler(),
+                      first_seed: int = 3000, layout: Layout = TILING) -> list[float]:
+    """Per concept i: how much its LoRA, applied inside region i only, changes the other squares of
+    the composition against its own square (mean absolute pixel change over the same seeds and
+    prompts without it; 0 = no bleed, 1 = as much elsewhere as where it was drawn)."""
+    k = len(concepts)
+    prompt, spec = side_by_side(concepts, classes, layout)
+    args = (model, codec, [prompt] * seeds, [first_seed + i for i in range(seeds)])
+    kwargs = {"concepts": concepts, "sampler": sampler, "cells": k, "spec": spec}
+    without = pictures(*args, **kwargs)
+    out = []
+    for i, concept in enumerate(concepts):
+        one = pictures(*args, **kwargs, region_loras=[RegionLora(i, concept, 1.0, concept.name)])
+        per_square = (one - without).abs().mean(dim=(0, 1, 2)).reshape(k, world.SIZE).mean(1)  # [k]
+        others = torch.cat([per_square[:i], per_square[i + 1:]]).mean()
+        out.append(float(others / per_square[i]))
+    return out
 
 
 def region_reads(probe: Probe, pics: torch.Tensor, labels: Sequence[int]) -> np.ndarray:

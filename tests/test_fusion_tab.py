@@ -137,7 +137,7 @@ def test_tab_fuses_in_a_child_with_progress_and_refreshes(tab):
     assert any(t.startswith("fused-pets.safetensors") for t in update["choices"])
     layers = [r for r in rows if r[1] != "picture"]
     assert len(layers) == 4 and all(r[3] < r[4] for r in layers)  # fused beats averaging in every layer stage
-    assert all(r[5] is not None for r in rows)  # held-out errors measured
+    assert all(r[5] is not None for r in layers)  # held-out errors measured
     assert seen and all(0 < p <= 1 for p, _ in seen) and any("te" in text for _, text in seen)
     assert "task(test)" in progress.finished_tasks
     after = live_state(harness)

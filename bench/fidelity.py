@@ -44,19 +44,24 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib_mos.concepts.concept import Concept, applied
+from lib_mos.fusion import check as fusion_check
 from lib_mos.fusion import pipeline as fusion
 from lib_mos.toyworld import measure, weights
 from lib_mos.toyworld.codec import to_pil
 
 METHODS = ("fused", "average", "stacked")  # merged into the weights; "region_loras" is composed only
+REPORTS: dict[int, list[dict]] = {}  # the last fusion report per number of concepts
 TEMPLATES = ("a {}", "{}")  # the toy world's captions around the concept's tokens
 
 
 def fusion_settings(quick: bool) -> fusion.FusionSettings:
-    return fusion.FusionSettings(templates=TEMPLATES, spatial_size=128, spatial_steps=10 if quick else 20)
+    return fusion.FusionSettings(templates=TEMPLATES, spatial_size=128, spatial_steps=10 if quick else 20,
+                                 check_cfg=measure.CFG)
 
 
 @contextlib.contextmanager
@@ -65,6 +70,7 @@ def merged(world: weights.ToyWorld, concepts: Sequence[Concept], method: str, qu
     model, n = world.model, len(concepts)
     if method == "fused":
         result = fusion.fuse(model, [fusion.FusionInput(c) for c in concepts], fusion_settings(quick))
+        REPORTS[len(concepts)] = result.report
         with fusion.fused_weights(model, result):
             yield result.concepts
     elif method in ("average", "stacked", "single"):
@@ -111,11 +117,13 @@ def run(args: argparse.Namespace) -> list[dict]:
           "identity_per_concept": dict(zip((c.name for c in world.concepts), singles))})
     for n in args.counts:
         chosen, labels, classes = world.concepts[:n], list(range(n)), world.classes[:n]
+        identities: dict[str, list[float]] = {}
         for method in METHODS:
             t0 = time.perf_counter()
             with merged(world, chosen, method, args.quick) as bound:
                 identity = measure.identity_rate(world.model, world.codec, world.concept_probe, bound, labels,
                                                  seeds=seeds, sampler=sampler)
+                identities[method] = identity
                 row = {"concepts": n, "method": method, **with_intervals(sum(identity) / n, n * seeds),
                        "identity_per_concept": dict(zip((c.name for c in chosen), identity))}
                 if n not in args.compose:
@@ -128,6 +136,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     emit({**row, **layout.describe(), **placement(rate, seeds),
                           "seconds": round(time.perf_counter() - t0, 1)})
                     t0 = time.perf_counter()
+        emit({"concepts": n, "method": "report", **report_agreement(REPORTS[n], chosen, identities)})
         for layout in layouts if n in args.compose else ():  # nothing merged: each LoRA in its own region, one pass
             t0 = time.perf_counter()
             _, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, chosen, labels, classes,
@@ -143,6 +152,35 @@ def run(args: argparse.Namespace) -> list[dict]:
                   "spill_per_concept": dict(zip((c.name for c in chosen), (round(v, 4) for v in spill))),
                   "seconds": round(time.perf_counter() - t0, 1)})
     return rows
+
+
+def report_agreement(report: list[dict], concepts: Sequence[Concept], identities: dict[str, list[float]]) -> dict:
+    """Does the fusion report's verdict agree with the pictures? Over (concept, method) pairs: the
+    report keeps the concept when its picture error is below 0.5 (nearer its own model than its
+    absence), the pictures when the probe reads at least half of them as the concept; `agreement`
+    is the share of pairs where both say the same, `rank_correlation` Spearman's between -error and
+    identity, `best_agrees` the share of concepts whose best method by the report has the best
+    identity (ties count)."""
+    pictures = {r["concept"]: r for r in report if r["stage"] == "picture"}
+    pairs = [(pictures[c.name][m], identities[m][i]) for i, c in enumerate(concepts) for m in METHODS]
+    agree = sum((e < 0.5) == (ident >= 0.5) for e, ident in pairs) / len(pairs)
+    best = sum(identities[fusion_check.best_method(pictures[c.name])][i] >= max(identities[m][i] for m in METHODS)
+               for i, c in enumerate(concepts)) / len(concepts)
+    return {"agreement": round(agree, 4), "rank_correlation": round(_spearman([-e for e, _ in pairs],
+                                                                            [i for _, i in pairs]), 4),
+            "best_agrees": round(best, 4), "pairs": len(pairs),
+            "errors": {c.name: {m: round(pictures[c.name][m], 4) for m in METHODS} for c in concepts}}
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    def ranks(v: Sequence[float]) -> torch.Tensor:
+        t = torch.tensor(v, dtype=torch.float64)
+        return torch.tensor([((t < x).sum() + ((t == x).sum() - 1) / 2).item() for x in t], dtype=torch.float64)
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / denom) if denom else 0.0
 
 
 def tag(layout: measure.Layout) -> str:
@@ -162,13 +200,16 @@ def placement(rate: float, n: int) -> dict:
 def table(rows: list[dict]) -> str:
     lines = ["| concepts | method | global weight | margin | identity (95% interval) | placement (95% interval) "
              "| spill |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    notes = [f"fusion report vs pictures, {r['concepts']} concepts: verdict agrees in {r['agreement']:.0%} of "
+             f"{r['pairs']} (concept, method) pairs, rank correlation {r['rank_correlation']:.2f}, best method "
+             f"agrees for {r['best_agrees']:.0%} of concepts" for r in rows if r["method"] == "report"]
+    for r in (r for r in rows if r["method"] != "report"):
         identity = f"{r['identity']:.0%} ({r['identity_low']:.0%}-{r['identity_high']:.0%})"
         where = f"{r['placement']:.0%} ({r['low']:.0%}-{r['high']:.0%})" if "placement" in r else ""
         spill = f"{r['spill']:.0%}" if "spill" in r else ""
         lines.append(f"| {r['concepts']} | {r['method']} | {r.get('global_weight', '')} | {r.get('margin', '')} "
                      f"| {identity} | {where} | {spill} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *notes])
 
 
 def main() -> None:

@@ -83,8 +83,8 @@ def merged(world: weights.ToyWorld, concepts: Sequence[Concept], method: str, qu
 
 def run(args: argparse.Namespace) -> list[dict]:
     world = weights.load(args.weights)
-    sampler = measure.Sampler(steps=20 if args.quick else 30)
-    seeds = 8 if args.quick else 32
+    sampler = measure.Sampler(steps=args.steps or (20 if args.quick else 30))
+    seeds = args.seeds or (8 if args.quick else 32)
     rows = []
 
     def emit(row: dict) -> None:
@@ -222,6 +222,8 @@ def main() -> None:
                         help="shares of the global prompt kept inside the regions (the spec's global_weight)")
     parser.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.15],
                         help="share of each cell left to the global prompt around its region (0: regions tile)")
+    parser.add_argument("--seeds", type=int, help="samples per measure (default 32; --quick 8)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default 30; --quick 20)")
     parser.add_argument("--images", type=Path, help="save a few composition pictures here")
     args = parser.parse_args()
     t0 = time.perf_counter()

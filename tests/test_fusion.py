@@ -269,6 +269,7 @@ def test_cli_fuses_and_prints_the_report(tmp_path, tiny, inputs):
                 "--spatial-steps", 2, "--spatial-size", 64)
     assert proc.returncode == 0, proc.stderr
     assert "averaged" in proc.stdout and "held-out" in proc.stdout and f"wrote {out}" in proc.stdout
+    assert proc.stdout.count(": what it draws, error against its own model") == 2  # the verdict per concept
     assert "WARNING: spatial: 2 step(s) x 4 seed(s) at 64 px" in proc.stdout  # too few rows for the middle block
     # stderr is a pipe here, not a terminal: per stage and action a first and a last line (and one
     # every 30 s between), not a line or a redraw per layer
@@ -303,6 +304,7 @@ def test_cli_bad_inputs_write_nothing(tmp_path, tiny, inputs, capsys):
         (("--base", base, "--concept", tmp_path / "missing.safetensors"), "missing.safetensors"),
         (("--base", base, "--concept", f"{cat}:<only>"), "new token names"),
         (("--base", base, "--concept", cat, "--concept", f"{dog}:<cat1>+<x>"), "<cat1>"),
+        (("--base", base, "--concept", cat, "--check-steps", -1), "check steps"),
     ]
     cases.append((("--base", base, "--concept", cat), "nofolder"))
     for args, message in cases:

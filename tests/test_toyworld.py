@@ -327,13 +327,23 @@ def test_layouts_tile_or_leave_a_background():
     assert spec.global_weights() == [0.5, 0.5] and [r.prompt for r in spec.regions] == ["a", "b"]
 
 
-def test_a_region_loras_spill_is_measured_against_its_own_square(toy):
-    """Concept i's LoRA in region i changes square i more than the others (a ratio below 1), and the
-    measure is per concept."""
-    pair = toy.concepts[:2]
-    spill = measure.region_lora_spill(toy.model, toy.codec, pair, toy.classes[:2], seeds=2,
-                                      sampler=measure.Sampler(steps=8))
-    assert len(spill) == 2 and all(0.0 < v < 1.0 for v in spill), spill
+def test_a_region_loras_spill_is_measured_against_its_own_square(toy, monkeypatch):
+    """Spill = the change outside the LoRA's square over the change inside it, per concept: here
+    concept 0's LoRA changes its own (left) square by 4 and the right one by 1, concept 1's LoRA
+    changes both by 2."""
+    def fake(model, codec, prompts, seeds, *, region_loras=(), cells=1, **kwargs):
+        pics = torch.zeros(len(prompts), 3, 32, 32 * cells)
+        for lora in region_loras:
+            if lora.region == 0:
+                pics[..., :32] += 4.0
+                pics[..., 32:] += 1.0
+            else:
+                pics += 2.0
+        return pics
+
+    monkeypatch.setattr(measure, "pictures", fake)
+    spill = measure.region_lora_spill(toy.model, toy.codec, toy.concepts[:2], toy.classes[:2], seeds=2)
+    assert spill == [0.25, 1.0]
 
 
 def test_shares_come_with_wilsons_interval():

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     fuse.add_argument("--spatial-seeds", type=int, default=4,
                       help="noise seeds per concept in the spatial stage, sampled as one batch")
     fuse.add_argument("--seed", type=int, default=0)
+    fuse.add_argument("--check-steps", type=int, default=8,
+                      help="the picture check's sampling steps per concept (the report's verdict); 0: no check")
     fuse.add_argument("--templates", metavar="'photo of a {};{}'",
                       help="the solve's prompt templates, separated by ';', each with one {} where the concept's "
                            "tokens or trigger words go (default: the authors' two for token concepts, a few "
@@ -282,7 +284,7 @@ def _fuse(args: argparse.Namespace) -> int:
                                          seed=args.seed, skip=frozenset(args.skip_stage),
                                          held_out=not args.no_held_out, templates=_templates(args.templates),
                                          memory_gb=args.memory_gb, balance=not args.no_balance,
-                                         **extra)
+                                         check_steps=args.check_steps, **extra)
         specs = [fused_checkpoint.parse_concept_spec(c, args.unet_weight, args.text_weight) for c in args.concept]
         # read here (once: fuse_checkpoint takes them as read) to say which trigger words are used
         specs = [dataclasses.replace(s, concept=read_concept(s.path, trigger=s.trigger)) for s in specs]

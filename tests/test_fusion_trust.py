@@ -18,7 +18,7 @@ from lib_mos.models import sd1
 # least-squares fit closest to W0 (its ridge 1e-6 of mean(diag G) was iterated away on purpose),
 # no validation, no trust region.
 SMALL = fusion.FusionSettings(spatial_steps=2, spatial_size=64, spatial_seeds=1)
-UNREGULARISED = dataclasses.replace(SMALL, ridge=1e-8, prior="base", validate=False, max_change=None)
+UNREGULARISED = dataclasses.replace(SMALL, ridge=1e-8, prior="base", validate=False, max_change=None, check_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_unregularised_solve_damages_and_only_the_held_out_report_sees_it(tiny, 
     (20, 128, 4),   # the defaults, at a size scaled to the tiny model's widths (a tenth of SD1.5's)
 ])
 def test_default_solve_stays_within_bounds(tiny, inputs, steps, size, seeds):
-    settings = dataclasses.replace(fusion.FusionSettings(), spatial_steps=steps, spatial_size=size, spatial_seeds=seeds)
+    settings = dataclasses.replace(fusion.FusionSettings(), spatial_steps=steps, spatial_size=size, spatial_seeds=seeds,
+                                   check_steps=0)  # the solve's bounds; the picture check is tested in test_fusion
     result = fusion.fuse(tiny, inputs, settings)
     moves = _moves(tiny, inputs, result)
     assert len(moves) == 176

@@ -119,7 +119,8 @@ def _check_mixed_set(out: Path, stdout: str, base: sd1.SD1Model) -> None:
     assert [c["name"] for c in info["concepts"]] == ["cat1", "dog1", "ohwx-corgi", "sks-vase"]
     assert [c["triggers"] for c in info["concepts"]][2:] == [["ohwx corgi"], ["sks vase"]]
     rows = {(r["concept"], r["stage"]): r for r in info["report"]}
-    assert set(rows) == {(c, s) for c in ("cat1", "dog1", "ohwx-corgi", "sks-vase") for s in ("te", "kv", "spatial")}
+    assert set(rows) == {(c, s) for c in ("cat1", "dog1", "ohwx-corgi", "sks-vase")
+                         for s in ("te", "kv", "spatial", "picture")}  # picture: the verdict's check
     for concept in ("ohwx-corgi", "sks-vase"):
         for stage in ("te", "spatial"):
             row = rows[(concept, stage)]

@@ -16,7 +16,9 @@ from lib_mos.fusion.process import FusionProcessError, FusionProcessInterrupted,
 from lib_mos.models import sd1
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--skip-stage", "spatial"]  # the spatial stage is the tab's slow part; the process plumbing is the same
+# the spatial stage and the picture check (both sample at 512 px) are the tab's slow parts; the
+# process plumbing is the same without them
+QUICK = ["--skip-stage", "spatial", "--check-steps", "0"]
 
 
 @pytest.fixture(scope="module")

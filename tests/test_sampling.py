@@ -81,7 +81,8 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
 
     picture = Image.open(out / "toyworld-composition.png")
     assert picture.size == (3 * 32 * 4, (5 * 32 + 4) * 4)
-    assert "toy world fidelity" in proc.stdout and "3 concept(s), fused" in proc.stdout
+    assert "toy world fidelity" in proc.stdout and "2 concept(s), fused" in proc.stdout
+    assert "2 concept(s), region_loras" in proc.stdout
 
 
 def _check_mixed_set(out: Path, stdout: str, base: sd1.SD1Model) -> None:

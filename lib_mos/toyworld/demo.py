@@ -67,8 +67,9 @@ def run(out: Path, wrote: Callable[[Path, str], None], *, seed: int = 0, folder:
     if table.is_file():
         print("toy world fidelity (bench/fidelity.py; identity and placement read by the concept probe):")
         rows = [json.loads(line) for line in table.read_text().splitlines() if line.startswith("{")]
-        for r in rows:
+        for r in (r for r in rows if "identity" in r):  # the report-agreement rows have none
             placement = f", placement {r['placement']:.0%}" if "placement" in r else ""
-            print(f"  {r['concepts']} concept(s), {r['method']:<8} identity {r['identity']:.0%}{placement}")
+            where = f" (global prompt {r['global_weight']:g} in regions)" if r.get("global_weight") else ""
+            print(f"  {r['concepts']} concept(s), {r['method']:<12} identity {r['identity']:.0%}{placement}{where}")
     return picture
 

@@ -139,6 +139,8 @@ def settings_note(steps: float, size: float, seeds: float = 4) -> str:
     return f"<p class='mos-warning'>&#9888; {html.escape(shortfall)}</p>" if shortfall else ""
 
 
+CHECK_STEPS = 8  # the picture check behind the report's verdict (`lib_mos.fusion.check`)
+
 REPORT_HEADERS = ["concept", "stage", "layers", "fused error", "averaged error", "held-out error",
                   "held-out averaged", "distance (x own change)", "rows / width", "flags"]
 
@@ -170,7 +172,7 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
     out = output_path(name)
     args = ["--base", info.filename, "--solver", solver, "--spatial-steps", str(int(spatial_steps)),
             "--spatial-size", str(int(spatial_size)), "--spatial-seeds", str(int(spatial_seeds)),
-            "--seed", str(int(seed)), "--dtype", dtype,
+            "--seed", str(int(seed)), "--dtype", dtype, "--check-steps", str(CHECK_STEPS),
             "--device", str(devices.device), *_concept_args(table)]
     for stage in sorted(set(STAGE_LABELS.values()) - {STAGE_LABELS[s] for s in stages or []}):
         args += ["--skip-stage", stage]

@@ -127,7 +127,7 @@ def _check_mixed_set(out: Path, stdout: str, base: sd1.SD1Model) -> None:
             row = rows[(concept, stage)]
             for key in ("held_out", "held_out_average", "held_out_stacked"):
                 assert isinstance(row[key], float), (concept, stage, key, row[key])
-        assert f"{concept}: held-out error over 3 stage(s): fused" in stdout
+        assert f"{concept}: what it draws, error against its own model" in stdout
     assert rows[("cat1", "spatial")]["layers"] > 96  # the ED-LoRA attention layers and the LoRAs' others
     # the layers only the LoCon / LoHa change moved: resnet 3x3 convs, proj_in, feed-forward, text MLP
     for key, module in (("model.diffusion_model.input_blocks.1.0.in_layers.2.weight", "input_blocks.1.0.in_layers.2"),

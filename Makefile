@@ -4,6 +4,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
+# one pytest worker per core, each test to whichever worker is free (the slowest take minutes)
+SPREAD := -n auto --dist worksteal
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup test lint demo bench clean
@@ -39,7 +41,7 @@ $(CSTAMP): requirements/test.txt requirements/compat.txt requirements/nodeps.txt
 
 .PHONY: test-compat
 test-compat: $(CSTAMP)
-	$(CVPY) -m pytest -q
+	$(CVPY) -m pytest -q $(SPREAD)
 
 # The extension inside a real AUTOMATIC1111 v1.10.1 (see tests/realhost); skipped without MOS_WEBUI.
 # The SDXL module needs about 17 GB of RAM for the host alone: it runs on its own.
@@ -54,7 +56,7 @@ lint: setup
 	$(VPY) -m ruff check .
 
 test: setup lint
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q $(SPREAD)
 
 demo: setup
 	$(VPY) -m lib_mos demo --out outputs

@@ -26,6 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(1)
+    # the same for the processes tests start (the fusion child, the CLI, the demo): with the suite
+    # spread over every core (pytest -n), a child's extra threads only contend
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Every test runs as inside the host: importing the double's `modules.paths` installs its
     # `torch.load` guard (modules/safe.py) for the whole process, as the real host does at start.
     import modules.paths  # noqa: F401

@@ -39,7 +39,7 @@ class HostHarness:
         os.makedirs(sd_models.model_path, exist_ok=True)
         os.makedirs(shared.cmd_opts.embeddings_dir, exist_ok=True)
         os.makedirs(shared.cmd_opts.lora_dir, exist_ok=True)
-        shutil.copy(checkpoint, os.path.join(sd_models.model_path, checkpoint.name))
+        _link_or_copy(checkpoint, Path(sd_models.model_path) / checkpoint.name)
         shared.opts.reset()
         shared.state.reset()
         progress.reset()
@@ -196,3 +196,14 @@ class HostHarness:
         shared.sd_model = None
         sd_hijack_optimizations.undo()
         sd_hijack_unet.undo()
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link where the file system allows one: the tiny SDXL checkpoint is 110 MB, and a copy
+    per test filled /tmp (pytest keeps three runs). Writers replace files atomically (a new inode),
+    so no test can change the shared original through the link."""
+    target.unlink(missing_ok=True)  # a second harness on the same folder: as a copy would, replace it
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy(source, target)

@@ -109,32 +109,14 @@ def sample_euler(
     if cond.shape[0] != len(seeds):
         raise ValueError(f"{cond.shape[0]} conditionings for {len(seeds)} seeds")
     device = cond.device
-    ac = model.alphas_cumprod.to(device)
-    log_sigmas = (((1 - ac) / ac) ** 0.5).log()
     sigmas = discrete_sigmas(model.alphas_cumprod, steps).to(device)
     x = initial_noise(seeds, height, width).to(device) * sigmas[0]
     guided = uncond is not None and cfg_scale != 1.0
-    if guided and uncond.dim() != cond.dim():  # one side layer-wise: give the other side all layers
-        layers = (cond if cond.dim() == 4 else uncond).shape[1]
-        cond, uncond = (c if c.dim() == 4 else c.unsqueeze(1).expand(-1, layers, -1, -1) for c in (cond, uncond))
-    context = torch.cat([cond, uncond]) if guided else cond
-    extra = {} if vector is None else {"y": vector.to(device)}
-    if processor is not None:
-        layerwise = attn2_processor(model.unet, processor)
-    elif context.dim() == 4:
-        layerwise = attn2_processor(model.unet, LayerwiseContext())
-    else:
-        layerwise = contextlib.nullcontext()
-    with any_multiple_of_8(), layerwise:
+    step = _Denoiser(model, cond, uncond if guided else None, cfg_scale, vector)
+    with any_multiple_of_8(), step.attention(processor):
         for i in range(steps):
             sigma = sigmas[i]
-            c_in = 1 / (sigma**2 + 1) ** 0.5
-            x_in = torch.cat([x, x]) if guided else x
-            t = sigma_to_t(sigma.reshape(1), log_sigmas).expand(x_in.shape[0])
-            eps = model.unet(x_in * c_in, t, context=context, **extra)
-            if guided:
-                eps_c, eps_u = eps.chunk(2)
-                eps = eps_u + cfg_scale * (eps_c - eps_u)
+            eps = step(x, sigma)
             if callback is not None:
                 callback(i, x)
             # Euler step in sigma space: x0 = x - sigma * eps, d = (x - x0) / sigma = eps
@@ -147,18 +129,44 @@ def guided_eps(model: SD1Model, x: torch.Tensor, sigma: float, cond: torch.Tenso
                cfg_scale: float) -> torch.Tensor:
     """The CFG-guided noise prediction at latents `x` [B, 4, h, w] and noise level `sigma`: what a
     step of `sample_euler` moves along (cond / uncond [B, T, D] or layer-wise [B, L, T, D])."""
-    ac = model.alphas_cumprod.to(x.device)
-    log_sigmas = (((1 - ac) / ac) ** 0.5).log()
-    s = torch.tensor([float(sigma)], device=x.device)
-    t = sigma_to_t(s, log_sigmas).expand(2 * x.shape[0])
-    if uncond.dim() != cond.dim():
-        layers = (cond if cond.dim() == 4 else uncond).shape[1]
-        cond, uncond = (c if c.dim() == 4 else c.unsqueeze(1).expand(-1, layers, -1, -1) for c in (cond, uncond))
-    context = torch.cat([cond, uncond])
-    layerwise = attn2_processor(model.unet, LayerwiseContext()) if context.dim() == 4 else contextlib.nullcontext()
-    with any_multiple_of_8(), layerwise:
-        eps_c, eps_u = model.unet(torch.cat([x, x]) / (s**2 + 1) ** 0.5, t, context=context).chunk(2)
-    return eps_u + cfg_scale * (eps_c - eps_u)
+    step = _Denoiser(model, cond, uncond, cfg_scale)
+    with any_multiple_of_8(), step.attention(None):
+        return step(x, torch.tensor(float(sigma), device=x.device))
+
+
+class _Denoiser:
+    """One (guided) noise prediction of the sampler: cond and uncond rows as one batch, cond first,
+    like the host's default; uncond None: no guidance. A side given per layer [B, L, T, D] makes
+    the other one layer-wise too."""
+
+    def __init__(self, model: SD1Model, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float,
+                 vector: torch.Tensor | None = None) -> None:
+        if uncond is not None and uncond.dim() != cond.dim():
+            layers = (cond if cond.dim() == 4 else uncond).shape[1]
+            cond, uncond = (c if c.dim() == 4 else c.unsqueeze(1).expand(-1, layers, -1, -1) for c in (cond, uncond))
+        self.model, self.cfg_scale, self.guided = model, cfg_scale, uncond is not None
+        self.context = torch.cat([cond, uncond]) if uncond is not None else cond
+        self.extra = {} if vector is None else {"y": vector.to(cond.device)}
+        ac = model.alphas_cumprod.to(cond.device)
+        self.log_sigmas = (((1 - ac) / ac) ** 0.5).log()
+
+    def attention(self, processor: Attn2Processor | None) -> contextlib.AbstractContextManager:
+        """The attn2 behaviour for the calls: `processor`, else layer-wise context where given."""
+        if processor is not None:
+            return attn2_processor(self.model.unet, processor)
+        if self.context.dim() == 4:
+            return attn2_processor(self.model.unet, LayerwiseContext())
+        return contextlib.nullcontext()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        c_in = 1 / (sigma**2 + 1) ** 0.5
+        x_in = torch.cat([x, x]) if self.guided else x
+        t = sigma_to_t(sigma.reshape(1), self.log_sigmas).expand(x_in.shape[0])
+        eps = self.model.unet(x_in * c_in, t, context=self.context, **self.extra)
+        if not self.guided:
+            return eps
+        eps_c, eps_u = eps.chunk(2)
+        return eps_u + self.cfg_scale * (eps_c - eps_u)
 
 
 def latents_to_images(latents: torch.Tensor) -> list[Image.Image]:

@@ -339,6 +339,7 @@ def test_progress_bar_shows_stage_layer_rate_and_eta(monkeypatch):
 
     clock = iter([0.0, 2.0, 4.0, 10.0, 10.5])
     monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    monkeypatch.setenv("COLUMNS", "160")  # the bar fits the terminal: not the one the tests run in
     stream = io.StringIO()
     bar = cli.ProgressBar(stream, width=10, live=True)
     bar("te: solving", 0, 4)  # the stage announces itself: the clock starts

@@ -68,6 +68,7 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
                        "fused-cat-and-dog.png", "fused-cat-dog-disc.safetensors", "fused-mixed.png",
                        "fused-mixed.safetensors", "regional-cat-left-dog-right.png", "tiny-sd1.safetensors",
                        "toyworld-composition.png", "toyworld-fused-rings-frame-zebra.safetensors",
+                       "toyworld-region-loras.png",
                        *[f"training-images/disc{k}.{ext}" for k in range(4) for ext in ("png", "txt")],
                        "txt2img-a-photo-of-a-cat.png", "txt2img-a-photo-of-a-dog.png"]
     for name in written:
@@ -79,8 +80,8 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
     # the toy world: a composition a person can judge (reference row + 4 samples, 3 regions wide)
     from PIL import Image
 
-    picture = Image.open(out / "toyworld-composition.png")
-    assert picture.size == (3 * 32 * 4, (5 * 32 + 4) * 4)
+    for name in ("toyworld-composition.png", "toyworld-region-loras.png"):
+        assert Image.open(out / name).size == (3 * 32 * 4, (5 * 32 + 4) * 4)
     assert "toy world fidelity" in proc.stdout and "2 concept(s), fused" in proc.stdout
     assert "2 concept(s), region_loras" in proc.stdout
 

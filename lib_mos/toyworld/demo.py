@@ -3,8 +3,10 @@
 Fuses three committed novel concepts into the committed base with the product's checkpoint fusion
 (a file, as the WebUI tab writes it), loads that file back, and renders a regional composition:
 each concept in its own third, left to right. The picture's top row is the concepts' reference
-renders, so right or wrong shows at a glance. Then it prints the committed fidelity table
-(bench/fidelity.py's output). Nothing is trained.
+renders, so right or wrong shows at a glance. Then it renders the same regions with nothing
+merged, each concept's LoRA inside its own region (which the fidelity table finds better for
+several concepts in one picture), and prints that table (bench/fidelity.py's output). Nothing is
+trained.
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ def run(out: Path, wrote: Callable[[Path, str], None], *, seed: int = 0, folder:
           ", ".join(f"{r.text!r}" for r in spec.regions) +
           f" left to right; top row: the concepts' reference renders; every region right in {rate:.0%} of "
           f"{samples} samples")
+    # what the fidelity table finds best for several concepts in one picture: nothing merged, each
+    # concept's LoRA inside its own region (the script's region LoRAs), from the base model
+    rate, pics = measure.placement_rate(toy.model, toy.codec, toy.concept_probe, toy.concepts[:count],
+                                        list(range(count)), toy.classes[:count], seeds=samples,
+                                        first_seed=seed + 3000, region_loras=True)
+    regional = out / "toyworld-region-loras.png"
+    composition_picture(pics, styles).save(regional)
+    wrote(regional, f"toy world: the same regions, nothing merged, each concept's LoRA inside its own region "
+          f"(region LoRAs, the base model); every region right in {rate:.0%} of {samples} samples")
     table = folder / FIDELITY
     if table.is_file():
         print("toy world fidelity (bench/fidelity.py; identity and placement read by the concept probe):")

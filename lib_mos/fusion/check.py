@@ -29,12 +29,12 @@ METHODS = ("fused", "average", "stacked")
 
 
 def _trajectory(model: SD1Model, cond: torch.Tensor, uncond: torch.Tensor, seeds: list[int], size: int,
-                steps: int, cfg: float) -> list[tuple[torch.Tensor, float]]:
+                steps: int, cfg: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(x before step i, sigma_i) of the model's own Euler run."""
-    sigmas = sampling.discrete_sigmas(model.alphas_cumprod, steps)
-    states: list[tuple[torch.Tensor, float]] = []
+    sigmas = sampling.discrete_sigmas(model.alphas_cumprod, steps).to(cond.device)
+    states: list[tuple[torch.Tensor, torch.Tensor]] = []
     sampling.sample_euler(model, cond, uncond, seeds=seeds, height=size, width=size, steps=steps, cfg_scale=cfg,
-                          callback=lambda i, x: states.append((x.clone(), float(sigmas[i]))))
+                          callback=lambda i, x: states.append((x.clone(), sigmas[i])))
     return states
 
 
@@ -83,11 +83,14 @@ def _encode(model: SD1Model, concept: Concept, prompts: list[str], device: torch
     return binder.encode(prompts).to(device), binder.encode([""] * len(prompts)).to(device)
 
 
-def _predictions(model: SD1Model, states: list[tuple[torch.Tensor, float]], concept: Concept, prompts: list[str],
-                 cfg: float, device: torch.device) -> torch.Tensor:
+@torch.no_grad()
+def _predictions(model: SD1Model, states: list[tuple[torch.Tensor, torch.Tensor]], concept: Concept,
+                 prompts: list[str], cfg: float, device: torch.device) -> torch.Tensor:
     """[steps, B, 4, h, w] guided predictions of the live model at every recorded state."""
     cond, uncond = _encode(model, concept, prompts, device)
-    return torch.stack([sampling.guided_eps(model, x, s, cond, uncond, cfg) for x, s in states])
+    step = sampling.Denoiser(model, cond, uncond, cfg)
+    with sampling.any_multiple_of_8(), step.attention(None):
+        return torch.stack([step(x, sigma) for x, sigma in states])
 
 
 def best_method(errors: dict[str, float]) -> str:

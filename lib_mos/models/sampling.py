@@ -112,7 +112,7 @@ def sample_euler(
     sigmas = discrete_sigmas(model.alphas_cumprod, steps).to(device)
     x = initial_noise(seeds, height, width).to(device) * sigmas[0]
     guided = uncond is not None and cfg_scale != 1.0
-    step = _Denoiser(model, cond, uncond if guided else None, cfg_scale, vector)
+    step = Denoiser(model, cond, uncond if guided else None, cfg_scale, vector)
     with any_multiple_of_8(), step.attention(processor):
         for i in range(steps):
             sigma = sigmas[i]
@@ -124,20 +124,11 @@ def sample_euler(
     return x
 
 
-@torch.no_grad()
-def guided_eps(model: SD1Model, x: torch.Tensor, sigma: float, cond: torch.Tensor, uncond: torch.Tensor,
-               cfg_scale: float) -> torch.Tensor:
-    """The CFG-guided noise prediction at latents `x` [B, 4, h, w] and noise level `sigma`: what a
-    step of `sample_euler` moves along (cond / uncond [B, T, D] or layer-wise [B, L, T, D])."""
-    step = _Denoiser(model, cond, uncond, cfg_scale)
-    with any_multiple_of_8(), step.attention(None):
-        return step(x, torch.tensor(float(sigma), device=x.device))
-
-
-class _Denoiser:
-    """One (guided) noise prediction of the sampler: cond and uncond rows as one batch, cond first,
-    like the host's default; uncond None: no guidance. A side given per layer [B, L, T, D] makes
-    the other one layer-wise too."""
+class Denoiser:
+    """The sampler's (guided) noise prediction at latents x [B, 4, h, w] and noise level sigma (a
+    0-d tensor): cond and uncond rows as one batch, cond first, like the host's default; uncond
+    None: no guidance. A side given per layer [B, L, T, D] makes the other one layer-wise too.
+    Call it inside `any_multiple_of_8()` and `attention(processor)`."""
 
     def __init__(self, model: SD1Model, cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float,
                  vector: torch.Tensor | None = None) -> None:

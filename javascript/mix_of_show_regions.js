@@ -83,7 +83,7 @@
             return {prompt: inner(parts[0]), negative: inner(parts[1]), box: box.length ? box : [0, 0, 1, 1],
                 units: box.length ? "px" : "fraction"};
         });
-        return {regions, feather: 0, mask_image: null, global_weight: 0};
+        return {regions, feather: 0, mask_image: null, global_weight: 0, passes: false};
     }
 
     /** A region's `loras`, each item kept as written (weight and all), so a rewrite changes nothing. */
@@ -110,7 +110,7 @@
     /** Lenient reader: anything it can show is shown; lib_mos is the judge at generation time. */
     function parseSpec(text) {
         const trimmed = (text || "").trim();
-        if (!trimmed) return {regions: [], feather: 0, mask_image: null, global_weight: 0};
+        if (!trimmed) return {regions: [], feather: 0, mask_image: null, global_weight: 0, passes: false};
         const data = trimmed.startsWith("{") ? JSON.parse(trimmed) : parseAuthors(trimmed);
         if (data === null || typeof data !== "object" || Array.isArray(data)) {
             throw new Error("a region spec must be a JSON object");
@@ -147,7 +147,8 @@
         const feather = Number.isFinite(data.feather) ? data.feather : 0;
         const mask = typeof data.mask_image === "string" ? data.mask_image : null;
         const globalWeight = parseGlobalWeight(data.global_weight, "") || 0;
-        return {regions, feather, mask_image: mask, global_weight: globalWeight};
+        if (data.passes !== undefined && typeof data.passes !== "boolean") throw new Error("field 'passes' must be true or false");
+        return {regions, feather, mask_image: mask, global_weight: globalWeight, passes: data.passes === true};
     }
 
     // ------------------------------------------------------------------------- the region model
@@ -157,6 +158,7 @@
             this.regions = []; // {id, prompt, negative, kind: box|paint|none, box, units, color, loras, globalWeight}
             this.feather = 0;
             this.globalWeight = 0; // the spec's share of the main prompt inside regions
+            this.passes = false; // each region with LoRAs in a UNet pass of its own
             this.labels = null; // Uint8Array of region ids, labelW x labelH; shared with undo snapshots
             this.labelW = 0;
             this.labelH = 0;
@@ -189,6 +191,7 @@
             if (this.regions.some(r => r.kind === "paint")) out.mask_image = this.mask;
             if (this.feather > 0) out.feather = this.feather;
             if (this.globalWeight) out.global_weight = this.globalWeight;
+            if (this.passes) out.passes = true;
             return JSON.stringify(out);
         }
 

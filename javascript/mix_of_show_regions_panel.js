@@ -15,6 +15,8 @@
     const {el} = MOS.util;
     const {MAX_REGIONS, promptLoraNames} = MOS.regions;
 
+    const PASSES_HINT = "Each region with LoRAs is drawn in a UNet pass of its own, so its LoRA cannot reach the other "
+        + "regions (one more pass per such region: slower).";
     const GLOBAL_HINT = "0 = inside a region only its prompt counts (the main prompt applies outside the regions); "
         + "0.3 keeps 30 % of the main prompt there. A region's own value overrides it.";
 
@@ -53,6 +55,12 @@
                 this.globalInput.classList.toggle("mos-invalid", !(value >= 0 && value <= 1)); // as pasted
             }
             for (const input of this.list.querySelectorAll(".mos-region-global")) input.placeholder = this.globalPlaceholder();
+        },
+
+        /** Whether each region with LoRAs gets a UNet pass of its own: the checkbox follows. */
+        setPasses(value) {
+            this.passes = value === true;
+            this.passesInput.checked = this.passes;
         },
 
         globalPlaceholder() {
@@ -185,6 +193,12 @@
                     this.setGlobalWeight(v);
                     if (write) this.write();
                 }});
+            this.passesInput = el("input", {type: "checkbox", class: "mos-passes",
+                "aria-label": "Region LoRAs in separate passes",
+                onchange: e => {
+                    this.passes = e.target.checked;
+                    this.write();
+                }});
             const refInput = file("image/*", f => this.uploadReference(f));
             const maskInput = file("image/png,image/*", f => this.uploadMask(f));
             refInput.classList.add("mos-reference-input");
@@ -202,6 +216,7 @@
                 el("div", {class: "mos-group"}, [this.addButton]),
                 el("label", {class: "mos-group", title: "Soften every region's edge (latent pixels)"}, [el("span", {text: "Feather"}), this.featherInput]),
                 el("label", {class: "mos-group", title: GLOBAL_HINT}, [el("span", {text: "Global prompt inside regions"}), this.globalInput]),
+                el("label", {class: "mos-group", title: PASSES_HINT}, [this.passesInput, el("span", {text: "Region LoRAs in separate passes"})]),
                 el("div", {class: "mos-group"}, [
                     button("Reference…", "Show a sketch or pose image under the regions to trace", () => refInput.click()), this.clearReference,
                     button("Upload mask…", "Read a colour-coded mask: one painted region per colour", () => maskInput.click()),

@@ -36,7 +36,8 @@ from lib_mos.regional.loras import (
     global_lora_names,
     text_loras_of,
 )
-from lib_mos.regional.regions import RegionSpec, attention_sizes, level_masks
+from lib_mos.regional.passes import PassRun, region_passes
+from lib_mos.regional.regions import RegionSpec, attention_sizes, level_masks, region_masks
 from modules import prompt_parser, sd_samplers, shared
 
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
@@ -112,6 +113,7 @@ class GenerationJob:
         self.vector_cache: dict[tuple, tuple[list[int], torch.Tensor]] = {}
         self.lora_notes = ""
         self.unet_deltas: RegionDeltas | None = None
+        self.passes: list[PassRun] = []  # this step's region passes (the spec's `passes`), else one pass
         if self.spec.regions:
             self._choose_region_loras(found)
 
@@ -149,7 +151,9 @@ class GenerationJob:
         # regions whose LoRAs change the encoder the UNet's vector input is pooled from
         self.pooled_regions = sorted({lora.region for lora in loras if lora.weight and root is not None
                                       and any(name.startswith(root) for name in lora.concept.text_lora)})
-        self.unet_deltas = RegionDeltas(unet, loras, len(self.spec.regions), vectors=bool(self.pooled_regions)) or None
+        if not self.spec.passes:  # with passes, each pass has its own (`_build_plan`)
+            self.unet_deltas = RegionDeltas(unet, loras, len(self.spec.regions),
+                                            vectors=bool(self.pooled_regions)) or None
         self.lora_notes = "; ".join(
             f"region {c.region}: {c.name} {c.weight:g}" + ("" if c.source == "listed" else f" ({c.source})")
             for c in choices)
@@ -174,7 +178,8 @@ class GenerationJob:
         deltas = self.unet_deltas
         try:
             with attn2_processor(shared.sd_model.model.diffusion_model, self.processor), \
-                    (deltas.installed() if deltas else contextlib.nullcontext()):
+                    (deltas.installed() if deltas else contextlib.nullcontext()), \
+                    (self._passes_installed() if self.spec.passes else contextlib.nullcontext()):
                 self.processor.inner.context_delta = deltas.context_delta if deltas else None
                 if deltas and deltas.vectors:
                     deltas.vector_changes = self.processor.vector_changes
@@ -186,6 +191,36 @@ class GenerationJob:
             self.processor.clear()
             if getattr(self.p, "mos_job", None) is self:
                 del self.p.mos_job
+
+    @contextlib.contextmanager
+    def _passes_installed(self) -> Iterator[None]:
+        """Route each UNet call through this step's region passes (`regional.passes`): the call runs
+        once per pass on the same rows, each with its masks and LoRAs, and returns their blend."""
+        unet = shared.sd_model.model.diffusion_model
+        own = unet.__dict__.get("forward")
+        original = unet.forward
+
+        def forward(x, *args, **kwargs):
+            if not self.passes or self.processor.error is not None:
+                return original(x, *args, **kwargs)
+            out = None
+            with self.processor.same_rows(x.shape[0]):
+                for run in self.passes:
+                    self.processor.use_pass(run.masks, run.deltas.context_delta if run.deltas else None)
+                    with run.deltas.installed() if run.deltas else contextlib.nullcontext():
+                        eps = original(x, *args, **kwargs) * run.share.to(x.device, x.dtype)
+                    out = eps if out is None else out.add_(eps)
+            self.processor.use_pass(None, None)
+            return out
+
+        unet.forward = forward
+        try:
+            yield
+        finally:
+            if own is None:
+                unet.__dict__.pop("forward", None)
+            else:
+                unet.forward = own
 
     def attach(self) -> None:
         """Install for the rest of the generation; removed by `uninstall` or at the latest by
@@ -315,7 +350,11 @@ class GenerationJob:
         if key not in self.plans:
             plan = self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)
             self.plans = {key: (*plan, self._vector_changes(step, hires, n_cond, n_uncond))}
-        region, rows, weights, levels, cond, uncond, global_weight, vectors = self.plans[key]
+        region, rows, weights, levels, cond, uncond, global_weight, passes, vectors = self.plans[key]
+        self.passes = passes
+        for run in passes:
+            if run.deltas is not None and run.deltas.vectors:
+                run.deltas.vector_changes = self.processor.vector_changes
         context = None
         if cond is not None or uncond is not None:  # the host's own rows change with prompt editing
             layers = self.binder.layers
@@ -368,7 +407,12 @@ class GenerationJob:
             cond = self.encode(list(prompts)).to(device)  # [B, L, T, D]
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in negatives):
             uncond = self.encode(list(negatives), True).to(device)
-        return region.to(device), rows, weights, levels, cond, uncond, global_weight
+        passes = []
+        if self.spec.passes and self.region_loras:
+            latent = region_masks(self.spec, width, height, base_size=(self.p.width, self.p.height)).to(device)
+            passes = region_passes(shared.sd_model.model.diffusion_model, self.region_loras, levels, weights, latent,
+                                   self.pooled_regions)
+        return region.to(device), rows, weights, levels, cond, uncond, global_weight, passes
 
 
 def _step_index(step: int, ends: list[int]) -> int:

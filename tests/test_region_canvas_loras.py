@@ -262,7 +262,7 @@ def test_pasted_loras_show_and_round_trip(served, browser_page):
         {"prompt": "a photo of <potter1> <potter2>", "box": [0, 0, 512, 256],
          "loras": [{"name": "potter", "weight": 0.8}, {"name": "ghost"}], "global_weight": 0.25},
         {"prompt": "<lora:hermione:0.6> a witch", "box": [0, 256, 512, 512]},
-    ], "feather": 1, "global_weight": 0.2}
+    ], "feather": 1, "global_weight": 0.2, "passes": True}
     page.fill(JSON_BOX, json.dumps(typed))
     page.wait_for_selector(f"{region(1)} .mos-prompt")
     assert chips(page, 0) == ["potter", "ghost"] and chips(page, 1) == []
@@ -282,6 +282,13 @@ def test_pasted_loras_show_and_round_trip(served, browser_page):
     page.fill(f"{region(1)} .mos-negative", "blurry")
     spec = wait_json(page, "spec.regions[1].negative === 'blurry'")
     assert spec == {**typed, "regions": [typed["regions"][0], {**typed["regions"][1], "negative": "blurry"}]}
+
+    # region LoRAs in separate passes: the checkbox shows the pasted field and writes it
+    assert page.is_checked(".mos-canvas .mos-passes")
+    page.uncheck(".mos-canvas .mos-passes")
+    assert not RegionSpec.from_json(json.dumps(wait_json(page, "spec.passes === undefined"))).passes
+    page.check(".mos-canvas .mos-passes")
+    assert RegionSpec.from_json(json.dumps(wait_json(page, "spec.passes === true"))).passes
 
     # a LoRA given as a tag in the prompt is offered as taken; the listed and the tagged one twice is said
     open_picker(page, 1)

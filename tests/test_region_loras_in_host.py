@@ -226,3 +226,57 @@ def test_a_region_lora_changes_its_own_area_most(host, locon, shape, hires):
     for area in ("mirrored left-right", "mirrored top-bottom", "outside"):
         assert means["inside"] > 2.5 * means[area], (area, means)
     assert means["inside"] > 1.3 * means["transposed"], means  # it borders the box: self-attention spreads there
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_region_passes_for_a_whole_image_region_sample_as_the_hosts_own_lora(host, locon, mode):
+    """`passes`: one UNet pass per region with LoRAs. Two regions that each cover the image with the
+    same prompt and LoRA make two passes that each predict what the host's `<lora:x:1>` predicts,
+    blended half and half: the same sampling, in every batching mode, if each host call gives every
+    pass the same rows."""
+    from modules import shared
+
+    options, fields = MODES[mode]
+    fields = dict(fields)
+    long = fields.pop("long", False)
+    for k, v in options.items():
+        setattr(shared.opts, k, v)
+    prompt = ", ".join([PROMPT] * 12) if long else PROMPT
+    common = dict(batch_size=2, width=64, height=72, **fields)
+    spec = json.loads(whole(prompt, loras=[{"name": locon, "weight": 1}])) | {"passes": True}
+    spec["regions"] *= 2
+    ours = run(host, json.dumps(spec), prompt, **common)
+    hosts = run(host, whole(prompt), f"{prompt} <lora:{locon}:1>", **common)
+    assert relative(latents(ours), latents(hosts)) < 1e-5
+    assert nothing_hooked(host)
+
+
+def test_with_region_passes_a_regions_lora_cannot_reach_the_other_region(host, locon, tiny_checkpoint):
+    """Two regions, x on the left, y on the right at weight 1 or 0.5: after one step the left half
+    is bit-identical whatever y's weight (its prediction is the left pass's alone), while one pass
+    lets the change through; the spec with `passes` is saved in the infotext and pasted back."""
+    from modules import infotext_utils
+
+    model = sd1.load_checkpoint(tiny_checkpoint)
+    layouts.kohya_lora(model, dtype=torch.float32, seed=8).save(lora_dir(), "y")
+
+    def spec(weight: float, passes: bool) -> str:
+        return json.dumps({"regions": [
+            {"prompt": "a red dog", "box": [0, 0, 1, 0.5], "units": "fraction", "loras": [{"name": locon}]},
+            {"prompt": "a green bird", "box": [0, 0.5, 1, 1], "units": "fraction",
+             "loras": [{"name": "y", "weight": weight}]}], "passes": passes})
+
+    fields = dict(steps=1, width=128, height=64, batch_size=2)
+    out = {(w, p): run(host, spec(w, p), **fields) for w in (1.0, 0.5) for p in (True, False)}
+    left, right = (..., slice(0, 8)), (..., slice(8, 16))
+    passes = latents(out[(1.0, True)]), latents(out[(0.5, True)])
+    one = latents(out[(1.0, False)]), latents(out[(0.5, False)])
+    assert torch.equal(passes[0][left], passes[1][left])
+    assert relative(passes[0][right], passes[1][right]) > 1e-3
+    assert relative(one[0][left], one[1][left]) > 1e-5  # what passes remove
+    assert relative(passes[0], one[0]) > 1e-4  # the passes are not the one pass
+    params = infotext_utils.parse_generation_parameters(out[(1.0, True)].info)
+    assert json.loads(params["Mix-of-Show regions"])["passes"] is True
+    again = run(host, params["Mix-of-Show regions"], **fields)
+    assert torch.equal(latents(again), passes[0])
+    assert nothing_hooked(host)

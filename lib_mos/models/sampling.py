@@ -8,7 +8,8 @@ comparable, and it is deterministic: noise comes from one torch.Generator per im
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -78,6 +79,17 @@ def initial_noise(seeds: list[int], height: int, width: int) -> torch.Tensor:
 StepCallback = Callable[[int, torch.Tensor], None]
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One of several UNet passes whose predictions are blended (`lib_mos.regional.passes`): its
+    attn2 processor, the hooks it needs for its call (e.g. its region LoRAs' `installed`), and its
+    share of the prediction, [h, w] at the latent's resolution."""
+
+    processor: Attn2Processor | None
+    hooks: Callable[[], contextlib.AbstractContextManager] | None
+    share: torch.Tensor
+
+
 @torch.no_grad()
 def sample_euler(
     model: SD1Model,
@@ -91,6 +103,7 @@ def sample_euler(
     cfg_scale: float = 7.5,
     callback: StepCallback | None = None,
     processor: Attn2Processor | None = None,
+    passes: Sequence[Pass] = (),
 ) -> torch.Tensor:
     """Latents [B, 4, H/8, W/8]. `cond`/`uncond` are [B, T, D], or layer-wise [B, L, T, D] (bound
     concept prompts; see `binding`); for a UNet with a vector input (SDXL) a mapping
@@ -98,7 +111,10 @@ def sample_euler(
 
     cond and uncond go through the UNet as one batch (cond rows first), like the host's default.
     `processor` replaces the attn2 behaviour (e.g. `RegionalContext` with rows set for that batch).
+    `passes` (instead of `processor`): every step runs each pass and blends their predictions.
     """
+    if passes and processor is not None:
+        raise ValueError("give either one attn2 processor or passes, each with its own")
     vector = None
     if isinstance(cond, Mapping):
         if not isinstance(uncond, Mapping | None):
@@ -113,10 +129,10 @@ def sample_euler(
     x = initial_noise(seeds, height, width).to(device) * sigmas[0]
     guided = uncond is not None and cfg_scale != 1.0
     step = Denoiser(model, cond, uncond if guided else None, cfg_scale, vector)
-    with any_multiple_of_8(), step.attention(processor):
+    with any_multiple_of_8(), contextlib.nullcontext() if passes else step.attention(processor):
         for i in range(steps):
             sigma = sigmas[i]
-            eps = step(x, sigma)
+            eps = step.blended(x, sigma, passes) if passes else step(x, sigma)
             if callback is not None:
                 callback(i, x)
             # Euler step in sigma space: x0 = x - sigma * eps, d = (x - x0) / sigma = eps
@@ -158,6 +174,16 @@ class Denoiser:
             return eps
         eps_c, eps_u = eps.chunk(2)
         return eps_u + self.cfg_scale * (eps_c - eps_u)
+
+    def blended(self, x: torch.Tensor, sigma: torch.Tensor, passes: Sequence[Pass]) -> torch.Tensor:
+        """The passes' predictions, each weighted by its share (guidance is linear, so blending the
+        guided predictions equals guiding the blended cond and uncond ones)."""
+        out = None
+        for p in passes:
+            with self.attention(p.processor), p.hooks() if p.hooks is not None else contextlib.nullcontext():
+                eps = self(x, sigma) * p.share.to(x.device, x.dtype)
+            out = eps if out is None else out.add_(eps)
+        return out
 
 
 def latents_to_images(latents: torch.Tensor) -> list[Image.Image]:

@@ -8,7 +8,8 @@ spreads one denoising step's plan over the UNet calls the host makes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +156,7 @@ class RegionalContext:
         self._plan: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None] | None = None
         self._rows: torch.Tensor | None = None
         self._active: list[bool] = []
-        self._kv: dict[int, tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._kv: dict[tuple[int, int], tuple[tuple, torch.Tensor, object, torch.Tensor, torch.Tensor]] = {}
         self.global_weight: torch.Tensor | None = None
         self.context_delta: ContextDelta | None = None
         if region_context is not None or weights is not None:
@@ -208,18 +209,20 @@ class RegionalContext:
     def _region_kv(self, module: nn.Module, layer: int, region_context: torch.Tensor, like: torch.Tensor,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The distinct region contexts' keys and values at this layer, kept while nothing they
-        depend on changes (see the class docstring). The kept entry holds region_context, so its
-        memory cannot be reused by another tensor with the same address."""
+        depend on changes (see the class docstring), one entry per source of LoRA changes (region
+        passes switch `context_delta` between calls). The kept entry holds region_context and that
+        source, so no other object can take their addresses while it is kept."""
         if torch.is_grad_enabled() and module.to_k.weight.requires_grad:
             return region_keys_values(module, region_context.to(like.device, like.dtype), self.context_delta)
+        source = getattr(self.context_delta, "__self__", self.context_delta)  # a bound method's object
         key = (region_context.data_ptr(), tuple(region_context.shape), region_context.stride(), like.dtype,
-               like.device, id(self.context_delta),
+               like.device, self.context_delta.__func__ if hasattr(self.context_delta, "__func__") else None,
                *((w.data_ptr(), w._version) for w in (module.to_k.weight, module.to_v.weight)))
-        kept = self._kv.get(layer)
+        kept = self._kv.get((layer, id(source)))
         if kept is None or kept[0] != key:
             kk, vv = region_keys_values(module, region_context.to(like.device, like.dtype), self.context_delta)
-            kept = self._kv[layer] = (key, region_context, kk, vv)
-        return kept[2], kept[3]
+            kept = self._kv[(layer, id(source))] = (key, region_context, source, kk, vv)
+        return kept[3], kept[4]
 
     def __call__(self, module: nn.Module, layer: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if self._plan is None:
@@ -271,6 +274,8 @@ class SteppedRegionalContext:
         self._vectors: torch.Tensor | None = None
         self._cursor = 0
         self._begun: tuple[int, int] | None = None  # rows taken by this call before its layer 0
+        self._held: tuple[int, int] | None = None  # rows every UNet call uses while held (region passes)
+        self._pass_weights: list[torch.Tensor] | None = None  # a pass's masks per layer, replacing the step's
         self.error: BaseException | None = None  # raised at the next call (hosts swallow callback errors)
 
     def set_step(self, region_context: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -294,7 +299,26 @@ class SteppedRegionalContext:
         self._vectors = None
         self._cursor = 0
         self._begun = None
+        self._held = None
+        self._pass_weights = None
         self.inner.clear_rows()
+
+    @contextlib.contextmanager
+    def same_rows(self, n: int) -> Iterator[None]:
+        """Take the next n rows of the step once and give them to every UNet call in the block: the
+        region passes of one host call run the UNet on the same rows once per pass."""
+        self._held = self._take(n)
+        try:
+            yield
+        finally:
+            self._held = None
+            self._pass_weights = None
+
+    def use_pass(self, weights: Sequence[torch.Tensor] | None, context_delta: ContextDelta | None) -> None:
+        """The next UNet call draws a pass: its masks per layer ([K, N_l], None: the step's) and its
+        region LoRAs' key/value changes."""
+        self._pass_weights = None if weights is None else list(weights)
+        self.inner.context_delta = context_delta
 
     def _take(self, n: int) -> tuple[int, int]:
         """The next n rows of the step, for the UNet call that starts now."""
@@ -312,7 +336,7 @@ class SteppedRegionalContext:
     def vector_changes(self, n: int) -> torch.Tensor | None:
         """Begin a UNet call of n rows (before its attention) and give its rows' [n, K, V] vector
         changes (None when the step has none); attn2 layer 0 of the same call then takes no rows."""
-        self._begun = a, b = self._take(n)
+        self._begun = a, b = self._held or self._take(n)
         return None if self._vectors is None else self._vectors[a:b]
 
     def __call__(self, module: nn.Module, layer: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -320,10 +344,11 @@ class SteppedRegionalContext:
             raise self.error
         if layer == 0:
             begun, self._begun = self._begun, None
-            a, b = begun if begun is not None else self._take(x.shape[0])
+            a, b = begun or self._held or self._take(x.shape[0])
             if b - a != x.shape[0]:
                 raise RuntimeError(f"the UNet call began with {b - a} rows but its attention has {x.shape[0]}")
             region_context, weights, override = self._step
+            weights = self._pass_weights or weights
             if self._rows is None:
                 region_context, rows = region_context[a:b], None
             else:

@@ -25,6 +25,9 @@ restored from what was saved with it:
   kept inside a region, in [0, 1]. 0 (the default) is the authors' behaviour: a region's prompt
   replaces the global one inside it; 0.3 keeps 30 % of the global attention there (Regional
   Prompter's "base ratio").
+- `passes` (true/false, default false): each region with LoRAs is denoised in a UNet pass of its
+  own and the predictions are blended by region (`regional.passes`), so no region's LoRA reaches
+  another region; one pass per such region, plus one for the rest.
 
 The authors' textual form `[prompt]-*-[negative]-*-[top, left, bottom, right]|...` (`[]` = the
 whole image) is read too (`parse_authors_spec`), so their example commands paste as they are.
@@ -92,7 +95,7 @@ Box = tuple[float, float, float, float]
 _BOX_FIELDS = ("top", "left", "bottom", "right")
 _COLOR = re.compile(r"#[0-9a-f]{6}")
 _REGION_KEYS = frozenset({"prompt", "negative", "box", "units", "color", "loras", "global_weight"})
-_SPEC_KEYS = frozenset({"regions", "mask_image", "feather", "global_weight"})
+_SPEC_KEYS = frozenset({"regions", "mask_image", "feather", "global_weight", "passes"})
 _LORA_KEYS = frozenset({"name", "weight"})
 # the host's extra-network tag (modules/extra_networks.py): <kind:arg:arg...>
 _EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
@@ -336,6 +339,7 @@ class RegionSpec:
     mask_image: str | None = None
     feather: float = 0.0
     global_weight: float = 0.0
+    passes: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.regions, (list, tuple)):
@@ -352,6 +356,8 @@ class RegionSpec:
         if not 0 <= self.feather <= MAX_FEATHER:
             raise RegionError(f"field 'feather' must be in [0, {MAX_FEATHER:g}] latent pixels, got {self.feather}")
         _check_global_weight(self.global_weight, None)
+        if not isinstance(self.passes, bool):
+            raise RegionError(f"field 'passes' must be true or false, got {self.passes!r}")
         colors = [(i, r.color) for i, r in enumerate(self.regions) if r.color is not None]
         seen: dict[str, int] = {}
         for i, color in colors:
@@ -375,6 +381,8 @@ class RegionSpec:
             out["feather"] = _number_json(self.feather)
         if self.global_weight:
             out["global_weight"] = _number_json(self.global_weight)
+        if self.passes:
+            out["passes"] = True
         return out
 
     def global_weights(self) -> list[float]:
@@ -418,6 +426,7 @@ class RegionSpec:
             mask_image=data.get("mask_image"),
             feather=float(feather),
             global_weight=float(global_weight),
+            passes=data.get("passes", False),
         )
 
 

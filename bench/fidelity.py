@@ -9,10 +9,12 @@ concepts merged into one model:
 - average: every concept's LoRA merged at weight 1/N (weight averaging);
 - stacked: every LoRA merged at full weight (LoRA stacking);
 - region_loras: nothing merged; each concept's LoRA applied inside its own region only, in the
-           same pass (the product's region LoRAs), composed rows only.
+           same pass (the product's region LoRAs), composed rows only;
+- region_passes: nothing merged; each concept's region in a UNet pass of its own, with its LoRA,
+           the predictions blended by region (lib_mos.regional.passes), composed rows only.
 
 identity: the share of "a <tok1> <tok2>" pictures the concept probe reads as that concept (mean
-over the concepts; every concept's tokens bound); for region_loras and prompts, the share of
+over the concepts; every concept's tokens bound); for region_loras, region_passes and prompts, the share of
 region crops read as what their region asks. placement: regional composition of 2 and 3 concepts
 side by side (a global prompt naming their shapes, one region per concept, the product's
 RegionalContext), the share of pictures in which every region's crop is its own concept.
@@ -24,7 +26,7 @@ identity_low/high, low/high for placement.
 Composed rows are measured for every layout: `global_weight` (the spec's share of the global
 prompt kept inside each region) x `margin` (0: the regions tile the canvas; 0.15: each region
 leaves that share of its cell to the global prompt on every side, a background as the authors lay
-scenes out). region_loras rows also give `spill`: how much one concept's LoRA, applied in its
+scenes out). region_loras and region_passes rows also give `spill`: how much one concept's LoRA, applied in its
 region only, changes the other squares against its own (mean absolute pixel change; 0 = none).
 
     .venv/bin/python bench/fidelity.py            # 32 seeds per measure, 30 sampling steps
@@ -54,7 +56,8 @@ from lib_mos.fusion import pipeline as fusion
 from lib_mos.toyworld import measure, weights
 from lib_mos.toyworld.codec import to_pil
 
-METHODS = ("fused", "average", "stacked")  # merged into the weights; "region_loras" is composed only
+METHODS = ("fused", "average", "stacked")  # merged into the weights
+UNMERGED = ("region_loras", "region_passes")  # each LoRA in its own region: one pass, or a pass per region
 REPORTS: dict[int, list[dict]] = {}  # the last fusion report per number of concepts
 TEMPLATES = ("a {}", "{}")  # the toy world's captions around the concept's tokens
 # A picture error below 1 reads as "kept": the merged model's prediction is nearer the concept's own
@@ -142,16 +145,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                     t0 = time.perf_counter()
         if set(METHODS) <= set(args.methods):  # the report against every merge's pictures
             emit({"concepts": n, "method": "report", **report_agreement(REPORTS[n], chosen, identities)})
-        region_layouts = layouts if n in args.compose and "region_loras" in args.methods else ()
-        for layout in region_layouts:  # nothing merged: each LoRA in its own region, one pass
+        unmerged = [m for m in UNMERGED if m in args.methods] if n in args.compose else []
+        for method, layout in ((m, lay) for m in unmerged for lay in layouts):  # nothing merged, LoRAs in regions
             t0 = time.perf_counter()
+            passes = method == "region_passes"
             _, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, chosen, labels, classes,
-                                             seeds=seeds, sampler=sampler, region_loras=True, layout=layout)
+                                             seeds=seeds, sampler=sampler, region_loras=True, layout=layout,
+                                             passes=passes)
             reads = measure.region_reads(world.concept_probe, pics, labels)  # [n, seeds]
-            save(pics, f"compose-{n}-region_loras-{tag(layout)}")
+            save(pics, f"compose-{n}-{method}-{tag(layout)}")
             spill = measure.region_lora_spill(world.model, world.codec, chosen, classes, seeds=seeds, sampler=sampler,
-                                              layout=layout)
-            emit({"concepts": n, "method": "region_loras", **layout.describe(),
+                                              layout=layout, passes=passes)
+            emit({"concepts": n, "method": method, **layout.describe(),
                   **with_intervals(float(reads.mean()), reads.size),
                   "identity_per_concept": dict(zip((c.name for c in chosen), map(float, reads.mean(axis=1)))),
                   **placement(float(reads.all(axis=0).mean()), seeds), "spill": round(sum(spill) / n, 4),
@@ -228,8 +233,8 @@ def main() -> None:
                         help="shares of the global prompt kept inside the regions (the spec's global_weight)")
     parser.add_argument("--margins", type=float, nargs="+", default=[0.0, 0.15],
                         help="share of each cell left to the global prompt around its region (0: regions tile)")
-    parser.add_argument("--methods", nargs="+", default=[*METHODS, "region_loras"],
-                        choices=[*METHODS, "region_loras"], help="the methods measured (default: all; the "
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, *UNMERGED],
+                        choices=[*METHODS, *UNMERGED], help="the methods measured (default: all; the "
                         "report row needs fused, average and stacked)")
     parser.add_argument("--seeds", type=int, help="samples per measure (default 32; --quick 8)")
     parser.add_argument("--steps", type=int, help="sampling steps (default 30; --quick 20)")

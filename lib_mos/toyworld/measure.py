@@ -24,7 +24,8 @@ from lib_mos.models import sampling
 from lib_mos.models.sd1 import ATTN2_NAMES, SD1Model
 from lib_mos.regional.attention import RegionalContext
 from lib_mos.regional.loras import RegionDeltas, RegionLora, text_loras_of
-from lib_mos.regional.regions import Region, RegionSpec, layer_masks, level_masks
+from lib_mos.regional.passes import PassRun, region_passes
+from lib_mos.regional.regions import Region, RegionSpec, layer_masks, level_masks, region_masks
 from lib_mos.toyworld import codec as codec_mod
 from lib_mos.toyworld import world
 from lib_mos.toyworld.probe import Probe
@@ -73,19 +74,21 @@ class Sampler:
 def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str], seeds: Sequence[int], *,
              concepts: Sequence[Concept] = (), sampler: Sampler = Sampler(), cells: int = 1,
              spec: RegionSpec | Sequence[RegionSpec] | None = None,
-             region_loras: Sequence[RegionLora] = ()) -> torch.Tensor:
+             region_loras: Sequence[RegionLora] = (), passes: bool = False) -> torch.Tensor:
     """[B, 3, 32, 32 * cells] pictures in [-1, 1] of prompts[i] with seeds[i], in batches.
 
     `spec`: regional sampling (its regions' prompts everywhere the spec puts them; `prompts` are the
     global prompts), as the WebUI script runs it; one spec for every picture, or one per picture
     (their regions in the same places and global weights alike). `region_loras`: LoRAs applied inside their regions only,
     unfused, in the same pass (`regional.loras`), each region's text encoded with its own.
+    `passes`: each region with LoRAs in a UNet pass of its own, predictions blended (`regional.passes`).
     """
     binder = PromptBinder(model, list(concepts))
     height, width = codec_mod.SD_PIXELS, codec_mod.SD_PIXELS * cells
     specs = None if spec is None else [spec] * len(prompts) if isinstance(spec, RegionSpec) else list(spec)
     processor = masks = global_weight = None
     unet_deltas: RegionDeltas | None = None
+    runs: list[PassRun] = []
     if specs is not None:
         if len(specs) != len(prompts):
             raise ValueError(f"{len(specs)} region specs for {len(prompts)} prompts")
@@ -95,12 +98,15 @@ def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str
         if any(specs[0].global_weights()):
             global_weight = torch.tensor(specs[0].global_weights())
         processor = RegionalContext()
-        if region_loras:
+        levels = level_masks(specs[0], width, height)
+        if passes:
+            runs = region_passes(model.unet, region_loras, levels, masks, region_masks(specs[0], width, height))
+        elif region_loras:
             unet_deltas = RegionDeltas(model.unet, region_loras, len(specs[0].regions))
-            unet_deltas.set_masks(level_masks(specs[0], width, height))
+            unet_deltas.set_masks(levels)
             processor.context_delta = unet_deltas.context_delta
-    elif region_loras:
-        raise ValueError("region LoRAs need a region spec")
+    elif region_loras or passes:
+        raise ValueError("region LoRAs and passes need a region spec")
     out = []
     for i in range(0, len(prompts), sampler.batch):
         chunk, chunk_seeds = list(prompts[i:i + sampler.batch]), list(seeds[i:i + sampler.batch])
@@ -109,9 +115,13 @@ def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str
         if processor is not None:
             rows = _region_rows(binder, specs[i:i + sampler.batch], region_loras)
             processor.set_rows(rows, masks, global_weight=global_weight)
+            for run in runs:
+                run.set_rows(rows, global_weight=global_weight)
+        each = [run.sampling_pass() for run in runs]
         with unet_deltas.installed() if unet_deltas else contextlib.nullcontext():
             latents = sampling.sample_euler(model, cond, uncond, seeds=chunk_seeds, height=height, width=width,
-                                            steps=sampler.steps, cfg_scale=sampler.cfg, processor=processor)
+                                            steps=sampler.steps, cfg_scale=sampler.cfg,
+                                            processor=None if each else processor, passes=each)
         out.append(codec.decode(latents).clamp(-1, 1))
     return torch.cat(out)
 
@@ -245,25 +255,26 @@ def side_by_side(concepts: Sequence[Concept], classes: Sequence[str], layout: La
 def placement_rate(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, concepts: Sequence[Concept],
                    labels: Sequence[int], classes: Sequence[str], *, seeds: int = 16, sampler: Sampler = Sampler(),
                    first_seed: int = 3000, region_loras: bool = False, layout: Layout = TILING,
-                   ) -> tuple[float, torch.Tensor]:
+                   passes: bool = False) -> tuple[float, torch.Tensor]:
     """Regional composition, concept i in the i-th of k side-by-side squares (regions laid out by
     `layout`): the share of pictures where every square's crop is read as its own concept.
-    `region_loras`: each concept's LoRA applied inside its own region only (unfused, one pass).
-    Also returns the pictures."""
+    `region_loras`: each concept's LoRA applied inside its own region only (unfused, one pass; with
+    `passes`, a pass per region). Also returns the pictures."""
     k = len(concepts)
     prompt, spec = side_by_side(concepts, classes, layout)
     loras = [RegionLora(i, c, 1.0, c.name) for i, c in enumerate(concepts)] if region_loras else []
     pics = pictures(model, codec, [prompt] * seeds, [first_seed + i for i in range(seeds)], concepts=concepts,
-                    sampler=sampler, cells=k, spec=spec, region_loras=loras)
+                    sampler=sampler, cells=k, spec=spec, region_loras=loras, passes=passes)
     return float(placed(probe, pics, labels).mean()), pics
 
 
 def region_lora_spill(model: SD1Model, codec: codec_mod.PatchCodec, concepts: Sequence[Concept],
                       classes: Sequence[str], *, seeds: int = 16, sampler: Sampler = Sampler(),
-                      first_seed: int = 3000, layout: Layout = TILING) -> list[float]:
-    """Per concept i: how much its LoRA, applied inside region i only, changes the other squares of
-    the composition against its own square (mean absolute pixel change over the same seeds and
-    prompts without it; 0 = no bleed, 1 = as much elsewhere as where it was drawn)."""
+                      first_seed: int = 3000, layout: Layout = TILING, passes: bool = False) -> list[float]:
+    """Per concept i: how much its LoRA, applied inside region i only (in a pass of its own with
+    `passes`), changes the other squares of the composition against its own square (mean absolute
+    pixel change over the same seeds and prompts without it; 0 = no bleed, 1 = as much elsewhere as
+    where it was drawn)."""
     k = len(concepts)
     prompt, spec = side_by_side(concepts, classes, layout)
     args = (model, codec, [prompt] * seeds, [first_seed + i for i in range(seeds)])
@@ -271,7 +282,7 @@ def region_lora_spill(model: SD1Model, codec: codec_mod.PatchCodec, concepts: Se
     without = pictures(*args, **kwargs)
     out = []
     for i, concept in enumerate(concepts):
-        one = pictures(*args, **kwargs, region_loras=[RegionLora(i, concept, 1.0, concept.name)])
+        one = pictures(*args, **kwargs, region_loras=[RegionLora(i, concept, 1.0, concept.name)], passes=passes)
         per_square = (one - without).abs().mean(dim=(0, 1, 2)).reshape(k, world.SIZE).mean(1)  # [k]
         others = torch.cat([per_square[:i], per_square[i + 1:]]).mean()
         out.append(float(others / per_square[i]))

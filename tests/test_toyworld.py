@@ -17,6 +17,7 @@ from lib_mos.concepts.concept import applied
 from lib_mos.fusion import pipeline as fusion
 from lib_mos.models import sd1
 from lib_mos.models.family import attn2_modules
+from lib_mos.regional.loras import RegionLora
 from lib_mos.regional.regions import Region, RegionSpec
 from lib_mos.toyworld import base, measure, novel, probe, weights, world
 from lib_mos.toyworld.codec import SD_PIXELS, PatchCodec, to_tensor
@@ -167,6 +168,23 @@ def test_the_specs_global_weight_reaches_the_regions(toy):
     regions = measure.pictures(toy.model, toy.codec, prompt, [1], sampler=sampler, cells=2, spec=spec(0.0))
     half = measure.pictures(toy.model, toy.codec, prompt, [1], sampler=sampler, cells=2, spec=spec(0.5))
     assert (half - plain).abs().max() > 1e-2 and (half - regions).abs().max() > 1e-2
+
+
+def test_region_passes_in_the_bench_sample_each_concept_in_its_own_pass(toy):
+    """The bench's `passes`: without region LoRAs it is the one pass; with them, the left square
+    after one step does not depend on the right square's LoRA (it does in one pass)."""
+    prompt, spec = measure.side_by_side(toy.concepts[:2], toy.classes[:2])
+    kwargs = dict(concepts=toy.concepts, sampler=measure.Sampler(steps=1), cells=2, spec=spec)
+
+    def sample(right: int, passes: bool) -> torch.Tensor:
+        loras = [RegionLora(0, toy.concepts[0], 1.0, "left"), RegionLora(1, toy.concepts[right], 1.0, "right")]
+        return measure.pictures(toy.model, toy.codec, [prompt], [2], region_loras=loras, passes=passes, **kwargs)
+
+    plain = measure.pictures(toy.model, toy.codec, [prompt], [2], **kwargs)
+    assert torch.equal(measure.pictures(toy.model, toy.codec, [prompt], [2], passes=True, **kwargs), plain)
+    left = (..., slice(0, 24))  # the codec's reach across the edge stays out
+    assert torch.equal(sample(1, True)[left], sample(2, True)[left])
+    assert (sample(1, False)[left] - sample(2, False)[left]).abs().max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------ base model

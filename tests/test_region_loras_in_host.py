@@ -56,6 +56,19 @@ def locon(host, tiny_checkpoint) -> str:
     return "x"
 
 
+def batching_mode(mode: str) -> tuple[str, dict]:
+    """Set the host's options for one of `MODES`: the prompt (long where the mode says) and the
+    txt2img fields of a two-image batch."""
+    from modules import shared
+
+    options, fields = MODES[mode]
+    fields = dict(fields)
+    long = fields.pop("long", False)
+    for k, v in options.items():
+        setattr(shared.opts, k, v)
+    return (", ".join([PROMPT] * 12) if long else PROMPT), dict(batch_size=2, width=64, height=72, **fields)
+
+
 def run(host, spec: str, prompt: str = PROMPT, negative: str = NEGATIVE, **fields):
     fields.setdefault("steps", 4)
     fields.setdefault("seed", 5)
@@ -66,15 +79,7 @@ def run(host, spec: str, prompt: str = PROMPT, negative: str = NEGATIVE, **field
 def test_whole_image_region_lora_samples_as_the_hosts_own_lora(host, locon, mode):
     """The same script and region either way: once the LoRA is the region's (our hooks), once the
     host's `<lora:x:1>` in the main prompt (weights merged by the built-in Lora)."""
-    from modules import shared
-
-    options, fields = MODES[mode]
-    fields = dict(fields)
-    long = fields.pop("long", False)
-    for k, v in options.items():
-        setattr(shared.opts, k, v)
-    prompt = ", ".join([PROMPT] * 12) if long else PROMPT
-    common = dict(batch_size=2, width=64, height=72, **fields)
+    prompt, common = batching_mode(mode)
     ours = run(host, whole(prompt, loras=[{"name": locon, "weight": 1}]), prompt, **common)
     hosts = run(host, whole(prompt), f"{prompt} <lora:{locon}:1>", **common)
     plain = run(host, whole(prompt), prompt, **common)
@@ -234,15 +239,7 @@ def test_region_passes_for_a_whole_image_region_sample_as_the_hosts_own_lora(hos
     same prompt and LoRA make two passes that each predict what the host's `<lora:x:1>` predicts,
     blended half and half: the same sampling, in every batching mode, if each host call gives every
     pass the same rows."""
-    from modules import shared
-
-    options, fields = MODES[mode]
-    fields = dict(fields)
-    long = fields.pop("long", False)
-    for k, v in options.items():
-        setattr(shared.opts, k, v)
-    prompt = ", ".join([PROMPT] * 12) if long else PROMPT
-    common = dict(batch_size=2, width=64, height=72, **fields)
+    prompt, common = batching_mode(mode)
     spec = json.loads(whole(prompt, loras=[{"name": locon, "weight": 1}])) | {"passes": True}
     spec["regions"] *= 2
     ours = run(host, json.dumps(spec), prompt, **common)

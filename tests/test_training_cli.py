@@ -72,3 +72,31 @@ def test_ctrl_c_leaves_the_last_complete_checkpoint(tiny_checkpoint, tmp_path):
     assert "interrupted after step" in stderr and "--resume" in stderr
     assert read_concept(out).tokens == ("<disc1>", "<disc2>") and state_path(out).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disc.safetensors", "disc.safetensors.train-state", "imgs"]
+
+
+def test_every_commands_help_names_its_defaults(capsys):
+    """`--help` of train, fuse, convert, demo and the toy world's commands shows each option's
+    default, also for options without help text; flags and options without one say nothing."""
+    import pytest
+
+    from lib_mos.cli.main import main
+    from lib_mos.toyworld.__main__ import main as toyworld_main
+    from lib_mos.training.trainer import TrainSettings
+
+    def help_of(run, *argv: str) -> str:
+        with pytest.raises(SystemExit):
+            run([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())  # one line, wrapping undone
+
+    train = help_of(main, "train")
+    assert f"--steps STEPS default: {TrainSettings().steps}" in train
+    assert f"--resolution RESOLUTION default: {TrainSettings().resolution}" in train
+    assert "(default: human)" in train and "--device DEVICE default: cpu" in train
+    assert "--overwrite replace --out if it exists" in train and "exists (default" not in train  # a flag
+    assert "default: None" not in train and "default: False" not in train
+    fuse = help_of(main, "fuse")
+    assert "--solver {exact,lbfgs} default: exact" in fuse and "--spatial-size SPATIAL_SIZE default: 512" in fuse
+    assert "(default 8)" in fuse and "default: 8.0" not in fuse  # help that says its default is left alone
+    assert "--family {auto,sd1,sdxl}" in help_of(main, "convert")
+    assert "--seed SEED default: 0" in help_of(main, "demo")
+    assert "--steps STEPS default: 1000" in help_of(toyworld_main, "train-probes")

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from lib_mos.cli import HelpWithDefaults
 from lib_mos.cli import train as training_cli
 
 LDM_REPOSITORY = Path("repositories") / "stable-diffusion-stability-ai"
@@ -45,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     use_webui_packages()
     parser = argparse.ArgumentParser(prog="python -m lib_mos", description="Mix-of-Show tools outside the WebUI.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job end to end on the embedded tiny model")
+    demo = sub.add_parser("demo", help="run the main job end to end on the embedded tiny model",
+                          formatter_class=HelpWithDefaults)
     demo.add_argument("--out", type=Path, default=Path("outputs"), help="folder for what the demo writes")
     demo.add_argument("--seed", type=int, default=0)
     convert = sub.add_parser(
-        "convert",
+        "convert", formatter_class=HelpWithDefaults,
         help="convert an ED-LoRA .pth, or any LoRA the WebUI applies (with an embedding, or by its trigger words), "
              "into a Mix-of-Show concept .safetensors",
     )
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--family", choices=("auto", "sd1", "sdxl"), default="auto",
                          help="the model family the LoRA is for (default: what the file says, else its keys)")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    fuse = sub.add_parser("fuse", help="gradient fusion: merge concepts into one checkpoint")
+    fuse = sub.add_parser("fuse", help="gradient fusion: merge concepts into one checkpoint",
+                          formatter_class=HelpWithDefaults)
     fuse.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="base SD1 checkpoint")
     fuse.add_argument("--concept", action="append", required=True,
                       metavar="FILE[:<new1>+<new2>][#trigger words][@UNET,TEXT]",

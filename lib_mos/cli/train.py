@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from lib_mos.cli import HelpWithDefaults
+
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
 
 
@@ -21,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from lib_mos.training.trainer import TrainSettings
 
     d = TrainSettings()
-    p = sub.add_parser("train", help="train an ED-LoRA concept (or a LoRA with trigger words) from a folder of images")
+    p = sub.add_parser("train", help="train an ED-LoRA concept (or a LoRA with trigger words) from a folder of images",
+                       formatter_class=HelpWithDefaults)
     p.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="SD1 checkpoint to train on")
     p.add_argument("--images", type=Path, required=True, metavar="DIR",
                    help="images, with optional NAME.txt captions (<TOK> or the class word marks the concept) and "

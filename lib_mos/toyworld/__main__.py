@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from lib_mos.cli import HelpWithDefaults
 from lib_mos.toyworld import base, measure, novel, probe, weights
 from lib_mos.toyworld.codec import PatchCodec
 
@@ -102,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lib_mos.toyworld", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train-probes")
+    p = sub.add_parser("train-probes", formatter_class=HelpWithDefaults)
     p.add_argument("--out", type=Path, default=weights.WEIGHTS)
     p.add_argument("--steps", type=int, default=1000)
-    p = sub.add_parser("train-base")
+    p = sub.add_parser("train-base", formatter_class=HelpWithDefaults)
     p.add_argument("--out", type=Path, required=True, help="run folder (state, log, snapshots)")
     p.add_argument("--steps", type=int, default=base.BaseSettings.steps)
     p.add_argument("--init", type=Path, help="start from this base checkpoint (fine-tune it)")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of steps on 64x32 / 96x32 canvases, one object per 32-px cell")
     p.add_argument("--single-only-fraction", type=float, default=base.BaseSettings.single_only_fraction,
                    help="the first part of the run shows one object only")
-    p = sub.add_parser("curve")
+    p = sub.add_parser("curve", formatter_class=HelpWithDefaults)
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--probes", type=Path, default=weights.WEIGHTS)
     p.add_argument("--seeds", type=int, default=2, help="samples per caption (48 captions)")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--placement-cells", type=int, nargs="+", default=[2], help="regions side by side")
     p.add_argument("--global-weights", type=float, nargs="+", default=[0.0],
                    help="the share of the global prompt kept inside each region")
-    p = sub.add_parser("tune-concepts")
+    p = sub.add_parser("tune-concepts", formatter_class=HelpWithDefaults)
     p.add_argument("--weights", type=Path, default=weights.WEIGHTS)
     p.add_argument("--steps", type=int, help="training steps (default: the concept's recipe, novel.RECIPES)")
     p.add_argument("--recipe", choices=sorted(novel.RECIPES), default="product",
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="where the concepts go (default: the weights folder's concepts/)")
     p.add_argument("--seeds", type=int, default=32)
     p.add_argument("--only", nargs="*", help="styles to tune (default: all)")
-    p = sub.add_parser("publish", help="copy a finished run's base, codec and log into the weights folder")
+    p = sub.add_parser("publish", help="copy a finished run's base, codec and log into the weights folder",
+                       formatter_class=HelpWithDefaults)
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--to", type=Path, default=weights.WEIGHTS)
     p.add_argument("--log-as", default="base-train-log.jsonl", help="the training log's name in the weights folder")

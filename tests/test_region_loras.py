@@ -203,6 +203,33 @@ def test_cross_attention_gets_each_regions_lora_on_its_own_context(model, tmp_pa
     assert_by_region(got, base, only, masks, "attn2")
 
 
+def test_the_global_prompts_share_inside_a_region_is_read_through_that_regions_lora(model, tmp_path):
+    """With global_weight g, inside region r the output is (1 - g) of the region prompt and g of
+    the global prompt, both as the layer with only r's LoRA reads them; outside, the base layer."""
+    a, b = two_loras(model, KINDS["kohya LoRA fp16"], tmp_path)
+    module = model.unet.get_submodule(model.family.attn2[0])
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 64, module.to_q.in_features, generator=gen)
+    context = torch.randn(2, 77, module.to_k.in_features, generator=gen)
+    region_context = torch.randn(2, 2, 77, module.to_k.in_features, generator=gen)
+    masks = level0(model)
+    g = torch.tensor([0.5, 0.25])
+    deltas = RegionDeltas(model.unet, [RegionLora(0, a, WEIGHTS[0]), RegionLora(1, b, WEIGHTS[1])], 2)
+    deltas.set_masks(level_masks(SPEC, SIZE, SIZE, family=model.family))
+    processor = RegionalContext()
+    processor.set_rows(region_context, [masks.expand(2, -1, -1)] * len(model.family.attn2), global_weight=g)
+    processor.context_delta = deltas.context_delta
+    with torch.no_grad():
+        base = attend(module, x, context)
+        only = []
+        for r, (concept, weight) in enumerate(zip((a, b), WEIGHTS)):
+            with merged(model, concept, weight):
+                only.append(g[r] * attend(module, x, context) + (1 - g[r]) * attend(module, x, region_context[:, r]))
+        with deltas.installed():
+            got = processor(module, 0, x, context)
+    assert_by_region(got, base, only, masks, "attn2")
+
+
 def assert_feature_map_by_region(model: sd1.SD1Model, loras: tuple[Concept, Concept], block: nn.Module,
                                  run: Callable[[], object], what: str) -> None:
     """A ResBlock's feature map (the input of its out_layers: h + the time projection), seen while

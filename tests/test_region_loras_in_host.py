@@ -277,3 +277,19 @@ def test_with_region_passes_a_regions_lora_cannot_reach_the_other_region(host, l
     again = run(host, params["Mix-of-Show regions"], **fields)
     assert torch.equal(latents(again), passes[0])
     assert nothing_hooked(host)
+
+
+def test_the_global_prompts_share_in_a_lora_region_samples_as_the_hosts_own_lora(host, tiny_checkpoint):
+    """A region over the whole image with the main prompt and a UNet LoRA, keeping half of the
+    global prompt: both halves are the same prompt read through the same LoRA, so it samples what
+    the host's `<lora:u:1>` samples (the global half through the base layers would not)."""
+    model = sd1.load_checkpoint(tiny_checkpoint)
+    lora = layouts.kohya_lora(model, dtype=torch.float32, seed=9)
+    layouts.LoraFile({k: v for k, v in lora.tensors.items() if k.startswith("lora_unet_")},
+                     lora.metadata).save(lora_dir(), "u")
+    half = json.loads(whole(loras=[{"name": "u"}])) | {"global_weight": 0.5}
+    ours = run(host, json.dumps(half), width=64, height=72)
+    hosts = run(host, whole(), f"{PROMPT} <lora:u:1>", width=64, height=72)
+    assert relative(latents(hosts), latents(run(host, whole(), width=64, height=72))) > 1e-2
+    assert relative(latents(ours), latents(hosts)) < 1e-5
+    assert nothing_hooked(host)

@@ -67,6 +67,7 @@ def regional_attention(
     global_weight: torch.Tensor | None = None,
     context_delta: ContextDelta | None = None,
     region_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    global_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Cross-attention of `x` [B, N, C] over the global `context` [B, T, D] and, per region k, over
     `region_context[:, k]` ([B, K, Tr, D]), blended by the masks `region_weight` [B, K, N] (see
@@ -77,6 +78,9 @@ def regional_attention(
     changes of to_k / to_v, region k's on region k's context only (`region_loras.RegionDeltas`).
     `region_kv`: the regions' keys and values already projected (`region_keys_values`), which a
     caller keeps across denoising steps, since the region prompts do not change.
+    `global_kv`: [B, K, T, inner] keys and values of the global context through each region's LoRA
+    (`global_keys_values`); the share of the global prompt a region keeps inside it then attends
+    to these, so that inside region k the global prompt is read as the UNet with k's LoRA reads it.
 
     to_q runs once; the global (when T == Tr) and all K region attentions are one batched
     scaled_dot_product_attention call; the blend happens before to_out so that runs once too.
@@ -95,7 +99,13 @@ def regional_attention(
     q = module.to_q(x)
     inner = q.shape[-1]
     q = _heads(q, h)  # [B, h, N, d]
-    w_global, w_regions = region_blend_weights(region_weight, global_weight)
+    shifted = None
+    if global_kv is not None and global_weight is not None:  # the global share inside a region: its own slot
+        w_global, w_regions = region_blend_weights(region_weight)
+        g = global_weight.to(w_regions.device, w_regions.dtype).reshape(1, -1, 1)
+        shifted, w_regions = w_regions * g, w_regions * (1.0 - g)
+    else:
+        w_global, w_regions = region_blend_weights(region_weight, global_weight)
     rk, rv = region_kv if region_kv is not None else region_keys_values(
         module, region_context.to(context.dtype), context_delta)  # [B, K, Tr, inner]
     fold = context.shape[1] == tr
@@ -115,9 +125,26 @@ def regional_attention(
     if not fold:
         glob = F.scaled_dot_product_attention(q, _heads(module.to_k(context), h), _heads(module.to_v(context), h))
         blended = blended + glob * w_global.to(glob.dtype)[:, None, :, None]
+    if shifted is not None:
+        gk, gv = (_heads(t.to(q.dtype), h) for t in global_kv)  # [B, K, h, T, d]
+        qk = q.unsqueeze(1).expand(b, k, *q.shape[1:]).reshape(b * k, *q.shape[1:])
+        glob = F.scaled_dot_product_attention(qk, gk.flatten(0, 1), gv.flatten(0, 1)).view(b, k, *q.shape[1:])
+        blended = blended + (glob * shifted.to(glob.dtype)[:, :, None, :, None]).sum(1)
     # to_out is affine (Linear, then Dropout: identity in eval), and the weights sum to 1 at every
     # position, so to_out(sum_s w_s o_s) == sum_s w_s to_out(o_s): blending first is exact.
     return module.to_out(blended.transpose(1, 2).reshape(b, n, inner))
+
+
+def global_keys_values(module: nn.Module, context: torch.Tensor, regions: int, context_delta: ContextDelta,
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """to_k / to_v of the global context [B, T, D] through each region's LoRA: two [B, K, T, inner];
+    None when no region LoRA changes this layer's keys or values."""
+    wide = context.unsqueeze(1).expand(-1, regions, -1, -1)
+    changes = [context_delta(projection, wide) for projection in (module.to_k, module.to_v)]
+    if all(c is None for c in changes):
+        return None
+    return tuple(projection(context).unsqueeze(1) + (0 if c is None else c.to(context.dtype))
+                 for projection, c in zip((module.to_k, module.to_v), changes))
 
 
 class RegionalContext:
@@ -248,9 +275,13 @@ class RegionalContext:
         if self._rows is not None:
             rows = self._rows.to(kk.device)
             kk, vv = kk.index_select(0, rows), vv.index_select(0, rows)
+        context = context.to(x.device, x.dtype)
+        global_kv = None
+        if self.global_weight is not None and self.context_delta is not None:
+            global_kv = global_keys_values(module, context, w.shape[1], self.context_delta)
         return regional_attention(
-            module, x, context.to(x.device, x.dtype), region_context, w.to(x.device),
-            self.global_weight, region_kv=(kk, vv),
+            module, x, context, region_context, w.to(x.device),
+            self.global_weight, region_kv=(kk, vv), global_kv=global_kv,
         )
 
 

@@ -9,7 +9,9 @@ output's resolution (`attention.region_blend_weights` of the same masks: 1 insid
 outside, shared on overlaps, soft along feathered edges; the global prompt's share inside regions
 does not dilute a region's LoRA). The cross-attention `to_k`/`to_v` of attn2 see no positions:
 there region r's change is applied to region r's own context only (`RegionDeltas.context_delta`,
-called by `attention.regional_attention`), and the global context gets the base projection.
+called by `attention.regional_attention`), and the global context gets the base projection,
+except for the share of it a region keeps inside it (`global_weight`), which is projected with
+that region's change (`attention.global_keys_values`).
 
 A ResBlock's time-embedding projection (`emb_layers.1`) has no positions either: its output is
 added to every position of the block's feature map, so the hook keeps each region's change and a

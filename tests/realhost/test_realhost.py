@@ -302,6 +302,28 @@ def test_region_loras_through_the_api_and_the_canvas(realhost, everyday):
         assert not browser.errors, browser.errors
 
 
+def test_the_global_prompts_share_in_a_lora_region_is_read_through_its_lora(realhost, everyday):
+    """A region over the whole image with the main prompt, a UNet-only LoCon and half of the global
+    prompt kept: both halves read the same prompt through the same LoRA, so the picture is the
+    WebUI's own `<lora:hero-unet:1>`."""
+    import lora_layouts as layouts
+
+    hero = layouts.kohya_locon(sd1.build_sd15_skeleton(), few=True)
+    layouts.LoraFile({k: v for k, v in hero.tensors.items() if k.startswith("lora_unet_")},
+                     hero.metadata).save(realhost.loras, "hero-unet")
+    realhost.post("/sdapi/v1/refresh-loras")
+    spec = {"regions": [{"prompt": "a photo of ohwx man", "negative": "dark", "box": [0, 0, 1, 1], "units": "fraction",
+                         "loras": [{"name": "hero-unet"}]}], "global_weight": 0.5}
+    common = dict(negative_prompt="dark", seed=5, script_name="mix-of-show")
+    ours = realhost.txt2img("a photo of ohwx man", script_args=[json.dumps(spec)], **common)
+    hosts = realhost.txt2img("<lora:hero-unet:1> a photo of ohwx man", script_args=[""], **common)
+    plain = realhost.txt2img("a photo of ohwx man", script_args=[""], **common)
+    diff = np.abs(pixels(ours).astype(int) - pixels(hosts)).max()
+    print(f"global weight 0.5 in a whole-image LoRA region vs the WebUI's <lora:hero-unet:1>: max pixel difference "
+          f"{diff}; vs no LoRA {np.abs(pixels(plain).astype(int) - pixels(hosts)).max()}")
+    assert diff <= 2 and not np.array_equal(pixels(plain), pixels(hosts))
+
+
 def test_a_region_loras_spill_with_one_pass_and_with_region_passes(realhost, everyday):
     """How much a LoRA in the left region changes the right third of the picture against the left
     third (the issue's measure: 192x128, 2 steps), sampled in one pass and with `passes`; with a

@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from lib_mos.cli import HelpWithDefaults
 from lib_mos.cli import train as training_cli
+from lib_mos.cli_help import HelpWithDefaults
 
 LDM_REPOSITORY = Path("repositories") / "stable-diffusion-stability-ai"
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from lib_mos.cli import HelpWithDefaults
+from lib_mos.cli_help import HelpWithDefaults
 
 INTERRUPTED = 130  # the shell's code for a run ended by Ctrl-C
 

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from lib_mos.cli import HelpWithDefaults
+from lib_mos.cli_help import HelpWithDefaults
 from lib_mos.toyworld import base, measure, novel, probe, weights
 from lib_mos.toyworld.codec import PatchCodec
 

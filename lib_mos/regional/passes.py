@@ -82,7 +82,6 @@ class PassRun:
     """A planned pass, ready to run: its attn2 processor (region LoRAs' key/value changes wired in),
     its attention masks (the pass's regions only), its LoRAs' hooks and its share [h, w]."""
 
-    plan: RegionPass
     processor: RegionalContext
     masks: list[torch.Tensor]
     deltas: RegionDeltas | None
@@ -113,5 +112,5 @@ def region_passes(unet: nn.Module, loras: Sequence[RegionLora], levels: Mapping[
             deltas = RegionDeltas(unet, plan.loras, k, vectors=bool(set(plan.regions) & set(vector_regions)))
             deltas.set_masks(only_regions(levels, plan.regions))  # inside their regions, as if the only ones
             processor.context_delta = deltas.context_delta
-        runs.append(PassRun(plan, processor, only_regions(layer_masks, plan.regions), deltas, plan.share.reshape(h, w)))
+        runs.append(PassRun(processor, only_regions(layer_masks, plan.regions), deltas, plan.share.reshape(h, w)))
     return runs

@@ -114,9 +114,10 @@ def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str
         uncond = binder.encode([NEGATIVE] * len(chunk))
         if processor is not None:
             rows = _region_rows(binder, specs[i:i + sampler.batch], region_loras)
-            processor.set_rows(rows, masks, global_weight=global_weight)
-            for run in runs:
+            for run in runs:  # each pass plans its own rows, with its masks
                 run.set_rows(rows, global_weight=global_weight)
+            if not runs:
+                processor.set_rows(rows, masks, global_weight=global_weight)
         each = [run.sampling_pass() for run in runs]
         with unet_deltas.installed() if unet_deltas else contextlib.nullcontext():
             latents = sampling.sample_euler(model, cond, uncond, seeds=chunk_seeds, height=height, width=width,

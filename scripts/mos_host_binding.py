@@ -24,10 +24,10 @@ from lib_mos.concepts.concept import Concept
 from lib_mos.concepts.library import ConceptLibrary, FoundConcepts, resolve
 from lib_mos.fusion.checkpoint import read_fused_concepts
 from lib_mos.models.family import SD1, ModelFamily
+from lib_mos.prompt_tags import replace_extra_network_tags
 from modules import paths, prompt_parser, shared
 
 _TOKEN = re.compile(r"<[^<>:\s,]+>")
-_EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
 
 LIBRARY = ConceptLibrary()
 _fused: dict[str, tuple[int, list[Concept]]] = {}
@@ -40,7 +40,7 @@ def concept_folder() -> str:
 
 def concept_tokens_mentioned(texts: list[str]) -> set[str]:
     """`<name>` tokens in the texts, extra-network tags like `<lora:x:1>` excluded."""
-    return {t for text in texts for t in _TOKEN.findall(_EXTRA_NETWORK.sub(" ", str(text)))}
+    return {t for text in texts for t in _TOKEN.findall(replace_extra_network_tags(str(text), " "))}
 
 
 def fused_concepts(sd_model) -> list[Concept]:

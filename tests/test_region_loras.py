@@ -359,3 +359,36 @@ def test_which_loras_each_region_applies(tmp_path):
         choose_region_loras(spec, files, "models/Lora", [{}, cat, cat], globally)
     with pytest.raises(RegionError, match=r"region 0.*no LoRA named 'potter' in models/Lora \(did you mean potter_v2"):
         choose_region_loras(spec, {"potter_v2": files["potter"]}, "models/Lora", [{}, {}, {}], set())
+
+
+def test_the_cached_region_selector_gives_what_one_built_anew_gives():
+    """Each plan keeps its [K, R] column-to-region selector between calls: the second call of
+    `_per_region` / `_each_region` gives what the first gave and what each region's own LoRA gives
+    computed from scratch, for another region count too, and for a plan whose columns differ."""
+    gen = torch.Generator().manual_seed(6)
+    root = nn.Module()
+    root.proj, root.other = nn.Linear(8, 5), nn.Linear(8, 5)
+
+    def lora(*names: str) -> Concept:
+        factors = {n: LoraFactor(torch.randn(2, 8, generator=gen), torch.randn(5, 2, generator=gen), 0.5)
+                   for n in names}
+        return Concept(name="c", tokens=(), embeddings=torch.zeros(0, 1, 8), unet_lora=factors)
+
+    a, b = lora("proj"), lora("proj", "other")
+    deltas = RegionDeltas(root, [RegionLora(0, a, 1.0), RegionLora(1, b, 0.7)], 3)
+    change = {(name, r): c.unet_lora[name].delta() * w for r, c, w in ((0, a, 1.0), (1, b, 0.7))
+              for name in c.unet_lora}
+    x, xk = torch.randn(4, 8, generator=gen), torch.randn(4, 3, 6, 8, generator=gen)
+    for name in ("proj", "other"):
+        plan = deltas.plans[name]
+        zero = torch.zeros(5, 8)
+        per = torch.stack([x @ change.get((name, r), zero).T for r in range(3)], 1)  # [4, K, 5]
+        each = torch.stack([xk[:, r] @ change.get((name, r), zero).T for r in range(3)], 1)  # [4, K, 6, 5]
+        for _ in range(2):  # built on the first call, reused on the second
+            torch.testing.assert_close(deltas._per_region(plan, x, torch.empty(4, 5)), per)
+            torch.testing.assert_close(deltas._each_region(plan, xk), each)
+            torch.testing.assert_close(deltas._each_region(plan, xk[:, :2]), each[:, :2])  # K = 2
+        fresh = (torch.tensor(plan.cols).unsqueeze(0) == torch.arange(3).unsqueeze(1)).float()
+        assert plan.selector(3, torch.float32, x.device) is plan.selector(3, torch.float32, x.device)
+        assert torch.equal(plan.selector(3, torch.float32, x.device), fresh)
+        assert torch.equal(plan.selector(2, torch.float32, x.device), fresh[:2])

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib_mos.concepts.concept import Concept, ConceptError, Delta, LoraFactor
+from lib_mos.prompt_tags import extra_network_tags
 from lib_mos.regional.attention import region_blend_weights
 from lib_mos.regional.regions import RegionError, RegionSpec
 
@@ -89,9 +90,6 @@ class RegionLoraChoice:
     source: str  # "listed", or "token <x1>" when a concept token in the region's prompt brought it
 
 
-_HOST_TAG = re.compile(r"<(lora|lyco):([^>:]+)[^>]*>")
-
-
 def text_loras_of(loras: Sequence[RegionLora], region: int) -> list[RegionLora]:
     """The LoRAs that change region `region`'s text encoding, as one set applied everywhere while
     that region's texts are encoded (`RegionDeltas(..., masked=False, text=True)`: region 0)."""
@@ -100,8 +98,10 @@ def text_loras_of(loras: Sequence[RegionLora], region: int) -> list[RegionLora]:
 
 
 def global_lora_names(prompts: Sequence[str]) -> set[str]:
-    """Names of the LoRAs the host applies to the whole image (`<lora:name...>` in the main prompts)."""
-    return {m.group(2).strip() for text in prompts for m in _HOST_TAG.finditer(str(text))}
+    """Names of the LoRAs the host applies to the whole image (`<lora:name...>` in the main prompts),
+    stripped of spaces as region LoRA names are (`LoraRef.checked`); a tag without a name names nothing."""
+    return {name for text in prompts for tag in extra_network_tags(str(text))
+            if tag.is_lora and (name := tag.args[0].strip())}
 
 
 def choose_region_loras(spec: RegionSpec, available: Mapping[str, Path], folder: str,
@@ -174,6 +174,7 @@ class _Plan:
         self.dense: list[tuple[int, Delta, float]] = []
         self.biases: list[tuple[int, torch.Tensor]] = []
         self._cast: dict[tuple, tuple] = {}
+        self._selectors: dict[tuple, torch.Tensor] = {}
 
     @property
     def cols_key(self) -> tuple[int, ...]:
@@ -212,6 +213,15 @@ class _Plan:
             biases = [(r, b.to(device, dtype)) for r, b in self.biases]
             self._cast[key] = (down, up, cols, dense, biases)
         return self._cast[key]
+
+    def selector(self, regions: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[regions, R]: 1 where low-rank column j belongs to region k, else 0 (plans with low-rank
+        columns only). Kept on the plan, which it belongs to: every hooked call asks for the same one."""
+        key = (regions, dtype, device)
+        if key not in self._selectors:
+            cols = self.tensors(dtype, device)[2]
+            self._selectors[key] = (cols.unsqueeze(0) == torch.arange(regions, device=cols.device).unsqueeze(1)).to(dtype)
+        return self._selectors[key]
 
 
 class RegionDeltas:
@@ -343,34 +353,28 @@ class RegionDeltas:
         return out
 
     def _per_region(self, plan: _Plan, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """[..., K, out]: each region's change of a linear applied to the same input x [..., in]."""
-        down, up, cols, dense, biases = plan.tensors(like.dtype, like.device)
+        """[..., K, out]: each region's change of a linear applied to the same input x [..., in]
+        (`_each_region` of that one input for all K regions; zeros where the plan changes nothing)."""
         x = x.to(like.dtype)
-        d = like.new_zeros(*x.shape[:-1], self.regions, like.shape[-1])
-        if down is not None:
-            select = (cols.unsqueeze(0) == torch.arange(self.regions, device=cols.device).unsqueeze(1)).to(like.dtype)
-            d = d + F.linear(F.linear(x, down).unsqueeze(-2) * select, up)  # [..., K, R] -> [..., K, out]
-        for r, change in dense:
-            d[..., r, :] += F.linear(x, change)
-        for r, bias in biases:
-            d[..., r, :] += bias
-        return d
+        shape = (*x.shape[:-1], self.regions, like.shape[-1])
+        d = self._each_region(plan, x.reshape(-1, 1, x.shape[-1]), self.regions)
+        return like.new_zeros(shape) if d is None else d.reshape(shape)
 
-    def _each_region(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor | None:
-        """[B, K, ..., out]: region k's change applied to region k's own input x [B, K, ..., in];
-        None when the plan changes nothing."""
-        down, up, cols, dense, biases = plan.tensors(x.dtype, x.device)
-        k = x.shape[1]
+    def _each_region(self, plan: _Plan, x: torch.Tensor, regions: int | None = None) -> torch.Tensor | None:
+        """[B, K, ..., out]: region k's change applied to region k's own input x [B, K, ..., in], or,
+        with `regions` = K, to the one input x [B, 1, ..., in] they share (the low-rank down
+        projection is then computed once, not K times); None when the plan changes nothing."""
+        down, up, _, dense, biases = plan.tensors(x.dtype, x.device)
+        k = x.shape[1] if regions is None else regions
         out = None
         if down is not None:
-            select = (cols.unsqueeze(0) == torch.arange(k, device=cols.device).unsqueeze(1)).to(down.dtype)
             h = F.linear(x, down)
-            out = F.linear(h * select.reshape(1, k, *[1] * (h.dim() - 3), -1), up)
+            out = F.linear(h * plan.selector(k, x.dtype, x.device).reshape(1, k, *[1] * (h.dim() - 3), -1), up)
         if dense or biases:
-            out = out if out is not None else x.new_zeros(*x.shape[:-1], plan.module.out_features)
+            out = out if out is not None else x.new_zeros(x.shape[0], k, *x.shape[2:-1], plan.module.out_features)
             for r, change in dense:
                 if r < k:
-                    out[:, r] += F.linear(x[:, r], change)
+                    out[:, r] += F.linear(x[:, r if x.shape[1] > 1 else 0], change)
             for r, bias in biases:
                 if r < k:
                     out[:, r] += bias

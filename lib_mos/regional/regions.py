@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from lib_mos.models.family import SD1, ModelFamily
+from lib_mos.prompt_tags import ExtraNetworkTag, replace_extra_network_tags
 
 __all__ = [
     "LATENT_FACTOR",
@@ -97,9 +98,6 @@ _COLOR = re.compile(r"#[0-9a-f]{6}")
 _REGION_KEYS = frozenset({"prompt", "negative", "box", "units", "color", "loras", "global_weight"})
 _SPEC_KEYS = frozenset({"regions", "mask_image", "feather", "global_weight", "passes"})
 _LORA_KEYS = frozenset({"name", "weight"})
-# the host's extra-network tag (modules/extra_networks.py): <kind:arg:arg...>
-_EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
-_LORA_TAG_KINDS = ("lora", "lyco")  # the built-in Lora registers "lyco" as an alias
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?((?:;[\w=.+-]+)*);base64,", re.ASCII)
 
@@ -270,12 +268,11 @@ def split_lora_tags(text: str, index: int | None = None) -> tuple[str, tuple[Lor
     separate text-encoder/UNet multipliers, are refused: a region applies one weight to both."""
     refs: list[LoraRef] = []
 
-    def take(match: re.Match) -> str:
-        kind, args = match.group(1), match.group(2).split(":")
-        tag = match.group(0)
-        if kind not in _LORA_TAG_KINDS:
+    def take(found: ExtraNetworkTag) -> str:
+        args, tag = found.args, found.text
+        if not found.is_lora:
             raise RegionError(f"{_where(index, 'prompt')}: {tag}: only <lora:name:weight> tags work in a region's prompt")
-        if len(args) > 2 or "=" in match.group(2):
+        if len(args) > 2 or any("=" in a for a in args):
             raise RegionError(f"{_where(index, 'prompt')}: {tag}: a region LoRA takes one weight, <lora:name:weight>")
         weight: Any = 1.0
         if len(args) == 2:
@@ -286,7 +283,7 @@ def split_lora_tags(text: str, index: int | None = None) -> tuple[str, tuple[Lor
         refs.append(LoraRef.checked(args[0], weight, f"{_where(index, 'prompt')}: {tag}"))
         return ""
 
-    cleaned = _EXTRA_NETWORK_TAG.sub(take, text)
+    cleaned = replace_extra_network_tags(text, take)
     return (cleaned if refs else text), tuple(refs)
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +154,23 @@ def _visible_files(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()), key=lambda p: p.name)
 
 
+@dataclass(frozen=True)
+class _Listing:
+    """A folder's visible files in name order, the pictures among them and its captions by name stem."""
+
+    files: list[Path]
+    pictures: list[Path]
+    captions: dict[str, Path]
+
+
+def _listing(folder: Path) -> _Listing:
+    """The one walk of a folder that every layout's reader uses, so both layouts see the same files;
+    all empty for a folder that is not there (the authors' mask/ and caption/ are optional)."""
+    files = _visible_files(folder) if folder.is_dir() else []
+    return _Listing(files, [p for p in files if _is_image_name(p)],
+                    {p.stem: p for p in files if p.suffix.lower() == ".txt"})
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB; transparency composited on black (the augmentation's canvas colour)."""
     if image.mode == "RGB":
@@ -248,6 +265,24 @@ def _load(planned: _Planned, class_word: str | None, placeholder: str, min_side:
     return TrainingImage(path=planned.image, image=image, caption=caption, mask=mask)
 
 
+def _collect(pictures: Iterable[Path], captions: Mapping[str, Path], masks: Mapping[str, list[Path]],
+             class_word: str | None, placeholder: str, min_side: int) -> list[TrainingImage]:
+    """Each picture loaded with the caption and masks of its name stem, one at a time in the order
+    given, so that the first problem in that order is the one reported (`pictures` may be a generator
+    that checks the other files as it goes). A second picture with a stem already seen is refused:
+    its caption and mask could not be told apart."""
+    items: list[TrainingImage] = []
+    seen: dict[str, Path] = {}
+    for p in pictures:
+        if p.stem in seen:
+            raise TrainingDataError(f"{p}: another image has the same name stem ({seen[p.stem].name}); captions "
+                                    "and masks are matched by stem, so rename or remove one of them")
+        seen[p.stem] = p
+        items.append(_load(_Planned(p, captions.get(p.stem), masks.get(p.stem, [])), class_word, placeholder,
+                           min_side))
+    return items
+
+
 def _mask_base(name_stem: str) -> str | None:
     """`photo` for `photo_mask` (any case), else None."""
     if name_stem.lower().endswith(_MASK_SUFFIX) and len(name_stem) > len(_MASK_SUFFIX):
@@ -256,8 +291,8 @@ def _mask_base(name_stem: str) -> str | None:
 
 
 def _read_flat(folder: Path, class_word: str | None, placeholder: str, min_side: int) -> list[TrainingImage]:
-    files = _visible_files(folder)
-    pictures = [p for p in files if _is_image_name(p)]
+    listing = _listing(folder)
+    files, pictures, captions = listing.files, listing.pictures, listing.captions
     non_png_stems = {p.stem for p in pictures if p.suffix.lower() != ".png"}
     masks: dict[str, list[Path]] = {}  # image stem -> mask files
     mask_files = set()
@@ -272,26 +307,22 @@ def _read_flat(folder: Path, class_word: str | None, placeholder: str, min_side:
             masks.setdefault(p.stem, []).append(p)
             mask_files.add(p)
     image_stems = {p.stem for p in pictures if p not in mask_files}
-    captions = {p.stem: p for p in files if p.suffix.lower() == ".txt"}
 
-    items: list[TrainingImage] = []
-    seen: dict[str, Path] = {}
-    for p in files:
-        if p in mask_files:
-            base = _mask_base(p.stem) or p.stem
-            if base not in image_stems:
-                raise TrainingDataError(f"{p}: this mask has no image (looked for {base} with one of {_suffix_list()}); "
-                                        "add the image or remove the mask")
-        elif _is_image_name(p):
-            if p.stem in seen:
-                raise TrainingDataError(f"{p}: another image has the same name stem ({seen[p.stem].name}); captions "
-                                        "and masks are matched by stem, so rename or remove one of them")
-            seen[p.stem] = p
-            items.append(_load(_Planned(p, captions.get(p.stem), masks.get(p.stem, [])), class_word, placeholder,
-                               min_side))
-        elif p.suffix.lower() == ".txt" and p.stem not in image_stems:
-            raise TrainingDataError(f"{p}: this caption has no image (looked for {p.stem} with one of "
-                                    f"{_suffix_list()}); add the image or remove the caption")
+    def images_in_order() -> Iterator[Path]:
+        """The images among the files, a mask or caption without an image refused where it comes."""
+        for p in files:
+            if p in mask_files:
+                base = _mask_base(p.stem) or p.stem
+                if base not in image_stems:
+                    raise TrainingDataError(f"{p}: this mask has no image (looked for {base} with one of "
+                                            f"{_suffix_list()}); add the image or remove the mask")
+            elif _is_image_name(p):
+                yield p
+            elif p.suffix.lower() == ".txt" and p.stem not in image_stems:
+                raise TrainingDataError(f"{p}: this caption has no image (looked for {p.stem} with one of "
+                                        f"{_suffix_list()}); add the image or remove the caption")
+
+    items = _collect(images_in_order(), captions, masks, class_word, placeholder, min_side)
     if not items:
         raise TrainingDataError(f"{folder}: no training images in this folder (accepted: {_suffix_list()}, any case; "
                                 "or the subfolders image/, mask/, caption/); add pictures of the concept")
@@ -299,30 +330,21 @@ def _read_flat(folder: Path, class_word: str | None, placeholder: str, min_side:
 
 
 def _read_authors(folder: Path, class_word: str | None, placeholder: str, min_side: int) -> list[TrainingImage]:
-    stray = [p for p in _visible_files(folder) if _is_image_name(p)]
+    stray = _listing(folder).pictures
     if stray:
         raise TrainingDataError(f"{stray[0]}: this folder has an image/ subfolder, so images beside it are not read; "
                                 "move it into image/ (or use only the flat layout)")
     image_dir, mask_dir, caption_dir = (folder / d for d in _AUTHORS_DIRS)
-    pictures = [p for p in _visible_files(image_dir) if _is_image_name(p)]
+    pictures = _listing(image_dir).pictures
     stems = {p.stem for p in pictures}
-    captions = ({p.stem: p for p in _visible_files(caption_dir) if p.suffix.lower() == ".txt"}
-                if caption_dir.is_dir() else {})
-    mask_list = [p for p in _visible_files(mask_dir) if _is_image_name(p)] if mask_dir.is_dir() else []
+    captions = _listing(caption_dir).captions
+    mask_list = _listing(mask_dir).pictures
     masks: dict[str, list[Path]] = {}
     for p in mask_list:
         base = p.stem if p.stem in stems else (_mask_base(p.stem) or p.stem)
         masks.setdefault(base, []).append(p)
 
-    items: list[TrainingImage] = []
-    seen: dict[str, Path] = {}
-    for p in pictures:
-        if p.stem in seen:
-            raise TrainingDataError(f"{p}: another image has the same name stem ({seen[p.stem].name}); captions "
-                                    "and masks are matched by stem, so rename or remove one of them")
-        seen[p.stem] = p
-        items.append(_load(_Planned(p, captions.get(p.stem), masks.get(p.stem, [])), class_word, placeholder,
-                           min_side))
+    items = _collect(pictures, captions, masks, class_word, placeholder, min_side)
     if not items:
         raise TrainingDataError(f"{image_dir}: no training images in this folder (accepted: {_suffix_list()}, any "
                                 "case); add pictures of the concept")

@@ -415,6 +415,7 @@ class ConceptTrainer:
         if not images:
             raise TrainingError("no training images")
         self.model, self.settings, self.images = model, settings, list(images)
+        self.data_fingerprint = data_fingerprint(self.images)  # hashed once: every saved state and a resume use it
         self.name = name or (settings.tokens[0].strip("<>").rstrip("0123456789") if settings.kind == "edlora"
                              else str(settings.trigger).split(",")[0].strip())
         self.device = _device_of(model)
@@ -673,7 +674,7 @@ class ConceptTrainer:
         info = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": self.step, "frozen_rows": self.frozen_rows,
                 "adam_steps": steps, "rng": [version, list(internal), gauss], "order": self._order,
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "data": data_fingerprint(self.images), "name": self.name}
+                "data": self.data_fingerprint, "name": self.name}
         return tensors, {"mos_train_state": json.dumps(info), "settings": self.settings.to_json()}
 
     def load_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any], where: str) -> None:
@@ -780,7 +781,7 @@ def train(model: SD1Model, settings: TrainSettings, images: Sequence[TrainingIma
     if trainer.rows is not None:
         check_concept_set([trainer._concept_stub()])
     if loaded is not None:
-        if loaded[1].get("data") != data_fingerprint(trainer.images):
+        if loaded[1].get("data") != trainer.data_fingerprint:
             raise TrainingError(f"{state}: the training images changed since this run started (files, pixels, "
                                 "captions or masks); resume needs the same data")
         trainer.load_state(*loaded, where=str(state))

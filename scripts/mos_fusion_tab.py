@@ -82,13 +82,29 @@ def concept_row(rel: str) -> list:
     return [rel, f"(no tokens: trigger words from {source})", concept.prompt_words, 1.0, 1.0]
 
 
+def _file_rows(table) -> list[list]:
+    """The rows of a table (the page's DataFrame, or a list) that name a file: a row left empty, as
+    the table's "New row" adds one, is no concept."""
+    rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+    return [list(r) for r in rows if len(r) and _cell(r[0])]
+
+
 def concept_table(selected: list[str], current=None) -> list[list]:
     """One row per selected file; rows the user already edited keep their values."""
-    kept = {}
-    if current is not None:
-        rows = current.values.tolist() if hasattr(current, "values") else current
-        kept = {r[0]: r for r in rows if r and r[0] and len(r) == len(TABLE_HEADERS)}
+    kept = {r[0]: r for r in _file_rows(current) if len(r) == len(TABLE_HEADERS)}
     return [list(kept[rel]) if rel in kept else concept_row(rel) for rel in selected or []]
+
+
+def with_headers(headers: list[str], rows: list[list]) -> dict:
+    """A table's value with its headers. Gradio 3.41's page takes a table's headers from its value,
+    and a value that is a list with no rows carries none (`Dataframe.postprocess([])` sends headers
+    [], and the page numbers a fixed table's columns "0".."4"); a dict is sent as it is."""
+    return {"headers": list(headers), "data": rows}
+
+
+def concept_table_value(selected: list[str], current=None) -> dict:
+    """The concept table for the page (`concept_table`), its headers kept when nothing is selected."""
+    return with_headers(TABLE_HEADERS, concept_table(selected, current))
 
 
 def _concept_args(table) -> list[str]:
@@ -96,9 +112,8 @@ def _concept_args(table) -> list[str]:
     (`fused_checkpoint.parse_concept_spec`; the listed files all end in a suffix, so '#' starts
     the words). The trigger words are passed as the table shows them, edited or not; on a row
     of a concept with tokens the child refuses them, naming the file."""
-    rows = table.values.tolist() if hasattr(table, "values") else (table or [])
     args = []
-    for rel, tokens, trigger, unet_weight, text_weight in (r[:5] for r in rows if r and r[0]):
+    for rel, tokens, trigger, unet_weight, text_weight in (r[:5] for r in _file_rows(table)):
         path = os.path.join(concept_folder(), rel)
         renamed = f":{_cell(tokens)}" if _cell(tokens).startswith("<") else ""
         words = f"#{_cell(trigger)}" if _cell(trigger) else ""
@@ -161,8 +176,8 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
     concurrently, so a table update for an earlier selection may have arrived last."""
     if files is not None:
         table = concept_table(files, table)
-    for row in table.values.tolist() if hasattr(table, "values") else (table or []):
-        if row and row[0] and _cell(row[1]).startswith(NO_TRIGGER_WORDS[:-1]) and not _cell(row[2]):
+    for row in _file_rows(table):
+        if _cell(row[1]).startswith(NO_TRIGGER_WORDS[:-1]) and not _cell(row[2]):
             raise ValueError(f"{row[0]}: a LoRA without tokens and without trigger words: type its trigger words in "
                              "the table")
     base_title = base_title or loaded_checkpoint()
@@ -196,7 +211,7 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
     notes = "".join(f"<p>{html.escape(_short_note(n))}</p>" for n in result.get("notes", ()))
     verdicts = "".join(f"<p>{html.escape(line)}</p>" for line in concept_summary(result["report"])
                        if any(r["stage"] == PICTURE for r in result["report"]))
-    return (_report_rows(result["report"]), gr.update(choices=sd_models.checkpoint_tiles(), value=base_title),
+    return (with_headers(REPORT_HEADERS, _report_rows(result["report"])), gr.update(choices=sd_models.checkpoint_tiles(), value=base_title),
             f"{warnings}{notes}{verdicts}<p>Saved <code>{html.escape(str(result['path']))}</code> ({seconds}). It is in the checkpoint "
             "list now.</p>")
 
@@ -227,7 +242,9 @@ def on_ui_tabs():
             files = gr.Dropdown(label="Concept files (models/Lora)", choices=concept_choices(), multiselect=True,
                                 elem_id="mos_fusion_files")
             refresh = gr.Button("Refresh", elem_id="mos_fusion_refresh")
-        table = gr.Dataframe(headers=TABLE_HEADERS, datatype=["str", "str", "str", "number", "number"],
+        # the value names the headers: with no rows a list value would lose them (`with_headers`)
+        table = gr.Dataframe(value=with_headers(TABLE_HEADERS, []), headers=TABLE_HEADERS,
+                             datatype=["str", "str", "str", "number", "number"],
                              row_count=(0, "dynamic"), col_count=(len(TABLE_HEADERS), "fixed"), interactive=True,
                              elem_id="mos_fusion_table")
         with gr.Row():
@@ -259,7 +276,7 @@ def on_ui_tabs():
         # again when the list closes: the host runs events concurrently, so the update for an
         # earlier selection may arrive after the last one's
         for event in (files.change, files.blur):
-            event(fn=concept_table, inputs=[files, table], outputs=[table])
+            event(fn=concept_table_value, inputs=[files, table], outputs=[table])
         refresh.click(fn=lambda: (gr.update(choices=sd_models.checkpoint_tiles()), gr.update(choices=concept_choices()),
                                   folder_problems()),
                       inputs=[], outputs=[base, files, status])

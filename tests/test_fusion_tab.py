@@ -76,6 +76,31 @@ def test_settings_that_cannot_determine_the_widest_layers_are_flagged_before_fus
     assert "at least 80 steps" in module.settings_note(4, 256, 1) and module.settings_note(20, 512, 1) == ""
 
 
+def test_concept_table_names_its_columns_with_no_rows_and_skips_empty_rows(tab):
+    """Gradio 3.41's page takes a table's headers from its value, and a value that is a list with no
+    rows carries none: on a fresh page the real WebUI headed the columns "0 1 2 3 4" until a file was
+    picked, and again when every file was deselected. The tab's values always name them; rows the
+    page sends empty (its "New row", a fresh table) are never concepts."""
+    harness, module = tab
+    blocks = next(b for b, _, elem_id in harness.ui_tabs if elem_id == "mos_fusion")
+    table = next(c for c in blocks.blocks.values() if getattr(c, "elem_id", None) == "mos_fusion_table")
+    assert table.postprocess([])["headers"] == []  # gradio's behaviour behind it
+    first = table.get_config()["value"]  # what the page is built with
+    assert first == {"headers": module.TABLE_HEADERS, "data": []}
+    for selected in ([], ["cat1.safetensors"], []):
+        sent = table.postprocess(module.concept_table_value(selected, table.preprocess(first)))
+        assert sent["headers"] == module.TABLE_HEADERS and [r[0] for r in sent["data"]] == selected
+
+    page_value = {"headers": module.TABLE_HEADERS, "data": [["", "", "", "", ""], ["dog1.safetensors", "", "", 1, 1],
+                                                            [None, None, None, None, None]]}
+    current = table.preprocess(page_value)
+    assert [r[0] for r in module.concept_table(["cat1.safetensors", "dog1.safetensors"], current)] == [
+        "cat1.safetensors", "dog1.safetensors"]
+    args = module._concept_args(current)
+    assert len(args) == 2 and args[1].endswith("dog1.safetensors@1,1")
+    assert module._concept_args(table.preprocess(first)) == []
+
+
 def test_base_defaults_to_the_checkpoint_the_top_dropdown_shows(tab, tmp_path):
     """After a generation with a checkpoint override the host restores the setting (the top
     dropdown) but leaves the override's weights loaded until the next generation; the base is the
@@ -127,10 +152,12 @@ def test_tab_fuses_in_a_child_with_progress_and_refreshes(tab):
     watcher.start()
     try:
         module.CHECK_STEPS = 2
-        rows, update, status = run_job(module, *fuse_args(harness, module, spatial_steps=1))
+        report, update, status = run_job(module, *fuse_args(harness, module, spatial_steps=1))
     finally:
         done.set()
         watcher.join()
+    assert report["headers"] == module.REPORT_HEADERS
+    rows = report["data"]
     assert "Saved" in status and "Time taken" in status, status
     assert status.count("what it draws, error against its own model") == 2, status  # the verdict per concept
     assert [r[1] for r in rows].count("picture") == 2
@@ -302,7 +329,8 @@ def test_tab_fuses_a_kohya_lora_by_its_edited_trigger_words(tab):
     write_loras(Path(shared.cmd_opts.lora_dir))
     table = module.concept_table(["cat1.safetensors", "hero.safetensors"])
     table[1][2] = "sks person"
-    rows, _, status = run_job(module, *fuse_args(harness, module, table=table, stages=["text encoder"]))
+    report, _, status = run_job(module, *fuse_args(harness, module, table=table, stages=["text encoder"]))
+    rows = report["data"]
     assert "Saved" in status, status
     assert "<p>hero.safetensors: trigger words &quot;sks person&quot; as given</p>" in status
     assert {r[0] for r in rows} == {"cat1", "hero"}
@@ -313,6 +341,15 @@ def test_tab_fuses_a_kohya_lora_by_its_edited_trigger_words(tab):
     *_, status = run_job(module, *fuse_args(harness, module, table=table))
     assert "error" in status and "cat1.safetensors" in status and "trigger words" in status, status
     assert checkpoint_folder_files() == ["tiny-sd1.safetensors"]
+
+
+TABLE_HEADERS = ["concept file", "tokens (rename as <a>+<b>)", "trigger words (LoRAs without tokens)",
+                 "UNet weight", "text weight"]
+
+
+def table_headers(page) -> list[str]:
+    """The concept table's column headers as the page shows them."""
+    return [t.strip() for t in page.locator("#mos_fusion_table thead th").all_inner_texts()]
 
 
 def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tmp_path, tiny_checkpoint, browser_page):
@@ -335,6 +372,8 @@ def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tm
         page = browser_page.page
         page.goto(harness.serve())
         page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')")
+        assert table_headers(page) == TABLE_HEADERS  # before any file is picked, not "0 1 2 3 4"
+        assert page.locator("#mos_fusion_table tbody tr").count() == 0
         assert page.input_value("#mos_fusion_base input") == shared.opts.sd_model_checkpoint
         assert page.inner_text("#mos_fusion_settings_note").strip() == ""  # the defaults are enough
         page.fill("#mos_fusion_spatial_steps input[type=number]", "1")
@@ -347,6 +386,7 @@ def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tm
         page.mouse.click(2, 2)
         page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 2",
                                timeout=60_000)
+        assert table_headers(page) == TABLE_HEADERS
         page.click("#mos_fusion_run")
         page.wait_for_selector(".progressDiv", timeout=60_000)
         page.wait_for_function("() => /mos|te|kv/.test(gradioApp().querySelector('.progressDiv').textContent)",
@@ -355,6 +395,12 @@ def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tm
         page.wait_for_function("() => /Interrupted/.test(gradioApp().querySelector('#mos_fusion_status').textContent)",
                                timeout=120_000)
         assert sorted(p.name for p in Path(sd_models.model_path).iterdir()) == ["tiny-sd1.safetensors"]
+        page.click("#mos_fusion_files .remove-all")  # every file deselected: no rows, the same headers
+        page.wait_for_function("() => !Array.from(gradioApp().querySelectorAll('#mos_fusion_table tbody tr'))"
+                               ".some(row => row.textContent.includes('.safetensors'))", timeout=60_000)
+        assert table_headers(page) == TABLE_HEADERS
+        assert page.locator("#mos_fusion_table tbody tr").count() == 0
+        harness.wait_idle()
         assert not browser_page.errors, browser_page.errors
     finally:
         harness.close()

@@ -12,13 +12,31 @@
     "use strict";
 
     const MOS = window.MixOfShow = window.MixOfShow || {};
-    const {el} = MOS.util;
+    const {el, hexToInt} = MOS.util;
     const {MAX_REGIONS, promptLoraNames} = MOS.regions;
 
     const PASSES_HINT = "Each region with LoRAs is drawn in a UNet pass of its own, so its LoRA cannot reach the other "
         + "regions (one more pass per such region: slower).";
     const GLOBAL_HINT = "0 = inside a region only its prompt counts (the main prompt applies outside the regions); "
         + "0.3 keeps 30 % of the main prompt there. A region's own value overrides it.";
+
+    /** WCAG relative luminance of '#rrggbb'. */
+    function luminance(color) {
+        const v = hexToInt(color);
+        const channel = c => {
+            const s = c / 255;
+            return s <= 0.04045 ? s / 12.92 : ((s + 0.055) / 1.055) ** 2.4;
+        };
+        return 0.2126 * channel(v >> 16) + 0.7152 * channel((v >> 8) & 255) + 0.0722 * channel(v & 255);
+    }
+
+    /** Black or white, whichever contrasts more with `color`: a region's number stays readable on any
+     * colour (a fixed one fails somewhere: black on the palette's blue is 4:1, white on its yellow 1.1:1);
+     * the better of the two is always at least 4.58:1, over WCAG AA's 4.5. */
+    function textOn(color) {
+        const l = luminance(color);
+        return (l + 0.05) / 0.05 >= 1.05 / (l + 0.05) ? "#000000" : "#ffffff";
+    }
 
     /** A number in [0, 1] read from a number input: null when empty, NaN when it is no such number. */
     function readShare(input) {
@@ -104,23 +122,29 @@
         listEntry(r, i) {
             const selected = i === this.selected;
             const problem = el("span", {class: "mos-problem", text: this.problem(r)});
-            const input = (cls, field, placeholder, label) => el("input", {
-                class: cls, type: "text", value: r[field], placeholder, "aria-label": label,
-                oninput: e => {
-                    r[field] = e.target.value;
-                    problem.textContent = this.problem(r);
-                    this.write();
-                },
-            });
+            // multi-line boxes the width of the list: a region prompt is as long as a main prompt
+            const input = (cls, field, placeholder, label, rows) => {
+                const box = el("textarea", {
+                    class: cls, rows: String(rows), placeholder, "aria-label": label, spellcheck: "false",
+                    oninput: e => {
+                        r[field] = e.target.value;
+                        problem.textContent = this.problem(r);
+                        this.write();
+                    },
+                });
+                box.value = r[field];
+                return box;
+            };
             const kind = {box: "box", paint: "painted", none: "no shape"}[r.kind];
             const entry = el("li", {class: "mos-region", role: "option", "aria-selected": String(selected),
                 "data-index": String(i)}, [
-                el("button", {class: "mos-swatch", type: "button", text: String(i + 1), style: `background:${r.color}`,
+                el("button", {class: "mos-swatch", type: "button", text: String(i + 1),
+                    style: `background:${r.color};color:${textOn(r.color)}`,
                     title: `Select region ${i + 1} (${kind})`, "aria-label": `Select region ${i + 1}, ${kind}`,
                     onclick: () => this.select(i)}),
                 el("div", {class: "mos-fields"}, [
-                    input("mos-prompt", "prompt", `Region ${i + 1} prompt, e.g. a photo of <cat1> <cat2>`, `Region ${i + 1} prompt`),
-                    input("mos-negative", "negative", "Negative prompt (optional)", `Region ${i + 1} negative prompt`),
+                    input("mos-prompt", "prompt", `Region ${i + 1} prompt, e.g. a photo of <cat1> <cat2>`, `Region ${i + 1} prompt`, 2),
+                    input("mos-negative", "negative", "Negative prompt (optional)", `Region ${i + 1} negative prompt`, 1),
                     this.regionExtras(r, i, problem),
                     el("div", {class: "mos-meta"}, [
                         el("span", {class: "mos-kind", text: r.kind === "box" ? `box ${this.describeBox(r)}` : kind}),
@@ -132,7 +156,7 @@
             ]);
             // typing in a region's fields selects it without redrawing the list (focus stays put)
             entry.addEventListener("focusin", e => {
-                if (this.selected === i || !e.target.matches("input")) return;
+                if (this.selected === i || !e.target.matches("input, textarea")) return;
                 this.selected = i;
                 this.rebuildOverlay();
                 this.render();

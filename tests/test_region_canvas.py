@@ -56,7 +56,13 @@ class Canvas:
         b = self.box()
         return b["x"] + x * b["width"] / self.width, b["y"] + y * b["height"] / self.height
 
+    def show(self) -> None:
+        """Scrolls the whole canvas into view, as a user does: the region list is below it, so typing
+        there may have scrolled part of the canvas away, and the mouse only reaches what is shown."""
+        self.page.locator(CANVAS).scroll_into_view_if_needed()
+
     def drag(self, start: tuple[float, float], end: tuple[float, float], steps: int = 10) -> None:
+        self.show()
         mouse = self.page.mouse
         mouse.move(*self.at(*start))
         mouse.down()
@@ -64,6 +70,7 @@ class Canvas:
         mouse.up()
 
     def click(self, x: float, y: float) -> None:
+        self.show()
         self.page.mouse.click(*self.at(x, y))
 
     def rgb(self, x: float, y: float) -> tuple[int, int, int]:
@@ -224,6 +231,66 @@ def test_draw_two_boxes_and_a_stroke(served, browser_page, tmp_path):
     OUTPUTS.mkdir(exist_ok=True)
     page.locator("#txt2img_script_container").screenshot(path=str(OUTPUTS / "region-canvas.png"))
     served.wait_idle()  # gradio's events for the typing above end before the browser leaves
+    assert browser_page.errors == []
+
+
+def css_rgb(color: str) -> tuple[float, float, float]:
+    """'rgb(r, g, b)' or 'rgba(r, g, b, a)' as getComputedStyle writes it (opaque here)."""
+    return tuple(float(v) for v in color[color.index("(") + 1:-1].split(",")[:3])
+
+
+def contrast(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours."""
+    def luminance(rgb: tuple[float, float, float]) -> float:
+        lin = [c / 255 / 12.92 if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def swatch_colors(page) -> list[tuple[str, str]]:
+    """(text colour, background colour) of each region's number in the list."""
+    return [tuple(c) for c in page.evaluate("""() => Array.from(
+        gradioApp().querySelectorAll('.mos-region .mos-swatch'),
+        b => [getComputedStyle(b).color, getComputedStyle(b).backgroundColor])""")]
+
+
+def test_region_list_is_wide_enough_to_type_in_and_numbers_read_on_every_colour(served, browser_page):
+    """At the default viewport the region prompts are multi-line boxes at least 300 px wide (the
+    list once was a 160 px column beside the canvas), and every region's number has WCAG AA
+    contrast (4.5:1) on its colour: all 16 palette colours, and painted colours of any lightness."""
+    page = browser_page.page
+    open_script(page, served)
+    boxes = {"regions": [{"prompt": f"region {i + 1}", "box": [0, i / 16, 1, (i + 1) / 16], "units": "fraction"}
+                         for i in range(16)]}
+    page.fill(JSON_BOX, json.dumps(boxes))
+    page.wait_for_selector(".mos-region[data-index='15']")
+    prompt = page.locator(".mos-region[data-index='0'] .mos-prompt")
+    assert prompt.evaluate("e => e.tagName") == "TEXTAREA"
+    assert prompt.bounding_box()["width"] >= 300, prompt.bounding_box()
+    assert page.locator(".mos-region[data-index='0'] .mos-negative").bounding_box()["width"] >= 300
+    line = prompt.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)")
+    assert prompt.bounding_box()["height"] >= 2 * line  # two lines shown before any typing
+
+    colors = swatch_colors(page)
+    assert len({bg for _, bg in colors}) == 16
+    low = {bg: round(contrast(css_rgb(fg), css_rgb(bg)), 2) for fg, bg in colors
+           if contrast(css_rgb(fg), css_rgb(bg)) < 4.5}
+    assert not low, f"region numbers below 4.5:1 on {low}"
+
+    # painted regions keep the mask's colours, whatever they are: white, yellow, mid grey, black
+    painted = ["#ffffff", "#ffff00", "#767676", "#777777", "#000000", "#0000ff"]
+    mask = Image.new("RGB", (len(painted), 1))
+    for x, color in enumerate(painted):
+        mask.putpixel((x, 0), hex_rgb(color))
+    page.fill(JSON_BOX, json.dumps({"regions": [{"prompt": c, "color": c} for c in painted],
+                                    "mask_image": png_data_url(mask)}))
+    page.wait_for_function("gradioApp().querySelectorAll('.mos-region').length === 6")
+    colors = swatch_colors(page)
+    assert [css_rgb(bg) for _, bg in colors] == [hex_rgb(c) for c in painted]
+    assert all(contrast(css_rgb(fg), css_rgb(bg)) >= 4.5 for fg, bg in colors), colors
+    served.wait_idle()
     assert browser_page.errors == []
 
 

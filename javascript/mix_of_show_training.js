@@ -1,8 +1,11 @@
 /*
  * The Mix-of-Show training tab's submit, as the host's Train tab does it: a task id, so the host's
  * progress bar (requestProgress, polling /internal/progress) shows above the tab's results with the
- * step, loss and speed, and preview samples appear as live previews in the tab's gallery. When the
- * job ends, the fusion tab's Refresh is clicked so the new concept is in its list at once.
+ * step, loss and speed, and preview samples appear as live previews in the tab's gallery. The
+ * gallery is hidden until a run returns samples; style.css shows it while a live preview is in it
+ * (#mos_train_gallery.hidden:has(> .livePreview)), so nothing here touches gradio's visibility.
+ * Interrupt is enabled and disabled by the tab's own events around the job (gradio updates).
+ * When the job ends, the fusion tab's Refresh is clicked so the new concept is in its list at once.
  * Host page contract used: gradioApp, randomId, requestProgress; #mos_fusion_refresh is this
  * extension's fusion tab.
  */

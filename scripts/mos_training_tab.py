@@ -14,6 +14,18 @@ Around the run, as the host's own embedding training does (modules/textual_inver
   so training sees the checkpoint's own weights;
 - a generation that bypasses the queue is refused while the model trains (`generation_refused`).
 The trainer never writes the model's weights; the loaded model is bit-identical afterwards.
+
+What a new user sees before Train (`on_ui_tabs`):
+- only the field the chosen Kind uses (tokens and the attention regulariser for ED-LoRA, trigger
+  words for LoRA); the Kind is not kept in ui-config.json, so the page always opens on the Kind
+  whose fields it shows;
+- steps, batch and resolution proposed for the host's device and its memory
+  (`lib_mos.training.plan`), with the estimated time, updated as they change; they are not kept in
+  ui-config.json either, where an old default would override the device's proposal;
+- a class word to start from ("person") and caption templates that follow it;
+- the authors' attention regulariser (0.01), harmless on pictures without masks;
+- no gallery until there are preview samples (style.css shows it while a live preview is in it),
+  and an Interrupt that is only enabled while a run is going.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import torch
 from lib_mos.files import import_sibling
 from lib_mos.models.family import SD1, attn2_modules
 from lib_mos.models.sd1 import SD1Config, SD1Model
+from lib_mos.training import plan as training_plan
 from lib_mos.training.data import PLACEHOLDER, TEMPLATES
 from modules import call_queue, devices, processing, script_callbacks, shared
 
@@ -45,6 +58,11 @@ TAB_TITLE = "Mix-of-Show training"
 KINDS = {"ED-LoRA (concept tokens)": "edlora", "LoRA (trigger words)": "lora"}
 PRECISIONS = ("fp16", "bf16", "fp32")
 GALLERY_LIMIT = 16  # preview samples kept for the gallery
+DEFAULT_CLASS_WORD = "person"  # Mix-of-Show's main use is characters; the templates follow it
+ATTN_REG_DEFAULT = 0.01  # the authors' weight (with masks); the trainer's own default stays 0 for the CLI
+ATTN_REG_INFO = (
+    "The authors' 0.01 keeps the tokens' attention on the subject of pictures with a mask (NAME_mask.png). "
+    "A picture without a mask is fine: there it only keeps the attention inside the picture. 0: off.")
 
 
 class TrainingStatus:
@@ -272,7 +290,8 @@ def _settings(kind_label, tokens, class_word, trigger, steps, batch_size, resolu
         kind=kind, trigger=((trigger or "").strip() or None) if kind == "lora" else None, rank=int(rank),
         lr_embedding=float(lr_embedding), lr_text=float(lr_text), lr_unet=float(lr_unet), steps=int(steps),
         batch_size=int(batch_size), resolution=int(resolution), seed=int(seed), masked_loss=bool(masked_loss),
-        attn_reg_weight=float(attn_reg_weight), templates=templates, precision=precision,
+        attn_reg_weight=float(attn_reg_weight or 0.0) if kind == "edlora" else 0.0,  # shown for ED-LoRA only
+        templates=templates, precision=precision,
         gradient_checkpointing=bool(gradient_checkpointing), save_every=int(save_every or 0),
         sample_every=int(sample_every or 0) if prompts else 0, sample_prompts=prompts)
 
@@ -281,7 +300,7 @@ def run_training(id_task, folder, name, kind_label, tokens, class_word, trigger,
                  lr_embedding, lr_text, lr_unet, rank, seed, masked_loss, attn_reg_weight, templates, precision,
                  gradient_checkpointing, save_every, sample_every, sample_prompt, overwrite, resume):
     """The tab's job, under the host's queue lock (`wrap_gradio_gpu_call`, `id_task` from the page).
-    Returns (gallery, status HTML); errors propagate to the host's wrapper, which shows them."""
+    Returns (gallery update, status HTML); errors propagate to the host's wrapper, which shows them."""
     from lib_mos.training.data import read_training_folder
     from lib_mos.training.trainer import TrainingInterrupted, train
 
@@ -335,7 +354,7 @@ def run_training(id_task, folder, name, kind_label, tokens, class_word, trigger,
     except TrainingInterrupted as e:
         checkpoint = (f"the last checkpoint is <code>{html.escape(str(e.checkpoint))}</code> (tick Resume to continue "
                       "from it)" if e.checkpoint else "no checkpoint was written (set Save every N steps to keep one)")
-        return samples or None, (f"<p>Interrupted at step {e.step} of {settings.steps}; {checkpoint}.</p>"
+        return gallery_update(samples), (f"<p>Interrupted at step {e.step} of {settings.steps}; {checkpoint}.</p>"
                                  + _note(lora_note))
     finally:
         vae.restore()
@@ -344,7 +363,7 @@ def run_training(id_task, folder, name, kind_label, tokens, class_word, trigger,
     how = (f"tokens {html.escape(' '.join(settings.tokens))}" if settings.kind == "edlora"
            else f"trigger words {html.escape(str(settings.trigger))}")
     checkpoint = getattr(getattr(sd_model, "sd_checkpoint_info", None), "title", "the loaded model")
-    return samples or None, (
+    return gallery_update(samples), (
         f"<p>Saved <code>{html.escape(str(out))}</code>: {settings.steps} steps on {html.escape(checkpoint)}, final "
         f"loss {last['loss']:.4f}, {seconds:.1f} s. Use it with {how}; it is in the Lora list, the regional script "
         "and the fusion tab now.</p>" + _note(lora_note))
@@ -354,9 +373,20 @@ def _note(text: str) -> str:
     return f"<p>{text}</p>" if text else ""
 
 
+def gallery_update(samples: list[tuple]) -> dict:
+    """The gallery shows only when there are preview samples: an empty one is a large blank box."""
+    return gr.update(value=list(samples), visible=True) if samples else gr.update(value=None, visible=False)
+
+
 def interrupt() -> None:
     """The host's Interrupt: the trainer stops before its next step."""
     shared.state.interrupt()
+
+
+def interrupt_button(running: bool) -> dict:
+    """Interrupt is enabled only while a run is going: while idle it would interrupt nothing (or
+    another tab's generation, since the host's interrupt stops whatever job runs)."""
+    return gr.update(interactive=running)
 
 
 def tokens_for(name: str, kind_label: str):
@@ -364,8 +394,105 @@ def tokens_for(name: str, kind_label: str):
     return gr.update(value=default_tokens(name)) if KINDS.get(kind_label) == "edlora" else gr.update()
 
 
+def kind_fields(kind_label: str) -> tuple[dict, dict, dict]:
+    """(tokens, trigger words, attention regulariser): only what the Kind uses is shown; the run
+    ignores the hidden ones (`_settings`)."""
+    edlora = KINDS.get(kind_label) == "edlora"
+    return gr.update(visible=edlora), gr.update(visible=not edlora), gr.update(visible=edlora)
+
+
+def templates_for(class_word: str) -> dict:
+    """The caption templates follow the class word (people: portraits; things and animals: object
+    photos; a style word: style captions); a template picked by hand stays until the word changes."""
+    return gr.update(value=training_plan.templates_for_class_word(class_word))
+
+
+# ------------------------------------------------------------------------- device and estimate
+
+
+def ram_bytes() -> int | None:
+    """The machine's RAM (psutil, which the host requires; else POSIX sysconf), None if unknown."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def device_memory(device) -> int | None:
+    """Total memory in bytes of a CUDA device, or the RAM for the CPU (whose proposal needs it for
+    512 px); None elsewhere or when torch cannot tell."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return ram_bytes()
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+
+
+def host_device() -> tuple[str, int | None, int]:
+    """(device kind, its memory in bytes or None, CPU threads) of the host's `devices.device`."""
+    device = torch.device(devices.device)
+    return device.type, device_memory(device), torch.get_num_threads()
+
+
+def device_words(kind: str, memory: int | None, threads: int) -> str:
+    size = f", {memory / 2**30:.0f} GiB" if memory else ""
+    if kind == "cpu":
+        return f"this CPU ({threads} threads{size and size + ' RAM'})"
+    return f"this {'GPU' if kind == 'cuda' else kind.upper() + ' device'}{size}"
+
+
+def proposal() -> training_plan.Plan:
+    """Steps, batch and resolution for the host's device (read when the page is built)."""
+    kind, memory, threads = host_device()
+    return training_plan.propose(kind, memory, SD1.name, threads=threads)
+
+
+def estimate_html(steps, batch_size, resolution) -> str:
+    """The estimated time of the steps on the host's device, with what the authors' recipe would
+    take there when the proposal is smaller (on a CPU: days)."""
+    kind, memory, threads = host_device()
+    try:
+        steps, batch_size, resolution = int(steps), int(batch_size), int(resolution)
+        seconds = training_plan.estimate_seconds(steps, batch_size, resolution, kind, threads=threads,
+                                                 family=SD1.name)
+    except (TypeError, ValueError, OverflowError):
+        return "<p>Estimated time: set the steps, batch size and resolution.</p>"
+    basis = "from a measurement on a CPU" if kind == "cpu" else "assumed from published timings"
+    text = (f"Estimated time: <b>{training_plan.format_duration(seconds)}</b> for {steps} steps of batch "
+            f"{batch_size} at {resolution} px on {html.escape(device_words(kind, memory, threads))}, {basis}; the "
+            "progress bar shows the real ETA once it runs (encoding the images and previews add a little).")
+    authors = training_plan.AUTHORS
+    if (steps, batch_size, resolution) != (authors.steps, authors.batch_size, authors.resolution):
+        full = training_plan.estimate_seconds(authors.steps, authors.batch_size, authors.resolution, kind,
+                                              threads=threads, family=SD1.name)
+        text += (f" The authors' recipe ({authors.steps} steps, batch {authors.batch_size}, {authors.resolution} px) "
+                 f"would take {training_plan.format_duration(full)} here.")
+    return f"<p>{text}</p>"
+
+
+def _not_saved(*components) -> None:
+    """Keep these out of ui-config.json: the host writes every default there on first start and
+    reads it back on the next, so a saved old default would override the device's proposal, and a
+    saved Kind would open the page on fields built for the other Kind."""
+    for component in components:
+        component.do_not_save_to_config = True
+
+
 def on_ui_tabs():
     templates = tuple(TEMPLATES)
+    plan = proposal()
+    first_kind = next(iter(KINDS))
+    edlora = KINDS[first_kind] == "edlora"
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.Markdown("Train a Mix-of-Show concept on the loaded SD1.x model from a folder of images (captions from "
                     "`.txt` files beside them, optional subject masks). It is saved in the Lora folder and usable at "
@@ -375,17 +502,22 @@ def on_ui_tabs():
             name = gr.Textbox(label="Concept name (file in the Lora folder)", value="my-concept",
                               elem_id="mos_train_name")
         with gr.Row():
-            kind = gr.Radio(label="Kind", choices=list(KINDS), value=next(iter(KINDS)), elem_id="mos_train_kind")
-            tokens = gr.Textbox(label="Tokens (ED-LoRA)", value=default_tokens("my-concept"), elem_id="mos_train_tokens")
-            class_word = gr.Textbox(label="Class word (e.g. man, dog; initialises the last token)", value="",
-                                    elem_id="mos_train_class_word")
-            trigger = gr.Textbox(label="Trigger words (LoRA)", value="", elem_id="mos_train_trigger")
+            kind = gr.Radio(label="Kind", choices=list(KINDS), value=first_kind, elem_id="mos_train_kind")
+            tokens = gr.Textbox(label="Tokens (ED-LoRA)", value=default_tokens("my-concept"), visible=edlora,
+                                elem_id="mos_train_tokens")
+            trigger = gr.Textbox(label="Trigger words (LoRA)", value="", visible=not edlora,
+                                 elem_id="mos_train_trigger")
+            class_word = gr.Textbox(label="Class word (person, man, dog, ...)",
+                                    value=DEFAULT_CLASS_WORD, elem_id="mos_train_class_word",
+                                    info="Initialises the last token (ED-LoRA) and stands for the concept in "
+                                         "captions; the caption templates follow it.")
         with gr.Row():
-            steps = gr.Number(label="Steps", value=1000, precision=0, elem_id="mos_train_steps")
-            batch_size = gr.Slider(label="Batch size", minimum=1, maximum=16, step=1, value=4,
+            steps = gr.Number(label="Steps", value=plan.steps, precision=0, elem_id="mos_train_steps")
+            batch_size = gr.Slider(label="Batch size", minimum=1, maximum=16, step=1, value=plan.batch_size,
                                    elem_id="mos_train_batch_size")
-            resolution = gr.Slider(label="Resolution", minimum=64, maximum=1024, step=64, value=512,
+            resolution = gr.Slider(label="Resolution", minimum=64, maximum=1024, step=64, value=plan.resolution,
                                    elem_id="mos_train_resolution")
+        estimate = gr.HTML(estimate_html(plan.steps, plan.batch_size, plan.resolution), elem_id="mos_train_estimate")
         with gr.Accordion("Advanced", open=False, elem_id="mos_train_advanced"):
             with gr.Row():
                 lr_embedding = gr.Number(label="Embedding learning rate", value=1e-3, elem_id="mos_train_lr_embedding")
@@ -396,9 +528,10 @@ def on_ui_tabs():
             with gr.Row():
                 masked_loss = gr.Checkbox(label="Masked loss (where an image has a mask)", value=True,
                                           elem_id="mos_train_masked_loss")
-                attn_reg = gr.Number(label="Attention regulariser weight (0: off)", value=0.0,
-                                     elem_id="mos_train_attn_reg")
-                template = gr.Dropdown(label="Caption templates", choices=list(templates), value=templates[0],
+                attn_reg = gr.Number(label="Attention regulariser weight (ED-LoRA)", value=ATTN_REG_DEFAULT,
+                                     info=ATTN_REG_INFO, visible=edlora, elem_id="mos_train_attn_reg")
+                template = gr.Dropdown(label="Caption templates (follow the class word)", choices=list(templates),
+                                       value=training_plan.templates_for_class_word(DEFAULT_CLASS_WORD),
                                        elem_id="mos_train_templates")
                 precision = gr.Radio(label="Precision", choices=list(PRECISIONS), value=default_precision(),
                                      elem_id="mos_train_precision")
@@ -416,18 +549,31 @@ def on_ui_tabs():
             overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="mos_train_overwrite")
             resume = gr.Checkbox(label="Resume from the last checkpoint", value=False, elem_id="mos_train_resume")
             run = gr.Button("Train", variant="primary", elem_id="mos_train_run")
-            stop = gr.Button("Interrupt", elem_id="mos_train_interrupt")
+            stop = gr.Button("Interrupt", interactive=False, elem_id="mos_train_interrupt")
         task_id = gr.Label(visible=False)  # the page puts the task id here (mosTrainSubmit)
         with gr.Group(elem_id="mos_train_results_panel"):
-            gallery = gr.Gallery(label="Previews", show_label=False, columns=4, elem_id="mos_train_gallery")
+            gallery = gr.Gallery(label="Previews", show_label=False, columns=4, visible=False,
+                                 elem_id="mos_train_gallery")
             status = gr.HTML("", elem_id="mos_train_status")
+        _not_saved(kind, steps, batch_size, resolution)
 
         name.change(fn=tokens_for, inputs=[name, kind], outputs=[tokens])
-        run.click(fn=call_queue.wrap_gradio_gpu_call(run_training, extra_outputs=[None]), _js="mosTrainSubmit",
-                  inputs=[task_id, folder, name, kind, tokens, class_word, trigger, steps, batch_size, resolution,
-                          lr_embedding, lr_text, lr_unet, rank, seed, masked_loss, attn_reg, template, precision,
-                          checkpointing, save_every, sample_every, sample_prompt, overwrite, resume],
-                  outputs=[gallery, status])
+        kind.change(fn=kind_fields, inputs=[kind], outputs=[tokens, trigger, attn_reg], queue=False,
+                    show_progress="hidden")
+        class_word.change(fn=templates_for, inputs=[class_word], outputs=[template], queue=False,
+                          show_progress="hidden")
+        for field in (steps, batch_size, resolution):
+            field.change(fn=estimate_html, inputs=[steps, batch_size, resolution], outputs=[estimate], queue=False,
+                         show_progress="hidden")
+        # Interrupt on, the job (the page's task id first: mosTrainSubmit), Interrupt off whatever the outcome
+        job = run.click(fn=lambda: interrupt_button(True), inputs=[], outputs=[stop], queue=False,
+                        show_progress="hidden")
+        job = job.then(fn=call_queue.wrap_gradio_gpu_call(run_training, extra_outputs=[None]), _js="mosTrainSubmit",
+                       inputs=[task_id, folder, name, kind, tokens, class_word, trigger, steps, batch_size,
+                               resolution, lr_embedding, lr_text, lr_unet, rank, seed, masked_loss, attn_reg, template,
+                               precision, checkpointing, save_every, sample_every, sample_prompt, overwrite, resume],
+                       outputs=[gallery, status])
+        job.then(fn=lambda: interrupt_button(False), inputs=[], outputs=[stop], queue=False, show_progress="hidden")
         stop.click(fn=interrupt, inputs=[], outputs=[])
     return [(tab, TAB_TITLE, "mos_train")]
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_host_ui import handlers, outputs_by_id
 
 from lib_mos.concepts.files import read_concept
 
@@ -140,7 +142,8 @@ def test_training_saves_a_concept_every_list_finds_and_leaves_the_model_identica
     answer = seen[0]
     assert answer.active and "step 4/6" in answer.textinfo and 0 < answer.progress <= 1
     assert answer.live_preview and answer.live_preview.startswith("data:image/png;base64,")
-    assert len(gallery) == 4 and gallery[0][1] == "step 3: a photo of <TOK>"  # two prompts at steps 3 and 6
+    assert gallery["visible"] is True  # shown now that there are samples
+    assert len(gallery["value"]) == 4 and gallery["value"][0][1] == "step 3: a photo of <TOK>"  # steps 3 and 6
     assert model_hash(harness.model) == before
     assert not hasattr(harness.model, "mos_training") and module.RUNNING is None
 
@@ -198,7 +201,7 @@ def test_interrupt_without_checkpoint_writes_nothing(tab, images, at_step):
     at_step[3] = shared.state.interrupt
     gallery, status = run_job(module, *job_args(images))
     assert "Interrupted at step 3 of 6" in status and "no checkpoint was written" in status, status
-    assert gallery is None and lora_files() == []
+    assert fields(gallery) == {"value": None, "visible": False} and lora_files() == []
     assert model_hash(harness.model) == before
     assert not shared.state.interrupted  # the host resets the flag after the job
 
@@ -314,3 +317,253 @@ def test_vae_moves_off_the_gpu_when_the_setting_asks(tab, images, at_step, monke
     device = str(devices.device)
     assert moves == ["cpu", "step 1, parallel False", device, "cpu", device]
     assert shared.parallel_processing_allowed
+
+
+# ------------------------------------------------------------------------------ what the page shows
+
+
+def test_the_page_opens_on_the_device_proposal_and_shows_only_what_the_kind_uses(tab):
+    """Before Train: the fields of the initial Kind only, the class word with its templates, the
+    authors' regulariser, steps/batch/resolution proposed for the host's device (the double's is a
+    CPU) with their estimated time, no gallery and a disabled Interrupt."""
+    from lib_mos.training import plan
+
+    harness, module = tab
+    get = page_components(harness)
+    assert get("mos_train_kind").value == "ED-LoRA (concept tokens)"
+    assert get("mos_train_tokens").visible is True and get("mos_train_trigger").visible is False
+    assert get("mos_train_attn_reg").visible is True and get("mos_train_attn_reg").value == 0.01
+    assert "0.01" in get("mos_train_attn_reg").info and "without a mask is fine" in get("mos_train_attn_reg").info
+    assert get("mos_train_class_word").value == "person" and get("mos_train_templates").value == "human"
+    assert get("mos_train_gallery").visible is False
+    assert get("mos_train_interrupt").interactive is False and get("mos_train_run").interactive is not False
+    kind, ram, threads = module.host_device()
+    assert (kind, threads) == ("cpu", torch.get_num_threads()) and ram > 2**30
+    proposed = plan.propose("cpu", ram, "sd1", threads=threads)
+    shown = (get("mos_train_steps").value, get("mos_train_batch_size").value, get("mos_train_resolution").value)
+    assert shown == (proposed.steps, proposed.batch_size, proposed.resolution)
+    assert shown != (1000, 4, 512)  # not the authors' recipe on a CPU
+    estimate = get("mos_train_estimate").value
+    assert f"Estimated time: <b>{plan.format_duration(proposed.seconds)}</b>" in estimate, estimate
+    assert f"this CPU ({threads} threads, {ram / 2**30:.0f} GiB RAM)" in estimate
+    assert "from a measurement on a CPU" in estimate
+    assert "The authors' recipe (1000 steps, batch 4, 512 px) would take about" in estimate
+
+
+def test_the_kind_shows_its_own_fields_and_the_run_ignores_the_others(tab, images):
+    harness, module = tab
+    get = page_components(harness)
+    kind = get("mos_train_kind")
+    (dependency, fn), = handlers(harness.blocks, kind)
+    ids = {name: get(f"mos_train_{name}")._id for name in ("tokens", "trigger", "attn_reg")}
+    for label, shown in (("LoRA (trigger words)", {"trigger"}), ("ED-LoRA (concept tokens)", {"tokens", "attn_reg"})):
+        updates = outputs_by_id(harness.blocks, dependency, fn(label))
+        assert set(updates) == set(ids.values())
+        assert {name for name, i in ids.items() if updates[i]["visible"]} == shown, label
+    # a LoRA run with the (hidden) regulariser field at its default trains: the weight is for ED-LoRA only
+    _, status = run_job(module, *job_args(images, kind_label="LoRA (trigger words)", tokens="", trigger="rdball",
+                                          attn_reg_weight=0.01, steps=2))
+    assert "Saved" in status and "trigger words rdball" in status, status
+
+
+def test_the_authors_regulariser_trains_a_folder_without_masks(tab, images):
+    _harness, module = tab
+    assert not list(images.glob("*mask*"))
+    _, status = run_job(module, *job_args(images, attn_reg_weight=0.01, steps=2))
+    assert "Saved" in status, status
+
+
+def test_the_caption_templates_follow_the_class_word(tab):
+    harness, _module = tab
+    get = page_components(harness)
+    (dependency, fn), = handlers(harness.blocks, get("mos_train_class_word"))
+    template = get("mos_train_templates")
+    for word, expected in (("dog", "object"), ("woman", "human"), ("painting", "style"), ("", "object")):
+        update, = outputs_by_id(harness.blocks, dependency, [fn(word)]).items()
+        assert update[0] == template._id and fields(update[1]) == {"value": expected}
+        assert expected in template.choices or (expected, expected) in template.choices
+
+
+def test_the_estimate_follows_steps_batch_and_resolution(tab):
+    from lib_mos.training import plan
+
+    harness, module = tab
+    get = page_components(harness)
+    estimate = get("mos_train_estimate")
+    fields = [get(f"mos_train_{name}") for name in ("steps", "batch_size", "resolution")]
+    threads = module.host_device()[2]
+    for field in fields:
+        (dependency, fn), = handlers(harness.blocks, field)
+        assert dependency["inputs"] == [f._id for f in fields] and dependency["outputs"] == [estimate._id]
+        for values in ((100, 1, 128), (400, 2, 256)):
+            text = fn(*values)
+            want = plan.format_duration(plan.estimate_seconds(*values, "cpu", threads=threads))
+            assert f"<b>{want}</b> for {values[0]} steps of batch {values[1]} at {values[2]} px" in text, text
+    assert "would take" not in fn(1000, 4, 512)  # that is the authors' recipe itself
+    assert "set the steps" in fn(None, 1, 64) and "set the steps" in fn(-5, 1, 64)
+
+
+def test_the_proposal_reads_the_cuda_device_and_its_memory(tab, monkeypatch):
+    from types import SimpleNamespace
+
+    from lib_mos.training import plan
+    from modules import devices
+
+    _harness, module = tab
+    monkeypatch.setattr(devices, "device", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        return SimpleNamespace(total_memory=12 * 2**30)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert module.proposal() == plan.propose("cuda", 12 * 2**30) and module.proposal().batch_size == 2
+    assert asked[0] == torch.device("cuda", 0)
+    text = module.estimate_html(1000, 2, 512)
+    assert "this GPU, 12 GiB" in text and "assumed from published timings" in text and "would take" in text
+
+    def broken(device):
+        raise RuntimeError("no CUDA driver")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", broken)
+    assert module.proposal() == plan.propose("cuda", None)
+
+
+def test_interrupt_is_enabled_only_while_the_run_goes(tab):
+    """Train: Interrupt on (at once, outside the queue), then the job with the page's task id,
+    then Interrupt off whether the job succeeded or not."""
+    harness, _module = tab
+    get = page_components(harness)
+    stop, gallery, status = get("mos_train_interrupt"), get("mos_train_gallery"), get("mos_train_status")
+    blocks = harness.blocks
+    run = get("mos_train_run")
+    chain = [(i, d, blocks.fns[i].fn) for i, d in enumerate(blocks.dependencies) if run._id in d["targets"]]
+    assert [d["trigger"] for _, d, _ in chain] == ["click", "then", "then"]
+    (first, on, on_fn), (second, job, _), (_, off, off_fn) = chain
+    assert on["outputs"] == [stop._id] and fields(on_fn()) == {"interactive": True}
+    assert on["queue"] is False
+    assert job["trigger_after"] == first and job["js"] == "mosTrainSubmit"
+    assert job["outputs"] == [gallery._id, status._id]
+    assert off["trigger_after"] == second and off["trigger_only_on_success"] is False
+    assert off["outputs"] == [stop._id] and fields(off_fn()) == {"interactive": False}
+
+
+def test_stale_ui_config_defaults_do_not_override_the_proposal(tmp_path, tiny_checkpoint):
+    """The host writes every default into ui-config.json on first start; those of the old tab
+    (1000 steps, batch 4, 512 px, regulariser 0, no class word, a saved Kind) must not come back."""
+    import json
+
+    from host_harness import HostHarness
+
+    from lib_mos.training import plan
+
+    config = tmp_path / "ui-config.json"
+    config.write_text(json.dumps({
+        "mos_train/Steps/value": 1000, "mos_train/Batch size/value": 4, "mos_train/Resolution/value": 512,
+        "mos_train/Kind/value": "LoRA (trigger words)", "mos_train/Attention regulariser weight (0: off)/value": 0.0,
+        "mos_train/Class word (e.g. man, dog; initialises the last token)/value": "",
+        "mos_train/Caption templates/value": "none"}))
+    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ROOT)], ui_config_file=config)
+    try:
+        get = page_components(harness)
+        proposed = plan.propose("cpu", ram_bytes(), "sd1", threads=torch.get_num_threads())
+        assert (get("mos_train_steps").value, get("mos_train_batch_size").value,
+                get("mos_train_resolution").value) == (proposed.steps, proposed.batch_size, proposed.resolution)
+        assert get("mos_train_kind").value == "ED-LoRA (concept tokens)" and get("mos_train_tokens").visible
+        assert get("mos_train_attn_reg").value == 0.01
+        assert get("mos_train_class_word").value == "person" and get("mos_train_templates").value == "human"
+    finally:
+        harness.close()
+    saved = json.loads(config.read_text())
+    assert "mos_train/Class word (person, man, dog, ...)/value" in saved  # others are kept
+    fresh = tmp_path / "fresh.json"
+    harness = HostHarness(tmp_path / "data2", tiny_checkpoint, extensions=[str(ROOT)], ui_config_file=fresh)
+    harness.close()
+    keys = json.loads(fresh.read_text())
+    assert not [k for k in keys if k.startswith(("mos_train/Steps/", "mos_train/Batch size/", "mos_train/Resolution/",
+                                                 "mos_train/Kind/"))]
+
+
+def test_training_tab_in_a_browser(tmp_path, tiny_checkpoint, images, at_step, browser_page):
+    """Chromium on the double's page: only the Kind's fields show, the templates follow the class
+    word, the estimate follows the steps; no gallery and a disabled Interrupt while idle; during a
+    run Interrupt is enabled and the live preview shows in the gallery; Interrupt stops it, the
+    samples stay and Interrupt is disabled again."""
+    import threading
+
+    from host_harness import HostHarness
+
+    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ROOT)])
+    gate, reached = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        reached.set()
+        gate.wait(60)
+
+    at_step[2] = hold
+    try:
+        page = browser_page.page
+        page.set_default_timeout(30_000)
+        page.goto(harness.serve())
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show training')")
+        page.wait_for_selector("#mos_train_tokens", state="visible")
+        assert page.is_hidden("#mos_train_trigger")
+        assert page.locator("#mos_train_gallery").count() == 1 and page.is_hidden("#mos_train_gallery")
+        assert page.is_disabled("#mos_train_interrupt") and page.is_enabled("#mos_train_run")
+        assert "Estimated time" in page.inner_text("#mos_train_estimate")
+
+        page.click("#mos_train_kind label:has-text('LoRA (trigger words)')")
+        page.wait_for_selector("#mos_train_trigger", state="visible")
+        page.wait_for_selector("#mos_train_tokens", state="hidden")
+        page.click("#mos_train_kind label:has-text('ED-LoRA (concept tokens)')")
+        page.wait_for_selector("#mos_train_tokens", state="visible")
+        page.wait_for_selector("#mos_train_trigger", state="hidden")
+
+        page.fill("#mos_train_class_word textarea", "ball")
+        page.press("#mos_train_class_word textarea", "Tab")
+        page.wait_for_function("gradioApp().querySelector('#mos_train_templates input').value === 'object'")
+        for elem, value in (("steps", "3"), ("batch_size", "1"), ("resolution", "64")):
+            page.fill(f"#mos_train_{elem} input[type=number]", value)
+            page.press(f"#mos_train_{elem} input[type=number]", "Tab")  # gradio reads the number on blur
+        page.wait_for_function("/for 3 steps of batch 1 at 64 px/.test("
+                               "gradioApp().querySelector('#mos_train_estimate').textContent)")
+        page.fill("#mos_train_folder textarea", str(images))
+        page.click("#mos_train_advanced .label-wrap")
+        page.fill("#mos_train_sample_every input[type=number]", "1")
+        page.press("#mos_train_sample_every input[type=number]", "Tab")
+        page.click("#mos_train_run")
+
+        assert reached.wait(120), "the run never reached step 2"
+        page.wait_for_function("!gradioApp().querySelector('#mos_train_interrupt').disabled")
+        page.wait_for_selector("#mos_train_gallery .livePreview img", state="visible")  # step 1's sample
+        page.click("#mos_train_interrupt")
+        gate.set()
+        page.wait_for_function("/Interrupted at step 2 of 3/.test("
+                               "gradioApp().querySelector('#mos_train_status').textContent)", timeout=120_000)
+        page.wait_for_function("gradioApp().querySelector('#mos_train_interrupt').disabled")
+        page.wait_for_selector("#mos_train_gallery .livePreview", state="detached")  # the host's progress ended
+        assert page.is_visible("#mos_train_gallery")  # now by gradio: the samples of steps 1 and 2
+        assert page.locator("#mos_train_gallery img").count() >= 2
+        harness.wait_idle()
+        assert not browser_page.errors, browser_page.errors
+    finally:
+        gate.set()
+        harness.close()
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fields(update: dict) -> dict:
+    """A gradio update without its type tag."""
+    return {k: v for k, v in update.items() if k != "__type__"}
+
+
+def page_components(harness):
+    """`get(elem_id)`: the page's one component with that elem_id."""
+    from test_host_ui import component
+
+    return lambda elem_id: component(harness.blocks, elem_id)

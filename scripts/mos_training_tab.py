@@ -394,11 +394,12 @@ def tokens_for(name: str, kind_label: str):
     return gr.update(value=default_tokens(name)) if KINDS.get(kind_label) == "edlora" else gr.update()
 
 
-def kind_fields(kind_label: str) -> tuple[dict, dict, dict]:
-    """(tokens, trigger words, attention regulariser): only what the Kind uses is shown; the run
-    ignores the hidden ones (`_settings`)."""
+def kind_fields(kind_label: str) -> tuple[dict, dict, dict, dict]:
+    """(tokens, trigger words, attention regulariser, embedding learning rate): only what the Kind
+    uses is shown (a LoRA has no token rows to learn); the run ignores the hidden ones (`_settings`)."""
     edlora = KINDS.get(kind_label) == "edlora"
-    return gr.update(visible=edlora), gr.update(visible=not edlora), gr.update(visible=edlora)
+    return (gr.update(visible=edlora), gr.update(visible=not edlora), gr.update(visible=edlora),
+            gr.update(visible=edlora))
 
 
 def templates_for(class_word: str) -> dict:
@@ -520,7 +521,8 @@ def on_ui_tabs():
         estimate = gr.HTML(estimate_html(plan.steps, plan.batch_size, plan.resolution), elem_id="mos_train_estimate")
         with gr.Accordion("Advanced", open=False, elem_id="mos_train_advanced"):
             with gr.Row():
-                lr_embedding = gr.Number(label="Embedding learning rate", value=1e-3, elem_id="mos_train_lr_embedding")
+                lr_embedding = gr.Number(label="Embedding learning rate", value=1e-3, visible=edlora,
+                                         elem_id="mos_train_lr_embedding")
                 lr_text = gr.Number(label="Text encoder LoRA learning rate", value=1e-5, elem_id="mos_train_lr_text")
                 lr_unet = gr.Number(label="UNet LoRA learning rate", value=1e-4, elem_id="mos_train_lr_unet")
                 rank = gr.Slider(label="LoRA rank", minimum=1, maximum=64, step=1, value=4, elem_id="mos_train_rank")
@@ -558,7 +560,7 @@ def on_ui_tabs():
         _not_saved(kind, steps, batch_size, resolution)
 
         name.change(fn=tokens_for, inputs=[name, kind], outputs=[tokens])
-        kind.change(fn=kind_fields, inputs=[kind], outputs=[tokens, trigger, attn_reg], queue=False,
+        kind.change(fn=kind_fields, inputs=[kind], outputs=[tokens, trigger, attn_reg, lr_embedding], queue=False,
                     show_progress="hidden")
         class_word.change(fn=templates_for, inputs=[class_word], outputs=[template], queue=False,
                           show_progress="hidden")

@@ -333,6 +333,10 @@ def test_the_page_opens_on_the_device_proposal_and_shows_only_what_the_kind_uses
     assert get("mos_train_kind").value == "ED-LoRA (concept tokens)"
     assert get("mos_train_tokens").visible is True and get("mos_train_trigger").visible is False
     assert get("mos_train_attn_reg").visible is True and get("mos_train_attn_reg").value == 0.01
+    assert get("mos_train_lr_embedding").visible is True
+    lora = module.kind_fields("LoRA (trigger words)")  # tokens, trigger words, regulariser, embedding rate
+    assert [u["visible"] for u in lora] == [False, True, False, False]
+    assert [u["visible"] for u in module.kind_fields("ED-LoRA (concept tokens)")] == [True, False, True, True]
     assert "0.01" in get("mos_train_attn_reg").info and "without a mask is fine" in get("mos_train_attn_reg").info
     assert get("mos_train_class_word").value == "person" and get("mos_train_templates").value == "human"
     assert get("mos_train_gallery").visible is False

@@ -130,3 +130,25 @@ def pick_option(page, elem_id: str, value: str, timeout: float = 60.0, *, choose
             raise TimeoutError(f"{value!r} never appeared in #{elem_id}")
         page.mouse.click(2, 2)  # close the list (not Escape: the host's script.js then fails off txt2img)
         page.wait_for_timeout(500)
+
+
+def css_rgb(color: str) -> tuple[float, float, float]:
+    """'rgb(r, g, b)' or 'rgba(r, g, b, a)' as getComputedStyle writes it (opaque here)."""
+    return tuple(float(v) for v in color[color.index("(") + 1:-1].split(",")[:3])
+
+
+def contrast(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """WCAG 2 contrast ratio of two sRGB colours."""
+    def luminance(rgb: tuple[float, float, float]) -> float:
+        lin = [c / 255 / 12.92 if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def swatch_colors(page) -> list[tuple[str, str]]:
+    """(text colour, background colour) of each region's number in the list."""
+    return [tuple(c) for c in page.evaluate("""() => Array.from(
+        gradioApp().querySelectorAll('.mos-region .mos-swatch'),
+        b => [getComputedStyle(b).color, getComputedStyle(b).backgroundColor])""")]

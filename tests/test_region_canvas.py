@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import choose_script, send_to_txt2img
+from browser import choose_script, contrast, css_rgb, send_to_txt2img, swatch_colors
 from PIL import Image, ImageDraw
 
 from lib_mos.regional.regions import RegionSpec, layer_masks, region_masks
@@ -232,28 +232,6 @@ def test_draw_two_boxes_and_a_stroke(served, browser_page, tmp_path):
     page.locator("#txt2img_script_container").screenshot(path=str(OUTPUTS / "region-canvas.png"))
     served.wait_idle()  # gradio's events for the typing above end before the browser leaves
     assert browser_page.errors == []
-
-
-def css_rgb(color: str) -> tuple[float, float, float]:
-    """'rgb(r, g, b)' or 'rgba(r, g, b, a)' as getComputedStyle writes it (opaque here)."""
-    return tuple(float(v) for v in color[color.index("(") + 1:-1].split(",")[:3])
-
-
-def contrast(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-    """WCAG 2 contrast ratio of two sRGB colours."""
-    def luminance(rgb: tuple[float, float, float]) -> float:
-        lin = [c / 255 / 12.92 if c / 255 <= 0.04045 else ((c / 255 + 0.055) / 1.055) ** 2.4 for c in rgb]
-        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
-
-    hi, lo = sorted((luminance(a), luminance(b)), reverse=True)
-    return (hi + 0.05) / (lo + 0.05)
-
-
-def swatch_colors(page) -> list[tuple[str, str]]:
-    """(text colour, background colour) of each region's number in the list."""
-    return [tuple(c) for c in page.evaluate("""() => Array.from(
-        gradioApp().querySelectorAll('.mos-region .mos-swatch'),
-        b => [getComputedStyle(b).color, getComputedStyle(b).backgroundColor])""")]
 
 
 def test_region_list_is_wide_enough_to_type_in_and_numbers_read_on_every_colour(served, browser_page):

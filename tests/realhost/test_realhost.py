@@ -14,6 +14,7 @@ import io
 import json
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +30,8 @@ PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
 AUTHORS_FILES = [("potter", "main", "newer"), ("hermione", "research_branch", "torch2.0"),
                  ("ron", "main", "torch2.0"), ("ginny", "research_branch", "newer")]
 STATE: dict = {}
+# the README's three screenshots of the real WebUI land here (copied into docs/screenshots by hand)
+SHOTS = Path(__file__).resolve().parents[2] / "outputs" / "screenshots"
 
 
 def pixels(result: dict, index: int = 0) -> np.ndarray:
@@ -302,6 +305,46 @@ def test_region_loras_through_the_api_and_the_canvas(realhost, everyday):
         assert not browser.errors, browser.errors
 
 
+def test_two_regions_with_their_loras_drawn_in_the_canvas_and_generated(realhost, everyday):
+    """The README's first workflow in the browser: the script chosen, two regions each with a LoRA
+    (typed as JSON, which redraws the canvas), their prompts in boxes wide enough to read and
+    numbers readable on their colours, generated with the Generate button; the screenshot is the
+    README's."""
+    from browser import Browser, choose_script, contrast, css_rgb, swatch_colors
+
+    spec = {"regions": [
+        {"prompt": "a photo of ohwx man, red coat", "box": [0.1, 0.05, 0.95, 0.5], "units": "fraction",
+         "loras": [{"name": "hero", "weight": 0.8}]},
+        {"prompt": "a photo of zkq bird on a branch", "box": [0.2, 0.55, 0.9, 0.95], "units": "fraction",
+         "loras": [{"name": "bird", "weight": 1}]}], "feather": 0, "global_weight": 0}
+    with Browser(viewport=(1400, 1100)) as browser:
+        page = browser.page
+        page.goto(realhost.url, timeout=120_000)
+        page.fill("#txt2img_prompt textarea", "two friends in a park, sunny day")
+        for elem, value in (("txt2img_steps", "6"), ("txt2img_width", "384"), ("txt2img_height", "256")):
+            page.fill(f"#{elem} input[type=number]", value)
+            page.press(f"#{elem} input[type=number]", "Enter")
+        choose_script(page, "Mix-of-Show")
+        page.fill("#script_mixofshow_regions textarea", json.dumps(spec))
+        page.wait_for_selector(".mos-region[data-index='1']", timeout=60_000)
+        width = page.locator(".mos-region[data-index='0'] .mos-prompt").bounding_box()["width"]
+        colours = swatch_colors(page)
+        ratios = [round(contrast(css_rgb(fg), css_rgb(bg)), 2) for fg, bg in colours]
+        print(f"region prompt box {width:.0f} px wide; number contrast {ratios}")
+        assert width >= 300 and all(r >= 4.5 for r in ratios)
+        page.click("#txt2img_generate")
+        page.wait_for_selector("#txt2img_gallery img", timeout=600_000)
+        page.wait_for_function("() => !gradioApp().querySelector('#txt2img_interrupt') || "
+                               "getComputedStyle(gradioApp().querySelector('#txt2img_interrupt')).display === 'none'",
+                               timeout=600_000)
+        info = page.inner_text("#html_info_txt2img")
+        print("infotext on the page:", info[:400])
+        assert "Mix-of-Show region LoRAs" in info
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.locator("#tab_txt2img").screenshot(path=str(SHOTS / "regions.png"))
+        assert not browser.errors, browser.errors
+
+
 def test_the_global_prompts_share_in_a_lora_region_is_read_through_its_lora(realhost, everyday):
     """A region over the whole image with the main prompt, a UNet-only LoCon and half of the global
     prompt kept: both halves read the same prompt through the same LoRA, so the picture is the
@@ -362,6 +405,10 @@ def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):
         page = browser.page
         page.goto(realhost.url, timeout=120_000)
         page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')", timeout=120_000)
+        headers = page.evaluate("() => Array.from(gradioApp().querySelectorAll('#mos_fusion_table thead th'), "
+                                "h => h.textContent.trim())")
+        print("fusion table headers on a fresh page:", headers)
+        assert headers and headers[0] != "0" and "file" in " ".join(headers).lower(), headers
         page.click("#mos_fusion_refresh")  # the files appeared after the page was built
         for name in ("potter-authors.pth", "hermione-authors.pth"):
             pick_option(page, "mos_fusion_files", name)
@@ -388,6 +435,8 @@ def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):
                                timeout=1_500_000)
         status = page.inner_text("#mos_fusion_status")
         rss_after = realhost.rss_bytes()
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.locator("#tab_mos_fusion").screenshot(path=str(SHOTS / "fusion.png"))
         print(f"tab status: {status}\nWebUI RSS before the tab fusion {rss_before / 2**30:.2f} GiB, "
               f"after {rss_after / 2**30:.2f} GiB")
         assert "Saved" in status
@@ -421,10 +470,25 @@ def test_training_tab_in_the_browser(realhost, tmp_path):
         page = browser.page
         page.goto(realhost.url, timeout=120_000)
         page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show training')", timeout=120_000)
+        # before Train: only the Kind's fields, no gallery, Interrupt disabled, an estimate
+        page.wait_for_selector("#mos_train_tokens", state="visible", timeout=60_000)
+        assert page.is_hidden("#mos_train_trigger") and page.is_hidden("#mos_train_gallery")
+        assert page.is_disabled("#mos_train_interrupt")
+        assert "Estimated time" in page.inner_text("#mos_train_estimate")
         for elem, value in (("mos_train_folder", str(folder)), ("mos_train_name", "disc-tab"),
                             ("mos_train_class_word", "ball")):
             page.fill(f"#{elem} textarea, #{elem} input", value)
         page.fill("#mos_train_tokens textarea, #mos_train_tokens input", "<disctab1>+<disctab2>")
+        page.click("#mos_train_kind label:has-text('LoRA (trigger words)')")  # the other Kind's fields
+        page.wait_for_selector("#mos_train_trigger", state="visible", timeout=30_000)
+        assert page.is_hidden("#mos_train_tokens")
+        page.click("#mos_train_kind label:has-text('ED-LoRA')")
+        page.wait_for_selector("#mos_train_tokens", state="visible", timeout=30_000)
+        print("training tab before Train:", page.inner_text("#mos_train_estimate"), "| templates:",
+              page.input_value("#mos_train_templates input"), "| regulariser:",
+              page.input_value("#mos_train_attn_reg input[type=number]"))
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.locator("#tab_mos_train").screenshot(path=str(SHOTS / "training.png"))
         for elem, value in (("mos_train_steps", "2"), ("mos_train_batch_size", "1"), ("mos_train_resolution", "64")):
             page.fill(f"#{elem} input[type=number]", value)
             page.press(f"#{elem} input[type=number]", "Enter")
@@ -441,6 +505,7 @@ def test_training_tab_in_the_browser(realhost, tmp_path):
         status = page.inner_text("#mos_train_status")
         print(f"training tab status: {status}")
         assert "Saved" in status and "disc-tab.safetensors" in status
+        page.wait_for_function("gradioApp().querySelector('#mos_train_interrupt').disabled", timeout=30_000)
         assert not browser.errors, browser.errors
     assert (realhost.loras / "disc-tab.safetensors").is_file()
     assert "disc-tab" in [lora["name"] for lora in realhost.get("/sdapi/v1/loras")]

@@ -24,7 +24,7 @@ from lib_mos.fusion.solver import MAX_CHANGE, LayerStats, relative_errors_many, 
 __all__ = ["DISTANCE_BOUND", "HELD_OUT_BOUND", "HELD_OUT_MARGIN", "PICTURE", "LayerMeasure", "concept_summary",
            "format_report", "measure_layers", "stage_report", "verdicts"]
 
-# Report bounds (README, "The report"). Held-out error 1 is what dropping the concept's LoRA
+# Report bounds (docs/fusion.md, "The report"). Held-out error 1 is what dropping the concept's LoRA
 # scores, so a fused layer set that does worse than that on prompts and noise it did not see is not
 # fitting the concept but the recorded samples. The fused change ||W - W0||_F should not exceed all
 # the concepts' changes together (stacking every LoRA); a little room is left for exact fits that

@@ -107,7 +107,7 @@ def global_lora_names(prompts: Sequence[str]) -> set[str]:
 def choose_region_loras(spec: RegionSpec, available: Mapping[str, Path], folder: str,
                         region_token_files: Sequence[Mapping[str, Path]], global_names: set[str],
                         ) -> list[RegionLoraChoice]:
-    """The LoRAs each region applies, by these rules (the README states them):
+    """The LoRAs each region applies, by these rules (docs/regions.md states them):
 
     - a region's `loras` and the `<lora:name:w>` tags in its prompt, by name in the Lora folder;
       a name that is not there, or that the main prompt already applies to the whole image, is a

@@ -8,7 +8,7 @@ CHROMIUM := /usr/bin/chromium
 SPREAD := -n auto --dist worksteal
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo demo-full bench clean
 
 setup: $(STAMP)
 
@@ -58,8 +58,12 @@ lint: setup
 test: setup lint
 	$(VPY) -m pytest -q $(SPREAD)
 
+# the quick demo (a few minutes on 2 CPU cores); demo-full runs every step longer
 demo: setup
 	$(VPY) -m lib_mos demo --out outputs
+
+demo-full: setup
+	$(VPY) -m lib_mos demo --full --out outputs
 
 bench: setup
 	for b in bench/*.py; do $(VPY) $$b || exit 1; done

@@ -73,15 +73,26 @@ def test_demo_runs_and_says_what_it_wrote(tmp_path):
                        "txt2img-a-photo-of-a-cat.png", "txt2img-a-photo-of-a-dog.png"]
     for name in written:
         assert str(out / name) in proc.stdout
-    assert "gradient fusion report" in proc.stdout and "trained concept <disc1> <disc2>: 40 steps" in proc.stdout
+    # the closing summary: every file under out, each with what to look at (training captions too)
+    summary = proc.stdout.split(f"what to look at (all under {out}/):\n", 1)[1].split("\ntime per step", 1)[0]
+    listed = [line.strip().split(": ", 1) for line in summary.splitlines()]
+    assert sorted(name for name, _ in listed) == written and all(look for _, look in listed), summary
+    assert "toyworld-composition.png: top row: orange-and-white rings (left)" in summary
+    assert "--- 7. toy world" in proc.stdout and "s CPU" in proc.stdout  # each step's time
+    assert "demo (quick;" in proc.stdout and "demo-full" in proc.stdout  # make demo is the quick one
+    assert "gradient fusion report" in proc.stdout and "trained concept <disc1> <disc2>: 16 steps" in proc.stdout
     loaded = sd1.load_checkpoint(out / "tiny-sd1.safetensors")
     assert len(attn2_modules(loaded.unet)) == 16
     _check_mixed_set(out, proc.stdout, loaded)
-    # the toy world: a composition a person can judge (reference row + 4 samples, 3 regions wide)
+    # the toy world: a composition a person can judge (reference row + the quick demo's samples, a
+    # white line between rows, 3 regions wide, upscaled 4x)
     from PIL import Image
 
+    from lib_mos.cli.demo import QUICK
+
+    rows = 1 + QUICK.toy_samples
     for name in ("toyworld-composition.png", "toyworld-region-loras.png"):
-        assert Image.open(out / name).size == (3 * 32 * 4, (5 * 32 + 4) * 4)
+        assert Image.open(out / name).size == (3 * 32 * 4, (rows * 32 + rows - 1) * 4)
     assert "toy world fidelity" in proc.stdout and "2 concept(s), fused" in proc.stdout
     assert "2 concept(s), region_loras" in proc.stdout
 

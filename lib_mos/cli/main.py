@@ -46,10 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     use_webui_packages()
     parser = argparse.ArgumentParser(prog="python -m lib_mos", description="Mix-of-Show tools outside the WebUI.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job end to end on the embedded tiny model",
+    demo = sub.add_parser("demo", help="run the main job end to end on the embedded tiny model (quick: a few "
+                                       "minutes on 2 CPU cores; --full or `make demo-full`: every step longer)",
+                          description="Train, convert, fuse, sample, compose regions and the toy world's picture, "
+                                      "each at a small size (`make demo`, a few minutes on 2 CPU cores); ends with "
+                                      "every file written and what to look at in it. --full (`make demo-full`) "
+                                      "runs every step longer.",
                           formatter_class=HelpWithDefaults)
     demo.add_argument("--out", type=Path, default=Path("outputs"), help="folder for what the demo writes")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--full", action="store_true",
+                      help="run every step at the longer settings: more training, fusion and sampling steps, more "
+                           "toy-world samples (`make demo-full`)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads (0: torch's default); the tiny models gain nothing from more")
     convert = sub.add_parser(
         "convert", formatter_class=HelpWithDefaults,
         help="convert an ED-LoRA .pth, or any LoRA the WebUI applies (with an embedding, or by its trigger words), "
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from lib_mos.cli.demo import run_demo
 
-        run_demo(args.out, seed=args.seed)
+        run_demo(args.out, seed=args.seed, full=args.full, threads=args.threads or None)
     elif args.command == "convert":
         return _convert(args.input, args.output, embedding=args.embedding, name=args.name, overwrite=args.overwrite,
                         trigger=args.trigger, family=args.family)

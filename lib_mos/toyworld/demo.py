@@ -6,7 +6,7 @@ each concept in its own third, left to right. The picture's top row is the conce
 renders, so right or wrong shows at a glance. Then it renders the same regions with nothing
 merged, each concept's LoRA inside its own region (which the fidelity table finds better for
 several concepts in one picture), and prints that table (bench/fidelity.py's output). Nothing is
-trained.
+trained. The quick demo (`make demo`) samples fewer rows and runs a shorter fusion.
 """
 
 from __future__ import annotations
@@ -42,18 +42,36 @@ def composition_picture(pics: torch.Tensor, styles: list[str]) -> Image.Image:
     return img.resize((img.width * SCALE, img.height * SCALE), Image.NEAREST)
 
 
-def run(out: Path, wrote: Callable[[Path, str], None], *, seed: int = 0, folder: Path = weights.WEIGHTS,
-        count: int = 3, samples: int = 4) -> Path:
-    """Fuse `count` concepts into a checkpoint, compose them regionally, save the picture."""
+# what each picture's top row holds, left to right, for the summary's hint
+LOOKS = {"rings": "orange-and-white rings", "frame": "a magenta square with a cyan border",
+         "zebra": "a purple-and-white striped triangle", "split": "a teal-and-pink circle",
+         "core": "a white cross with a red centre"}
+
+
+def _look(styles: list[str], samples: int, how: str) -> str:
+    """The summary's line for a composition picture: what its reference row shows and how to judge it."""
+    where = ("left", "middle", "right") if len(styles) == 3 else tuple(f"third {i + 1}" for i in range(len(styles)))
+    refs = ", ".join(f"{LOOKS.get(s, s)} ({w})" for s, w in zip(styles, where))
+    return f"top row: {refs}; below, {samples} sample(s) {how}: does each third show the concept above it?"
+
+
+def run(out: Path, wrote: Callable[..., None], *, seed: int = 0, folder: Path = weights.WEIGHTS,
+        count: int = 3, samples: int = 4, spatial_steps: int = 20, check_steps: int = 8,
+        region_loras: bool = True) -> Path:
+    """Fuse `count` concepts into a checkpoint, compose them regionally, save the picture; with
+    `region_loras`, also the same regions with each concept's LoRA in its own (nothing merged).
+    `wrote(path, what, look)` reports each file."""
     toy = weights.load(folder)
     styles = [c.style for c in NOVEL[:count]]
     specs = [fused_checkpoint.ConceptSpec(str(weights.concept_path(folder, s))) for s in styles]
-    settings = fusion.FusionSettings(templates=("a {}", "{}"), spatial_size=128, spatial_steps=20, seed=seed)
+    settings = fusion.FusionSettings(templates=("a {}", "{}"), spatial_size=128, spatial_steps=spatial_steps,
+                                     check_steps=check_steps, seed=seed)
     fused_path, result = fused_checkpoint.fuse_checkpoint(folder / weights.BASE, specs,
                                                           out / f"toyworld-fused-{'-'.join(styles)}.safetensors",
                                                           settings, overwrite=True)
     wrote(fused_path, f"toy world: {count} novel concepts fused into the trained base (" +
-          ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()) + ")")
+          ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()) + ")",
+          f"the toy world's trained base with {', '.join(styles)} fused in (the composition samples it)")
     fused = base.load_base(fused_path)
     concepts = fused_checkpoint.read_fused_concepts(fused_path)
     rate, pics = measure.placement_rate(fused, toy.codec, toy.concept_probe, concepts, list(range(count)),
@@ -64,16 +82,20 @@ def run(out: Path, wrote: Callable[[Path, str], None], *, seed: int = 0, folder:
     wrote(picture, f"toy world: regional composition, global {prompt!r}, regions " +
           ", ".join(f"{r.text!r}" for r in spec.regions) +
           f" left to right; top row: the concepts' reference renders; every region right in {rate:.0%} of "
-          f"{samples} samples")
-    # what the fidelity table finds best for several concepts in one picture: nothing merged, each
-    # concept's LoRA inside its own region (the script's region LoRAs), from the base model
-    rate, pics = measure.placement_rate(toy.model, toy.codec, toy.concept_probe, toy.concepts[:count],
-                                        list(range(count)), toy.classes[:count], seeds=samples,
-                                        first_seed=seed + 3000, region_loras=True)
-    regional = out / "toyworld-region-loras.png"
-    composition_picture(pics, styles).save(regional)
-    wrote(regional, f"toy world: the same regions, nothing merged, each concept's LoRA inside its own region "
-          f"(region LoRAs, the base model); every region right in {rate:.0%} of {samples} samples")
+          f"{samples} samples",
+          _look(styles, samples, f"of the fused checkpoint, one concept per region (all three right: {rate:.0%})"))
+    if region_loras:
+        # what the fidelity table finds best for several concepts in one picture: nothing merged, each
+        # concept's LoRA inside its own region (the script's region LoRAs), from the base model
+        rate, pics = measure.placement_rate(toy.model, toy.codec, toy.concept_probe, toy.concepts[:count],
+                                            list(range(count)), toy.classes[:count], seeds=samples,
+                                            first_seed=seed + 3000, region_loras=True)
+        regional = out / "toyworld-region-loras.png"
+        composition_picture(pics, styles).save(regional)
+        wrote(regional, f"toy world: the same regions, nothing merged, each concept's LoRA inside its own region "
+              f"(region LoRAs, the base model); every region right in {rate:.0%} of {samples} samples",
+              _look(styles, samples, f"of the base, each concept's LoRA in its own region, nothing merged (all "
+                                     f"three right: {rate:.0%})"))
     table = folder / FIDELITY
     if table.is_file():
         print("toy world fidelity (bench/fidelity.py; identity and placement read by the concept probe):")
@@ -83,4 +105,3 @@ def run(out: Path, wrote: Callable[[Path, str], None], *, seed: int = 0, folder:
             where = f" (global prompt {r['global_weight']:g} in regions)" if r.get("global_weight") else ""
             print(f"  {r['concepts']} concept(s), {r['method']:<12} identity {r['identity']:.0%}{placement}{where}")
     return picture
-

@@ -265,7 +265,7 @@ def on_ui_tabs():
             name = gr.Textbox(label="Output name", value="mix-of-show-fused.safetensors", elem_id="mos_fusion_name")
             overwrite = gr.Checkbox(label="Overwrite", value=False)
             run = gr.Button("Fuse", variant="primary", elem_id="mos_fusion_run")
-            stop = gr.Button("Interrupt", elem_id="mos_fusion_interrupt")
+            stop = gr.Button("Interrupt", interactive=False, elem_id="mos_fusion_interrupt")  # live only while fusing
         task_id = gr.Label(visible=False)  # the page puts the task id here (mosFusionSubmit)
         with gr.Group(elem_id="mos_fusion_results_panel"):
             report = gr.Dataframe(headers=REPORT_HEADERS, interactive=False, elem_id="mos_fusion_report")
@@ -280,10 +280,15 @@ def on_ui_tabs():
         refresh.click(fn=lambda: (gr.update(choices=sd_models.checkpoint_tiles()), gr.update(choices=concept_choices()),
                                   folder_problems()),
                       inputs=[], outputs=[base, files, status])
-        run.click(fn=call_queue.wrap_gradio_gpu_call(run_fusion, extra_outputs=[None, gr.update()]),
-                  _js="mosFusionSubmit", inputs=[task_id, base, table, stages, solver, steps, size, seeds, seed, dtype, name,
-                                                 overwrite, files],
-                  outputs=[report, base, status])
+        # Interrupt on, the job (the page's task id first: mosFusionSubmit), Interrupt off whatever the outcome:
+        # while idle the host's interrupt would stop another tab's job, or nothing
+        job = run.click(fn=lambda: gr.update(interactive=True), inputs=[], outputs=[stop], queue=False,
+                        show_progress="hidden")
+        job = job.then(fn=call_queue.wrap_gradio_gpu_call(run_fusion, extra_outputs=[None, gr.update()]),
+                       _js="mosFusionSubmit", inputs=[task_id, base, table, stages, solver, steps, size, seeds, seed,
+                                                      dtype, name, overwrite, files],
+                       outputs=[report, base, status])
+        job.then(fn=lambda: gr.update(interactive=False), inputs=[], outputs=[stop], queue=False, show_progress="hidden")
         stop.click(fn=interrupt, inputs=[], outputs=[])
     return [(tab, TAB_TITLE, "mos_fusion")]
 

@@ -353,8 +353,8 @@ def table_headers(page) -> list[str]:
 
 
 def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tmp_path, tiny_checkpoint, browser_page):
-    """A stale base in ui-config.json is not used; Fuse shows the host's progress bar; Interrupt
-    stops the fusion and nothing is written."""
+    """A stale base in ui-config.json is not used; Fuse shows the host's progress bar; Interrupt,
+    enabled only while the fusion runs, stops it and nothing is written."""
     import json
 
     from host_harness import HostHarness
@@ -387,6 +387,7 @@ def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tm
         page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 2",
                                timeout=60_000)
         assert table_headers(page) == TABLE_HEADERS
+        assert page.is_disabled("#mos_fusion_interrupt")  # nothing to interrupt yet
         page.click("#mos_fusion_run")
         page.wait_for_selector(".progressDiv", timeout=60_000)
         page.wait_for_function("() => /mos|te|kv/.test(gradioApp().querySelector('.progressDiv').textContent)",
@@ -395,6 +396,7 @@ def test_page_defaults_to_the_loaded_checkpoint_shows_progress_and_interrupts(tm
         page.wait_for_function("() => /Interrupted/.test(gradioApp().querySelector('#mos_fusion_status').textContent)",
                                timeout=120_000)
         assert sorted(p.name for p in Path(sd_models.model_path).iterdir()) == ["tiny-sd1.safetensors"]
+        page.wait_for_function("gradioApp().querySelector('#mos_fusion_interrupt').disabled", timeout=30_000)
         page.click("#mos_fusion_files .remove-all")  # every file deselected: no rows, the same headers
         page.wait_for_function("() => !Array.from(gradioApp().querySelectorAll('#mos_fusion_table tbody tr'))"
                                ".some(row => row.textContent.includes('.safetensors'))", timeout=60_000)

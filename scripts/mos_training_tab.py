@@ -448,7 +448,7 @@ def host_device() -> tuple[str, int | None, int]:
 def device_words(kind: str, memory: int | None, threads: int) -> str:
     size = f", {memory / 2**30:.0f} GiB" if memory else ""
     if kind == "cpu":
-        return f"this CPU ({threads} threads{size and size + ' RAM'})"
+        return f"this CPU ({threads} thread{'' if threads == 1 else 's'}{size and size + ' RAM'})"
     return f"this {'GPU' if kind == 'cuda' else kind.upper() + ' device'}{size}"
 
 

@@ -20,6 +20,9 @@ for path in (str(ROOT), str(HOST)):
         sys.path.insert(0, path)
 
 
+OMP_SET_HERE = "MOS_TESTS_SET_OMP_NUM_THREADS"  # marks an OMP_NUM_THREADS this file set, not the user
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Tiny models gain nothing from intra-op threads, and on a 2-core machine torch's spinning
     worker threads turn a 30 ms forward into seconds whenever another process is busy."""
@@ -28,7 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
     # the same for the processes tests start (the fusion child, the CLI, the demo): with the suite
     # spread over every core (pytest -n), a child's extra threads only contend
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ[OMP_SET_HERE] = "1"  # the real host and its CLIs run without it, as users run them
     # Every test runs as inside the host: importing the double's `modules.paths` installs its
     # `torch.load` guard (modules/safe.py) for the whole process, as the real host does at start.
     import modules.paths  # noqa: F401

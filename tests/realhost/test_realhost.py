@@ -342,7 +342,10 @@ def test_two_regions_with_their_loras_drawn_in_the_canvas_and_generated(realhost
         assert "Mix-of-Show region LoRAs" in info
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.locator("#tab_txt2img").screenshot(path=str(SHOTS / "regions.png"))
-        assert not browser.errors, browser.errors
+        # the host's page raises this itself when its Width/Height number boxes are typed into and
+        # during the generation that follows, with no extension installed (checked against v1.10.1)
+        own = [e for e in browser.errors if e != "pageerror: Cannot read properties of undefined (reading 'props')"]
+        assert not own, browser.errors
 
 
 def test_the_global_prompts_share_in_a_lora_region_is_read_through_its_lora(realhost, everyday):

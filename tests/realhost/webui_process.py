@@ -24,6 +24,16 @@ FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test
 CHECKPOINT = "sd15-random.safetensors"
 
 
+def user_env() -> dict[str, str]:
+    """This environment as a user's shell would have it: no test venv (PYTHONPATH, VIRTUAL_ENV) and
+    not the one-thread torch the test suite sets for its own workers (tests/conftest.py), which
+    would make the host's fusion child and the CLIs several times slower than a user's."""
+    drop = {"PYTHONPATH", "VIRTUAL_ENV"}
+    if os.environ.get("MOS_TESTS_SET_OMP_NUM_THREADS"):
+        drop |= {"OMP_NUM_THREADS", "MOS_TESTS_SET_OMP_NUM_THREADS"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 class HostError(RuntimeError):
     """An API call answered with an HTTP error; `status` and `body` (the host's JSON) kept."""
 
@@ -79,9 +89,8 @@ class RealHost:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        for name in ("PYTHONPATH", "VIRTUAL_ENV", "MOS_CACHE_DIR"):
-            env.pop(name, None)
+        env = user_env() | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("MOS_CACHE_DIR", None)
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([str(self.python), "launch.py", *FLAGS, "--port", str(port),
                                              "--data-dir", str(self.data)], cwd=self.webui, env=env,
@@ -149,8 +158,7 @@ class RealHost:
     def run_python(self, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
         """`<webui python> <args>` in the extension's folder, as a user would run the CLIs: no
         PYTHONPATH, the WebUI's own packages."""
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        return subprocess.run([str(self.python), *args], cwd=self.extension, env=env, capture_output=True,
+        return subprocess.run([str(self.python), *args], cwd=self.extension, env=user_env(), capture_output=True,
                               text=True, timeout=timeout)
 
 

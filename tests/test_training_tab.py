@@ -349,7 +349,7 @@ def test_the_page_opens_on_the_device_proposal_and_shows_only_what_the_kind_uses
     assert shown != (1000, 4, 512)  # not the authors' recipe on a CPU
     estimate = get("mos_train_estimate").value
     assert f"Estimated time: <b>{plan.format_duration(proposed.seconds)}</b>" in estimate, estimate
-    assert f"this CPU ({threads} threads, {ram / 2**30:.0f} GiB RAM)" in estimate
+    assert f"this CPU ({threads} thread{'' if threads == 1 else 's'}, {ram / 2**30:.0f} GiB RAM)" in estimate
     assert "from a measurement on a CPU" in estimate
     assert "The authors' recipe (1000 steps, batch 4, 512 px) would take about" in estimate
 
@@ -359,8 +359,9 @@ def test_the_kind_shows_its_own_fields_and_the_run_ignores_the_others(tab, image
     get = page_components(harness)
     kind = get("mos_train_kind")
     (dependency, fn), = handlers(harness.blocks, kind)
-    ids = {name: get(f"mos_train_{name}")._id for name in ("tokens", "trigger", "attn_reg")}
-    for label, shown in (("LoRA (trigger words)", {"trigger"}), ("ED-LoRA (concept tokens)", {"tokens", "attn_reg"})):
+    ids = {name: get(f"mos_train_{name}")._id for name in ("tokens", "trigger", "attn_reg", "lr_embedding")}
+    for label, shown in (("LoRA (trigger words)", {"trigger"}),
+                         ("ED-LoRA (concept tokens)", {"tokens", "attn_reg", "lr_embedding"})):
         updates = outputs_by_id(harness.blocks, dependency, fn(label))
         assert set(updates) == set(ids.values())
         assert {name for name, i in ids.items() if updates[i]["visible"]} == shown, label

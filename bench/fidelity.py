@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib_mos.concepts.concept import Concept, applied
 from lib_mos.fusion import check as fusion_check
 from lib_mos.fusion import pipeline as fusion
+from lib_mos.regional.regions import PASS_UNET_WEIGHT
 from lib_mos.toyworld import measure, weights
 from lib_mos.toyworld.codec import to_pil
 
@@ -64,6 +65,7 @@ TEMPLATES = ("a {}", "{}")  # the toy world's captions around the concept's toke
 # than the base without its LoRA is. (0.5 agreed in 33% of pairs for 2 concepts; 1 in 83% there,
 # but in 56% for 3 concepts, so the product's summary names only the best method.)
 KEPT_BELOW = 1.0
+LORA_WEIGHTS = (1.0,)  # region LoRAs at their file's weight (0.5 and 0.75 were measured too: toyworld.md)
 
 
 def fusion_settings(quick: bool) -> fusion.FusionSettings:
@@ -146,17 +148,20 @@ def run(args: argparse.Namespace) -> list[dict]:
         if set(METHODS) <= set(args.methods):  # the report against every merge's pictures
             emit({"concepts": n, "method": "report", **report_agreement(REPORTS[n], chosen, identities)})
         unmerged = [m for m in UNMERGED if m in args.methods] if n in args.compose else []
-        for method, layout in ((m, lay) for m in unmerged for lay in layouts):  # nothing merged, LoRAs in regions
-            t0 = time.perf_counter()
+        for method, layout, weight, unet in ((m, lay, w, u) for m in unmerged for lay in layouts
+                                             for w in args.lora_weights
+                                             for u in (args.pass_unet_weights if m == "region_passes" else [None])):
+            t0 = time.perf_counter()  # nothing merged, each LoRA in its region (with passes, UNet share `unet`)
             passes = method == "region_passes"
+            options = {"passes": passes, "lora_weight": weight, **({"pass_unet_weight": unet} if passes else {})}
             _, pics = measure.placement_rate(world.model, world.codec, world.concept_probe, chosen, labels, classes,
-                                             seeds=seeds, sampler=sampler, region_loras=True, layout=layout,
-                                             passes=passes)
+                                             seeds=seeds, sampler=sampler, region_loras=True, layout=layout, **options)
             reads = measure.region_reads(world.concept_probe, pics, labels)  # [n, seeds]
-            save(pics, f"compose-{n}-{method}-{tag(layout)}")
+            save(pics, f"compose-{n}-{method}-{tag(layout)}-w{weight:g}" + (f"-u{unet:g}" if passes else ""))
             spill = measure.region_lora_spill(world.model, world.codec, chosen, classes, seeds=seeds, sampler=sampler,
-                                              layout=layout, passes=passes)
-            emit({"concepts": n, "method": method, **layout.describe(),
+                                              layout=layout, **options)
+            emit({"concepts": n, "method": method, **layout.describe(), "lora_weight": weight,
+                  **({"pass_unet_weight": unet} if passes else {}),
                   **with_intervals(float(reads.mean()), reads.size),
                   "identity_per_concept": dict(zip((c.name for c in chosen), map(float, reads.mean(axis=1)))),
                   **placement(float(reads.all(axis=0).mean()), seeds), "spill": round(sum(spill) / n, 4),
@@ -209,8 +214,8 @@ def placement(rate: float, n: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| concepts | method | global weight | margin | identity (95% interval) | placement (95% interval) "
-             "| spill |", "|---|---|---|---|---|---|---|"]
+    lines = ["| concepts | method | global weight | margin | region LoRA weight | pass UNet weight "
+             "| identity (95% interval) | placement (95% interval) | spill |", "|---|---|---|---|---|---|---|---|---|"]
     notes = [f"fusion report vs pictures, {r['concepts']} concepts: verdict agrees in {r['agreement']:.0%} of "
              f"{r['pairs']} (concept, method) pairs, rank correlation {r['rank_correlation']:.2f}, best method "
              f"agrees for {r['best_agrees']:.0%} of concepts" for r in rows if r["method"] == "report"]
@@ -219,7 +224,7 @@ def table(rows: list[dict]) -> str:
         where = f"{r['placement']:.0%} ({r['low']:.0%}-{r['high']:.0%})" if "placement" in r else ""
         spill = f"{r['spill']:.0%}" if "spill" in r else ""
         lines.append(f"| {r['concepts']} | {r['method']} | {r.get('global_weight', '')} | {r.get('margin', '')} "
-                     f"| {identity} | {where} | {spill} |")
+                     f"| {r.get('lora_weight', '')} | {r.get('pass_unet_weight', '')} | {identity} | {where} | {spill} |")
     return "\n".join([*lines, "", *notes])
 
 
@@ -236,6 +241,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[*METHODS, *UNMERGED],
                         choices=[*METHODS, *UNMERGED], help="the methods measured (default: all; the "
                         "report row needs fused, average and stacked)")
+    parser.add_argument("--lora-weights", type=float, nargs="+", default=list(LORA_WEIGHTS),
+                        help="each region LoRA's weight in the region_loras and region_passes rows")
+    parser.add_argument("--pass-unet-weights", type=float, nargs="+", default=[PASS_UNET_WEIGHT, 1.0],
+                        help="region_passes rows: each region LoRA's UNet share in its own pass (the spec's "
+                        "pass_unet_weight; 1 = as in one pass)")
     parser.add_argument("--seeds", type=int, help="samples per measure (default 32; --quick 8)")
     parser.add_argument("--steps", type=int, help="sampling steps (default 30; --quick 20)")
     parser.add_argument("--images", type=Path, help="save a few composition pictures here")

@@ -23,6 +23,7 @@
     const {encodeIndexedPNG, labelsOf} = MOS.png;
 
     const MAX_REGIONS = 16;
+    const PASS_UNET_WEIGHT = 0.25; // lib_mos.regional.regions.PASS_UNET_WEIGHT: a region LoRA's UNet share in its pass
     const GRID = 8; // output pixels per latent cell
     const MAX_UNDO = 50;
     const PALETTE = [
@@ -83,7 +84,8 @@
             return {prompt: inner(parts[0]), negative: inner(parts[1]), box: box.length ? box : [0, 0, 1, 1],
                 units: box.length ? "px" : "fraction"};
         });
-        return {regions, feather: 0, mask_image: null, global_weight: 0, passes: false};
+        return {regions, feather: 0, mask_image: null, global_weight: 0, passes: false,
+            pass_unet_weight: PASS_UNET_WEIGHT};
     }
 
     /** A region's `loras`, each item kept as written (weight and all), so a rewrite changes nothing. */
@@ -110,7 +112,8 @@
     /** Lenient reader: anything it can show is shown; lib_mos is the judge at generation time. */
     function parseSpec(text) {
         const trimmed = (text || "").trim();
-        if (!trimmed) return {regions: [], feather: 0, mask_image: null, global_weight: 0, passes: false};
+        if (!trimmed) return {regions: [], feather: 0, mask_image: null, global_weight: 0, passes: false,
+            pass_unet_weight: PASS_UNET_WEIGHT};
         const data = trimmed.startsWith("{") ? JSON.parse(trimmed) : parseAuthors(trimmed);
         if (data === null || typeof data !== "object" || Array.isArray(data)) {
             throw new Error("a region spec must be a JSON object");
@@ -148,7 +151,12 @@
         const mask = typeof data.mask_image === "string" ? data.mask_image : null;
         const globalWeight = parseGlobalWeight(data.global_weight, "") || 0;
         if (data.passes !== undefined && typeof data.passes !== "boolean") throw new Error("field 'passes' must be true or false");
-        return {regions, feather, mask_image: mask, global_weight: globalWeight, passes: data.passes === true};
+        const unet = data.pass_unet_weight;
+        if (unet !== undefined && !(Number.isFinite(unet) && unet >= 0 && unet <= 1)) {
+            throw new Error("field 'pass_unet_weight' must be a number in [0, 1]");
+        }
+        return {regions, feather, mask_image: mask, global_weight: globalWeight, passes: data.passes === true,
+            pass_unet_weight: unet === undefined ? PASS_UNET_WEIGHT : unet};
     }
 
     // ------------------------------------------------------------------------- the region model
@@ -159,6 +167,7 @@
             this.feather = 0;
             this.globalWeight = 0; // the spec's share of the main prompt inside regions
             this.passes = false; // each region with LoRAs in a UNet pass of its own
+            this.passUnetWeight = PASS_UNET_WEIGHT; // with passes, a region LoRA's UNet share in its pass
             this.labels = null; // Uint8Array of region ids, labelW x labelH; shared with undo snapshots
             this.labelW = 0;
             this.labelH = 0;
@@ -192,6 +201,7 @@
             if (this.feather > 0) out.feather = this.feather;
             if (this.globalWeight) out.global_weight = this.globalWeight;
             if (this.passes) out.passes = true;
+            if (this.passUnetWeight !== PASS_UNET_WEIGHT) out.pass_unet_weight = this.passUnetWeight;
             return JSON.stringify(out);
         }
 
@@ -391,6 +401,6 @@
         }
     }
 
-    MOS.regions = {MAX_REGIONS, GRID, parseSpec, promptLoraNames};
+    MOS.regions = {MAX_REGIONS, GRID, PASS_UNET_WEIGHT, parseSpec, promptLoraNames};
     MOS.RegionModel = RegionModel;
 })();

@@ -118,7 +118,7 @@
             this.feather = spec.feather;
             this.featherInput.value = String(this.feather);
             this.setGlobalWeight(spec.global_weight);
-            this.setPasses(spec.passes);
+            this.setPasses(spec.passes, spec.pass_unet_weight);
             this.labels = null;
             this.labelW = this.labelH = 0;
             this.invalidateMask(spec.mask_image); // kept as written until the paint changes

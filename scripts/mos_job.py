@@ -411,7 +411,7 @@ class GenerationJob:
         if self.spec.passes and self.region_loras:
             latent = region_masks(self.spec, width, height, base_size=(self.p.width, self.p.height)).to(device)
             passes = region_passes(shared.sd_model.model.diffusion_model, self.region_loras, levels, weights, latent,
-                                   self.pooled_regions)
+                                   self.pooled_regions, self.spec.pass_unet_weight)
         return region.to(device), rows, weights, levels, cond, uncond, global_weight, passes
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from test_region_canvas import JSON_BOX, Canvas, open_script, spec_json, wait_json
 
 from lib_mos.concepts.files import METADATA_KEY
-from lib_mos.regional.regions import LoraRef, RegionSpec
+from lib_mos.regional.regions import PASS_UNET_WEIGHT, LoraRef, RegionSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ROOT / "outputs"
@@ -283,12 +283,26 @@ def test_pasted_loras_show_and_round_trip(served, browser_page):
     spec = wait_json(page, "spec.regions[1].negative === 'blurry'")
     assert spec == {**typed, "regions": [typed["regions"][0], {**typed["regions"][1], "negative": "blurry"}]}
 
-    # region LoRAs in separate passes: the checkbox shows the pasted field and writes it
-    assert page.is_checked(".mos-canvas .mos-passes")
+    # region LoRAs in separate passes: the checkbox shows the pasted field and writes it; the LoRAs'
+    # UNet weight in the passes starts at the product's default, can be typed only with passes on
+    unet = ".mos-canvas .mos-pass-unet-weight"
+    assert page.evaluate("MixOfShow.regions.PASS_UNET_WEIGHT") == PASS_UNET_WEIGHT
+    assert page.is_checked(".mos-canvas .mos-passes") and page.is_enabled(unet)
+    assert float(page.input_value(unet)) == PASS_UNET_WEIGHT
     page.uncheck(".mos-canvas .mos-passes")
     assert not RegionSpec.from_json(json.dumps(wait_json(page, "spec.passes === undefined"))).passes
+    assert page.is_disabled(unet)
     page.check(".mos-canvas .mos-passes")
     assert RegionSpec.from_json(json.dumps(wait_json(page, "spec.passes === true"))).passes
+    page.fill(unet, "0.5")
+    assert RegionSpec.from_json(json.dumps(wait_json(page, "spec.pass_unet_weight === 0.5"))).pass_unet_weight == 0.5
+    page.fill(unet, "2")  # out of [0, 1]: flagged, the JSON keeps the last valid number
+    assert "mos-invalid" in page.get_attribute(unet, "class")
+    page.fill(unet, "")
+    page.locator(unet).blur()  # left empty: back to the default, which the JSON leaves out
+    assert "pass_unet_weight" not in wait_json(page, "spec.pass_unet_weight === undefined")
+    page.fill(JSON_BOX, json.dumps(typed | {"pass_unet_weight": 1}))
+    page.wait_for_function(f"gradioApp().querySelector('{unet}').value === '1'")
 
     # a LoRA given as a tag in the prompt is offered as taken; the listed and the tagged one twice is said
     open_picker(page, 1)

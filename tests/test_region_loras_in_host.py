@@ -236,15 +236,18 @@ def test_a_region_lora_changes_its_own_area_most(host, locon, shape, hires):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_region_passes_for_a_whole_image_region_sample_as_the_hosts_own_lora(host, locon, mode):
     """`passes`: one UNet pass per region with LoRAs. Two regions that each cover the image with the
-    same prompt and LoRA make two passes that each predict what the host's `<lora:x:1>` predicts,
-    blended half and half: the same sampling, in every batching mode, if each host call gives every
-    pass the same rows."""
+    same prompt and LoRA, its UNet layers at their full weight in the passes (`pass_unet_weight` 1),
+    make two passes that each predict what the host's `<lora:x:1>` predicts, blended half and half:
+    the same sampling, in every batching mode, if each host call gives every pass the same rows. At
+    the default UNet share the passes draw less of the LoRA than the host's own."""
     prompt, common = batching_mode(mode)
     spec = json.loads(whole(prompt, loras=[{"name": locon, "weight": 1}])) | {"passes": True}
     spec["regions"] *= 2
-    ours = run(host, json.dumps(spec), prompt, **common)
+    ours = run(host, json.dumps(spec | {"pass_unet_weight": 1}), prompt, **common)
     hosts = run(host, whole(prompt), f"{prompt} <lora:{locon}:1>", **common)
     assert relative(latents(ours), latents(hosts)) < 1e-5
+    default = run(host, json.dumps(spec), prompt, **common)
+    assert relative(latents(default), latents(hosts)) > 1e-3
     assert nothing_hooked(host)
 
 
@@ -276,6 +279,10 @@ def test_with_region_passes_a_regions_lora_cannot_reach_the_other_region(host, l
     assert json.loads(params["Mix-of-Show regions"])["passes"] is True
     again = run(host, params["Mix-of-Show regions"], **fields)
     assert torch.equal(latents(again), passes[0])
+    full = run(host, json.dumps(json.loads(spec(1.0, True)) | {"pass_unet_weight": 1}), **fields)
+    saved = infotext_utils.parse_generation_parameters(full.info)["Mix-of-Show regions"]
+    assert json.loads(saved)["pass_unet_weight"] == 1  # the UNet share is saved and pasted back too
+    assert relative(latents(full), passes[0]) > 1e-4 and torch.equal(latents(run(host, saved, **fields)), latents(full))
     assert nothing_hooked(host)
 
 

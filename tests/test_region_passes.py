@@ -193,3 +193,38 @@ def test_switching_the_source_of_lora_changes_never_reuses_the_others_keys(model
             want = predictions(model, fresh, x, torch.tensor(5.0), cond, uncond)
         shared.context_delta = fresh.context_delta = None  # as between two host calls: the method is freed
         assert torch.equal(got, want)
+
+
+def test_a_pass_gives_its_loras_unet_layers_their_share_and_keeps_keys_and_values_whole(model):
+    """With the spec's `pass_unet_weight` s, region 0's share is what its LoRA gives with every UNet
+    layer at s of its weight but attn2's to_k / to_v (they read the region's own prompt) at the
+    full weight; a weight ignored, or given to the keys and values instead, fails."""
+    from lib_mos.toyworld.measure import concept_part
+
+    spec = halves()
+    cond, uncond = binding.encode_prompts(model, ["a cat and a dog"]), binding.encode_prompts(model, [""])
+    x = torch.randn(1, 4, 8, 16, generator=torch.Generator().manual_seed(3)) * 5
+    sigma = torch.tensor(5.0)
+    levels, layers = level_masks(spec, WIDTH, HEIGHT), layer_masks(spec, WIDTH, HEIGHT)
+    loras = [lora(model, 0, 1), lora(model, 1, 2)]
+    blended = {}
+    for share in (0.25, 1.0):
+        runs = region_passes(model.unet, loras, levels, layers, region_masks(spec, WIDTH, HEIGHT), unet_weight=share)
+        setup_rows(model, spec, runs)
+        blended[share] = predictions(model, runs, x, sigma, cond, uncond)
+
+    def alone(spatial: float, kv: float) -> torch.Tensor:
+        concept = loras[0].concept
+        parts = [RegionLora(0, concept_part(concept, "spatial"), spatial, "spatial"),
+                 RegionLora(0, concept_part(concept, "kv"), kv, "kv")]
+        processor, deltas = RegionalContext(), RegionDeltas(model.unet, parts, 1)
+        deltas.set_masks({size: m[:1] for size, m in levels.items()})
+        processor.context_delta = deltas.context_delta
+        setup_rows(model, RegionSpec(spec.regions[:1]), [], processor)
+        with deltas.installed():
+            return predictions(model, processor, x, sigma, cond, uncond)[..., :8]
+
+    torch.testing.assert_close(blended[0.25][..., :8], alone(0.25, 1.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blended[1.0][..., :8], alone(1.0, 1.0), rtol=1e-5, atol=1e-5)
+    assert (blended[0.25][..., :8] - alone(1.0, 0.25)).abs().max() > 1e-3
+    assert (blended[0.25][..., :8] - blended[1.0][..., :8]).abs().max() > 1e-3

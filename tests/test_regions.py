@@ -15,7 +15,7 @@ from lib_mos.models import sd1
 from lib_mos.models.family import SD1, SDXL, attn2_modules
 from lib_mos.models.sampling import any_multiple_of_8
 from lib_mos.regional import regions
-from lib_mos.regional.regions import MAX_REGIONS, Region, RegionError, RegionSpec
+from lib_mos.regional.regions import MAX_REGIONS, PASS_UNET_WEIGHT, Region, RegionError, RegionSpec
 
 
 def png_b64(width: int, height: int, rects: list[tuple[tuple[int, int, int, int], str]], mode: str = "RGB",
@@ -53,6 +53,14 @@ def test_json_round_trip():
     assert RegionSpec.from_json('{"regions": []}') == RegionSpec()
     plain = RegionSpec([Region("x", box=[1, 2, 3, 4])])
     assert plain.to_json() == '{"regions":[{"prompt":"x","box":[1,2,3,4]}]}'
+    passes = RegionSpec(plain.regions, passes=True)
+    assert passes.pass_unet_weight == PASS_UNET_WEIGHT and '"pass_unet_weight"' not in passes.to_json()
+    full = RegionSpec.from_json('{"regions":[{"prompt":"x","box":[1,2,3,4]}],"passes":true,"pass_unet_weight":1}')
+    assert full.pass_unet_weight == 1 and RegionSpec.from_json(full.to_json()) == full
+    assert full.to_json().endswith('"passes":true,"pass_unet_weight":1}')
+    for bad in ('"0.5"', "1.5", "-0.1", "true", "null"):
+        with pytest.raises(RegionError, match="field 'pass_unet_weight' must be a number in \\[0, 1\\]"):
+            RegionSpec.from_json(f'{{"regions":[],"pass_unet_weight":{bad}}}')
 
 
 def test_authors_textual_form():

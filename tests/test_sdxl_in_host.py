@@ -119,12 +119,12 @@ def test_whole_image_region_lora_samples_as_the_hosts_own_lora(host_xl, xl_model
 @pytest.mark.parametrize("mode", ["one call", "batch_cond_uncond off", "NGMS", "hires fix"])
 def test_region_passes_with_a_pooled_vector_change_sample_as_the_hosts_own_lora(host_xl, xl_model, mode):
     """`passes` on SDXL: two regions covering the image with the same prompt and LoCon (bigG changes
-    the pooled vector) make two passes, each the host's `<lora:x:1>` prediction with its own vector
+    the pooled vector), its UNet layers at their full weight in the passes, make two passes, each the host's `<lora:x:1>` prediction with its own vector
     change, blended half and half."""
     layouts.kohya_locon(xl_model, dtype=torch.float32, seed=7).save(lora_dir(), "x")
     fields, _ = set_mode(mode)
     common = dict(batch_size=2, width=64, height=72, **fields)
-    spec = json.loads(whole(loras=[{"name": "x", "weight": 1}])) | {"passes": True}
+    spec = json.loads(whole(loras=[{"name": "x", "weight": 1}])) | {"passes": True, "pass_unet_weight": 1}
     spec["regions"] *= 2
     ours = run(host_xl, json.dumps(spec), **common)
     hosts = run(host_xl, whole(), f"{PROMPT} <lora:x:1>", **common)

@@ -15,6 +15,12 @@ from one more pass with the regions that have no LoRA. Blend weights are the reg
 or overlapping masks blend as they do in attention. A region's share of the global prompt stays
 inside its own pass's attention.
 
+In its own pass a region's LoRAs change the UNet at `unet_weight` of their weight (the spec's
+`pass_unet_weight`), while attn2's keys and values, which read only the region's own prompt, and the
+text encoder keep the full weight. On the toy world a full-strength UNet change in a pass drew some
+concepts pale (placed 44% with two concepts, 34% with three); at a quarter of it the region's
+prompt and keys still carry the concept, and 100% and 94% are placed (docs/results.md).
+
 This is the "latent couple" way of composing (MultiDiffusion; Regional Prompter's latent mode) with
 the product's regional attention inside each pass. It costs one UNet pass per region with LoRAs,
 plus one when anything is left for the rest: K or K + 1 times the one-pass cost.
@@ -46,12 +52,13 @@ class RegionPass:
 
 
 def only_regions(masks: Mapping[tuple[int, int], torch.Tensor] | Sequence[torch.Tensor], keep: Sequence[int],
-                 ) -> dict[tuple[int, int], torch.Tensor] | list[torch.Tensor]:
-    """The same [K, N] masks (per level or per layer) with every region not in `keep` zeroed: its
-    slot stays, so region indices, contexts and cached keys line up with the full spec."""
+                 scale: float = 1.0) -> dict[tuple[int, int], torch.Tensor] | list[torch.Tensor]:
+    """The same [K, N] masks (per level or per layer) with every region not in `keep` zeroed and
+    those in it times `scale`: a slot stays, so region indices, contexts and cached keys line up
+    with the full spec."""
     def one(m: torch.Tensor) -> torch.Tensor:
         select = torch.zeros(m.shape[-2], 1, dtype=m.dtype, device=m.device)
-        select[list(keep)] = 1
+        select[list(keep)] = scale
         return m * select
 
     if isinstance(masks, Mapping):
@@ -99,18 +106,21 @@ class PassRun:
 
 def region_passes(unet: nn.Module, loras: Sequence[RegionLora], levels: Mapping[tuple[int, int], torch.Tensor],
                   layer_masks: Sequence[torch.Tensor], latent_masks: torch.Tensor,
-                  vector_regions: Collection[int] = ()) -> list[PassRun]:
+                  vector_regions: Collection[int] = (), unet_weight: float = 1.0) -> list[PassRun]:
     """The passes of one generation: `levels` (h, w) -> [K, h*w] at every UNet level
     (`regions.level_masks`), `layer_masks` [K, N_l] per attn2 layer, `latent_masks` [K, h, w];
     `vector_regions`: regions whose LoRAs change the UNet's vector input (SDXL's pooled prompt),
-    whose pass's hooks then take `vector_changes` (`loras.RegionDeltas`)."""
+    whose pass's hooks then take `vector_changes` (`loras.RegionDeltas`); `unet_weight`: the share
+    of each LoRA's weight its UNet layers get inside its pass (the spec's `pass_unet_weight`), all
+    but attn2's keys and values, which read the region's own prompt at the full weight, as its
+    text-encoder change does."""
     k, h, w = latent_masks.shape
     runs = []
     for plan in plan_passes(latent_masks.reshape(k, h * w), loras):
         processor, deltas = RegionalContext(), None
         if plan.loras:
             deltas = RegionDeltas(unet, plan.loras, k, vectors=bool(set(plan.regions) & set(vector_regions)))
-            deltas.set_masks(only_regions(levels, plan.regions))  # inside their regions, as if the only ones
+            deltas.set_masks(only_regions(levels, plan.regions, unet_weight))  # inside their regions only
             processor.context_delta = deltas.context_delta
         runs.append(PassRun(processor, only_regions(layer_masks, plan.regions), deltas, plan.share.reshape(h, w)))
     return runs

@@ -25,7 +25,14 @@ from lib_mos.models.sd1 import ATTN2_NAMES, SD1Model
 from lib_mos.regional.attention import RegionalContext
 from lib_mos.regional.loras import RegionDeltas, RegionLora, text_loras_of
 from lib_mos.regional.passes import PassRun, region_passes
-from lib_mos.regional.regions import Region, RegionSpec, layer_masks, level_masks, region_masks
+from lib_mos.regional.regions import (
+    PASS_UNET_WEIGHT,
+    Region,
+    RegionSpec,
+    layer_masks,
+    level_masks,
+    region_masks,
+)
 from lib_mos.toyworld import codec as codec_mod
 from lib_mos.toyworld import world
 from lib_mos.toyworld.probe import Probe
@@ -100,7 +107,8 @@ def pictures(model: SD1Model, codec: codec_mod.PatchCodec, prompts: Sequence[str
         processor = RegionalContext()
         levels = level_masks(specs[0], width, height)
         if passes:
-            runs = region_passes(model.unet, region_loras, levels, masks, region_masks(specs[0], width, height))
+            runs = region_passes(model.unet, region_loras, levels, masks, region_masks(specs[0], width, height),
+                                 unet_weight=specs[0].pass_unet_weight)
         elif region_loras:
             unet_deltas = RegionDeltas(model.unet, region_loras, len(specs[0].regions))
             unet_deltas.set_masks(levels)
@@ -256,14 +264,17 @@ def side_by_side(concepts: Sequence[Concept], classes: Sequence[str], layout: La
 def placement_rate(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, concepts: Sequence[Concept],
                    labels: Sequence[int], classes: Sequence[str], *, seeds: int = 16, sampler: Sampler = Sampler(),
                    first_seed: int = 3000, region_loras: bool = False, layout: Layout = TILING,
-                   passes: bool = False) -> tuple[float, torch.Tensor]:
+                   passes: bool = False, lora_weight: float = 1.0,
+                   pass_unet_weight: float = PASS_UNET_WEIGHT) -> tuple[float, torch.Tensor]:
     """Regional composition, concept i in the i-th of k side-by-side squares (regions laid out by
     `layout`): the share of pictures where every square's crop is read as its own concept.
-    `region_loras`: each concept's LoRA applied inside its own region only (unfused, one pass; with
-    `passes`, a pass per region). Also returns the pictures."""
+    `region_loras`: each concept's LoRA applied inside its own region only at `lora_weight`
+    (unfused, one pass; with `passes`, a pass per region, its UNet layers at `pass_unet_weight`
+    of that). Also returns the pictures."""
     k = len(concepts)
     prompt, spec = side_by_side(concepts, classes, layout)
-    loras = [RegionLora(i, c, 1.0, c.name) for i, c in enumerate(concepts)] if region_loras else []
+    spec = dataclasses.replace(spec, pass_unet_weight=pass_unet_weight)
+    loras = [RegionLora(i, c, lora_weight, c.name) for i, c in enumerate(concepts)] if region_loras else []
     pics = pictures(model, codec, [prompt] * seeds, [first_seed + i for i in range(seeds)], concepts=concepts,
                     sampler=sampler, cells=k, spec=spec, region_loras=loras, passes=passes)
     return float(placed(probe, pics, labels).mean()), pics
@@ -271,19 +282,22 @@ def placement_rate(model: SD1Model, codec: codec_mod.PatchCodec, probe: Probe, c
 
 def region_lora_spill(model: SD1Model, codec: codec_mod.PatchCodec, concepts: Sequence[Concept],
                       classes: Sequence[str], *, seeds: int = 16, sampler: Sampler = Sampler(),
-                      first_seed: int = 3000, layout: Layout = TILING, passes: bool = False) -> list[float]:
-    """Per concept i: how much its LoRA, applied inside region i only (in a pass of its own with
-    `passes`), changes the other squares of the composition against its own square (mean absolute
+                      first_seed: int = 3000, layout: Layout = TILING, passes: bool = False,
+                      lora_weight: float = 1.0, pass_unet_weight: float = PASS_UNET_WEIGHT) -> list[float]:
+    """Per concept i: how much its LoRA, applied at `lora_weight` inside region i only (in a pass of
+    its own with `passes`), changes the other squares of the composition against its own square (mean absolute
     pixel change over the same seeds and prompts without it; 0 = no bleed, 1 = as much elsewhere as
     where it was drawn)."""
     k = len(concepts)
     prompt, spec = side_by_side(concepts, classes, layout)
+    spec = dataclasses.replace(spec, pass_unet_weight=pass_unet_weight)
     args = (model, codec, [prompt] * seeds, [first_seed + i for i in range(seeds)])
     kwargs = {"concepts": concepts, "sampler": sampler, "cells": k, "spec": spec}
     without = pictures(*args, **kwargs)
     out = []
     for i, concept in enumerate(concepts):
-        one = pictures(*args, **kwargs, region_loras=[RegionLora(i, concept, 1.0, concept.name)], passes=passes)
+        one = pictures(*args, **kwargs, region_loras=[RegionLora(i, concept, lora_weight, concept.name)],
+                       passes=passes)
         per_square = (one - without).abs().mean(dim=(0, 1, 2)).reshape(k, world.SIZE).mean(1)  # [k]
         others = torch.cat([per_square[:i], per_square[i + 1:]]).mean()
         out.append(float(others / per_square[i]))

@@ -24,6 +24,9 @@
 
     const MAX_REGIONS = 16;
     const PASS_UNET_WEIGHT = 0.25; // lib_mos.regional.regions.PASS_UNET_WEIGHT: a region LoRA's UNet share in its pass
+    // A drawing started on the canvas has region LoRAs in passes of their own: they placed several concepts
+    // best (docs/results.md). A spec without the field (pasted, the API's, an older infotext) keeps one pass.
+    const NEW_PASSES = true;
     const GRID = 8; // output pixels per latent cell
     const MAX_UNDO = 50;
     const PALETTE = [
@@ -112,7 +115,7 @@
     /** Lenient reader: anything it can show is shown; lib_mos is the judge at generation time. */
     function parseSpec(text) {
         const trimmed = (text || "").trim();
-        if (!trimmed) return {regions: [], feather: 0, mask_image: null, global_weight: 0, passes: false,
+        if (!trimmed) return {regions: [], feather: 0, mask_image: null, global_weight: 0, passes: NEW_PASSES,
             pass_unet_weight: PASS_UNET_WEIGHT};
         const data = trimmed.startsWith("{") ? JSON.parse(trimmed) : parseAuthors(trimmed);
         if (data === null || typeof data !== "object" || Array.isArray(data)) {
@@ -166,7 +169,7 @@
             this.regions = []; // {id, prompt, negative, kind: box|paint|none, box, units, color, loras, globalWeight}
             this.feather = 0;
             this.globalWeight = 0; // the spec's share of the main prompt inside regions
-            this.passes = false; // each region with LoRAs in a UNet pass of its own
+            this.passes = NEW_PASSES; // each region with LoRAs in a UNet pass of its own
             this.passUnetWeight = PASS_UNET_WEIGHT; // with passes, a region LoRA's UNet share in its pass
             this.labels = null; // Uint8Array of region ids, labelW x labelH; shared with undo snapshots
             this.labelW = 0;

@@ -177,7 +177,7 @@ def test_draw_two_boxes_and_a_stroke(served, browser_page, tmp_path):
                                   "box": [0.078125, 0.5625, 0.4375, 0.9375], "units": "fraction"}
     color = spec["regions"][2]["color"]
     assert spec["regions"][2] == {"prompt": "a red ball", "color": color}
-    assert set(spec) == {"regions", "mask_image"}
+    assert set(spec) == {"regions", "mask_image", "passes"} and spec["passes"] is True  # a new drawing: passes
 
     pixels = mask_pixels(spec["mask_image"])
     assert pixels.shape == (512, 512)
@@ -297,7 +297,7 @@ def test_json_edits_paste_and_tabs_redraw_the_canvas(served, browser_page, tmp_p
     assert page.input_value(".mos-canvas .mos-feather") == "1.5"
     assert page.locator(JSON_BOX).input_value() == json.dumps(typed)  # shown, not rewritten
 
-    # an edit on the canvas keeps what it did not touch: px units, the mask as written, feather
+    # an edit on the canvas keeps what it did not touch: px units, the mask as written, feather, one pass
     page.fill(".mos-region[data-index='0'] .mos-prompt", "a <cat1> <cat2> sleeping")
     spec = wait_json(page, "spec.regions[0].prompt.endsWith('sleeping')")
     assert spec == {**typed, "regions": [{**typed["regions"][0], "prompt": "a <cat1> <cat2> sleeping"},

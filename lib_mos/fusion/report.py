@@ -151,7 +151,8 @@ def concept_summary(report: Sequence[dict]) -> list[str]:
                     f"{errors['stacked']:.3f} (best: {_NAMES[best]})")
             if best != "fused":
                 line += (f"; {_NAMES[best]} keeps it better than fusion here: give each concept its own region "
-                         f"with its LoRA (Mix-of-Show regions, nothing merged), or merge it {_NAMES[best]}")
+                         f"with its LoRA (Mix-of-Show regions, nothing merged, region LoRAs in separate passes), "
+                         f"or merge it {_NAMES[best]}")
             lines.append(line)
             continue
         unseen = all(isinstance(r.get("held_out"), (int, float)) for r in rows)

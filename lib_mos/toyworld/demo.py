@@ -4,8 +4,9 @@ Fuses three committed novel concepts into the committed base with the product's 
 (a file, as the WebUI tab writes it), loads that file back, and renders a regional composition:
 each concept in its own third, left to right. The picture's top row is the concepts' reference
 renders, so right or wrong shows at a glance. Then it renders the same regions with nothing
-merged, each concept's LoRA inside its own region (which the fidelity table finds better for
-several concepts in one picture), and prints that table (bench/fidelity.py's output). Nothing is
+merged, each concept's LoRA inside its own region in a UNet pass of its own (region LoRAs in
+separate passes, the canvas's default, which the fidelity table finds best for several concepts in
+one picture), and prints that table (bench/fidelity.py's output). Nothing is
 trained. The quick demo (`make demo`) samples fewer rows and runs a shorter fusion.
 """
 
@@ -86,16 +87,17 @@ def run(out: Path, wrote: Callable[..., None], *, seed: int = 0, folder: Path = 
           _look(styles, samples, f"of the fused checkpoint, one concept per region (all three right: {rate:.0%})"))
     if region_loras:
         # what the fidelity table finds best for several concepts in one picture: nothing merged, each
-        # concept's LoRA inside its own region (the script's region LoRAs), from the base model
+        # concept's LoRA inside its own region in a pass of its own (the canvas's default), from the base
         rate, pics = measure.placement_rate(toy.model, toy.codec, toy.concept_probe, toy.concepts[:count],
                                             list(range(count)), toy.classes[:count], seeds=samples,
-                                            first_seed=seed + 3000, region_loras=True)
+                                            first_seed=seed + 3000, region_loras=True, passes=True)
         regional = out / "toyworld-region-loras.png"
         composition_picture(pics, styles).save(regional)
         wrote(regional, f"toy world: the same regions, nothing merged, each concept's LoRA inside its own region "
-              f"(region LoRAs, the base model); every region right in {rate:.0%} of {samples} samples",
-              _look(styles, samples, f"of the base, each concept's LoRA in its own region, nothing merged (all "
-                                     f"three right: {rate:.0%})"))
+              f"in a pass of its own (region LoRAs in separate passes, the base model); every region right in "
+              f"{rate:.0%} of {samples} samples",
+              _look(styles, samples, f"of the base, each concept's LoRA in its own region and pass, nothing merged "
+                                     f"(all three right: {rate:.0%})"))
     table = folder / FIDELITY
     if table.is_file():
         print("toy world fidelity (bench/fidelity.py; identity and placement read by the concept probe):")
@@ -103,5 +105,6 @@ def run(out: Path, wrote: Callable[..., None], *, seed: int = 0, folder: Path = 
         for r in (r for r in rows if "identity" in r):  # the report-agreement rows have none
             placement = f", placement {r['placement']:.0%}" if "placement" in r else ""
             where = f" (global prompt {r['global_weight']:g} in regions)" if r.get("global_weight") else ""
+            where += f", UNet weight in passes {r['pass_unet_weight']:g}" if "pass_unet_weight" in r else ""
             print(f"  {r['concepts']} concept(s), {r['method']:<12} identity {r['identity']:.0%}{placement}{where}")
     return picture

@@ -372,29 +372,36 @@ def test_the_global_prompts_share_in_a_lora_region_is_read_through_its_lora(real
 
 def test_a_region_loras_spill_with_one_pass_and_with_region_passes(realhost, everyday):
     """How much a LoRA in the left region changes the right third of the picture against the left
-    third (the issue's measure: 192x128, 2 steps), sampled in one pass and with `passes`; with a
-    pass per region the right half's prediction never sees the left LoRA: it must spill clearly less
-    (the rest is the shared latent at the second step and the VAE's reach across the edge)."""
-    def spec(loras: list, passes: bool) -> list[str]:
+    third (the issue's measure: 192x128, 2 steps), sampled in one pass and with `passes` (the UNet
+    at the LoRA's full weight, and at the default share); with a pass per region the right half's
+    prediction never sees the left LoRA: it must spill clearly less (the rest is the shared latent
+    at the second step and the VAE's reach across the edge)."""
+    def spec(loras: list, passes: bool, unet: float | None) -> list[str]:
         return [json.dumps({"regions": [
             {"prompt": "a photo of ohwx man", "box": [0, 0, 1, 0.5], "units": "fraction", "loras": loras},
-            {"prompt": "a photo of a red bird", "box": [0, 0.5, 1, 1], "units": "fraction"}], "passes": passes})]
+            {"prompt": "a photo of a red bird", "box": [0, 0.5, 1, 1], "units": "fraction"}], "passes": passes}
+            | ({} if unet is None else {"pass_unet_weight": unet}))]
 
     common = dict(negative_prompt="dark", seed=9, steps=2, width=192, height=128, script_name="mix-of-show")
-    spill = {}
-    for passes in (False, True):
+    spill, change_at = {}, {}
+    for passes, unet in ((False, None), (True, 1), (True, None)):  # one pass; passes at full UNet weight; default
         start = time.perf_counter()
-        without = pixels(realhost.txt2img("two friends", script_args=spec([], passes), **common)).astype(float)
-        result = realhost.txt2img("two friends", script_args=spec([{"name": "hero"}], passes), **common)
+        without = pixels(realhost.txt2img("two friends", script_args=spec([], passes, unet), **common)).astype(float)
+        result = realhost.txt2img("two friends", script_args=spec([{"name": "hero"}], passes, unet), **common)
         seconds = time.perf_counter() - start
         change = np.abs(pixels(result).astype(float) - without).mean(axis=(0, 2))  # per pixel column
         left, right = change[:64].mean(), change[128:].mean()
-        spill[passes] = right / left
-        print(f"passes={passes}: the left region's LoRA changes the left third by {left:.2f}, the right third by "
-              f"{right:.2f} ({right / left:.0%}); both requests {seconds:.1f} s")
+        spill[passes, unet] = right / left
+        change_at[passes, unet] = left, right
+        print(f"passes={passes} pass_unet_weight={unet or 'default'}: the left region's LoRA changes the left third "
+              f"by {left:.2f}, the right third by {right:.2f} ({right / left:.0%}); both requests {seconds:.1f} s")
         if passes:  # the spec is saved, quoted by the host: {\"regions\": ..., \"passes\":true}
             assert re.search(r'\\?"passes\\?":true', infotexts(result)[0])
-    assert spill[True] < 0.75 * spill[False]
+    assert spill[True, 1] < 0.75 * spill[False, None]
+    # the default UNet share does less on its own side too (the ratio lands between), and reaches the
+    # other side far less than one pass does
+    assert change_at[True, None][0] < 0.8 * change_at[True, 1][0]
+    assert change_at[True, None][1] < 0.75 * change_at[False, None][1] and spill[True, None] < spill[False, None]
 
 
 def test_fusion_tab_in_the_browser_reads_authors_files(realhost, authors):

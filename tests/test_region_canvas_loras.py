@@ -288,6 +288,10 @@ def test_pasted_loras_show_and_round_trip(served, browser_page):
     unet = ".mos-canvas .mos-pass-unet-weight"
     assert page.evaluate("MixOfShow.regions.PASS_UNET_WEIGHT") == PASS_UNET_WEIGHT
     assert page.is_checked(".mos-canvas .mos-passes") and page.is_enabled(unet)
+    # gradio's page styles every checkbox `appearance: none` (only its own components draw a tick), so
+    # ours must ask for the browser's own, or it shows unticked while on (seen in the real WebUI)
+    assert page.evaluate("getComputedStyle(gradioApp().querySelector('.mos-canvas .mos-passes')).appearance") \
+        != "none"
     assert float(page.input_value(unet)) == PASS_UNET_WEIGHT
     page.uncheck(".mos-canvas .mos-passes")
     assert not RegionSpec.from_json(json.dumps(wait_json(page, "spec.passes === undefined"))).passes

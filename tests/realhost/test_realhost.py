@@ -23,7 +23,7 @@ from webui_process import HostError, images, infotexts
 
 from lib_mos.concepts import synthetic
 from lib_mos.models import sd1
-from lib_mos.regional.regions import RegionSpec
+from lib_mos.regional.regions import PASS_UNET_WEIGHT, RegionSpec
 
 PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
 # (concept, key spelling, how the file was written): every combination of the authors' files
@@ -306,17 +306,18 @@ def test_region_loras_through_the_api_and_the_canvas(realhost, everyday):
 
 
 def test_two_regions_with_their_loras_drawn_in_the_canvas_and_generated(realhost, everyday):
-    """The README's first workflow in the browser: the script chosen, two regions each with a LoRA
-    (typed as JSON, which redraws the canvas), their prompts in boxes wide enough to read and
-    numbers readable on their colours, generated with the Generate button; the screenshot is the
-    README's."""
+    """The README's first workflow in the browser: the script chosen, the fresh canvas offering
+    region LoRAs in separate passes at the default UNet weight, two regions each with a LoRA (typed
+    as JSON as the canvas writes it, which redraws the canvas), their prompts in boxes wide enough
+    to read and numbers readable on their colours, generated with the Generate button; the
+    screenshot is the README's."""
     from browser import Browser, choose_script, contrast, css_rgb, swatch_colors
 
     spec = {"regions": [
         {"prompt": "a photo of ohwx man, red coat", "box": [0.1, 0.05, 0.95, 0.5], "units": "fraction",
          "loras": [{"name": "hero", "weight": 0.8}]},
         {"prompt": "a photo of zkq bird on a branch", "box": [0.2, 0.55, 0.9, 0.95], "units": "fraction",
-         "loras": [{"name": "bird", "weight": 1}]}], "feather": 0, "global_weight": 0}
+         "loras": [{"name": "bird", "weight": 1}]}], "feather": 0, "global_weight": 0, "passes": True}
     with Browser(viewport=(1400, 1100)) as browser:
         page = browser.page
         page.goto(realhost.url, timeout=120_000)
@@ -325,8 +326,16 @@ def test_two_regions_with_their_loras_drawn_in_the_canvas_and_generated(realhost
             page.fill(f"#{elem} input[type=number]", value)
             page.press(f"#{elem} input[type=number]", "Enter")
         choose_script(page, "Mix-of-Show")
+        page.wait_for_selector(".mos-canvas .mos-passes", timeout=60_000)
+        unet = page.input_value(".mos-canvas .mos-pass-unet-weight")
+        print(f"fresh canvas: separate passes {page.is_checked('.mos-canvas .mos-passes')}, UNet weight {unet}")
+        assert page.is_checked(".mos-canvas .mos-passes") and float(unet) == PASS_UNET_WEIGHT
         page.fill("#script_mixofshow_regions textarea", json.dumps(spec))
         page.wait_for_selector(".mos-region[data-index='1']", timeout=60_000)
+        passes = "#tab_txt2img .mos-canvas .mos-passes"
+        print("after the JSON: separate passes", page.is_checked(passes), "UNet weight enabled",
+              page.is_enabled("#tab_txt2img .mos-canvas .mos-pass-unet-weight"))
+        assert page.is_checked(passes) and page.is_enabled("#tab_txt2img .mos-canvas .mos-pass-unet-weight")
         width = page.locator(".mos-region[data-index='0'] .mos-prompt").bounding_box()["width"]
         colours = swatch_colors(page)
         ratios = [round(contrast(css_rgb(fg), css_rgb(bg)), 2) for fg, bg in colours]
@@ -339,7 +348,8 @@ def test_two_regions_with_their_loras_drawn_in_the_canvas_and_generated(realhost
                                timeout=600_000)
         info = page.inner_text("#html_info_txt2img")
         print("infotext on the page:", info[:400])
-        assert "Mix-of-Show region LoRAs" in info
+        assert "Mix-of-Show region LoRAs" in info and re.search(r'\\?"passes\\?":\s*true', info)
+        assert page.is_checked(passes)
         SHOTS.mkdir(parents=True, exist_ok=True)
         page.locator("#tab_txt2img").screenshot(path=str(SHOTS / "regions.png"))
         # the host's page raises this itself when its Width/Height number boxes are typed into and

@@ -65,6 +65,9 @@ medians:
   overlap; the weights are prepared once, the blend itself is timed). Its K RegionDeltas have
   their factors cast before the first call (as the host's LoRAs are loaded before sampling; cast
   lazily, their lasting small tensors fragment the heap and its peak RSS grows with K).
+- passes: the product's `"passes": true` (`regional.passes`), a regional UNet call per region with
+  LoRAs (plus one for the rest where the regions leave some), each with its region's LoRAs at the
+  default `pass_unet_weight`, blended by region: `passes_step_s`, `passes_ratio_vs_plain`.
 - regional: ours without the LoRAs (RegionalContext alone), timed beside them so that
   regional_step_s / ratio_regional_vs_plain show what the LoRA hooks add to ours.
 
@@ -84,6 +87,7 @@ and the global call's 0, so the full pass is that region's unmasked call); ~1e-6
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -108,7 +112,9 @@ from lib_mos.models.family import FAMILIES, ModelFamily, family_named
 from lib_mos.models.sampling import any_multiple_of_8
 from lib_mos.regional.attention import RegionalContext, region_blend_weights
 from lib_mos.regional.loras import RegionDeltas, RegionLora
+from lib_mos.regional.passes import region_passes
 from lib_mos.regional.regions import (
+    PASS_UNET_WEIGHT,
     Region,
     RegionSpec,
     attention_sizes,
@@ -384,6 +390,17 @@ def _lora_worker(args: argparse.Namespace) -> dict:
                 out += unet(x, t, context=region_context[:, r]) * w_regions[r]
         return out
 
+    runs = region_passes(module, loras, levels, weights, latent, unet_weight=PASS_UNET_WEIGHT)
+
+    def passes() -> torch.Tensor:  # the product's `passes`: a regional UNet call per region with LoRAs
+        out = torch.zeros_like(x)
+        for run in runs:
+            with attn2_processor(module, run.processor), (run.deltas.installed() if run.deltas
+                                                          else contextlib.nullcontext()):
+                run.set_rows(region_context)
+                out += unet(x, t, context=context) * run.share
+        return out
+
     result: dict = {"worker": "loras", "family": family.name, "regions": k, "loras": which, "lora_modules": len(names),
                     "lora_rank": LORA_RANK, "size": size, "threads": torch.get_num_threads(),
                     "latent_covered": float((coverage > 0).float().mean()),
@@ -391,7 +408,8 @@ def _lora_worker(args: argparse.Namespace) -> dict:
     outs, reset = {}, True
     with torch.inference_mode(), any_multiple_of_8():
         # warm-ups, each setting its method's peak RSS (every timed call repeats it)
-        for key, call in (("plain_", plain), ("regional_", regional), ("", ours), ("full_pass_", full_pass)):
+        for key, call in (("plain_", plain), ("regional_", regional), ("", ours), ("full_pass_", full_pass),
+                          ("passes_", passes)):
             reset = _reset_peak_rss() and reset
             print(f"# K={k} {which}: warm-up {key or 'ours_'}", file=sys.stderr, flush=True)
             outs[key] = call()
@@ -402,7 +420,8 @@ def _lora_worker(args: argparse.Namespace) -> dict:
         result["max_rel_diff_plain_vs_full_pass"] = _rel_diff(outs["plain_"], outs["full_pass_"])
         del outs
         print(f"# K={k} {which}: timing", file=sys.stderr, flush=True)
-        calls = {"plain_step_s": plain, "regional_step_s": regional, "step_s": ours, "full_pass_step_s": full_pass}
+        calls = {"plain_step_s": plain, "regional_step_s": regional, "step_s": ours, "full_pass_step_s": full_pass,
+                 "passes_step_s": passes}
         for name, times in _interleaved(calls, args.steps).items():
             result.update({name: statistics.median(times), f"{name}_all": times})
 
@@ -529,6 +548,8 @@ def _main_loras(args: argparse.Namespace) -> None:
                 "ratio_regional_vs_plain": r["regional_step_s"] / r["plain_step_s"],
                 "full_pass_ratio_vs_plain": r["full_pass_step_s"] / r["plain_step_s"],
                 "full_pass_ratio_vs_ours": r["full_pass_step_s"] / r["step_s"],
+                "passes_step_s": r["passes_step_s"], "passes_ratio_vs_plain": r["passes_step_s"] / r["plain_step_s"],
+                "passes_peak_rss_over_model_mb": r["passes_peak_rss_over_model_mb"],
                 "peak_rss_mb": r["peak_rss_mb"], "peak_rss_over_model_mb": r["peak_rss_over_model_mb"],
                 "full_pass_peak_rss_mb": r["full_pass_peak_rss_mb"],
                 "full_pass_peak_rss_over_model_mb": r["full_pass_peak_rss_over_model_mb"],
@@ -541,11 +562,13 @@ def _main_loras(args: argparse.Namespace) -> None:
                 "latent_covered": r["latent_covered"], "latent_overlapped": r["latent_overlapped"],
                 "step_s_all": r["step_s_all"], "plain_step_s_all": r["plain_step_s_all"],
                 "full_pass_step_s_all": r["full_pass_step_s_all"], "regional_step_s_all": r["regional_step_s_all"],
+                "passes_step_s_all": r["passes_step_s_all"],
             }
             print(json.dumps({key: _round(v) for key, v in row.items()}), flush=True)
             print(f"# K={k} {which}: ours {row['ratio_vs_plain']:.3f}x plain (without LoRAs "
                   f"{row['ratio_regional_vs_plain']:.3f}x), full pass "
-                  f"{row['full_pass_ratio_vs_plain']:.3f}x plain, whole-image diff {r['whole_image_rel_diff']:.2e}",
+                  f"{row['full_pass_ratio_vs_plain']:.3f}x plain, separate passes {row['passes_ratio_vs_plain']:.3f}x "
+                  f"plain, whole-image diff {r['whole_image_rel_diff']:.2e}",
                   file=sys.stderr, flush=True)
     print(f"# total {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 

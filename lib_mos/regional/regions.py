@@ -94,7 +94,7 @@ __all__ = [
 MAX_REGIONS = 16  # regions per spec; each costs one extra attention per layer and row
 MAX_FEATHER = 64.0  # latent pixels; beyond this every region is a faint wash over the image
 # With `passes`, a region LoRA's UNet share in its own pass. The toy world's bench (32 pictures, 20
-# steps) placed 2 / 3 concepts in 44% / 34% of pictures at 1, 100% / 88% at 0.25 (docs/results.md).
+# steps) placed 2 / 3 concepts in 44% / 34% of pictures at 1, 100% / 94% at 0.25 (docs/results.md).
 PASS_UNET_WEIGHT = 0.25
 LATENT_FACTOR = 8
 

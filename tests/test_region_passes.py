@@ -83,6 +83,17 @@ def setup_rows(model, spec: RegionSpec, runs, processor: RegionalContext | None 
         processor.set_rows(region_rows, layer_masks(spec, WIDTH, HEIGHT))
 
 
+def first_region_alone(model, spec: RegionSpec, loras, levels, x, sigma, cond, uncond) -> torch.Tensor:
+    """The prediction of a generation with the spec's region 0 only, `loras` (all on region 0)
+    inside it, the global prompt elsewhere: what region 0's pass must give inside region 0."""
+    processor, deltas = RegionalContext(), RegionDeltas(model.unet, loras, 1)
+    deltas.set_masks({size: m[:1] for size, m in levels.items()})
+    processor.context_delta = deltas.context_delta
+    setup_rows(model, RegionSpec(spec.regions[:1]), [], processor)
+    with deltas.installed():
+        return predictions(model, processor, x, sigma, cond, uncond)
+
+
 def test_a_regions_prediction_does_not_depend_on_the_other_regions_lora(model):
     """Inside region 0 the blended prediction is region 0's pass: swapping region 1's LoRA for
     another changes region 1 and nothing in region 0 (one pass lets it through the UNet)."""
@@ -125,14 +136,7 @@ def test_inside_its_region_a_pass_is_that_regions_lora_and_prompt_alone(model):
     setup_rows(model, spec, runs)
     blended = predictions(model, runs, x, sigma, cond, uncond)
 
-    alone = RegionSpec(spec.regions[:1])
-    processor = RegionalContext()
-    deltas = RegionDeltas(model.unet, loras[:1], 1)
-    deltas.set_masks({size: m[:1] for size, m in levels.items()})
-    processor.context_delta = deltas.context_delta
-    setup_rows(model, alone, [], processor)
-    with deltas.installed():
-        reference = predictions(model, processor, x, sigma, cond, uncond)
+    reference = first_region_alone(model, spec, loras[:1], levels, x, sigma, cond, uncond)
     torch.testing.assert_close(blended[..., :8], reference[..., :8], rtol=1e-5, atol=1e-5)
     assert (blended[..., 8:] - reference[..., 8:]).abs().max() > 1e-2
 
@@ -217,12 +221,7 @@ def test_a_pass_gives_its_loras_unet_layers_their_share_and_keeps_keys_and_value
         concept = loras[0].concept
         parts = [RegionLora(0, concept_part(concept, "spatial"), spatial, "spatial"),
                  RegionLora(0, concept_part(concept, "kv"), kv, "kv")]
-        processor, deltas = RegionalContext(), RegionDeltas(model.unet, parts, 1)
-        deltas.set_masks({size: m[:1] for size, m in levels.items()})
-        processor.context_delta = deltas.context_delta
-        setup_rows(model, RegionSpec(spec.regions[:1]), [], processor)
-        with deltas.installed():
-            return predictions(model, processor, x, sigma, cond, uncond)[..., :8]
+        return first_region_alone(model, spec, parts, levels, x, sigma, cond, uncond)[..., :8]
 
     torch.testing.assert_close(blended[0.25][..., :8], alone(0.25, 1.0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(blended[1.0][..., :8], alone(1.0, 1.0), rtol=1e-5, atol=1e-5)

@@ -5,6 +5,13 @@ user token's input embedding is that token's layer-l row. The result is one cont
 layer, [B, L, 77, D]; attn2 layer l attends to slice l. A prompt with no concept tokens costs one
 encoder pass and is expanded (a view, no copy) to all layers.
 
+SDXL has two text encoders whose outputs are concatenated into the context, so a row is the
+concatenation too: its first part is CLIP-L's input embedding, the rest OpenCLIP bigG's (the
+widths of the family's `text_encoders`, in order). The UNet also takes one pooled vector per
+picture, from bigG's end-of-text output, where the concept gives L encodings: the vector is the
+mean of the L pooled outputs, so every layer's rows count alike, and rows equal at every layer
+give textual inversion's vector exactly.
+
 This module serves the demo, the CLI, fusion and tests (one 77-token chunk, like SD1's own
 pipeline). Inside the WebUI the host's own prompt encoding is reused instead (chunks, emphasis,
 BREAK) with the same rows registered as temporary embeddings: see `scripts/`.
@@ -14,41 +21,65 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lib_mos.concepts.concept import Concept, ConceptError
+from lib_mos.concepts.concept import Concept, ConceptError, input_embedding_table, text_width
 from lib_mos.models.family import ModelFamily
 from lib_mos.models.sd1 import SD1Model
+
+if TYPE_CHECKING:
+    from lib_mos.models.sdxl import SDXLModel
 
 CHUNK_TOKENS = 75
 
 
-def tokenize(model: SD1Model, prompts: list[str]) -> torch.Tensor:
+def tokenize(model: SD1Model | SDXLModel, prompts: list[str]) -> torch.Tensor:
     """Token ids [B, 77]; a prompt longer than 75 tokens is an error, not silently truncated."""
     return torch.tensor([_chunk(model, _ids(model, p), p) for p in prompts], dtype=torch.long)
 
 
-def _ids(model: SD1Model, text: str) -> list[int]:
+def _ids(model: SD1Model | SDXLModel, text: str) -> list[int]:
     if model.tokenizer is None:
         raise ValueError("this model has no tokenizer (meta skeleton?)")
     return model.tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"] if text else []
 
 
-def _chunk(model: SD1Model, ids: list[int], prompt: str) -> list[int]:
+def _chunk(model: SD1Model | SDXLModel, ids: list[int], prompt: str) -> list[int]:
     tok = model.tokenizer
     if len(ids) > CHUNK_TOKENS:
         raise ValueError(f"prompt has {len(ids)} tokens, more than {CHUNK_TOKENS}: {prompt[:60]!r}...")
     return [tok.bos_token_id, *ids] + [tok.eos_token_id] * (CHUNK_TOKENS + 1 - len(ids))
 
 
+def text_encoder_parts(model: SD1Model | SDXLModel) -> list[tuple[nn.Module, slice]]:
+    """Each text encoder of `model` in the family's order, with the slice of an embedding row (and
+    of the context) it takes: SD1 its one encoder and the whole row; SDXL CLIP-L, then bigG."""
+    out, start = [], 0
+    for spec in model.family.text_encoders:
+        module = model.text_root.get_submodule(spec.root.rstrip(".")) if spec.root else model.text_root
+        width = input_embedding_table(module).shape[1]
+        out.append((module, slice(start, start + width)))
+        start += width
+    return out
+
+
+def _encode_ids(model: SD1Model | SDXLModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context [B, 77, D], pooled [B, P] or None where the UNet takes no vector)."""
+    if model.family.dict_conditioning:
+        return model.encode_text(ids)
+    return model.text_encoder(input_ids=ids).last_hidden_state, None
+
+
 @torch.no_grad()
-def encode_prompts(model: SD1Model, prompts: list[str]) -> torch.Tensor:
-    """Plain encoding (no concept tokens): last hidden state of the text encoder, [B, 77, D]."""
-    ids = tokenize(model, prompts).to(next(model.text_encoder.parameters()).device)
-    return model.text_encoder(input_ids=ids).last_hidden_state
+def encode_prompts(model: SD1Model | SDXLModel, prompts: list[str]) -> torch.Tensor:
+    """Plain encoding (no concept tokens): the context the UNet attends to, [B, 77, D] (SD1: the
+    encoder's last hidden state; SDXL: both encoders' penultimate ones)."""
+    ids = tokenize(model, prompts).to(next(model.unet.parameters()).device)
+    return _encode_ids(model, ids)[0]
 
 
 @contextmanager
@@ -68,20 +99,33 @@ def _rows_injected(text_encoder: nn.Module, mask: torch.Tensor, rows: torch.Tens
         del emb.forward
 
 
+@contextmanager
+def rows_injected(model: SD1Model | SDXLModel, mask: torch.Tensor, rows: torch.Tensor):
+    """`_rows_injected` into every text encoder of `model`, each with its part of the rows."""
+    with ExitStack() as stack:
+        for encoder, part in text_encoder_parts(model):
+            stack.enter_context(_rows_injected(encoder, mask, rows[..., part]))
+        yield
+
+
 class PromptBinder:
     """Binds prompts for one set of concepts; encodings are cached for the binder's lifetime (make
     one per generation). Without a model (the host encodes) `family` says how many layers a prompt
     without concept tokens spans."""
 
-    def __init__(self, model: SD1Model | None, concepts: Sequence[Concept] = (),
+    def __init__(self, model: SD1Model | SDXLModel | None, concepts: Sequence[Concept] = (),
                  family: ModelFamily | None = None) -> None:
         self.model = model
         self.concepts = tuple(concepts)
         family = family or (model.family if model is not None else None)
         if family is None:
             raise ValueError("PromptBinder needs a model or a model family")
+        self.family = family
         self.rows: dict[str, torch.Tensor] = {}
         for c in concepts:
+            if c.family is not family:
+                raise ConceptError(f"{c.source_path or c.name}: concept {c.name!r} is for {c.family.label}; "
+                                   f"this is an {family.label} model")
             for token in c.tokens:
                 if token in self.rows:
                     raise ConceptError(f"token {token!r} is defined by more than one concept")
@@ -93,9 +137,16 @@ class PromptBinder:
         if self.layers != family.layers:
             raise ConceptError(f"concepts have {self.layers} embedding rows per token; the {family.label} model has "
                                f"{family.layers} cross-attention layers")
+        if model is not None:
+            width = text_width(model.text_root)
+            for c in concepts:
+                if c.tokens and c.dim != width:
+                    raise ConceptError(f"{c.source_path or c.name}: concept {c.name!r} has embedding rows of width "
+                                       f"{c.dim}; this model's text encoders take {width}")
         names = sorted(self.rows, key=len, reverse=True)  # longest first: no prefix captures a longer token
         self._pattern = re.compile("|".join(map(re.escape, names))) if names else None
         self._cache: dict[str, torch.Tensor] = {}
+        self._pooled: dict[str, torch.Tensor] = {}
 
     def concept_tokens_in(self, prompt: str) -> list[str]:
         return self._pattern.findall(prompt) if self._pattern else []
@@ -108,7 +159,9 @@ class PromptBinder:
         for m in self._pattern.finditer(prompt) if self._pattern else ():
             ids += _ids(self.model, prompt[last:m.start()])
             slots.append((len(ids) + 1, m.group(0)))  # +1: BOS comes first
-            ids.append(self.model.tokenizer.unk_token_id)
+            # any id but end-of-text (CLIP's unknown token is that one): bigG's pooled output and its
+            # zero padding are found at the first end-of-text; the row replaces the embedding anyway
+            ids.append(self.model.tokenizer.bos_token_id)
             last = m.end()
         ids += _ids(self.model, prompt[last:])
         return _chunk(self.model, ids, prompt), slots
@@ -116,13 +169,37 @@ class PromptBinder:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """[B, L, 77, D]: layer l of a prompt with concept tokens has their layer-l rows injected."""
+        self._encode_missing(prompts)
+        return torch.stack([self._cache[p] for p in prompts])
+
+    @torch.no_grad()
+    def pooled(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, P]: the pooled text each prompt gives the UNet's vector (SDXL; the mean over the
+        layer copies of a prompt with concept tokens, see the module docstring)."""
+        if not self.family.dict_conditioning:
+            raise ValueError(f"the {self.family.label} UNet takes no pooled text")
+        self._encode_missing(prompts)
+        return torch.stack([self._pooled[p] for p in prompts])
+
+    def conditioning(self, prompts: Sequence[str], width: int, height: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """What the UNet is called with for `prompts` at a width x height picture: the layer-wise
+        context, and for SDXL {"crossattn": it, "vector": [B, V]}."""
+        context = self.encode(prompts)
+        if not self.family.dict_conditioning:
+            return context
+        return {"crossattn": context, "vector": self.model.vector(self.pooled(prompts), width, height)}
+
+    def _encode_missing(self, prompts: Sequence[str]) -> None:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         plain = [p for p in todo if not self.concept_tokens_in(p)]
         bound = [p for p in todo if p not in plain]
-        device = next(self.model.text_encoder.parameters()).device
+        device = next(self.model.unet.parameters()).device
         if plain:
-            for p, z in zip(plain, encode_prompts(self.model, plain)):
-                self._cache[p] = z.unsqueeze(0).expand(self.layers, -1, -1)
+            context, pooled = _encode_ids(self.model, tokenize(self.model, plain).to(device))
+            for i, p in enumerate(plain):
+                self._cache[p] = context[i].unsqueeze(0).expand(self.layers, -1, -1)
+                if pooled is not None:
+                    self._pooled[p] = pooled[i]
         if bound:
             L = self.layers
             tokenized = [self.tokenize_bound(p) for p in bound]
@@ -135,14 +212,15 @@ class PromptBinder:
                     # slots are in position order, the order in which masked_scatter fills
                     mask[b * L + layer, [pos for pos, _ in slots]] = True
                     rows += [self.rows[token][layer] for _, token in slots]
-            with _rows_injected(self.model.text_encoder, mask, torch.stack(rows)):
-                z = self.model.text_encoder(input_ids=ids).last_hidden_state
+            with rows_injected(self.model, mask, torch.stack(rows)):
+                context, pooled = _encode_ids(self.model, ids)
             for b, p in enumerate(bound):
-                self._cache[p] = z[b * L:(b + 1) * L]
-        return torch.stack([self._cache[p] for p in prompts])
+                self._cache[p] = context[b * L:(b + 1) * L]
+                if pooled is not None:
+                    self._pooled[p] = pooled[b * L:(b + 1) * L].mean(0)
 
 
-def bind_prompts(model: SD1Model, prompts: Sequence[str], concepts: Sequence[Concept] = ()) -> torch.Tensor:
+def bind_prompts(model: SD1Model | SDXLModel, prompts: Sequence[str], concepts: Sequence[Concept] = ()) -> torch.Tensor:
     """One-shot `PromptBinder(model, concepts).encode(prompts)`."""
     return PromptBinder(model, concepts).encode(prompts)
 

@@ -363,11 +363,27 @@ def _fits(delta: Delta, layer: nn.Linear | nn.Conv2d) -> bool:
     return bias is None or (layer.bias is not None and tuple(bias.shape) == tuple(layer.bias.shape))
 
 
+def input_embedding_table(encoder: nn.Module) -> torch.Tensor:
+    """A text encoder's token-embedding table [vocab, width] (the host wraps the embedding module in
+    its EmbeddingsWithFixes, which keeps the original as `wrapped`)."""
+    emb = encoder.get_input_embeddings()
+    table = getattr(emb, "weight", None)
+    return emb.wrapped.weight if table is None else table
+
+
+def text_width(text_root: nn.Module) -> int:
+    """How wide a concept's embedding row is for this text root: its one encoder's input width, or
+    (SDXL's ModuleList of encoders) the widths of its encoders together, in order."""
+    if hasattr(text_root, "get_input_embeddings"):
+        return input_embedding_table(text_root).shape[1]
+    return sum(text_width(encoder) for encoder in text_root)
+
+
 def check_fits(concept: Concept, unet: nn.Module, text_encoder: nn.Module, *, embeddings: bool = True) -> None:
     """Every changed layer exists with matching shapes and (unless not `embeddings`: only the
-    LoRA is used) the embedding width is the text width."""
+    LoRA is used) the embedding width is the text width (`text_width`)."""
     what = concept.source_path or concept.name
-    width = text_encoder.get_input_embeddings().weight.shape[1] if embeddings and concept.tokens else None
+    width = text_width(text_encoder) if embeddings and concept.tokens else None
     if width is not None and concept.dim != width:
         raise ConceptError(f"{what}: embeddings are {concept.dim} wide but the model's text encoder is {width} "
                            "(a concept for another model family?)")

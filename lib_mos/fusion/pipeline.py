@@ -402,8 +402,8 @@ def _solve(stage: str, stats: _StageStats, settings: FusionSettings, progress: P
 
 
 def _eos_position(ids: Sequence[int], slots: Sequence[tuple[int, str]], eos: int) -> int:
-    """Where a bound prompt's EOS is. Concept tokens take the unk id, which in CLIP is the EOS id
-    too, so it is the first EOS id that is not a concept slot."""
+    """Where a bound prompt's EOS is: the first EOS id outside the concept slots (whose placeholder
+    id is replaced by the rows, whatever it is)."""
     taken = {pos for pos, _ in slots}
     return next(i for i, t in enumerate(ids) if t == eos and i not in taken)
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from lib_mos.files import atomic_save_safetensors
-from lib_mos.models.family import SD1
+from lib_mos.models.family import SD1, ModelFamily
 
 if TYPE_CHECKING:
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -118,20 +118,22 @@ _ATTN_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 _TEXT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def unet_attention_linear_names() -> list[str]:
-    """The 128 attention linears (attn1 then attn2 per block, q/k/v/out) in ATTN2_NAMES block order."""
+def unet_attention_linear_names(family: ModelFamily = SD1) -> list[str]:
+    """The attention linears (attn1 then attn2 per block, q/k/v/out) in the family's attn2 order
+    (SD1: 128, SDXL: 560)."""
     names = []
-    for attn2 in ATTN2_NAMES:
+    for attn2 in family.attn2:
         block = attn2.removesuffix(".attn2")
         for attn in ("attn1", "attn2"):
             names.extend(f"{block}.{attn}.{proj}" for proj in _ATTN_PROJECTIONS)
     return names
 
 
-def text_attention_linear_names(n_layers: int = 12) -> list[str]:
-    """The self-attention linears of a CLIPTextModel, layer by layer, q/k/v/out."""
+def text_attention_linear_names(n_layers: int = 12, root: str = "") -> list[str]:
+    """The self-attention linears of a CLIPTextModel, layer by layer, q/k/v/out (`root`: the
+    encoder's prefix in a model's text root, SDXL's "0." or "1.")."""
     return [
-        f"text_model.encoder.layers.{i}.self_attn.{proj}"
+        f"{root}text_model.encoder.layers.{i}.self_attn.{proj}"
         for i in range(n_layers)
         for proj in _TEXT_PROJECTIONS
     ]

@@ -214,9 +214,10 @@ class SDXLModel:
         return self.text_root[0], self.text_root[1]
 
     @torch.no_grad()
-    def encode_ids(self, ids: torch.Tensor, width: int = 1024, height: int = 1024) -> dict[str, torch.Tensor]:
-        """{"crossattn": [B, T, D1 + D2], "vector": [B, V]} for token ids [B, T] (one 77-chunk per
-        row, EOS-padded as the host pads CLIP-L; OpenCLIP pads with 0 after the first EOS)."""
+    def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crossattn [B, T, D1 + D2], te2's pooled projection [B, P]) for token ids [B, T] (one
+        77-chunk per row, EOS-padded as the host pads CLIP-L; OpenCLIP pads with 0 after the first
+        EOS)."""
         te1, te2 = self.text_encoders
         ids = ids.to(next(te1.parameters()).device)
         eos = (ids == _EOS_ID).int().argmax(1, keepdim=True)
@@ -224,12 +225,21 @@ class SDXLModel:
         ids2 = torch.where(positions > eos, torch.zeros_like(ids), ids)
         h1 = te1(input_ids=ids, output_hidden_states=True).hidden_states[-2]
         out2 = te2(input_ids=ids2, output_hidden_states=True)
-        h2 = out2.hidden_states[-2]
         # the pooled vector sits at the EOS (transformers picks the argmax id, which 0-padding keeps)
+        return torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2.text_embeds
+
+    def vector(self, pooled: torch.Tensor, width: int = 1024, height: int = 1024) -> torch.Tensor:
+        """The UNet's `y` [B, V]: the pooled text [B, P] and the Fourier features of the original
+        size, crop corner (0, 0) and target size, as the host's txt2img sets them."""
         sizes = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32,
-                             device=ids.device).expand(ids.shape[0], -1)
-        vector = torch.cat([out2.text_embeds, size_embedding(sizes, self.config.size_features)], dim=1)
-        return {"crossattn": torch.cat([h1, h2], dim=-1), "vector": vector}
+                             device=pooled.device).expand(pooled.shape[0], -1)
+        return torch.cat([pooled, size_embedding(sizes, self.config.size_features).to(pooled.dtype)], dim=1)
+
+    @torch.no_grad()
+    def encode_ids(self, ids: torch.Tensor, width: int = 1024, height: int = 1024) -> dict[str, torch.Tensor]:
+        """{"crossattn": [B, T, D1 + D2], "vector": [B, V]} for token ids [B, T] (`encode_text`)."""
+        crossattn, pooled = self.encode_text(ids)
+        return {"crossattn": crossattn, "vector": self.vector(pooled, width, height)}
 
 
 def build_tiny_sdxl(seed: int = 0) -> SDXLModel:

@@ -41,7 +41,7 @@ from PIL import Image
 from torch import nn
 
 from lib_mos.concepts.binding import PromptBinder, _rows_injected, tokenize
-from lib_mos.concepts.concept import Concept, LoraFactor
+from lib_mos.concepts.concept import Concept, LoraFactor, input_embedding_table
 from lib_mos.concepts.files import check_concept_set, read_concept, write_concept
 from lib_mos.files import atomic_save_safetensors
 from lib_mos.models import sampling
@@ -452,10 +452,7 @@ class ConceptTrainer:
 
     def _initial_rows(self) -> torch.Tensor:
         s = self.settings
-        emb = self.model.text_encoder.get_input_embeddings()
-        table = getattr(emb, "weight", None)
-        if table is None:  # the host wraps the embedding (EmbeddingsWithFixes)
-            table = emb.wrapped.weight
+        table = input_embedding_table(self.model.text_encoder)
         dim = table.shape[1]
         rows = []
         for i, _ in enumerate(s.tokens):

@@ -68,16 +68,36 @@ def find_concepts(texts: list[str], *, strict: bool) -> FoundConcepts:
     return resolve(wanted, fused_concepts(shared.sd_model), LIBRARY, folder, strict=strict)
 
 
+def embedding_parts(sd_model, family: ModelFamily) -> list[tuple[str, slice]] | None:
+    """For a family with several text encoders (SDXL): each encoder's textual-inversion key with
+    its slice of a concept's embedding row, in the family's order (CLIP-L "clip_l", then bigG
+    "clip_g"), the widths read from the live encoders as the host reads an embedding's expected
+    shape; None for one encoder (the whole row is its vector)."""
+    if len(family.text_encoders) == 1:
+        return None
+    parts, start = [], 0
+    for spec, embedder in zip(family.text_encoders, sd_model.conditioner.embedders):
+        width = embedder.encode_embedding_init_text(",", 1).shape[1]
+        parts.append((spec.key, slice(start, start + width)))
+        start += width
+    return parts
+
+
 def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str],
                  cache: dict[str, torch.Tensor] | None = None, family: ModelFamily = SD1,
-                 negative: bool = False) -> torch.Tensor:
+                 negative: bool = False, vector_changes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """[B, L, T, D] layer-wise contexts of `prompts`, T a multiple of 77 as the host makes it (the
     cross-attention part of the host's conditioning). `negative`: encoded as the host encodes
     negative prompts (SDXL: an empty one is zeros), so `cache` must hold one kind only.
 
     `cache` (prompt -> [L, T, D]) lets one generation encode each prompt once. As in the host for
     a batch, emphasis's mean restore is computed over the batch it encodes, here all L copies of a
-    prompt together."""
+    prompt together.
+
+    `vector_changes` (SDXL, prompt -> [V]): filled for each prompt with concept tokens with how
+    binding changes the UNet's vector input: the mean of its L copies' vectors (the library's
+    definition, `lib_mos.concepts.binding`) minus the vector of the prompt as written, both at the
+    host's default size, so the size part cancels and the change adds to the generation's own."""
     from modules import devices
     from modules.textual_inversion.textual_inversion import Embedding
 
@@ -92,19 +112,26 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
         for p, zp in zip(plain, z):
             cache[p] = zp.unsqueeze(0).expand(binder.layers, -1, -1)
     texts, rows = aliased_prompts(binder, bound)
+    parts = embedding_parts(sd_model, family) if rows else None
     registered = []
     try:
         for name, row in rows.items():
             # where and how the host keeps embeddings loaded from files: on its device, in float32
-            e = Embedding(row.unsqueeze(0).to(devices.device, dtype=torch.float32), name)
+            row = row.unsqueeze(0).to(devices.device, dtype=torch.float32)
+            e = Embedding(row if parts is None else {key: row[:, part] for key, part in parts}, name)
             e.vectors, e.shape = 1, row.shape[-1]  # the host's Embedding starts with vectors = 0
             embedding_db.register_embedding(e, sd_model)
             registered.append(name)
         with torch.no_grad():
             for k, prompt in enumerate(bound):
                 copies = texts[k * binder.layers:(k + 1) * binder.layers]
-                cache[prompt] = family.crossattn(sd_model.get_learned_conditioning(
-                    prompt_parser.SdConditioning(copies, is_negative_prompt=negative)))
+                conditioning = sd_model.get_learned_conditioning(
+                    prompt_parser.SdConditioning(copies, is_negative_prompt=negative))
+                cache[prompt] = family.crossattn(conditioning)
+                if vector_changes is not None and family.dict_conditioning:
+                    written = sd_model.get_learned_conditioning(
+                        prompt_parser.SdConditioning([prompt], is_negative_prompt=negative))["vector"][0]
+                    vector_changes[prompt] = conditioning["vector"].mean(0) - written
     finally:
         for name in registered:
             embedding_db.register_embedding_by_name(None, sd_model, name)

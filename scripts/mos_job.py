@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -105,6 +105,8 @@ class GenerationJob:
         self.binder = binder
         # encodings per (set of region LoRAs, negative): prompt -> [L, T, D]
         self.caches: dict[tuple[tuple, bool], dict[str, torch.Tensor]] = {}
+        # SDXL: per (set of region LoRAs, negative), prompt -> how binding changes its vector input
+        self.bound_vectors: dict[tuple[tuple, bool], dict[str, torch.Tensor]] = {}
         self.masks: dict[tuple[int, int], dict[tuple[int, int], torch.Tensor]] = {}
         self.plans: dict[tuple, tuple] = {}
         self._installed: contextlib.ExitStack | None = None
@@ -258,7 +260,18 @@ class GenerationJob:
         from modules.sd_hijack import model_hijack
 
         return mos_host_binding.encode_bound(shared.sd_model, model_hijack.embedding_db, self.binder, prompts,
-                                             self.caches.setdefault((loras, negative), {}), self.family, negative)
+                                             self.caches.setdefault((loras, negative), {}), self.family, negative,
+                                             self.bound_vectors.setdefault((loras, negative), {}))
+
+    def _bound_vector_changes(self, prompts: Sequence[str], negative: bool) -> torch.Tensor | None:
+        """[n, V]: how binding changes each prompt's vector input (SDXL; zero for a prompt without
+        concept tokens), after `encode` of the same prompts; None for a family without a vector."""
+        if not self.family.dict_conditioning:
+            return None
+        changes = self.bound_vectors.get(((), negative), {})
+        found = [changes.get(p) for p in prompts]
+        like = next(c for c in found if c is not None)
+        return torch.stack([like.new_zeros(like.shape) if c is None else c for c in found])
 
     def _text_loras(self, region: int) -> tuple[tuple, list[RegionLora]]:
         """(a key naming them, the LoRAs) that change region `region`'s text encoding."""
@@ -350,7 +363,13 @@ class GenerationJob:
         if key not in self.plans:
             plan = self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)
             self.plans = {key: (*plan, self._vector_changes(step, hires, n_cond, n_uncond))}
-        region, rows, weights, levels, cond, uncond, global_weight, passes, vectors = self.plans[key]
+        region, rows, weights, levels, cond, uncond, global_weight, passes, bound, vectors = self.plans[key]
+        for name, change in zip(("text_cond", "text_uncond"), bound):
+            if change is not None:  # the bound prompts' pooled text, in a copy of the host's conditioning
+                conditioning = getattr(params, name)
+                conditioning = type(conditioning)(conditioning)
+                conditioning["vector"] = conditioning["vector"] + change.to(conditioning["vector"])
+                setattr(params, name, conditioning)
         self.passes = passes
         for run in passes:
             if run.deltas is not None and run.deltas.vectors:
@@ -401,18 +420,21 @@ class GenerationJob:
         levels = {size: m.to(device) for size, m in self._level_masks(width, height).items()}
         weights = [levels[size] for size in attention_sizes(width, height, self.family)]
         cond = uncond = None
+        bound: list[torch.Tensor | None] = [None, None]  # SDXL: binding's vector changes, cond and uncond rows
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in prompts):
             if n_cond != len(prompts):
                 raise ConceptError("concept tokens cannot be combined with AND in the prompt")
             cond = self.encode(list(prompts)).to(device)  # [B, L, T, D]
+            bound[0] = self._bound_vector_changes(prompts, False)
         if self.binder.rows and any(self.binder.concept_tokens_in(q) for q in negatives):
             uncond = self.encode(list(negatives), True).to(device)
+            bound[1] = self._bound_vector_changes(negatives, True)
         passes = []
         if self.spec.passes and self.region_loras:
             latent = region_masks(self.spec, width, height, base_size=(self.p.width, self.p.height)).to(device)
             passes = region_passes(shared.sd_model.model.diffusion_model, self.region_loras, levels, weights, latent,
                                    self.pooled_regions, self.spec.pass_unet_weight)
-        return region.to(device), rows, weights, levels, cond, uncond, global_weight, passes
+        return region.to(device), rows, weights, levels, cond, uncond, global_weight, passes, bound
 
 
 def _step_index(step: int, ends: list[int]) -> int:

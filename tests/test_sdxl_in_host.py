@@ -263,3 +263,58 @@ def test_the_lora_route_lists_the_loaded_familys_files(host_xl, xl_model, tiny_c
     layouts.kohya_lora(sd1.load_checkpoint(tiny_checkpoint), few=True).save(lora_dir(), "sd1-one")
     listing = mos_generation.lora_list()
     assert listing["family"] == "sdxl" and [e["name"] for e in listing["loras"]] == ["xl-one"]
+
+
+def test_concept_tokens_bind_on_sdxl_as_the_library_binds_them(host_xl, xl_model):
+    """An SDXL concept file in the Lora folder, its tokens in the prompt and the negative, no
+    script: each row's CLIP-L and bigG parts go to the host's two encoders as its SDXL embeddings
+    do, and the vector input is the mean of the layer copies' pooled text at the generation's
+    size. The picture is the library's own binding (`PromptBinder.conditioning`) and Euler run."""
+    from lib_mos.concepts import binding, synthetic
+    from lib_mos.concepts.files import write_concept
+    from lib_mos.models import sampling
+
+    concept = synthetic.random_concept(xl_model, ("<dog1>", "<dog2>"), seed=4, name="dog")
+    write_concept(concept, lora_dir() / "dog.safetensors")
+    prompt, negative = "a photo of <dog1> <dog2>", "blurry <dog2>"
+    res = host_xl.txt2img(prompt, negative, steps=3, seed=9, width=64, height=48)
+    binder = binding.PromptBinder(xl_model, [concept])
+    want = sampling.sample_euler(xl_model, binder.conditioning([prompt], 64, 48), binder.conditioning([negative], 64, 48),
+                                 seeds=[9], height=48, width=64, steps=3, cfg_scale=7.0)
+    assert relative(latents(res), want) < 1e-4
+    assert untouched(host_xl)
+
+
+def test_an_sd1_concept_is_refused_on_sdxl_naming_it(host_xl, tiny_checkpoint):
+    from lib_mos.concepts import synthetic
+    from lib_mos.concepts.files import write_concept
+
+    sd = sd1.load_checkpoint(tiny_checkpoint)
+    write_concept(synthetic.random_concept(sd, ("<cat1>",), seed=4, name="cat"), lora_dir() / "cat.safetensors")
+    with pytest.raises(Exception, match=r"cat\.safetensors.*SD1\.x.*SDXL"):
+        run(host_xl, json.dumps({"regions": []}), "a photo of <cat1>")
+    assert untouched(host_xl)
+
+
+def test_concept_tokens_bind_in_an_sdxl_region_prompt(host_xl, xl_model):
+    """A whole-image region "a <dog1> <dog2> on grass" / "dark": its cond rows attend to the
+    region's bound context (70 layer copies), the vector input stays the main prompt's as for any
+    region prompt, and the concept's LoRA comes into the region with its tokens (the infotext says
+    so). Over the whole image that is the library's binding with the LoRA merged everywhere."""
+    from lib_mos.concepts import binding, synthetic
+    from lib_mos.concepts.concept import applied
+    from lib_mos.concepts.files import write_concept
+    from lib_mos.models import sampling
+
+    concept = synthetic.random_concept(xl_model, ("<dog1>", "<dog2>"), seed=4, name="dog")
+    write_concept(concept, lora_dir() / "dog.safetensors")
+    res = run(host_xl, whole("a <dog1> <dog2> on grass", "dark"), steps=3, seed=9, width=64, height=48)
+    assert 'region 0: dog 1 (token <dog1>)' in res.infotexts[0]
+    with applied([(concept, 1.0, 1.0)], xl_model.unet, xl_model.text_root):
+        binder = binding.PromptBinder(xl_model, [concept])
+        cond = {"crossattn": binder.encode(["a <dog1> <dog2> on grass"]),
+                "vector": binder.conditioning([PROMPT], 64, 48)["vector"]}
+        uncond = {"crossattn": binder.encode(["dark"]), "vector": binder.conditioning([NEGATIVE], 64, 48)["vector"]}
+        want = sampling.sample_euler(xl_model, cond, uncond, seeds=[9], height=48, width=64, steps=3, cfg_scale=7.0)
+    assert relative(latents(res), want) < 1e-4
+    assert untouched(host_xl)

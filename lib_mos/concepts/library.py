@@ -139,11 +139,13 @@ class ConceptLibrary:
         return scan
 
     def concept(self, entry: LibraryEntry) -> Concept:
-        """The whole concept of an entry (read once per file version)."""
+        """The whole concept of an entry, for the model family the file says it is for (read once
+        per file version); whoever binds it refuses it for a model of another family."""
         key = _stat_key(entry.path)
         cached = self._concepts.get(entry.path)
         if cached is None or cached[0] != key:
-            cached = self._concepts[entry.path] = (key, read_concept(entry.path))
+            family = self.family(entry.path) or SD1
+            cached = self._concepts[entry.path] = (key, read_concept(entry.path, family=family))
         return cached[1]
 
     def lora(self, path: str | os.PathLike[str], family: ModelFamily = SD1) -> Concept:

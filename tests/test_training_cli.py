@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from test_training import write_discs
 
+from lib_mos.concepts.concept import ConceptError
 from lib_mos.concepts.files import read_concept
 from lib_mos.training.trainer import state_path
 
@@ -100,3 +102,25 @@ def test_every_commands_help_names_its_defaults(capsys):
     assert "--family {auto,sd1,sdxl}" in help_of(main, "convert")
     assert "--seed SEED default: 0" in help_of(main, "demo")
     assert "--steps STEPS default: 1000" in help_of(toyworld_main, "train-probes")
+
+
+def test_train_on_an_sdxl_checkpoint_writes_an_sdxl_concept(tiny_sdxl_checkpoint, tmp_path):
+    """The family comes from the checkpoint: 70 rows per token, CLIP-L's and bigG's parts, a file
+    that says "sdxl" and binds on the same model."""
+    from lib_mos.concepts import binding
+    from lib_mos.models import sdxl
+    from lib_mos.models.family import SDXL
+
+    out = tmp_path / "disc.safetensors"
+    proc = cli(*common(tiny_sdxl_checkpoint, write_discs(tmp_path / "imgs", 2), out, 2), "--sample-every", "2",
+               "--sample-prompt", "a photo of <TOK>", "--sample-steps", "2")
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert "SDXL" in stdout and f"wrote {out}" in stdout
+    concept = read_concept(out, family=SDXL)
+    assert concept.embeddings.shape == (2, 70, 80) and concept.class_word == "ball"
+    assert (tmp_path / "disc-samples" / "step000002-0.png").is_file()
+    model = sdxl.load_checkpoint(tiny_sdxl_checkpoint)
+    assert binding.PromptBinder(model, [concept]).conditioning(["a <disc1> <disc2>"], 64, 64)["vector"].shape == (1, 96)
+    with pytest.raises(ConceptError, match=r"for SDXL; this is an SD1\.x model"):
+        read_concept(out)

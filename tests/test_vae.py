@@ -245,3 +245,18 @@ def test_builds_plain_attention_quietly(monkeypatch: pytest.MonkeyPatch, capsys:
     assert type(model.decoder.mid.attn_1) is ldm_model.AttnBlock
     assert ldm_model.XFORMERS_IS_AVAILBLE is True
     assert capsys.readouterr().out == ""
+
+
+def test_the_sdxl_latent_scale_comes_from_the_family(state: Tensors, tmp_path) -> None:
+    """An SDXL checkpoint's VAE has SD1's shape but another latent scale (0.13025): the codec built
+    with the family's scale encodes and decodes in that UNet's space."""
+    from lib_mos.models.family import SD1, SDXL
+
+    path = _checkpoint_with_vae(tmp_path, state)
+    pixels = _pixels()
+    with torch.no_grad():
+        sd_mean, _ = vae.read_vae(path, scale=SD1.latent_scale).encode(pixels)
+        xl = vae.read_vae(path, scale=SDXL.latent_scale)
+        xl_mean, _ = xl.encode(pixels)
+        torch.testing.assert_close(xl_mean, sd_mean / 0.18215 * 0.13025)
+        torch.testing.assert_close(xl.decode(xl_mean), vae.read_vae(path).decode(sd_mean))

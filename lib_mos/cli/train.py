@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d = TrainSettings()
     p = sub.add_parser("train", help="train an ED-LoRA concept (or a LoRA with trigger words) from a folder of images",
                        formatter_class=HelpWithDefaults)
-    p.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="SD1 checkpoint to train on")
+    p.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="SD1 or SDXL checkpoint to train on")
     p.add_argument("--images", type=Path, required=True, metavar="DIR",
                    help="images, with optional NAME.txt captions (<TOK> or the class word marks the concept) and "
                         "NAME_mask.png subject masks")
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lib_mos.cli.main import ProgressBar, _fail
     from lib_mos.concepts.concept import ConceptError
-    from lib_mos.models import sd1, vae
+    from lib_mos.models import checkpoints, vae
     from lib_mos.training.data import read_training_folder
     from lib_mos.training.trainer import TrainingInterrupted, TrainSettings, train
 
@@ -116,16 +116,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.out}: already exists (pass --overwrite to replace it, or --resume)")
         images = read_training_folder(args.images, class_word=settings.class_word)
         device = torch.device(args.device)
-        model = sd1.load_checkpoint(args.base, device=device)
+        dtype = torch.float32  # frozen weights in half precision on a GPU; the trained parameters stay fp32
         if device.type == "cuda" and settings.precision in ("auto", "fp16", "bf16"):
-            half = torch.bfloat16 if settings.precision == "bf16" else torch.float16
-            model.unet.to(half)  # frozen weights in half precision; the trained parameters stay fp32
-            model.text_encoder.to(half)
-        encoder, decoder, codec = vae.image_codec(args.base, device=device, vae=args.vae)
+            dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float16
+        model = checkpoints.load_checkpoint(args.base, device=device, dtype=dtype)
+        encoder, decoder, codec = vae.image_codec(args.base, device=device, vae=args.vae,
+                                                  scale=model.family.latent_scale)
         if isinstance(encoder, vae.PreviewEncoder) and model.config.model_channels >= 320:
             raise ValueError(f"{args.base}: has no VAE (first_stage_model.*), and a full-size model cannot learn from "
                              "the linear stand-in used for tests; pass --vae FILE")
-        print(f"{args.base}: {codec}; {len(images)} images from {args.images}", flush=True)
+        print(f"{args.base}: {model.family.label}, {codec}; {len(images)} images from {args.images}", flush=True)
         samples = args.out.with_name(args.out.stem + "-samples")
 
         def vae_off() -> None:

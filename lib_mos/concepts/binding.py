@@ -59,15 +59,14 @@ def text_encoder_parts(model: SD1Model | SDXLModel) -> list[tuple[nn.Module, sli
     """Each text encoder of `model` in the family's order, with the slice of an embedding row (and
     of the context) it takes: SD1 its one encoder and the whole row; SDXL CLIP-L, then bigG."""
     out, start = [], 0
-    for spec in model.family.text_encoders:
-        module = model.text_root.get_submodule(spec.root.rstrip(".")) if spec.root else model.text_root
+    for module in model.family.text_encoder_modules(model.text_root):
         width = input_embedding_table(module).shape[1]
         out.append((module, slice(start, start + width)))
         start += width
     return out
 
 
-def _encode_ids(model: SD1Model | SDXLModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_ids(model: SD1Model | SDXLModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(context [B, 77, D], pooled [B, P] or None where the UNet takes no vector)."""
     if model.family.dict_conditioning:
         return model.encode_text(ids)
@@ -79,7 +78,7 @@ def encode_prompts(model: SD1Model | SDXLModel, prompts: list[str]) -> torch.Ten
     """Plain encoding (no concept tokens): the context the UNet attends to, [B, 77, D] (SD1: the
     encoder's last hidden state; SDXL: both encoders' penultimate ones)."""
     ids = tokenize(model, prompts).to(next(model.unet.parameters()).device)
-    return _encode_ids(model, ids)[0]
+    return encode_ids(model, ids)[0]
 
 
 @contextmanager
@@ -195,7 +194,7 @@ class PromptBinder:
         bound = [p for p in todo if p not in plain]
         device = next(self.model.unet.parameters()).device
         if plain:
-            context, pooled = _encode_ids(self.model, tokenize(self.model, plain).to(device))
+            context, pooled = encode_ids(self.model, tokenize(self.model, plain).to(device))
             for i, p in enumerate(plain):
                 self._cache[p] = context[i].unsqueeze(0).expand(self.layers, -1, -1)
                 if pooled is not None:
@@ -213,7 +212,7 @@ class PromptBinder:
                     mask[b * L + layer, [pos for pos, _ in slots]] = True
                     rows += [self.rows[token][layer] for _, token in slots]
             with rows_injected(self.model, mask, torch.stack(rows)):
-                context, pooled = _encode_ids(self.model, ids)
+                context, pooled = encode_ids(self.model, ids)
             for b, p in enumerate(bound):
                 self._cache[p] = context[b * L:(b + 1) * L]
                 if pooled is not None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lib_mos.concepts.concept import Concept, LoraFactor, ModuleDelta, unet_ldm_to_diffusers
+from lib_mos.concepts.concept import Concept, LoraFactor, ModuleDelta, text_width, unet_ldm_to_diffusers
 from lib_mos.models import sd1
 
 if TYPE_CHECKING:
@@ -30,12 +30,9 @@ def random_concept(model: sd1.SD1Model | SDXLModel, tokens: tuple[str, ...] = ("
     """An ED-LoRA-shaped concept for `model` (SD1 or SDXL): [n_tokens, L, D] embeddings (one row per
     attn2 layer, as wide as the text encoders' inputs together) and rank-`rank` LoRA on every
     attention linear (or the given subsets), deterministic in `seed`."""
-    from lib_mos.concepts.binding import text_encoder_parts
-
     family = model.family
-    parts = text_encoder_parts(model)
     g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(len(tokens), family.layers, parts[-1][1].stop, generator=g) * 0.3
+    emb = torch.randn(len(tokens), family.layers, text_width(model.text_root), generator=g) * 0.3
 
     def factor(lin: torch.nn.Linear) -> LoraFactor:
         return LoraFactor(torch.randn(rank, lin.in_features, generator=g) * 0.1,
@@ -44,8 +41,7 @@ def random_concept(model: sd1.SD1Model | SDXLModel, tokens: tuple[str, ...] = ("
     if unet_names is None:
         unet_names = sd1.unet_attention_linear_names(family)
     if text_names is None:
-        text_names = [n for (encoder, _), spec in zip(parts, family.text_encoders)
-                      for n in sd1.text_attention_linear_names(len(encoder.text_model.encoder.layers), spec.root)]
+        text_names = sd1.text_lora_linear_names(model)
     return Concept(name=name or tokens[0].strip("<>"), tokens=tuple(tokens), embeddings=emb,
                    unet_lora={n: factor(model.unet.get_submodule(n)) for n in unet_names},
                    text_lora={n: factor(model.text_root.get_submodule(n)) for n in text_names}, family=family)

@@ -66,6 +66,7 @@ class ModelFamily:
     pooled_encoder: str | None  # key of the text encoder whose pooled output is part of `y`
     lora_versions: tuple[str, ...]  # prefixes of kohya's `ss_base_model_version` for this family
     lora_version_written: str  # what our writer puts there (the host's Lora list filters by it)
+    latent_scale: float  # the VAE's latents times this are the UNet's space (the config's scale_factor)
 
     def __post_init__(self) -> None:
         if len(self.attn2) != len(self.attn2_levels):
@@ -82,6 +83,10 @@ class ModelFamily:
     def dict_conditioning(self) -> bool:
         """The UNet is called with `{"crossattn": [B, T, D], "vector": [B, V]}`, not a tensor."""
         return self.vector_dim is not None
+
+    def text_encoder_modules(self, text_root: torch.nn.Module) -> list[torch.nn.Module]:
+        """Each text encoder of a model's text root, in the family's order (a root "" is the root)."""
+        return [text_root.get_submodule(t.root.rstrip(".")) if t.root else text_root for t in self.text_encoders]
 
     @property
     def pooled_root(self) -> str | None:
@@ -126,6 +131,7 @@ SD1 = ModelFamily(
     pooled_encoder=None,
     lora_versions=("sd_v1", "sd_1"),
     lora_version_written="sd_v1",
+    latent_scale=0.18215,  # v1-inference.yaml
 )
 
 # sd_xl_base.yaml: channel_mult (1, 2, 4), attention at levels 1 and 2 with transformer depth 2
@@ -149,6 +155,7 @@ SDXL = ModelFamily(
     pooled_encoder="clip_g",
     lora_versions=("sdxl",),
     lora_version_written="sdxl_base_v1-0",
+    latent_scale=0.13025,  # sd_xl_base.yaml
 )
 
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SDXL)}

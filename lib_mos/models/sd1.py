@@ -47,6 +47,7 @@ __all__ = [
     "save_checkpoint",
     "sd1_alphas_cumprod",
     "text_attention_linear_names",
+    "text_lora_linear_names",
     "unet_attention_linear_names",
 ]
 
@@ -137,6 +138,14 @@ def text_attention_linear_names(n_layers: int = 12, root: str = "") -> list[str]
         for i in range(n_layers)
         for proj in _TEXT_PROJECTIONS
     ]
+
+
+def text_lora_linear_names(model: Any) -> list[str]:
+    """The self-attention linears of every text encoder of `model` (SD1Model or SDXLModel), named
+    from its text root: SD1.5's 48, SDXL's CLIP-L ("0.") then bigG ("1.")."""
+    family = model.family
+    return [name for spec, encoder in zip(family.text_encoders, family.text_encoder_modules(model.text_root))
+            for name in text_attention_linear_names(len(encoder.text_model.encoder.layers), spec.root)]
 
 
 # ------------------------------------------------------------------------------------------ builders

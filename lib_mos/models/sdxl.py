@@ -213,7 +213,6 @@ class SDXLModel:
     def text_encoders(self) -> tuple[CLIPTextModel, nn.Module]:
         return self.text_root[0], self.text_root[1]
 
-    @torch.no_grad()
     def encode_text(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(crossattn [B, T, D1 + D2], te2's pooled projection [B, P]) for token ids [B, T] (one
         77-chunk per row, EOS-padded as the host pads CLIP-L; OpenCLIP pads with 0 after the first
@@ -342,10 +341,12 @@ def save_checkpoint(model: SDXLModel, path: str | os.PathLike[str], *, dtype: to
                                    overwrite=overwrite)
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> SDXLModel:
-    """Load an SDXL .safetensors checkpoint (host layout) into float32 models; every UNet and text key
-    must be there with its shape (other keys, a VAE for one, are ignored). Widths come from the
-    file's `lib_mos.sdxl_config` metadata, else SDXL base's."""
+def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> SDXLModel:
+    """Load an SDXL .safetensors checkpoint (host layout) into `dtype` models on `device` (half
+    precision never holds a float32 copy: full size is 7 GB in fp16, 14 GB in fp32); every UNet and
+    text key must be there with its shape (other keys, a VAE for one, are ignored). Widths come
+    from the file's `lib_mos.sdxl_config` metadata, else SDXL base's."""
     from safetensors import safe_open
 
     from lib_mos.models.clip_tokenizer import load_clip_tokenizer
@@ -361,8 +362,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
             raise ValueError(f"{path}: no 'conditioner.embedders.*' keys: not an SDXL checkpoint in the host's layout")
         config = SDXLConfig(**json.loads(meta[CONFIG_METADATA_KEY])) if CONFIG_METADATA_KEY in meta else SDXL_BASE
         with torch.random.fork_rng(devices=[]):
-            unet = build_unet(config, device="meta").to_empty(device=device)
-            text_root = build_text_encoders(config, device="meta").to_empty(device=device)
+            unet = build_unet(config, device="meta").to(dtype).to_empty(device=device)
+            text_root = build_text_encoders(config, device="meta").to(dtype).to_empty(device=device)
 
         def take(prefix: str, want: Mapping[str, torch.Size], convert=None) -> dict[str, torch.Tensor]:
             state = {k[len(prefix):]: handle.get_tensor(k) for k in keys if k.startswith(prefix)}
@@ -373,7 +374,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
                 if tuple(state[key].shape) != tuple(shape):
                     raise ValueError(f"{path}: key {prefix + key!r} has shape {list(state[key].shape)}, "
                                      f"expected {list(shape)}")
-            return {k: state[k].to(device, torch.float32) for k in want}
+            return {k: state[k].to(device, dtype) for k in want}
 
         te1, te2 = text_root
         unet.load_state_dict(take(SDXL.unet_prefix, {k: v.shape for k, v in unet.state_dict().items()}))
@@ -383,5 +384,5 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
             embeddings = encoder.text_model.embeddings
             with torch.no_grad():
                 embeddings.position_ids.copy_(torch.arange(config.max_positions, device=device).expand(1, -1))
-    return SDXLModel(unet=unet.float().eval(), text_root=text_root.float().eval(), tokenizer=load_clip_tokenizer(),
+    return SDXLModel(unet=unet.eval(), text_root=text_root.eval(), tokenizer=load_clip_tokenizer(),
                      alphas_cumprod=sd1_alphas_cumprod().to(device), config=config)

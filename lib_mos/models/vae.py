@@ -121,7 +121,8 @@ class LdmVae(nn.Module):
     dict keys are exactly a checkpoint's `first_stage_model.*` keys without the prefix.
     """
 
-    def __init__(self, ch: int = 128, *, device: torch.device | str | None = None) -> None:
+    def __init__(self, ch: int = 128, *, device: torch.device | str | None = None,
+                 scale: float = SCALE_FACTOR) -> None:
         super().__init__()
         if not isinstance(ch, int) or ch <= 0 or ch % 32:
             raise ValueError(f"VAE width ch must be a positive multiple of 32 (GroupNorm groups), got {ch!r}")
@@ -137,7 +138,7 @@ class LdmVae(nn.Module):
                 self.decoder = Decoder(**ddconfig)
                 self.quant_conv = nn.Conv2d(2 * _Z_CHANNELS, 2 * _EMBED_DIM, 1)
                 self.post_quant_conv = nn.Conv2d(_EMBED_DIM, _Z_CHANNELS, 1)
-        self.ch = ch
+        self.ch, self.scale = ch, scale  # scale: the family's latent scale (SDXL's VAE has the same shape)
 
     @property
     def device(self) -> torch.device:
@@ -148,17 +149,17 @@ class LdmVae(nn.Module):
         return self.quant_conv.weight.dtype
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior (mean, std) of pixels in [-1, 1], both times SCALE_FACTOR (the UNet's space)."""
+        """Posterior (mean, std) of pixels in [-1, 1], both times the latent scale (the UNet's space)."""
         _check_pixels(pixels)
         moments = self.quant_conv(self.encoder(pixels))
         mean, logvar = torch.chunk(moments, 2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        return mean * SCALE_FACTOR, std * SCALE_FACTOR
+        return mean * self.scale, std * self.scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> pixels clamped to [-1, 1]."""
         _check_latents(latents)
-        return self.decoder(self.post_quant_conv(latents / SCALE_FACTOR)).clamp(-1.0, 1.0)
+        return self.decoder(self.post_quant_conv(latents / self.scale)).clamp(-1.0, 1.0)
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -253,13 +254,14 @@ def _infer_ch(path: Path, prefix: str, shapes: Mapping[str, list[int]]) -> int:
     return shape[0]
 
 
-def _read_vae_from(path: Path, handle: Any, prefix: str, device: torch.device | str, dtype: torch.dtype) -> LdmVae:
+def _read_vae_from(path: Path, handle: Any, prefix: str, device: torch.device | str, dtype: torch.dtype,
+                   scale: float = SCALE_FACTOR) -> LdmVae:
     """Strictly fill an LdmVae from an open file: every key, exact shapes, nothing unknown."""
     file_keys = {k: prefix + k for k in _vae_keys(list(handle.keys()), prefix)}
     shapes = {k: list(handle.get_slice(full).get_shape()) for k, full in file_keys.items()}
     ch = _infer_ch(path, prefix, shapes)
     with torch.random.fork_rng(devices=[]):
-        vae = LdmVae(ch, device="meta")
+        vae = LdmVae(ch, device="meta", scale=scale)
     expected = {k: list(v.shape) for k, v in vae.state_dict().items()}
     unexpected = sorted(set(file_keys) - set(expected))
     if unexpected:
@@ -279,7 +281,8 @@ def _read_vae_from(path: Path, handle: Any, prefix: str, device: torch.device | 
 
 
 def read_vae(
-    path: str | os.PathLike[str], *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | os.PathLike[str], *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    scale: float = SCALE_FACTOR,
 ) -> LdmVae:
     """The VAE of an SD1 .safetensors checkpoint (`first_stage_model.*`) or of a standalone VAE file.
 
@@ -296,7 +299,7 @@ def read_vae(
                 f"{path}: no VAE tensors (neither '{VAE_PREFIX}*' nor 'encoder.*'/'decoder.*' keys; "
                 f"found e.g. {sample})"
             )
-        return _read_vae_from(path, handle, prefix, device, dtype)
+        return _read_vae_from(path, handle, prefix, device, dtype, scale)
 
 
 def image_codec(
@@ -305,6 +308,7 @@ def image_codec(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     vae: str | os.PathLike[str] | None = None,
+    scale: float = SCALE_FACTOR,
 ) -> tuple[EncodeFn, DecodeFn, str]:
     """(encoder, decoder, description) for training on the checkpoint at `path`.
 
@@ -314,13 +318,13 @@ def image_codec(
     """
     if vae is not None:
         source = Path(vae)
-        model = read_vae(source, device=device, dtype=dtype)
+        model = read_vae(source, device=device, dtype=dtype, scale=scale)
         return ImageEncoder(model), ImageDecoder(model), f"VAE from {source.name}"
     source = Path(path)
     with _open_safetensors(source) as handle:
         keys = list(handle.keys())
         if any(k.startswith(VAE_PREFIX) for k in keys):
-            model = _read_vae_from(source, handle, VAE_PREFIX, device, dtype)
+            model = _read_vae_from(source, handle, VAE_PREFIX, device, dtype, scale)
             return ImageEncoder(model), ImageDecoder(model), f"VAE from {source.name}"
     return (
         PreviewEncoder(),

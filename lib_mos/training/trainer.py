@@ -33,21 +33,24 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from lib_mos.concepts.binding import PromptBinder, _rows_injected, tokenize
+from lib_mos.concepts.binding import PromptBinder, encode_ids, rows_injected, tokenize
 from lib_mos.concepts.concept import Concept, LoraFactor, input_embedding_table
 from lib_mos.concepts.files import check_concept_set, read_concept, write_concept
 from lib_mos.files import atomic_save_safetensors
 from lib_mos.models import sampling
 from lib_mos.models.attention import LayerwiseContext, attn2_processor
-from lib_mos.models.sd1 import ATTN2_NAMES, SD1Model, text_attention_linear_names, unet_attention_linear_names
+from lib_mos.models.sd1 import SD1Model, text_lora_linear_names, unet_attention_linear_names
 from lib_mos.training.data import PLACEHOLDER, TEMPLATES, TrainingImage, augment_view, make_caption
+
+if TYPE_CHECKING:
+    from lib_mos.models.sdxl import SDXLModel
 
 __all__ = [
     "STATE_SUFFIX",
@@ -252,9 +255,9 @@ class LoraHooks:
 
 
 @contextlib.contextmanager
-def _frozen(model: SD1Model) -> Iterator[None]:
+def _frozen(model: SD1Model | SDXLModel) -> Iterator[None]:
     """Base parameters need no gradient; their flags are put back afterwards."""
-    params = [*model.unet.parameters(), *model.text_encoder.parameters()]
+    params = [*model.unet.parameters(), *model.text_root.parameters()]
     flags = [p.requires_grad for p in params]
     try:
         for p in params:
@@ -410,7 +413,7 @@ def _autocast_dtype(settings: TrainSettings, model: SD1Model, device: torch.devi
 class ConceptTrainer:
     """One training run on `model` (which it never writes). Use inside `with trainer.installed():`."""
 
-    def __init__(self, model: SD1Model, settings: TrainSettings, images: Sequence[TrainingImage], *,
+    def __init__(self, model: SD1Model | SDXLModel, settings: TrainSettings, images: Sequence[TrainingImage], *,
                  encoder: Callable, name: str | None = None) -> None:
         if not images:
             raise TrainingError("no training images")
@@ -423,13 +426,12 @@ class ConceptTrainer:
         self.gen = torch.Generator(device="cpu").manual_seed(settings.seed)
         self.rng = random.Random(settings.seed + 1)
         self.step = 0
-        self.layers = len(ATTN2_NAMES)
+        self.layers = model.family.layers
         self.rows = nn.Parameter(self._initial_rows()) if settings.kind == "edlora" else None
         self.frozen_rows = False
-        cfg = model.config
-        self.text_lora = LoraHooks(model.text_encoder, text_attention_linear_names(cfg.text_layers), settings.rank,
-                                   self.gen, self.device)
-        self.unet_lora = LoraHooks(model.unet, unet_attention_linear_names(), settings.rank, self.gen, self.device)
+        self.text_lora = LoraHooks(model.text_root, text_lora_linear_names(model), settings.rank, self.gen, self.device)
+        self.unet_lora = LoraHooks(model.unet, unet_attention_linear_names(model.family), settings.rank, self.gen,
+                                   self.device)
         groups = [{"params": self.unet_lora.parameters(), "lr": settings.lr_unet, "name": "unet"}]
         if settings.lr_text > 0:
             groups.append({"params": self.text_lora.parameters(), "lr": settings.lr_text, "name": "text"})
@@ -444,7 +446,7 @@ class ConceptTrainer:
             else scaler_cls(enabled=use_scaler)
         self.views: _Views | None = None
         self.encoder = encoder
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._order: list[int] = []
         self.binder = PromptBinder(model, [self._concept_stub()]) if self.rows is not None else None
 
@@ -452,8 +454,9 @@ class ConceptTrainer:
 
     def _initial_rows(self) -> torch.Tensor:
         s = self.settings
-        table = input_embedding_table(self.model.text_encoder)
-        dim = table.shape[1]
+        # SDXL: a row is CLIP-L's input embedding then bigG's (`binding`), so the class word's is both
+        tables = [input_embedding_table(m) for m in self.model.family.text_encoder_modules(self.model.text_root)]
+        dim = sum(table.shape[1] for table in tables)
         rows = []
         for i, _ in enumerate(s.tokens):
             if s.class_word and i == len(s.tokens) - 1:
@@ -461,14 +464,15 @@ class ConceptTrainer:
                 if len(ids) != 1:
                     raise TrainingError(f"training setting 'class_word': {s.class_word!r} is {len(ids)} tokens for the "
                                         "tokenizer; it must be one (e.g. man, woman, dog, cat, chair)")
-                row = table[ids[0]].detach().float().cpu()
+                row = torch.cat([table[ids[0]].detach().float().cpu() for table in tables])
             else:
                 row = torch.randn(dim, generator=self.gen) * s.init_std
             rows.append(row.unsqueeze(0).expand(self.layers, dim))
         return torch.stack(rows).contiguous().to(self.device)
 
     def _concept_stub(self) -> Concept:
-        return Concept(name=self.name, tokens=self.settings.tokens, embeddings=self.rows.detach())
+        return Concept(name=self.name, tokens=self.settings.tokens, embeddings=self.rows.detach(),
+                       family=self.model.family)
 
     # ---- the run
 
@@ -480,12 +484,12 @@ class ConceptTrainer:
             else contextlib.nullcontext()
         with _frozen(model), _own_checkpointing(model.unet, self.settings.gradient_checkpointing), \
                 self.unet_lora.applied(), text_hooks, sampling.any_multiple_of_8():
-            was_training = (model.unet.training, model.text_encoder.training)
+            was_training = (model.unet.training, model.text_root.training)
             try:
                 yield
             finally:
                 model.unet.train(was_training[0])
-                model.text_encoder.train(was_training[1])
+                model.text_root.train(was_training[1])
 
     def _text_lora_nonzero(self) -> bool:
         return any(bool(p.any()) for p in self.text_lora.up.values())
@@ -514,23 +518,27 @@ class ConceptTrainer:
                              templates=TEMPLATES[s.templates], shuffle=s.shuffle_captions,
                              keep_parts=s.keep_caption_parts) for v in picked]
 
-    def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Context [B, L, 77, D] (ED-LoRA) or [B, 77, D] (LoRA), and each concept token's first
-        position [B, n_tokens] (ED-LoRA; captions always hold every token)."""
-        te = self.model.text_encoder
+    def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor | dict[str, torch.Tensor], torch.Tensor | None]:
+        """What the UNet is called with for the captions: the context [B, L, 77, D] (ED-LoRA) or
+        [B, 77, D] (LoRA), for SDXL in {"crossattn": it, "vector": [B, V]} (the pooled text, for
+        ED-LoRA the mean over the layer copies as `binding` defines it, and the training size);
+        and each concept token's first position [B, n_tokens] (ED-LoRA; captions hold every token)."""
         if self.rows is None:
-            if self.settings.lr_text == 0:  # frozen text encoder: its outputs are cached
+            if self.settings.lr_text == 0:  # frozen text encoders: their outputs are cached
                 todo = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
                 if todo:
                     with torch.no_grad():
-                        ids = tokenize(self.model, todo).to(self.device)
-                        for c, z in zip(todo, te(input_ids=ids).last_hidden_state):
-                            self._text_cache[c] = z
+                        context, pooled = encode_ids(self.model, tokenize(self.model, todo).to(self.device))
+                    for i, c in enumerate(todo):
+                        self._text_cache[c] = (context[i], None if pooled is None else pooled[i])
                     if len(self._text_cache) > 4096:
                         self._text_cache.clear()
-                return torch.stack([self._text_cache[c] for c in captions]), None
-            ids = tokenize(self.model, list(captions)).to(self.device)
-            return te(input_ids=ids).last_hidden_state, None
+                found = [self._text_cache[c] for c in captions]
+                context = torch.stack([z for z, _ in found])
+                pooled = None if found[0][1] is None else torch.stack([p for _, p in found])
+            else:
+                context, pooled = encode_ids(self.model, tokenize(self.model, list(captions)).to(self.device))
+            return self._conditioning(context, pooled), None
         L = self.layers
         tokenized = [self.binder.tokenize_bound(c) for c in captions]
         ids = torch.tensor([t[0] for t in tokenized], dtype=torch.long, device=self.device)
@@ -549,9 +557,29 @@ class ConceptTrainer:
         mask = slots.repeat_interleave(L, dim=0)
         rows = self.rows[torch.tensor(which, dtype=torch.long, device=self.device),
                          torch.tensor(layer, dtype=torch.long, device=self.device)]
-        with _rows_injected(te, mask, rows):
-            z = te(input_ids=ids.repeat_interleave(L, dim=0)).last_hidden_state
-        return z.reshape(len(captions), L, *z.shape[1:]), first.to(self.device)
+        with rows_injected(self.model, mask, rows):
+            z, pooled = encode_ids(self.model, ids.repeat_interleave(L, dim=0))
+        context = z.reshape(len(captions), L, *z.shape[1:])
+        if pooled is not None:
+            pooled = pooled.reshape(len(captions), L, -1).mean(1)
+        return self._conditioning(context, pooled), first.to(self.device)
+
+    def _conditioning(self, context: torch.Tensor, pooled: torch.Tensor | None
+                      ) -> torch.Tensor | dict[str, torch.Tensor]:
+        if pooled is None:
+            return context
+        size = self.settings.resolution
+        return {"crossattn": context, "vector": self.model.vector(pooled, size, size)}
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """The UNet's noise prediction for `cond` as `encode_text` gives it (call inside an attn2
+        processor for layer-wise contexts)."""
+        if isinstance(cond, dict):
+            context = cond["crossattn"]
+            extra = {"y": cond["vector"]}
+        else:
+            context, extra = cond, {}
+        return self.model.unet(x.to(context.dtype) if self.autocast is None else x, t, context=context, **extra)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast in the run's dtype, or nothing: torch 2.1's CPU autocast refuses any dtype but
@@ -570,7 +598,7 @@ class ConceptTrainer:
         s, model = self.settings, self.model
         self.prepare()
         model.unet.train()
-        model.text_encoder.train()
+        model.text_root.train()
         for group, lr in zip(self.optimizer.param_groups, self.lrs()):
             group["lr"] = lr
         ac = model.alphas_cumprod.to(self.device, torch.float32)
@@ -591,10 +619,10 @@ class ConceptTrainer:
             # backward inside the processor: gradient checkpointing runs the UNet blocks again then
             with attn2_processor(model.unet, recorder):
                 with self._autocast():
-                    context, slots = self.encode_text(captions)
+                    cond, slots = self.encode_text(captions)
                     if isinstance(recorder, _AttentionRecorder):
                         recorder.slots, recorder.maps = slots, []
-                    pred = model.unet(noisy.to(context.dtype) if self.autocast is None else noisy, t, context=context)
+                    pred = self.predict(noisy, t, cond)
                 loss = masked_eps_loss(pred, noise, v.area[index])
                 if isinstance(recorder, _AttentionRecorder) and recorder.maps:
                     loss = loss + s.attn_reg_weight * attention_regulariser(recorder.maps, v.subject[index])
@@ -623,18 +651,19 @@ class ConceptTrainer:
         text = self.text_lora.factors() if s.lr_text > 0 else {}
         if self.rows is not None:
             return Concept(name=self.name, tokens=s.tokens, embeddings=self.rows.detach().float().cpu().clone(),
-                           unet_lora=self.unet_lora.factors(), text_lora=text, class_word=s.class_word)
+                           unet_lora=self.unet_lora.factors(), text_lora=text, class_word=s.class_word,
+                           family=self.model.family)
         triggers = tuple(t.strip() for t in str(s.trigger).split(",") if t.strip())
         return Concept(name=self.name, tokens=(), embeddings=torch.zeros(0, self.layers, 0),
                        unet_lora=self.unet_lora.factors(), text_lora=text, class_word=s.class_word,
-                       triggers=triggers, trigger_source="the trainer")
+                       triggers=triggers, trigger_source="the trainer", family=self.model.family)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], decoder: Callable | None) -> list[Image.Image]:
         """Preview images of the concept as it is now (the same seed every time)."""
         s = self.settings
         self.model.unet.eval()
-        self.model.text_encoder.eval()
+        self.model.text_root.eval()
         prompts = [p.replace(PLACEHOLDER, s.concept_words) for p in prompts]
         with self._autocast():
             cond, _ = self.encode_text(prompts)
@@ -746,7 +775,7 @@ def _write_checkpoint(trainer: ConceptTrainer, out: Path) -> Path:
     return out
 
 
-def train(model: SD1Model, settings: TrainSettings, images: Sequence[TrainingImage], out: str | Path, *,
+def train(model: SD1Model | SDXLModel, settings: TrainSettings, images: Sequence[TrainingImage], out: str | Path, *,
           encoder: Callable, decoder: Callable | None = None, name: str | None = None, resume: bool = False,
           overwrite: bool = False, progress: Callable[[TrainProgress], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
@@ -814,4 +843,4 @@ def train(model: SD1Model, settings: TrainSettings, images: Sequence[TrainingIma
     write_concept(concept, out, overwrite=True)
     with contextlib.suppress(FileNotFoundError):
         state.unlink()
-    return read_concept(out)
+    return read_concept(out, family=model.family)

@@ -45,8 +45,10 @@ import numpy as np
 import torch
 
 from lib_mos.files import import_sibling
-from lib_mos.models.family import SD1, attn2_modules
+from lib_mos.models import sdxl
+from lib_mos.models.family import SD1, SDXL, attn2_modules
 from lib_mos.models.sd1 import SD1Config, SD1Model
+from lib_mos.models.sdxl import SDXLConfig, SDXLModel
 from lib_mos.training import plan as training_plan
 from lib_mos.training.data import PLACEHOLDER, TEMPLATES
 from modules import call_queue, devices, processing, script_callbacks, shared
@@ -130,27 +132,74 @@ def live_config(unet, text_encoder) -> SD1Config:
                      vocab_size=int(cfg.vocab_size), max_positions=int(cfg.max_position_embeddings))
 
 
+def _check_trainable(sd_model) -> None:
+    """What both families need: eps prediction, the whole model on the GPU."""
+    if getattr(sd_model, "parameterization", "eps") != "eps":
+        raise ValueError("the loaded checkpoint predicts v; Mix-of-Show trains eps-prediction models only")
+    if getattr(sd_model, "lowvram", False):
+        raise RuntimeError("training needs the whole model on the GPU: restart the WebUI without --lowvram / --medvram "
+                           "(the WebUI's own embedding training refuses --lowvram too)")
+
+
 def live_sd1_model(sd_model) -> SD1Model:
     """The loaded model's parts as the trainer takes them; anything but a plain SD1 model (eps
     prediction, text conditioning only) is refused, naming what it is."""
     if sd_model is None:
         raise RuntimeError("no model is loaded: choose a checkpoint at the top of the page")
-    for flag, what in (("is_sdxl", "an SDXL"), ("is_sd2", "an SD2"), ("is_sd3", "an SD3")):
+    for flag, what in (("is_sd2", "an SD2"), ("is_sd3", "an SD3")):
         if getattr(sd_model, flag, False):
-            raise ValueError(f"the loaded checkpoint is {what} model; Mix-of-Show trains SD1.x models only: load an "
-                             "SD1.5-based checkpoint")
+            raise ValueError(f"the loaded checkpoint is {what} model; Mix-of-Show trains SD1.x and SDXL models only: "
+                             "load an SD1.5- or SDXL-based checkpoint")
     if getattr(sd_model.model, "conditioning_key", "crossattn") != "crossattn":
         raise ValueError("the loaded checkpoint is an inpainting or instruct-pix2pix model (its UNet takes extra input "
                          "channels); load a plain SD1.5-based checkpoint")
-    if getattr(sd_model, "parameterization", "eps") != "eps":
-        raise ValueError("the loaded checkpoint predicts v; Mix-of-Show trains eps-prediction SD1.x models only")
-    if getattr(sd_model, "lowvram", False):
-        raise RuntimeError("training needs the whole model on the GPU: restart the WebUI without --lowvram / --medvram "
-                           "(the WebUI's own embedding training refuses --lowvram too)")
+    _check_trainable(sd_model)
     unet = sd_model.model.diffusion_model
     text_encoder = sd_model.cond_stage_model.wrapped.transformer
     return SD1Model(unet=unet, text_encoder=text_encoder, tokenizer=sd_model.cond_stage_model.tokenizer,
                     alphas_cumprod=sd_model.alphas_cumprod, config=live_config(unet, text_encoder))
+
+
+def live_sdxl_model(sd_model) -> SDXLModel:
+    """The loaded SDXL model as the trainer takes it: the host's UNet and CLIP-L (shared), and bigG
+    as a transformers copy of the host's OpenCLIP text model in its dtype on its device (the
+    trainer calls transformers' encoders and names bigG's layers as kohya files do; OpenCLIP fuses
+    q, k and v into one weight). The copy computes what the host's does and is dropped after the
+    run: it costs bigG's size on the device while training (1.4 GB in fp16)."""
+    embedders = sd_model.conditioner.embedders
+    unet, te1 = sd_model.model.diffusion_model, embedders[0].wrapped.transformer
+    openclip = embedders[1].wrapped.model
+    # the host wraps the token embedding (EmbeddingsWithFixes), keeping the original as `wrapped`
+    state = {k.replace("token_embedding.wrapped.", "token_embedding."): v for k, v in openclip.state_dict().items()}
+    blocks, c1 = openclip.transformer.resblocks, te1.config
+    projection = state["text_projection"].shape[1]
+    config = SDXLConfig(
+        model_channels=int(unet.model_channels), head_channels=int(unet.num_head_channels),
+        te1_width=int(c1.hidden_size), te1_layers=int(c1.num_hidden_layers), te1_heads=int(c1.num_attention_heads),
+        te1_intermediate=int(c1.intermediate_size), te2_width=int(state["token_embedding.weight"].shape[1]),
+        te2_layers=len(blocks), te2_heads=int(blocks[0].attn.num_heads),
+        te2_intermediate=int(blocks[0].mlp.c_fc.out_features),
+        size_features=(int(unet.label_emb[0][0].in_features) - projection) // 6,
+        vocab_size=int(state["token_embedding.weight"].shape[0]), max_positions=int(state["positional_embedding"].shape[0]))
+    weight = state["token_embedding.weight"]
+    with torch.random.fork_rng(devices=[]):
+        te2 = sdxl.build_text_encoders(config, device="meta")[1].to(weight.dtype).to_empty(device=weight.device)
+    te2.load_state_dict(sdxl.te2_from_openclip({k: v for k, v in state.items() if k != "logit_scale"}), strict=False)
+    with torch.no_grad():
+        te2.text_model.embeddings.position_ids.copy_(torch.arange(config.max_positions).expand(1, -1))
+    return SDXLModel(unet=unet, text_root=torch.nn.ModuleList([te1, te2.eval().requires_grad_(False)]),
+                     tokenizer=embedders[0].wrapped.tokenizer, alphas_cumprod=sd_model.alphas_cumprod, config=config)
+
+
+def live_model(sd_model) -> SD1Model | SDXLModel:
+    """The loaded model as the trainer takes it, by its family (`live_sd1_model`, `live_sdxl_model`)."""
+    if sd_model is not None and getattr(sd_model, "is_sdxl", False):
+        if getattr(sd_model, "is_sdxl_inpaint", False):
+            raise ValueError("the loaded checkpoint is an SDXL inpainting model (its UNet takes extra input "
+                             "channels); load a plain SDXL-based checkpoint")
+        _check_trainable(sd_model)
+        return live_sdxl_model(sd_model)
+    return live_sd1_model(sd_model)
 
 
 def _lora_networks():
@@ -221,12 +270,18 @@ class HostVae:
         self._parallel = shared.parallel_processing_allowed
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the scaled latent posterior, one image at a time as the host encodes."""
+        """(mean, std) of the scaled latent posterior, one image at a time as the host encodes. SDXL's
+        first stage (sgm) gives a scaled sample instead of the posterior: it is the view's latent,
+        with std 0 (the posterior is narrow: its std is about 1% of the latents' spread)."""
         model = self.sd_model
         scale = float(model.scale_factor)
         means, stds = [], []
         for one in pixels.split(1):
             posterior = model.encode_first_stage(one.to(devices.device, model.first_stage_model.dtype))
+            if isinstance(posterior, torch.Tensor):  # sgm: already a scaled sample
+                means.append(posterior.float())
+                stds.append(torch.zeros_like(means[-1]))
+                continue
             means.append(posterior.mean.float() * scale)
             stds.append(posterior.std.float() * scale)
         return torch.cat(means), torch.cat(stds)
@@ -309,7 +364,7 @@ def run_training(id_task, folder, name, kind_label, tokens, class_word, trigger,
                          gradient_checkpointing, save_every, sample_every, sample_prompt)
     out = concept_path(name)
     sd_model = shared.sd_model
-    model = live_sd1_model(sd_model)
+    model = live_model(sd_model)
     folder = (folder or "").strip()
     if not folder:
         raise ValueError("images folder: give the folder with the training images")
@@ -452,10 +507,16 @@ def device_words(kind: str, memory: int | None, threads: int) -> str:
     return f"this {'GPU' if kind == 'cuda' else kind.upper() + ' device'}{size}"
 
 
+def loaded_family() -> str:
+    """The loaded checkpoint's family name for the plan ("sdxl" or "sd1")."""
+    return SDXL.name if getattr(shared.sd_model, "is_sdxl", False) else SD1.name
+
+
 def proposal() -> training_plan.Plan:
-    """Steps, batch and resolution for the host's device (read when the page is built)."""
+    """Steps, batch and resolution for the host's device and the loaded model (read when the page
+    is built)."""
     kind, memory, threads = host_device()
-    return training_plan.propose(kind, memory, SD1.name, threads=threads)
+    return training_plan.propose(kind, memory, loaded_family(), threads=threads)
 
 
 def estimate_html(steps, batch_size, resolution) -> str:
@@ -465,7 +526,7 @@ def estimate_html(steps, batch_size, resolution) -> str:
     try:
         steps, batch_size, resolution = int(steps), int(batch_size), int(resolution)
         seconds = training_plan.estimate_seconds(steps, batch_size, resolution, kind, threads=threads,
-                                                 family=SD1.name)
+                                                 family=loaded_family())
     except (TypeError, ValueError, OverflowError):
         return "<p>Estimated time: set the steps, batch size and resolution.</p>"
     basis = "from a measurement on a CPU" if kind == "cpu" else "assumed from published timings"
@@ -475,7 +536,7 @@ def estimate_html(steps, batch_size, resolution) -> str:
     authors = training_plan.AUTHORS
     if (steps, batch_size, resolution) != (authors.steps, authors.batch_size, authors.resolution):
         full = training_plan.estimate_seconds(authors.steps, authors.batch_size, authors.resolution, kind,
-                                              threads=threads, family=SD1.name)
+                                              threads=threads, family=loaded_family())
         text += (f" The authors' recipe ({authors.steps} steps, batch {authors.batch_size}, {authors.resolution} px) "
                  f"would take {training_plan.format_duration(full)} here.")
     return f"<p>{text}</p>"

@@ -95,10 +95,25 @@ def test_other_accelerators_get_batch_1_at_512_px_within_the_budget():
 
 
 def test_only_trainable_families_are_planned():
-    with pytest.raises(ValueError, match="sdxl"):
-        plan.propose("cuda", 24 * GIB, "sdxl")
-    with pytest.raises(ValueError, match="sdxl"):
-        plan.estimate_seconds(10, 1, 512, "cuda", family="sdxl")
+    with pytest.raises(ValueError, match=r"'sd2'.*sd1, sdxl"):
+        plan.propose("cuda", 24 * GIB, "sd2")
+    with pytest.raises(ValueError, match="'sd3'"):
+        plan.estimate_seconds(10, 1, 512, "cuda", family="sd3")
+
+
+def test_sdxl_costs_its_flops_and_trains_at_1024_px_on_a_gpu():
+    """An SDXL ED-LoRA sample at 1024 px is SDXL's UNet FLOPs (6761 G) and 70 text copies (7980 G)
+    against SD1.5's 1011 G at 512 px; 512 px SDXL still costs more than SD1.5 (its text copies)."""
+    assert plan.sample_cost(1024, "sdxl") == pytest.approx((6761 + 7980) / 1011, rel=0.01)
+    assert plan.sample_cost(768, "sdxl") == pytest.approx((3641 + 7980) / 1011, rel=0.01)
+    assert plan.sample_cost(512, "sdxl") > 9 * plan.sample_cost(512, "sd1")
+    sd1 = plan.estimate_seconds(100, 1, 512, "cuda")
+    assert plan.estimate_seconds(100, 1, 1024, "cuda", family="sdxl") > 10 * sd1
+    assert (plan.propose("cuda", 24 * GIB, "sdxl").batch_size, plan.propose("cuda", 24 * GIB, "sdxl").resolution) \
+        == (2, 1024)
+    assert plan.propose("cuda", 12 * GIB, "sdxl").resolution == 1024
+    assert plan.propose("cuda", 8 * GIB, "sdxl").resolution == 768
+    assert plan.propose("cpu", 32 * GIB, "sdxl", threads=2).resolution == 512
 
 
 def test_durations_read_as_a_person_says_them():

@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # SKIPMARK
 
 
-@pytest.fixture
-def tab(tmp_path, tiny_checkpoint):
+def _tab_on(tmp_path: Path, checkpoint: Path):
+    """(the host double with `checkpoint` loaded, the tab's module), closed after the test."""
     from host_harness import HostHarness
 
-    harness = HostHarness(tmp_path / "data", tiny_checkpoint, extensions=[str(ROOT)])
+    harness = HostHarness(tmp_path / "data", checkpoint, extensions=[str(ROOT)])
     spec = importlib.util.spec_from_file_location("mos_training_tab_under_test", ROOT / "scripts" / "mos_training_tab.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -34,6 +34,11 @@ def tab(tmp_path, tiny_checkpoint):
         yield harness, module
     finally:
         harness.close()
+
+
+@pytest.fixture
+def tab(tmp_path, tiny_checkpoint):
+    yield from _tab_on(tmp_path, tiny_checkpoint)
 
 
 @pytest.fixture
@@ -53,7 +58,7 @@ def model_hash(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -237,12 +242,12 @@ def test_errors_are_one_message_and_write_nothing(tab, images, tmp_path):
     assert "error" in status and "without folders" in status
     _, status = run_job(module, *job_args(images, tokens="disc"))
     assert "error" in status and "&lt;a&gt;+&lt;b&gt;" in status
-    harness.model.is_sdxl = True
+    harness.model.is_sd2 = True
     try:
         _, status = run_job(module, *job_args(images))
-        assert "error" in status and "SDXL" in status
+        assert "error" in status and "SD2" in status and "SD1.x and SDXL" in status
     finally:
-        del harness.model.is_sdxl
+        del harness.model.is_sd2
     harness.model.lowvram = True
     try:
         _, status = run_job(module, *job_args(images))
@@ -572,3 +577,45 @@ def page_components(harness):
     from test_host_ui import component
 
     return lambda elem_id: component(harness.blocks, elem_id)
+
+
+@pytest.fixture
+def tab_xl(tmp_path, tiny_sdxl_checkpoint):
+    yield from _tab_on(tmp_path, tiny_sdxl_checkpoint)
+
+
+def test_the_trainers_view_of_a_live_sdxl_model_encodes_as_the_host(tab_xl):
+    """bigG is a transformers copy of the host's OpenCLIP model: a prompt encodes to the host's own
+    context and vector (at the host's size), and the copy holds the host's weights, not shares them."""
+    from lib_mos.concepts import binding
+    from modules import prompt_parser, shared
+
+    _, module = tab_xl
+    model = module.live_model(shared.sd_model)
+    assert model.family.name == "sdxl"
+    assert model.text_root[0] is shared.sd_model.conditioner.embedders[0].wrapped.transformer
+    prompt = "a photo of a red ball"
+    host = shared.sd_model.get_learned_conditioning(prompt_parser.SdConditioning([prompt], width=64, height=48))
+    ours = model.encode_ids(binding.tokenize(model, [prompt]), width=64, height=48)
+    torch.testing.assert_close(ours["crossattn"], host["crossattn"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours["vector"], host["vector"], rtol=1e-4, atol=1e-5)
+    host_te2 = {p.data_ptr() for p in shared.sd_model.conditioner.embedders[1].parameters()}
+    assert not any(p.data_ptr() in host_te2 for p in model.text_root[1].parameters())
+
+
+def test_the_tab_trains_an_sdxl_concept_that_binds(tab_xl, images):
+    """On an SDXL checkpoint the tab trains 70 rows per token over both encoders, writes a file that
+    says so, leaves the model bit-identical, and the concept's tokens generate at once."""
+    from lib_mos.models.family import SDXL
+    from modules import shared
+
+    harness, module = tab_xl
+    before = model_hash(harness.model)
+    gallery, status = run_job(module, *job_args(images, sample_every=6))
+    assert "Saved" in status, status
+    concept = read_concept(Path(shared.cmd_opts.lora_dir) / "disc.safetensors", family=SDXL)
+    assert concept.embeddings.shape == (2, 70, 80) and {n[:2] for n in concept.text_lora} == {"0.", "1."}
+    assert len(gallery["value"]) == 1  # a preview at step 6
+    assert model_hash(harness.model) == before
+    res = harness.txt2img("a photo of <disc1> <disc2>", steps=2, width=64, height=64)
+    assert "<disc1> <disc2> from disc.safetensors" in res.infotexts[0]

@@ -26,6 +26,14 @@ Basis of the estimate (per step: `overhead + batch * per_sample * shape(resoluti
   (`torch.utils.flop_counter` on meta tensors): the UNet's forward is 46 / 180 / 803 GFLOPs at
   128 / 256 / 512 px, its attention products 126 of the 803 (quadratic in the pixels, the rest
   linear); the text encoder's 13 GFLOPs do not depend on the size.
+- SDXL (`family="sdxl"`), computed relative to SD1.5 (no SDXL step was timed): a sample costs the
+  UNet's forward FLOPs (1589 / 3641 / 6761 GFLOPs at 512 / 768 / 1024 px, `torch.utils.flop_counter`
+  on the meta skeleton; fitted as `6221 q + 540 q^2` GFLOPs, q the pixels over 1024^2) plus the
+  text encoders', once per layer copy of a caption with concept tokens: 70 x (CLIP-L 13 + bigG 101)
+  = 7980 GFLOPs, against SD1.5's 803 + 16 x 13 = 1011. At 1024 px an SDXL ED-LoRA sample is 14.6
+  SD1.5 samples at 512 px, more than half of it the 70 text copies. Its GPU batch is what the
+  memory holds besides the model in fp16 (UNet 5.1 GB, encoders 1.6 GB and the trainer's copy of
+  bigG 1.4 GB: `training.trainer`); its default is 1024 px on a GPU, 512 px elsewhere.
 - CUDA, assumed (no GPU was lent for this work): 0.2 s per 512 px sample in fp16 autocast, from the
   authors' 5-10 minutes for 1000 steps of batch 2 per GPU on two A100s. MPS and other accelerators:
   1.5 s per sample, a cautious guess. The progress bar's ETA is the exact figure once a run starts.
@@ -108,7 +116,9 @@ SPEEDS: dict[str, _Speed] = {
     "cuda": _Speed(per_sample_512=0.2, overhead=0.05),
     "mps": _Speed(per_sample_512=1.5, overhead=0.1),
 }
-FAMILIES = ("sd1",)  # what the trainer trains; a family is added with its cost relative to SD1.5
+FAMILIES = ("sd1", "sdxl")  # what the trainer trains; a family is added with its cost relative to SD1.5
+SD15_SAMPLE_GFLOPS = 803.0 + 16 * 13.0  # SD1.5's UNet at 512 px and its 16 text copies
+SDXL_TEXT_GFLOPS = 70 * (13.0 + 101.0)  # 70 layer copies of CLIP-L and bigG (77 tokens each)
 
 
 def _speed(device_kind: str, threads: int | None) -> _Speed:
@@ -125,6 +135,15 @@ def _check_family(family: str) -> None:
         raise ValueError(f"model family {family!r}: Mix-of-Show trains {', '.join(FAMILIES)} models only")
 
 
+def sample_cost(resolution: int, family: str = "sd1") -> float:
+    """A sample's work in 512 px SD1.5 samples (`shape`; SDXL from FLOPs, see the module docstring)."""
+    _check_family(family)
+    if family == "sd1":
+        return shape(resolution)
+    q = (resolution / 1024) ** 2
+    return (6221.0 * q + 540.0 * q * q + SDXL_TEXT_GFLOPS) / SD15_SAMPLE_GFLOPS
+
+
 def estimate_seconds(steps: int, batch_size: int, resolution: int, device_kind: str, *, threads: int | None = None,
                      family: str = "sd1") -> float:
     """Seconds the steps take (the one-off image encoding and preview samples not included)."""
@@ -132,12 +151,17 @@ def estimate_seconds(steps: int, batch_size: int, resolution: int, device_kind: 
     if steps < 0 or batch_size < 1 or resolution < 8:
         raise ValueError(f"steps {steps}, batch {batch_size}, resolution {resolution}: out of range")
     speed = _speed(device_kind, threads)
-    return steps * (speed.overhead + batch_size * speed.per_sample_512 * shape(resolution))
+    return steps * (speed.overhead + batch_size * speed.per_sample_512 * sample_cost(resolution, family))
 
 
-def _gpu_batch(memory_bytes: int | None) -> tuple[int, int]:
-    """(batch, resolution) that a CUDA device's memory holds with the whole SD1.5 model on it in
-    fp16 (about 2.5 GiB with the VAE) and its activations at 512 px (about 2 GiB a sample)."""
+def _gpu_batch(memory_bytes: int | None, family: str = "sd1") -> tuple[int, int]:
+    """(batch, resolution) that a CUDA device's memory holds with the whole model on it in fp16:
+    SD1.5 (about 2.5 GiB with the VAE) and its activations at 512 px (about 2 GiB a sample);
+    SDXL (8.2 GiB with the trainer's bigG copy) at 1024 px, one sample from 12 GiB (with gradient
+    checkpointing below 24), two from 24, else 768 px."""
+    if family == "sdxl":
+        gib = (memory_bytes or 0) / GIB
+        return (2, 1024) if gib >= 24 else (1, 1024) if gib >= 12 or memory_bytes is None else (1, 768)
     if memory_bytes is None:
         return 1, 512
     gib = memory_bytes / GIB
@@ -159,17 +183,21 @@ def _steps_in_budget(resolution: int, kind: str, threads: int | None, family: st
 def propose(device_kind: str, memory_bytes: int | None = None, family: str = "sd1", *,
             threads: int | None = None) -> Plan:
     """The settings to start from on this device (`memory_bytes`: a GPU's memory, or a CPU's RAM).
-    CUDA: the authors' 1000 steps at 512 px, the batch its memory holds. CPU: batch 1 at the best
+    CUDA: the authors' 1000 steps at 512 px (SD1), the batch its memory holds. CPU: batch 1 at the best
     resolution where `GOOD_STEPS` fit `CPU_BUDGET_S` and the RAM suffices (unknown RAM: 256 px
     only), else 256 px (a quarter of the pixels; SD1.5 still draws a subject there), with the steps
     that fit the budget (100 to 1000, in tens). Other accelerators (MPS, ...): batch 1 at 512 px,
-    steps to the same budget."""
+    steps to the same budget. SDXL: on CUDA 1024 px (`_gpu_batch`), elsewhere 512 px, batch 1,
+    steps to the budget."""
     _check_family(family)
     kind = (device_kind or "cpu").split(":")[0].lower()
     batch = 1
     if kind == "cuda":
-        batch, resolution = _gpu_batch(memory_bytes)
+        batch, resolution = _gpu_batch(memory_bytes, family)
         steps = AUTHORS.steps
+    elif family == "sdxl":  # below 512 px SDXL draws poorly; on a CPU its steps are hours anyway
+        resolution = 512
+        steps = max(MIN_STEPS, _steps_in_budget(resolution, kind, threads, family))
     elif kind == "cpu":
         ram = memory_bytes / GIB if memory_bytes else 0.0
         fitting = [r for r, need in CPU_RESOLUTIONS

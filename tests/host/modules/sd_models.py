@@ -333,6 +333,14 @@ class LatentDiffusion(torch.nn.Module):
 SDXL_SCALE_FACTOR = 0.13025  # sd_xl_base.yaml
 
 
+class SdxlFirstStageModel(FirstStageModel):
+    """sgm's AutoencoderKLInferenceWrapper (sd_xl_base.yaml's first stage): `encode(x)` is a sample of
+    the posterior, a tensor, not the distribution ldm's AutoencoderKL returns."""
+
+    def encode(self, x):
+        return super().encode(x).sample()
+
+
 def build_sdxl_model(config):
     """sd_xl_base.yaml as the double builds it: sgm's DiffusionEngine with the UNet (lib_mos's
     ldm build at `config`'s widths, its attention modules given sgm's classes), a GeneralConditioner
@@ -366,7 +374,7 @@ def build_sdxl_model(config):
                     "always_return_pooled": True, "legacy": False}},
         *sizes,
     ])
-    model = DiffusionEngine(unet, conditioner, FirstStageModel(SDXL_SCALE_FACTOR).eval().requires_grad_(False),
+    model = DiffusionEngine(unet, conditioner, SdxlFirstStageModel(SDXL_SCALE_FACTOR).eval().requires_grad_(False),
                             scale_factor=SDXL_SCALE_FACTOR)
     model.lowvram = False
     model.sd_checkpoint_info = None

@@ -38,4 +38,4 @@ class DiffusionEngine(nn.Module):
 
     @torch.no_grad()
     def encode_first_stage(self, x):
-        return self.scale_factor * self.first_stage_model.encode(x).sample()
+        return self.scale_factor * self.first_stage_model.encode(x)  # the wrapper's encode samples

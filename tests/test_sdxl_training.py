@@ -115,3 +115,23 @@ def test_gradient_checkpointing_gives_the_same_step_on_sdxl(xl, images):
     torch.testing.assert_close(ca.embeddings, cb.embeddings, rtol=1e-5, atol=1e-6)
     name = next(iter(ca.unet_lora))
     torch.testing.assert_close(ca.unet_lora[name].up, cb.unet_lora[name].up, rtol=1e-4, atol=1e-7)
+
+
+def test_checkpointing_keeps_the_text_encoders_activations_out(xl, images):
+    """A caption with concept tokens goes through both encoders 70 times: with gradient
+    checkpointing their layers keep only their inputs for the backward pass (full size: 19 GB of
+    activations per caption in fp32 without it)."""
+    saved = []
+    for checkpointing in (False, True):
+        trainer = training.ConceptTrainer(xl, dataclasses.replace(SETTINGS, gradient_checkpointing=checkpointing),
+                                          images, encoder=vae.PreviewEncoder())
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor, _sizes=sizes) -> torch.Tensor:
+            _sizes.append(t.numel())
+            return t
+
+        with trainer.installed(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trainer.encode_text(["a photo of <disc1> <disc2>"])
+        saved.append(sum(sizes))
+    assert saved[1] < saved[0] / 4, saved

@@ -269,15 +269,20 @@ def _frozen(model: SD1Model | SDXLModel) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _own_checkpointing(unet: nn.Module, enabled: bool) -> Iterator[None]:
+def _own_checkpointing(unet: nn.Module, enabled: bool, text_encoders: Sequence[nn.Module] = ()) -> Iterator[None]:
     """ldm's blocks checkpoint with their own CheckpointFunction when built with use_checkpoint (the
     host's SD1 config does); that function returns gradients only for the block's own parameters,
     so a hooked LoRA would silently get none. Its flags are switched off for the run, and with
     `enabled` torch's non-reentrant checkpointing (which follows every parameter) wraps each UNet
-    block instead."""
+    block instead, and each layer of the `text_encoders`: a caption with concept tokens goes
+    through them once per cross-attention layer, and without checkpointing SDXL keeps about 19 GB
+    of their activations per caption in fp32 (70 copies of CLIP-L and bigG, 16 floats per width
+    and token in every layer); with it, each layer's input (0.4 GB)."""
     flagged = [(m, attr) for m in unet.modules() for attr in ("checkpoint", "use_checkpoint")
                if isinstance(getattr(m, attr, None), bool) and getattr(m, attr)]
     blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks] if enabled else []
+    if enabled:
+        blocks += [layer for encoder in text_encoders for layer in encoder.text_model.encoder.layers]
     try:
         for m, attr in flagged:
             setattr(m, attr, False)
@@ -482,7 +487,8 @@ class ConceptTrainer:
         model = self.model
         text_hooks = self.text_lora.applied() if self.settings.lr_text > 0 or self._text_lora_nonzero() \
             else contextlib.nullcontext()
-        with _frozen(model), _own_checkpointing(model.unet, self.settings.gradient_checkpointing), \
+        encoders = model.family.text_encoder_modules(model.text_root)
+        with _frozen(model), _own_checkpointing(model.unet, self.settings.gradient_checkpointing, encoders), \
                 self.unet_lora.applied(), text_hooks, sampling.any_multiple_of_8():
             was_training = (model.unet.training, model.text_root.training)
             try:

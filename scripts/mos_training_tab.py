@@ -598,7 +598,8 @@ def on_ui_tabs():
                                        elem_id="mos_train_templates")
                 precision = gr.Radio(label="Precision", choices=list(PRECISIONS), value=default_precision(),
                                      elem_id="mos_train_precision")
-                checkpointing = gr.Checkbox(label="Gradient checkpointing (less memory, slower)", value=False,
+                checkpointing = gr.Checkbox(label="Gradient checkpointing (less memory, slower)",
+                                            value=plan.gradient_checkpointing,
                                             elem_id="mos_train_gradient_checkpointing")
             with gr.Row():
                 save_every = gr.Number(label="Save every N steps (0: at the end only)", value=0, precision=0,
@@ -618,7 +619,7 @@ def on_ui_tabs():
             gallery = gr.Gallery(label="Previews", show_label=False, columns=4, visible=False,
                                  elem_id="mos_train_gallery")
             status = gr.HTML("", elem_id="mos_train_status")
-        _not_saved(kind, steps, batch_size, resolution)
+        _not_saved(kind, steps, batch_size, resolution, checkpointing)
 
         name.change(fn=tokens_for, inputs=[name, kind], outputs=[tokens])
         kind.change(fn=kind_fields, inputs=[kind], outputs=[tokens, trigger, attn_reg, lr_embedding], queue=False,

@@ -116,7 +116,7 @@ def test_train_on_an_sdxl_checkpoint_writes_an_sdxl_concept(tiny_sdxl_checkpoint
                "--sample-prompt", "a photo of <TOK>", "--sample-steps", "2")
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert "SDXL" in stdout and f"wrote {out}" in stdout
+    assert "SDXL" in stdout and "gradient checkpointing on" in stdout and f"wrote {out}" in stdout
     concept = read_concept(out, family=SDXL)
     assert concept.embeddings.shape == (2, 70, 80) and concept.class_word == "ball"
     assert (tmp_path / "disc-samples" / "step000002-0.png").is_file()

@@ -109,11 +109,20 @@ def test_sdxl_costs_its_flops_and_trains_at_1024_px_on_a_gpu():
     assert plan.sample_cost(512, "sdxl") > 9 * plan.sample_cost(512, "sd1")
     sd1 = plan.estimate_seconds(100, 1, 512, "cuda")
     assert plan.estimate_seconds(100, 1, 1024, "cuda", family="sdxl") > 10 * sd1
-    assert (plan.propose("cuda", 24 * GIB, "sdxl").batch_size, plan.propose("cuda", 24 * GIB, "sdxl").resolution) \
-        == (2, 1024)
-    assert plan.propose("cuda", 12 * GIB, "sdxl").resolution == 1024
-    assert plan.propose("cuda", 8 * GIB, "sdxl").resolution == 768
     assert plan.propose("cpu", 32 * GIB, "sdxl", threads=2).resolution == 512
+
+
+@pytest.mark.parametrize("gib, batch, resolution", [(80, 4, 1024), (24, 4, 1024), (16, 2, 1024), (12, 1, 1024),
+                                                    (10, 1, 768)])
+def test_an_sdxl_proposal_fits_the_gpu_by_the_computed_memory(gib, batch, resolution):
+    """SDXL proposals always checkpoint (a 1024 px sample would need 36 GB without it), and what they
+    propose fits the device by the plan's own memory table, with the tab's bigG copy."""
+    proposed = plan.propose("cuda", gib * GIB, "sdxl")
+    assert (proposed.batch_size, proposed.resolution, proposed.gradient_checkpointing) == (batch, resolution, True)
+    unet, text = plan.SDXL_MEMORY_GIB[(resolution, True)]
+    assert plan.SDXL_WEIGHTS_GIB + batch * (unet + text) <= gib
+    assert sum(plan.SDXL_MEMORY_GIB[(1024, False)]) + plan.SDXL_WEIGHTS_GIB > 24  # why it checkpoints
+    assert not plan.propose("cuda", gib * GIB).gradient_checkpointing  # SD1 keeps the faster default
 
 
 def test_durations_read_as_a_person_says_them():

@@ -71,6 +71,7 @@ class Plan:
     batch_size: int
     resolution: int
     seconds: float
+    gradient_checkpointing: bool = False  # SDXL: without it a 1024 px sample needs about 36 GB
 
 
 AUTHORS = Plan(steps=1000, batch_size=4, resolution=512, seconds=math.nan)  # the paper's recipe
@@ -116,6 +117,16 @@ SPEEDS: dict[str, _Speed] = {
     "cuda": _Speed(per_sample_512=0.2, overhead=0.05),
     "mps": _Speed(per_sample_512=1.5, overhead=0.1),
 }
+# SDXL ED-LoRA training memory in GiB, computed (no GPU was lent): frozen weights in fp16 (UNet 5.1,
+# CLIP-L 0.25, bigG 1.4, VAE 0.17, the tab's bigG copy 1.4) and, per sample, activations kept for
+# the backward pass in fp16 autocast, taken as half the fp32 bytes that torch's saved-tensor hooks
+# count on the meta skeleton with the project's attention (explicit softmax: an upper bound where
+# the host uses SDPA or xformers). (resolution, checkpointing) -> (UNet, 70 text copies) a sample.
+SDXL_WEIGHTS_GIB = 6.9
+SDXL_MEMORY_GIB: dict[tuple[int, bool], tuple[float, float]] = {
+    (512, False): (6.0, 9.4), (768, False): (10.2, 9.4), (1024, False): (19.8, 9.4),
+    (512, True): (0.9, 0.3), (768, True): (1.3, 0.3), (1024, True): (2.1, 0.3),
+}
 FAMILIES = ("sd1", "sdxl")  # what the trainer trains; a family is added with its cost relative to SD1.5
 SD15_SAMPLE_GFLOPS = 803.0 + 16 * 13.0  # SD1.5's UNet at 512 px and its 16 text copies
 SDXL_TEXT_GFLOPS = 70 * (13.0 + 101.0)  # 70 layer copies of CLIP-L and bigG (77 tokens each)
@@ -157,11 +168,14 @@ def estimate_seconds(steps: int, batch_size: int, resolution: int, device_kind: 
 def _gpu_batch(memory_bytes: int | None, family: str = "sd1") -> tuple[int, int]:
     """(batch, resolution) that a CUDA device's memory holds with the whole model on it in fp16:
     SD1.5 (about 2.5 GiB with the VAE) and its activations at 512 px (about 2 GiB a sample);
-    SDXL (8.2 GiB with the trainer's bigG copy) at 1024 px, one sample from 12 GiB (with gradient
-    checkpointing below 24), two from 24, else 768 px."""
-    if family == "sdxl":
+    SDXL with gradient checkpointing (`SDXL_MEMORY_GIB`) at 1024 px: one sample from 11 GiB, two
+    from 16, four from 24, one at 768 px from 9 (below that, 512 px, which the tab's 8.1 GiB may
+    not fit)."""
+    if family == "sdxl":  # with gradient checkpointing: see SDXL_MEMORY_GIB
         gib = (memory_bytes or 0) / GIB
-        return (2, 1024) if gib >= 24 else (1, 1024) if gib >= 12 or memory_bytes is None else (1, 768)
+        if memory_bytes is None or 11 <= gib < 16:
+            return 1, 1024
+        return (4, 1024) if gib >= 24 else (2, 1024) if gib >= 16 else (1, 768) if gib >= 9 else (1, 512)
     if memory_bytes is None:
         return 1, 512
     gib = memory_bytes / GIB
@@ -188,7 +202,7 @@ def propose(device_kind: str, memory_bytes: int | None = None, family: str = "sd
     only), else 256 px (a quarter of the pixels; SD1.5 still draws a subject there), with the steps
     that fit the budget (100 to 1000, in tens). Other accelerators (MPS, ...): batch 1 at 512 px,
     steps to the same budget. SDXL: on CUDA 1024 px (`_gpu_batch`), elsewhere 512 px, batch 1,
-    steps to the budget."""
+    steps to the budget, always with gradient checkpointing."""
     _check_family(family)
     kind = (device_kind or "cpu").split(":")[0].lower()
     batch = 1
@@ -208,7 +222,8 @@ def propose(device_kind: str, memory_bytes: int | None = None, family: str = "sd
         resolution = 512
         steps = max(MIN_STEPS, _steps_in_budget(resolution, kind, threads, family))
     return Plan(steps=steps, batch_size=batch, resolution=resolution,
-                seconds=estimate_seconds(steps, batch, resolution, kind, threads=threads, family=family))
+                seconds=estimate_seconds(steps, batch, resolution, kind, threads=threads, family=family),
+                gradient_checkpointing=family == "sdxl")
 
 
 def format_duration(seconds: float) -> str:

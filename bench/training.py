@@ -1,9 +1,11 @@
 """ED-LoRA training speed and memory: `lib_mos.training.ConceptTrainer.train_step` on the tiny
-model and on full-size SD1.5 shapes with random weights.
+model and on full-size SD1.5 or SDXL shapes with random weights.
 
     .venv/bin/python bench/training.py                                  # tiny + sd15, defaults
     .venv/bin/python bench/training.py --sizes sd15 --compare-checkpointing
     .venv/bin/python bench/training.py --device cuda --sizes sd15 --resolution 512 --batch-size 4
+    .venv/bin/python bench/training.py --family sdxl --kind lora        # full-size SDXL (14 GB in fp32)
+    .venv/bin/python bench/training.py --device cuda --family sdxl --resolution 1024 --batch-size 1
 
 Each configuration runs in a fresh subprocess (`--worker`), so peak memory values do not mix. A
 worker builds the model, writes 4 synthetic pictures to a temporary folder and reads them with
@@ -14,7 +16,12 @@ steps/s is 1 / the median step time. Peak memory: `torch.cuda.max_memory_allocat
 (VmHWM from /proc/self/status, ru_maxrss where that is missing) and its increase over the RSS
 just before the trainer was built. The script prints which one it used. Defaults on the CPU: 64 px
 for tiny, 128 px batch 1 for sd15, 3 measured steps (about 2-3 minutes on 2 cores); on CUDA
-512 px, batch 4, 10 steps. A benchmark reports, it never asserts on timings.
+512 px, batch 4, 10 steps. `--family sdxl` is the size "sdxl": 128 px batch 1 and one measured step
+without warm-up on the CPU (an ED-LoRA step there takes many minutes: 70 copies of each caption go
+through both encoders), 1024 px batch 1 on CUDA, gradient checkpointing on unless
+`--no-gradient-checkpointing`. Each row also carries `family`, `stage` ("train_step"), `seconds`
+(the median step) and `peak_rss_mb` (the process peak, or the CUDA peak on a GPU). A benchmark
+reports, it never asserts on timings.
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SIZES = ("tiny", "sd15")
+SIZES = ("tiny", "sd15", "sdxl")
+FAMILY_SIZES = {"sd1": "sd15", "sdxl": "sdxl"}
 
 
 def _status_mb(field: str) -> float | None:
@@ -56,6 +64,18 @@ def _peak_rss_mb() -> tuple[float, str]:
 def _build(size: str, device: torch.device):
     from lib_mos.models import sd1
 
+    if size == "sdxl":
+        from lib_mos.models import sdxl
+        from lib_mos.models.clip_tokenizer import load_clip_tokenizer
+
+        with torch.random.fork_rng(devices=[]):
+            unet, text = sdxl.build_unet(sdxl.SDXL_BASE), sdxl.build_text_encoders(sdxl.SDXL_BASE)
+        gen = torch.Generator().manual_seed(0)
+        sd1._randomise(unet, gen)
+        sd1._randomise(text, gen)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32  # frozen weights, as the CLI loads them
+        return sdxl.SDXLModel(unet.to(device, dtype).eval(), text.to(device, dtype).eval(), load_clip_tokenizer(),
+                              sd1.sd1_alphas_cumprod(), sdxl.SDXL_BASE)
     if size == "tiny":
         model = sd1.build_tiny_sd1(0)
     else:
@@ -97,7 +117,9 @@ def _worker(cfg: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         _write_images(Path(tmp), 4, max(cfg["resolution"], 128))
         images = read_training_folder(tmp, class_word="dog")
-    settings = TrainSettings(tokens=("<bench1>", "<bench2>"), class_word="dog", steps=1000,
+    kind = cfg.get("kind", "edlora")
+    settings = TrainSettings(tokens=("<bench1>", "<bench2>") if kind == "edlora" else (), kind=kind,
+                             trigger="ohwx dog" if kind == "lora" else None, class_word="dog", steps=1000,
                              batch_size=cfg["batch_size"], resolution=cfg["resolution"],
                              precision=cfg["precision"], gradient_checkpointing=cfg["gradient_checkpointing"])
     cuda = device.type == "cuda"
@@ -131,7 +153,9 @@ def _worker(cfg: dict) -> dict:
         peak_mb, memory = torch.cuda.max_memory_allocated(device) / 2**20, "cuda.max_memory_allocated"
     else:
         peak_mb, memory = _peak_rss_mb()
-    return {"bench": "training", "model": cfg["size"] if cfg["size"] == "tiny" else "sd15-random",
+    model_name = {"tiny": "tiny", "sd15": "sd15-random", "sdxl": "sdxl-random"}[cfg["size"]]
+    return {"bench": "training", "family": model.family.name, "stage": "train_step", "kind": kind,
+            "seconds": round(step_s, 3), "peak_rss_mb": round(peak_mb), "model": model_name,
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if cuda else None,
             "resolution": cfg["resolution"], "batch_size": cfg["batch_size"], "precision": cfg["precision"],
             "autocast": str(trainer.autocast).replace("torch.", "") if trainer.autocast else "fp32",
@@ -149,12 +173,15 @@ def _configs(args: argparse.Namespace) -> list[dict]:
     for size in args.sizes:
         if size not in SIZES:
             raise SystemExit(f"--sizes: unknown size {size!r}; use {', '.join(SIZES)}")
-        big_cpu = size == "sd15" and not cuda
-        base = {"size": size, "device": args.device, "precision": args.precision, "warmup": args.warmup,
-                "resolution": args.resolution or (512 if cuda else 64 if size == "tiny" else 128),
-                "batch_size": args.batch_size or (4 if cuda else 1 if big_cpu else 4),
-                "steps": args.steps or (3 if not cuda else 10)}
-        modes = [False, True] if args.compare_checkpointing and size == "sd15" else [args.gradient_checkpointing]
+        big_cpu = size != "tiny" and not cuda
+        xl = size == "sdxl"
+        base = {"size": size, "device": args.device, "precision": args.precision, "kind": args.kind,
+                "warmup": args.warmup if args.warmup is not None else 0 if xl and not cuda else 1,
+                "resolution": args.resolution or (1024 if cuda and xl else 512 if cuda else 64 if size == "tiny" else 128),
+                "batch_size": args.batch_size or (1 if xl or big_cpu else 4),
+                "steps": args.steps or (1 if xl and not cuda else 3 if not cuda else 10)}
+        checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else xl
+        modes = [False, True] if args.compare_checkpointing and size != "tiny" else [checkpointing]
         out += [dict(base, gradient_checkpointing=gc) for gc in modes]
     return out
 
@@ -174,23 +201,28 @@ def _table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", default="tiny,sd15", help="comma-separated: tiny, sd15")
+    ap.add_argument("--sizes", default="tiny,sd15", help="comma-separated: tiny, sd15, sdxl")
+    ap.add_argument("--family", choices=tuple(FAMILY_SIZES), default=None,
+                    help="the full-size model of a family alone (sd1: sd15, sdxl: sdxl), instead of --sizes")
+    ap.add_argument("--kind", choices=("edlora", "lora"), default="edlora",
+                    help="lora: a kohya-style LoRA (each caption through the text encoders once)")
     ap.add_argument("--resolution", type=int, default=None,
                     help="pixels (default 64 tiny / 128 sd15 on CPU, 512 on CUDA)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 1 for sd15 on CPU, else 4")
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 3 on CPU, 10 on CUDA)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1; SDXL on a CPU 0)")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="default: on for SDXL, off otherwise")
     ap.add_argument("--compare-checkpointing", action="store_true",
-                    help="run sd15 twice, gradient checkpointing off and on")
+                    help="run the full-size models twice, gradient checkpointing off and on")
     ap.add_argument("--json", action="store_true", help="one JSON line per configuration, no table")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))), flush=True)
         return
-    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    args.sizes = [FAMILY_SIZES[args.family]] if args.family else [s.strip() for s in args.sizes.split(",") if s.strip()]
     rows = []
     for cfg in _configs(args):
         print(f"training bench: {json.dumps(cfg)}", file=sys.stderr, flush=True)

@@ -148,6 +148,78 @@ def test_the_canvas_picker_offers_sdxl_loras_only(realhost_xl, loras):
         assert not browser.errors, browser.errors
 
 
+def test_an_sdxl_concept_binds_its_tokens_without_the_script(realhost_xl):
+    """An SDXL ED-LoRA concept file (70 rows per token, CLIP-L's and bigG's parts) in the Lora
+    folder: its tokens bind in a plain generation (the infotext names the file) and change the
+    picture against the same words unbound."""
+    from lib_mos.concepts import synthetic
+    from lib_mos.concepts.files import write_concept
+
+    concept = synthetic.random_concept(sdxl.build_sdxl_skeleton(), ("<dogxl1>", "<dogxl2>"), seed=3, name="dog-xl",
+                                       unet_names=[], text_names=[])
+    write_concept(concept, realhost_xl.loras / "dog-xl.safetensors")
+    start = time.perf_counter()
+    bound = realhost_xl.txt2img("a photo of <dogxl1> <dogxl2> on grass", seed=7)
+    seconds = time.perf_counter() - start
+    info = infotexts(bound)[0]
+    print(f"SDXL concept tokens ({seconds:.1f} s):", info)
+    assert "Mix-of-Show concepts: <dogxl1> <dogxl2> from dog-xl.safetensors@" in info
+    plain = realhost_xl.txt2img("a photo of dog dog on grass", seed=7)
+    change = np.abs(pixels(bound) - pixels(plain)).mean()
+    print(f"bound vs plain words: mean pixel change {change:.2f}")
+    assert change > 1
+
+
+def test_training_tab_trains_an_sdxl_concept(realhost_xl, tmp_path):
+    """A user trains an SDXL concept in the tab (two 64 px pictures, two steps, the proposal's
+    gradient checkpointing): it is saved for SDXL and its tokens generate at once."""
+    from browser import Browser
+    from PIL import Image, ImageDraw
+
+    from lib_mos.concepts.files import read_concept
+    from lib_mos.models.family import SDXL
+
+    folder = tmp_path / "discs"
+    folder.mkdir()
+    for k in range(2):
+        img = Image.new("RGB", (64, 64), (30 + 90 * k, 60, 200))
+        ImageDraw.Draw(img).ellipse((10 + 6 * k, 12, 46 + 6 * k, 50), fill=(220, 30, 30))
+        img.save(folder / f"disc{k}.png")
+    with Browser() as browser:
+        page = browser.page
+        page.goto(realhost_xl.url, timeout=120_000)
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show training')", timeout=120_000)
+        page.wait_for_selector("#mos_train_tokens", state="visible", timeout=60_000)
+        checkpointing = page.is_checked("#mos_train_gradient_checkpointing input")
+        print("SDXL training tab before Train:", page.inner_text("#mos_train_estimate"), "| checkpointing:",
+              checkpointing, "| resolution:", page.input_value("#mos_train_resolution input[type=number]"))
+        assert checkpointing
+        for elem, value in (("mos_train_folder", str(folder)), ("mos_train_name", "disc-xl"),
+                            ("mos_train_class_word", "ball")):
+            page.fill(f"#{elem} textarea, #{elem} input", value)
+        page.fill("#mos_train_tokens textarea, #mos_train_tokens input", "<discxl1>+<discxl2>")
+        for elem, value in (("mos_train_steps", "2"), ("mos_train_batch_size", "1"), ("mos_train_resolution", "64")):
+            page.fill(f"#{elem} input[type=number]", value)
+            page.press(f"#{elem} input[type=number]", "Enter")
+        start = time.perf_counter()
+        page.click("#mos_train_run")
+        try:
+            page.wait_for_function("() => /Saved|rror|Interrupted/.test("
+                                   "gradioApp().querySelector('#mos_train_status').textContent)", timeout=1_800_000)
+        finally:
+            print("status now:", page.inner_text("#mos_train_status"), "| console errors:", browser.errors)
+        status = page.inner_text("#mos_train_status")
+        print(f"SDXL training tab: {time.perf_counter() - start:.0f} s; host RSS {realhost_xl.rss_bytes() / 2**30:.1f} "
+              f"GiB; status: {status}")
+        assert "Saved" in status and "disc-xl.safetensors" in status
+        assert not browser.errors, browser.errors
+    concept = read_concept(realhost_xl.loras / "disc-xl.safetensors", family=SDXL)
+    assert concept.embeddings.shape == (2, 70, 2048)
+    result = realhost_xl.txt2img("a photo of <discxl1> <discxl2>", seed=3)
+    print("trained SDXL concept in a generation:", infotexts(result)[0])
+    assert "<discxl1> <discxl2> from disc-xl.safetensors@" in infotexts(result)[0]
+
+
 def test_plain_image_after_everything_is_identical(realhost_xl):
     after = pixels(realhost_xl.txt2img(**PLAIN))
     print(f"plain image before vs after: max pixel difference {np.abs(after - STATE['plain']).max()}")

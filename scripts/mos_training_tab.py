@@ -161,11 +161,12 @@ def live_sd1_model(sd_model) -> SD1Model:
 
 
 def live_sdxl_model(sd_model) -> SDXLModel:
-    """The loaded SDXL model as the trainer takes it: the host's UNet and CLIP-L (shared), and bigG
-    as a transformers copy of the host's OpenCLIP text model in its dtype on its device (the
-    trainer calls transformers' encoders and names bigG's layers as kohya files do; OpenCLIP fuses
-    q, k and v into one weight). The copy computes what the host's does and is dropped after the
-    run: it costs bigG's size on the device while training (1.4 GB in fp16)."""
+    """The loaded SDXL model as the trainer takes it: the host's UNet and CLIP-L, and bigG as a
+    transformers model over the host's OpenCLIP weights (the trainer calls transformers' encoders
+    and names bigG's layers as kohya files do; OpenCLIP fuses q, k and v into one weight). Its
+    parameters are views of the host's tensors (q, k, v: row blocks of `in_proj_weight`; the
+    projection: the transpose), assigned, not copied: it costs no memory, and since the trainer
+    never writes weights the host's stay bit-identical."""
     embedders = sd_model.conditioner.embedders
     unet, te1 = sd_model.model.diffusion_model, embedders[0].wrapped.transformer
     openclip = embedders[1].wrapped.model
@@ -183,10 +184,11 @@ def live_sdxl_model(sd_model) -> SDXLModel:
         vocab_size=int(state["token_embedding.weight"].shape[0]), max_positions=int(state["positional_embedding"].shape[0]))
     weight = state["token_embedding.weight"]
     with torch.random.fork_rng(devices=[]):
-        te2 = sdxl.build_text_encoders(config, device="meta")[1].to(weight.dtype).to_empty(device=weight.device)
-    te2.load_state_dict(sdxl.te2_from_openclip({k: v for k, v in state.items() if k != "logit_scale"}), strict=False)
-    with torch.no_grad():
-        te2.text_model.embeddings.position_ids.copy_(torch.arange(config.max_positions).expand(1, -1))
+        te2 = sdxl.build_text_encoders(config, device="meta")[1].to(weight.dtype)
+    views = sdxl.te2_from_openclip({k: v.detach() for k, v in state.items() if k != "logit_scale"})
+    te2.load_state_dict(views, strict=False, assign=True)  # the host's tensors themselves: no copy
+    te2.text_model.embeddings.register_buffer(
+        "position_ids", torch.arange(config.max_positions, device=weight.device).expand(1, -1), persistent=False)
     return SDXLModel(unet=unet, text_root=torch.nn.ModuleList([te1, te2.eval().requires_grad_(False)]),
                      tokenizer=embedders[0].wrapped.tokenizer, alphas_cumprod=sd_model.alphas_cumprod, config=config)
 

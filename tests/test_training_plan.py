@@ -116,7 +116,7 @@ def test_sdxl_costs_its_flops_and_trains_at_1024_px_on_a_gpu():
                                                     (10, 1, 768)])
 def test_an_sdxl_proposal_fits_the_gpu_by_the_computed_memory(gib, batch, resolution):
     """SDXL proposals always checkpoint (a 1024 px sample would need 36 GB without it), and what they
-    propose fits the device by the plan's own memory table, with the tab's bigG copy."""
+    propose fits the device by the plan's own memory table, with its headroom."""
     proposed = plan.propose("cuda", gib * GIB, "sdxl")
     assert (proposed.batch_size, proposed.resolution, proposed.gradient_checkpointing) == (batch, resolution, True)
     unet, text = plan.SDXL_MEMORY_GIB[(resolution, True)]

@@ -32,8 +32,8 @@ Basis of the estimate (per step: `overhead + batch * per_sample * shape(resoluti
   text encoders', once per layer copy of a caption with concept tokens: 70 x (CLIP-L 13 + bigG 101)
   = 7980 GFLOPs, against SD1.5's 803 + 16 x 13 = 1011. At 1024 px an SDXL ED-LoRA sample is 14.6
   SD1.5 samples at 512 px, more than half of it the 70 text copies. Its GPU batch is what the
-  memory holds besides the model in fp16 (UNet 5.1 GB, encoders 1.6 GB and the trainer's copy of
-  bigG 1.4 GB: `training.trainer`); its default is 1024 px on a GPU, 512 px elsewhere.
+  memory holds besides the model in fp16 (UNet 5.1 GB, encoders 1.6 GB, VAE 0.17 GB: 5.5 GB with
+  rounding up); its default is 1024 px on a GPU, 512 px elsewhere.
 - CUDA, assumed (no GPU was lent for this work): 0.2 s per 512 px sample in fp16 autocast, from the
   authors' 5-10 minutes for 1000 steps of batch 2 per GPU on two A100s. MPS and other accelerators:
   1.5 s per sample, a cautious guess. The progress bar's ETA is the exact figure once a run starts.
@@ -118,11 +118,12 @@ SPEEDS: dict[str, _Speed] = {
     "mps": _Speed(per_sample_512=1.5, overhead=0.1),
 }
 # SDXL ED-LoRA training memory in GiB, computed (no GPU was lent): frozen weights in fp16 (UNet 5.1,
-# CLIP-L 0.25, bigG 1.4, VAE 0.17, the tab's bigG copy 1.4) and, per sample, activations kept for
+# CLIP-L 0.25, bigG 1.4, VAE 0.17; the tab's transformers bigG is views of the host's) and, per sample,
+# activations kept for
 # the backward pass in fp16 autocast, taken as half the fp32 bytes that torch's saved-tensor hooks
 # count on the meta skeleton with the project's attention (explicit softmax: an upper bound where
 # the host uses SDPA or xformers). (resolution, checkpointing) -> (UNet, 70 text copies) a sample.
-SDXL_WEIGHTS_GIB = 6.9
+SDXL_WEIGHTS_GIB = 6.9  # the weights above, rounded up by 1.4 GB of headroom (allocator, host buffers)
 SDXL_MEMORY_GIB: dict[tuple[int, bool], tuple[float, float]] = {
     (512, False): (6.0, 9.4), (768, False): (10.2, 9.4), (1024, False): (19.8, 9.4),
     (512, True): (0.9, 0.3), (768, True): (1.3, 0.3), (1024, True): (2.1, 0.3),

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from lib_mos.models import sampling
+from lib_mos.models.family import SD1
 from lib_mos.models.sd1 import _default_device, _randomise
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
     "read_vae",
 ]
 
-SCALE_FACTOR = 0.18215  # SD1's latent scale (v1-inference.yaml scale_factor)
+SCALE_FACTOR = SD1.latent_scale  # the default: SD1's (each family's is in its row)
 VAE_PREFIX = "first_stage_model."
 _Z_CHANNELS = 4
 _EMBED_DIM = 4

@@ -654,7 +654,6 @@ class ConceptTrainer:
             with attn2_processor(model.unet, recorder):
                 with self._autocast():
                     cond, slots = self.encode_text(captions)
-                    self._return_freed_memory()
                     if isinstance(recorder, _AttentionRecorder):
                         recorder.slots, recorder.maps = slots, []
                     pred = self.predict(noisy, t, cond)

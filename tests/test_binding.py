@@ -136,7 +136,7 @@ def test_sampling_with_a_bound_concept(tiny):
 
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in {**model.unet.state_dict(), **{
-        f"te.{k}": v for k, v in model.text_encoder.state_dict().items()}}.items()}
+        f"te.{k}": v for k, v in model.text_root.state_dict().items()}}.items()}
 
 
 def test_apply_changes_outputs_and_removal_is_bit_exact(tiny):

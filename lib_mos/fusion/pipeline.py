@@ -48,7 +48,11 @@ from lib_mos.fusion.solver import (
     solve_lbfgs,
 )
 from lib_mos.models import sampling
-from lib_mos.models.sd1 import ATTN2_NAMES, SD1Config, SD1Model
+from lib_mos.models.family import SD1, SDXL, ModelFamily
+from lib_mos.models.sd1 import SD1Config, SD1Model
+from lib_mos.models.sdxl import SDXLConfig, SDXLModel
+
+Model = SD1Model | SDXLModel
 
 STAGES = ("te", "kv", "spatial")
 PROMPT_TEMPLATES = ("photo of a {}", "{}")  # the authors' two, around a concept's tokens
@@ -173,19 +177,22 @@ def solve_templates(concept: Concept, settings: FusionSettings) -> tuple[str, ..
     return TRIGGER_TEMPLATES if concept.triggers and not concept.tokens else PROMPT_TEMPLATES
 
 
-def spatial_rows(config: SD1Config, settings: FusionSettings) -> list[tuple[str, int, int]]:
+def family_of_config(config: SD1Config | SDXLConfig) -> ModelFamily:
+    """The family a model config belongs to."""
+    return SDXL if isinstance(config, SDXLConfig) else SD1
+
+
+def spatial_rows(config: SD1Config | SDXLConfig, settings: FusionSettings) -> list[tuple[str, int, int]]:
     """(attn2 block, rows per concept, input width) of every spatial layer group: the rows one
     concept's sampling records there (feature-map cells x steps x seeds)."""
-    from lib_mos.models.family import SD1
-    from lib_mos.regional.regions import attention_sizes
-
-    sizes = attention_sizes(settings.spatial_size, settings.spatial_size)
-    widths = [config.model_channels * SD1.channel_mult[level] for level in SD1.attn2_levels]
+    family = family_of_config(config)
+    sizes = family.attention_sizes(settings.spatial_size, settings.spatial_size)
+    widths = [config.model_channels * family.channel_mult[level] for level in family.attn2_levels]
     return [(name.rsplit(".transformer_blocks", 1)[0], h * w * settings.spatial_steps * settings.spatial_seeds, width)
-            for name, (h, w), width in zip(ATTN2_NAMES, sizes, widths)]
+            for name, (h, w), width in zip(family.attn2, sizes, widths)]
 
 
-def spatial_shortfall(config: SD1Config, settings: FusionSettings) -> str | None:
+def spatial_shortfall(config: SD1Config | SDXLConfig, settings: FusionSettings) -> str | None:
     """A warning when the spatial settings record fewer rows per concept than the widest layers'
     input width (those layers are then partly undetermined and fall back to the weight average),
     naming the smallest step count that would do at this size and seed count; None when enough."""
@@ -201,7 +208,7 @@ def spatial_shortfall(config: SD1Config, settings: FusionSettings) -> str | None
             f"at this size and seed count (or a larger size).")
 
 
-def check_inputs(model: SD1Model, inputs: Sequence[FusionInput]) -> None:
+def check_inputs(model: Model, inputs: Sequence[FusionInput]) -> None:
     """Refuse what cannot be fused before any work starts."""
     if not inputs:
         raise ConceptError("no concepts to fuse")
@@ -213,10 +220,10 @@ def check_inputs(model: SD1Model, inputs: Sequence[FusionInput]) -> None:
             raise ConceptError(f"{where}: the same concept file is listed twice (also {seen[c.source_sha256]})")
         if c.source_sha256:
             seen[c.source_sha256] = where
-        check_fits(c, model.unet, model.text_encoder)
-        if c.layers != len(ATTN2_NAMES):
-            raise ConceptError(f"{where}: {c.layers} embedding layers, the model has {len(ATTN2_NAMES)} attn2 layers")
-    PromptBinder(model, [i.concept for i in inputs])  # duplicate tokens across concepts
+        check_fits(c, model.unet, model.text_root)
+        if c.tokens and c.layers != model.family.layers:
+            raise ConceptError(f"{where}: {c.layers} embedding layers, the model has {model.family.layers} attn2 layers")
+    PromptBinder(model, [i.concept for i in inputs])  # other family, duplicate tokens across concepts
 
 
 @contextmanager
@@ -238,10 +245,10 @@ def _weights(root: nn.Module, weights: dict[str, torch.Tensor], biases: dict[str
 
 
 @contextmanager
-def fused_weights(model: SD1Model, result: FusionResult) -> Iterator[None]:
+def fused_weights(model: Model, result: FusionResult) -> Iterator[None]:
     """`result`'s fused weights in the live model for the duration of the block (as if the fused
     checkpoint were loaded); the original tensors are put back afterwards."""
-    with _weights(model.text_encoder, result.text_weights, result.text_biases), \
+    with _weights(model.text_root, result.text_weights, result.text_biases), \
             _weights(model.unet, result.unet_weights, result.unet_biases):
         yield
 
@@ -401,22 +408,19 @@ def _solve(stage: str, stats: _StageStats, settings: FusionSettings, progress: P
     return out, infos
 
 
-def _eos_position(ids: Sequence[int], slots: Sequence[tuple[int, str]], eos: int) -> int:
-    """Where a bound prompt's EOS is: the first EOS id outside the concept slots (whose placeholder
-    id is replaced by the rows, whatever it is)."""
-    taken = {pos for pos, _ in slots}
-    return next(i for i, t in enumerate(ids) if t == eos and i not in taken)
+def _eos_position(ids: Sequence[int], eos: int) -> int:
+    """Where a (bound) prompt's EOS is: its first EOS id (concept slots hold another placeholder)."""
+    return list(ids).index(eos)
 
 
-def _unpadded_mask(ids: torch.Tensor, lengths: dict[tuple[int, ...], int], eos: int) -> torch.Tensor:
-    """True at every position up to and including each row's real EOS (`lengths`: bound prompts'
-    ids -> length; rows not in it end at their first EOS id)."""
-    rows = ids.tolist()
-    n = [lengths.get(tuple(r), r.index(eos) + 1 if eos in r else len(r)) for r in rows]
-    return torch.arange(ids.shape[1], device=ids.device)[None] < torch.tensor(n, device=ids.device)[:, None]
+def _unpadded_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """True at every position up to and including each row's EOS (SDXL's bigG pads with 0
+    after it, CLIP-L with more EOS ids: both end at the first)."""
+    n = (ids == eos).int().argmax(1, keepdim=True)
+    return torch.arange(ids.shape[1], device=ids.device)[None] <= n
 
 
-def fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettings | None = None, *,
+def fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings | None = None, *,
          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> FusionResult:
     """Fuse `inputs` into `model`'s weights; returns the fused weights of every layer a concept
     changes (float32, CPU), the report and its warnings. `model` is unchanged afterwards. The
@@ -455,10 +459,11 @@ def spatial_passes(root: nn.Module, names: Sequence[str], biased: frozenset[str]
 
 
 @torch.no_grad()
-def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettings, progress: Progress | None,
+def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings, progress: Progress | None,
           should_stop: Callable[[], bool] | None, spill_dir: str) -> FusionResult:
     check_inputs(model, inputs)
-    te, unet = model.text_encoder, model.unet
+    te, unet = model.text_root, model.unet
+    attn2 = model.family.attn2
     device = next(unet.parameters()).device
     eos = model.tokenizer.eos_token_id
     result = FusionResult(concepts=[i.concept for i in inputs])
@@ -491,10 +496,10 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
         t0 = time.perf_counter()
         stats = _new_stats(te, text_names, device, settings, biased=_biased(inputs, "text", text_names))
         mask: list[torch.Tensor] = []
-        lengths: dict[tuple[int, ...], int] = {}  # bound prompt ids -> tokens up to the real EOS
 
         def remember_mask(module, args, kwargs):
-            mask[:] = [_unpadded_mask(kwargs["input_ids"], lengths, eos)]
+            # each encoder's own ids: the layers recorded next belong to it
+            mask[:] = [_unpadded_mask(kwargs["input_ids"], eos)]
 
         if progress:
             progress("te: recording", 0, len(inputs))
@@ -503,18 +508,16 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
             _begin_concept(stats, item, "text")
             binder = PromptBinder(model, [item.concept])
             sets = stats.sets(item.concept, settings)
-            for _, templates in sets:
-                for prompt in prompts_for(item.concept, templates):
-                    ids, slots = binder.tokenize_bound(prompt)
-                    lengths[tuple(ids)] = _eos_position(ids, slots, eos) + 1
-            handle = te.register_forward_pre_hook(remember_mask, with_kwargs=True)
+            handles = [e.register_forward_pre_hook(remember_mask, with_kwargs=True)
+                       for e in model.family.text_encoder_modules(te)]
             try:
                 with applied([(item.concept, 0.0, item.text_weight)], unet, te):
                     for target, templates in sets:
                         with _recording(te, target, stats.biased, select=lambda x: x[mask[0]]):
                             binder.encode(prompts_for(item.concept, templates))
             finally:
-                handle.remove()
+                for handle in handles:
+                    handle.remove()
             _end_concept(stats, spill_dir)
             if progress:
                 progress("te: recording", k + 1, len(inputs))
@@ -523,7 +526,7 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
         del stats
 
     # ---- stage 2: attn2 to_k / to_v from the fused text encoder
-    kv_names = [f"{a}.{p}" for a in ATTN2_NAMES for p in KV_PROJECTIONS]
+    kv_names = [f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS]
     kv_names = [n for n in kv_names if any(n in i.concept.unet_lora for i in inputs)]
     fused_te = (result.text_weights, result.text_biases)
     if "kv" not in settings.skip and kv_names:
@@ -542,7 +545,7 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
                     rows = []
                     for p, (prompt, template) in enumerate(zip(prompts, templates)):
                         ids, slots = binder.tokenize_bound(prompt)
-                        positions = [pos for pos, _ in slots] + [_eos_position(ids, slots, eos)]
+                        positions = [pos for pos, _ in slots] + [_eos_position(ids, eos)]
                         if not slots:
                             # trigger words: the words and what follows up to the EOS, as tokens
                             # are. The encoder is causal, so the template's words before them
@@ -550,11 +553,11 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
                             # the average; the padding after the EOS would outweigh the concepts
                             # whose rows are their tokens and EOS.
                             prefix, _ = binder.tokenize_bound(template.split("{}")[0])
-                            positions = list(range(_eos_position(prefix, [], eos), positions[-1] + 1))
+                            positions = list(range(_eos_position(prefix, eos), positions[-1] + 1))
                         rows.append(z[p][:, positions])  # [L, n_pos, D]
                     feats = torch.cat(rows, dim=1)
                     for n, st in target.items():
-                        x = feats[ATTN2_NAMES.index(n.rsplit(".", 1)[0])]
+                        x = feats[attn2.index(n.rsplit(".", 1)[0])]
                         st.add(_layer_rows(unet.get_submodule(n), n in stats.biased)(x))
                 _end_concept(stats, spill_dir)
                 if progress:
@@ -571,7 +574,7 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
     # validation and one held-out sample (each its own seed and prompt) in one batch; the hooks
     # split the batch rows. Layers whose statistics do not fit the memory budget together are
     # recorded in further sampling passes.
-    kv_set = {f"{a}.{p}" for a in ATTN2_NAMES for p in KV_PROJECTIONS}
+    kv_set = {f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS}
     spatial_names = sorted({n for i in inputs for n in i.concept.unet_lora if n not in kv_set})
     if "spatial" not in settings.skip and spatial_names:
         t0 = time.perf_counter()
@@ -600,7 +603,8 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
                         item.concept, text_lora={},
                         unet_lora={n: f for n, f in item.concept.unet_lora.items() if n not in kv_set})
                     _begin_concept(stats, item, "unet")
-                    cond = PromptBinder(model, [item.concept]).encode(prompts_for(item.concept, templates))
+                    cond = PromptBinder(model, [item.concept]).conditioning(
+                        prompts_for(item.concept, templates), settings.spatial_size, settings.spatial_size)
                     what = f"{label}: sampling concept {k + 1}/{len(inputs)}"
 
                     def on_step(step: int, x: torch.Tensor, _what=what) -> None:
@@ -614,7 +618,7 @@ def _fuse(model: SD1Model, inputs: Sequence[FusionInput], settings: FusionSettin
                             _recording(unet, stats.solve, biased, select=lambda x: x[:train]), \
                             _recording(unet, stats.valid, biased, select=lambda x: x[train:train + valid]), \
                             _recording(unet, stats.held, biased, select=lambda x: x[train + valid:]):
-                        sampling.sample_euler(model, cond.to(device), None, seeds=seeds,
+                        sampling.sample_euler(model, sampling.conditioning_to(cond, device), None, seeds=seeds,
                                               height=settings.spatial_size, width=settings.spatial_size,
                                               steps=settings.spatial_steps, cfg_scale=1.0, callback=on_step)
                     _end_concept(stats, spill_dir)

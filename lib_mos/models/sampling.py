@@ -90,6 +90,31 @@ class Pass:
     share: torch.Tensor
 
 
+Conditioning = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def conditioning_to(cond: Conditioning, device: torch.device | str) -> Conditioning:
+    """A tensor or {crossattn, vector} conditioning on `device`."""
+    if isinstance(cond, Mapping):
+        return {k: v.to(device) for k, v in cond.items()}
+    return cond.to(device)
+
+
+def unpack_conditioning(cond: Conditioning, uncond: Conditioning | None, cfg_scale: float,
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(cond context, uncond context, the batch's vector or None) for `Denoiser`: with a vector
+    (SDXL) the cond rows' vectors come first, then the uncond ones' when guidance runs."""
+    if not isinstance(cond, Mapping):
+        if isinstance(uncond, Mapping):
+            raise ValueError("uncond is a {crossattn, vector} mapping, cond must be one too")
+        return cond, uncond, None
+    if not isinstance(uncond, Mapping | None):
+        raise ValueError("cond is a {crossattn, vector} mapping, uncond must be one too")
+    guided = uncond is not None and cfg_scale != 1.0
+    vector = torch.cat([cond["vector"], uncond["vector"]]) if guided else cond["vector"]
+    return cond["crossattn"], None if uncond is None else uncond["crossattn"], vector
+
+
 @torch.no_grad()
 def sample_euler(
     model: SD1Model,
@@ -115,13 +140,7 @@ def sample_euler(
     """
     if passes and processor is not None:
         raise ValueError("give either one attn2 processor or passes, each with its own")
-    vector = None
-    if isinstance(cond, Mapping):
-        if not isinstance(uncond, Mapping | None):
-            raise ValueError("cond is a {crossattn, vector} mapping, uncond must be one too")
-        vector = torch.cat([cond["vector"], uncond["vector"]]) if uncond is not None and cfg_scale != 1.0 \
-            else cond["vector"]
-        cond, uncond = cond["crossattn"], None if uncond is None else uncond["crossattn"]
+    cond, uncond, vector = unpack_conditioning(cond, uncond, cfg_scale)
     if cond.shape[0] != len(seeds):
         raise ValueError(f"{cond.shape[0]} conditionings for {len(seeds)} seeds")
     device = cond.device

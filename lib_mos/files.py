@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import os
 import secrets
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_save_safetensors", "import_sibling"]
+from lib_mos.tensorfile import Entry, write_entries
+
+__all__ = ["atomic_save_safetensors", "import_sibling", "write_safetensors_streaming"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -73,38 +76,22 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
     tmp.unlink()
 
 
-def atomic_save_safetensors(
-    tensors: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    metadata: dict[str, str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write `tensors` as a .safetensors file that either appears complete or not at all.
-
-    Raises FileExistsError (naming the path) when the file exists and `overwrite` is False; the
-    temporary file is removed on every failure, including KeyboardInterrupt.
-    """
-    from safetensors.torch import save_file
-
+def write_safetensors_streaming(path: str | os.PathLike[str], entries: Sequence[Entry], *,
+                                metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write a .safetensors file from `entries` `(key, dtype, shape, source)` one tensor at a time
+    (`tensorfile.write_entries`). The file appears complete or not at all (a temp file next to it,
+    fsynced, then renamed; removed on any error, including a source writing the wrong number of
+    bytes). FileExistsError when `path` exists and not `overwrite`."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"refusing to overwrite existing file: {path}")
-    if metadata is not None:
-        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
-        if bad:
-            raise TypeError(f"safetensors metadata must map str to str; bad entries: {bad}")
-    prepared: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if tensor.device.type == "meta":
-            raise ValueError(f"cannot save {path}: tensor {key!r} is on the meta device (no data)")
-        prepared[key] = tensor.detach().contiguous()
-
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     tmp = _create_temp(folder, path.name)
     try:
-        save_file(prepared, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            write_entries(fh, path, entries, metadata)
+            fh.flush()
             os.fsync(fh.fileno())
         _publish(tmp, path, overwrite)
         _fsync_dir(folder)
@@ -112,6 +99,49 @@ def atomic_save_safetensors(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return path
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: dict[str, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `tensors` as a .safetensors file that either appears complete or not at all, one
+    tensor at a time (`write_safetensors_streaming`: no byte copy of the whole dict).
+
+    Raises FileExistsError (naming the path) when the file exists and `overwrite` is False, and
+    RuntimeError when two tensors share memory (as safetensors does: the file would hold the data
+    twice and load as two tensors); the temporary file is removed on every failure, including
+    KeyboardInterrupt.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"refusing to overwrite existing file: {path}")
+    prepared: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if tensor.device.type == "meta":
+            raise ValueError(f"cannot save {path}: tensor {key!r} is on the meta device (no data)")
+        prepared[key] = tensor.detach().contiguous()
+    _refuse_shared(prepared)
+    entries = [(key, t.dtype, tuple(t.shape), t) for key, t in prepared.items()]
+    return write_safetensors_streaming(path, entries, metadata=metadata, overwrite=overwrite)
+
+
+def _refuse_shared(tensors: Mapping[str, torch.Tensor]) -> None:
+    """RuntimeError naming two (contiguous) tensors whose bytes overlap, as safetensors refuses
+    them; disjoint views of one storage (rows of one table) are fine: each is written once."""
+    areas: dict[tuple[torch.device, int], list[tuple[int, int, str]]] = {}
+    for key, tensor in tensors.items():
+        if tensor.numel():
+            start = tensor.data_ptr()
+            areas.setdefault((tensor.device, tensor.untyped_storage().data_ptr()), []).append(
+                (start, start + tensor.numel() * tensor.element_size(), key))
+    for group in areas.values():
+        group.sort()
+        for (_, end, first), (start, _, second) in itertools.pairwise(group):
+            if start < end:
+                raise RuntimeError(f"tensors {first!r} and {second!r} share memory; save a .clone() of one of them")
 
 
 def import_sibling(anchor: str, name: str):

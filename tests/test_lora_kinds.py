@@ -412,7 +412,7 @@ def test_changes_that_do_not_fit_the_model_are_refused_naming_the_layer(model, t
 
 # ----------------------------------------------------------------------------------- atomic writes
 def test_write_concept_leaves_nothing_behind_on_error(model, tmp_path, monkeypatch):
-    import safetensors.torch
+    from lib_mos import tensorfile
 
     concept = read_concept(layouts.loha(model, dtype=BF16, tucker=True, few=True).save(tmp_path, "src"))
     out = tmp_path / "out"
@@ -443,13 +443,16 @@ def test_write_concept_leaves_nothing_behind_on_error(model, tmp_path, monkeypat
             write_concept(bad, out / "bad.safetensors")
         assert listing() == ["taken.safetensors"]
 
-    real_save = safetensors.torch.save_file
+    real_write = tensorfile.write_tensor
+    written_some: list[int] = []
 
-    def half_then_fail(tensors, filename, metadata=None):
-        real_save(dict(list(tensors.items())[:3]), filename, metadata=metadata)
-        raise OSError(28, "No space left on device")
+    def half_then_fail(dst, tensor):  # the disk fills after the first tensors
+        if len(written_some) == 3:
+            raise OSError(28, "No space left on device")
+        written_some.append(real_write(dst, tensor))
+        return written_some[-1]
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    monkeypatch.setattr(tensorfile, "write_tensor", half_then_fail)
     with pytest.raises(ConceptError, match=r"full\.safetensors.*cannot write.*No space"):
         write_concept(concept, out / "full.safetensors")
     assert listing() == ["taken.safetensors"]

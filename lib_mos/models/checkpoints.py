@@ -14,29 +14,23 @@ from lib_mos.models.sdxl import TE1_PREFIX, SDXLModel
 
 def family_of_checkpoint(path: str | os.PathLike[str]) -> ModelFamily:
     """SDXL when the file has SDXL's conditioner (`conditioner.embedders.*`), else SD1 (whose
-    reader names what the file is when it is neither: SD2, no UNet, ...)."""
-    from safetensors import safe_open
+    reader names what the file is when it is neither: SD2, no UNet, ...). Reads the header only."""
+    from lib_mos.tensorfile import TensorFile
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            keys = list(handle.keys())
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable .safetensors file: {exc}") from exc
-    return SDXL if any(k.startswith(TE1_PREFIX) for k in keys) else SD1
+    with TensorFile(path) as handle:
+        return SDXL if any(k.startswith(TE1_PREFIX) for k in handle) else SD1
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> SD1Model | SDXLModel:
+                    dtype: torch.dtype = torch.float32, unet: bool = True) -> SD1Model | SDXLModel:
     """An SD1 or SDXL .safetensors checkpoint in the host's layout, its UNet and text encoders in
-    `dtype` on `device` (half precision for frozen weights that only carry a run)."""
+    `dtype` on `device` (half precision for frozen weights that only carry a run); `unet=False`
+    leaves the UNet's weights on the meta device, checked but not read."""
     from lib_mos.models import sd1, sdxl
 
     if family_of_checkpoint(path) is SDXL:
-        return sdxl.load_checkpoint(path, device=device, dtype=dtype)
-    model = sd1.load_checkpoint(path, device=device)
-    model.unet.to(dtype)
-    model.text_encoder.to(dtype)
-    return model
+        return sdxl.load_checkpoint(path, device=device, dtype=dtype, unet=unet)
+    return sd1.load_checkpoint(path, device=device, dtype=dtype, unet=unet)

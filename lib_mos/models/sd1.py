@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from lib_mos.tensorfile import TensorFile
+
 __all__ = [
     "ATTN2_NAMES",
     "CONFIG_METADATA_KEY",
@@ -438,13 +440,15 @@ def _load_into(
     expected: Mapping[str, torch.Size],
     canon: Mapping[str, str],
     shapes: Mapping[str, list[int]],
-    handle: Any,
-    device: torch.device | str,
+    handle: TensorFile,
     prefix: str,
     what: str,
+    read: bool = True,
 ) -> None:
     """Strictly fill `module` from the file keys under `prefix`: every expected key, exact shapes,
-    nothing unknown (position_ids excepted: it is derived, and some files carry a corrupt copy)."""
+    nothing unknown (position_ids excepted: it is derived, and some files carry a corrupt copy).
+    Tensor by tensor into the module's own memory, so the peak is the model plus one tensor;
+    `read=False` only checks."""
     present = {c[len(prefix) :] for c in canon if c.startswith(prefix)}
     present.discard(_POSITION_IDS)
     unexpected = sorted(present - set(expected))
@@ -452,42 +456,42 @@ def _load_into(
         raise ValueError(
             f"{path}: unexpected {what} key {prefix + unexpected[0]!r} (not part of the SD1 topology)"
         )
-    state: dict[str, torch.Tensor] = {}
     for key, want in expected.items():
         full = prefix + key
         if key not in present:
             raise ValueError(f"{path}: missing {what} key {full!r}")
         if list(want) != shapes[full]:
             raise ValueError(f"{path}: {what} key {full!r} has shape {shapes[full]}, expected {list(want)}")
-        state[key] = handle.get_tensor(canon[full]).to(device=device, dtype=torch.float32)
-    result = module.load_state_dict(state, strict=False)
-    leftover = [k for k in result.missing_keys if k != _POSITION_IDS]
-    if leftover or result.unexpected_keys:
-        raise ValueError(f"{path}: {what} keys did not line up: {leftover[:3]} {result.unexpected_keys[:3]}")
+    if not read:
+        return
+    targets = module.state_dict(keep_vars=True)
+    for key in expected:
+        handle.read_into(canon[prefix + key], targets[key])
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> SD1Model:
-    """Load an SD1 .safetensors checkpoint (A1111 layout) into float32 models on `device`.
+def load_checkpoint(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    unet: bool = True,
+) -> SD1Model:
+    """Load an SD1 .safetensors checkpoint (A1111 layout) into `dtype` models on `device`.
 
     Only the UNet, text encoder and alphas_cumprod are read; VAE and other extra keys are ignored.
-    The models are built on the meta device and materialised once, so no random init is wasted.
+    The models are built on the meta device, materialised once in `dtype` (no random init, no
+    float32 copy of a half-precision model) and filled tensor by tensor from plain file reads.
+    `unet=False`: the UNet's keys and shapes are checked, its weights stay on the meta device
+    (`checkpoint_parts.CheckpointWeights` reads them when needed).
     """
-    from safetensors import safe_open
-
     from lib_mos.models.clip_tokenizer import load_clip_tokenizer
+    from lib_mos.tensorfile import TensorFile
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        handle_cm = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable .safetensors file: {exc}") from exc
-    with handle_cm as handle:
+    with TensorFile(path) as handle:
         # canonical key (legacy text keys renamed) -> key as stored in the file
-        canon = {_canonical_key(k): k for k in handle.keys()}  # noqa: SIM118 - safe_open is not a dict
-        shapes = {c: list(handle.get_slice(k).get_shape()) for c, k in canon.items()}
-        metadata = handle.metadata() or {}
+        canon = {_canonical_key(k): k for k in handle}
+        shapes = {c: list(handle.shape(k)) for c, k in canon.items()}
+        metadata = handle.metadata
         _reject_other_families(path, list(canon), shapes)
         if CONFIG_METADATA_KEY in metadata:
             try:
@@ -498,18 +502,18 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
             config = _infer_config(path, shapes)
 
         with torch.random.fork_rng(devices=[]):
-            unet = build_unet(config, device="meta").to_empty(device=device)
-            text_encoder = build_text_encoder(config, device="meta").to_empty(device=device)
-        expected_unet = {k: v.shape for k, v in unet.state_dict().items()}
-        _load_into(path, unet, expected_unet, canon, shapes, handle, device, UNET_PREFIX, "UNet")
+            unet_module = build_unet(config, device="meta").to(dtype)
+            if unet:
+                unet_module = unet_module.to_empty(device=device)
+            text_encoder = build_text_encoder(config, device="meta").to(dtype).to_empty(device=device)
+        expected_unet = {k: v.shape for k, v in unet_module.state_dict().items()}
+        _load_into(path, unet_module, expected_unet, canon, shapes, handle, UNET_PREFIX, "UNet", read=unet)
         expected_text = _expected_text_keys(text_encoder)
-        _load_into(
-            path, text_encoder, expected_text, canon, shapes, handle, device, TEXT_PREFIX, "text encoder"
-        )
+        _load_into(path, text_encoder, expected_text, canon, shapes, handle, TEXT_PREFIX, "text encoder")
 
         alphas = sd1_alphas_cumprod()
         if "alphas_cumprod" in shapes and shapes["alphas_cumprod"] == [1000]:
-            alphas = handle.get_tensor(canon["alphas_cumprod"]).to(torch.float32)
+            alphas = handle.read(canon["alphas_cumprod"], torch.float32)
 
     # to_empty left the position_ids buffer uninitialised; it is always 0..n-1.
     embeddings = text_encoder.text_model.embeddings
@@ -518,8 +522,8 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
             ids = torch.arange(config.max_positions, device=device).expand(1, -1)
             embeddings.position_ids.copy_(ids.to(embeddings.position_ids.dtype))
     return SD1Model(
-        unet=unet.float().eval(),
-        text_encoder=text_encoder.float().eval(),
+        unet=unet_module.eval(),
+        text_encoder=text_encoder.eval(),
         tokenizer=load_clip_tokenizer(),
         alphas_cumprod=alphas.to(device),
         config=config,

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +318,30 @@ def te2_from_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+_TE2_TOP = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+            "text_model.embeddings.position_embedding.weight": "positional_embedding",
+            "text_model.final_layer_norm.weight": "ln_final.weight",
+            "text_model.final_layer_norm.bias": "ln_final.bias",
+            "text_projection.weight": "text_projection"}  # stored transposed
+_TE2_LAYER = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def te2_file_key(name: str) -> tuple[str, int | None]:
+    """Where te2's tensor `name` (a CLIPTextModelWithProjection state key) sits in the host's
+    OpenCLIP layout: its key under TE2_PREFIX and, for q/k/v, which third of the stacked
+    `attn.in_proj_*` rows (0, 1, 2) it is, so a reader or writer touches one file tensor at a
+    time (`text_projection` is stored transposed). KeyError for a name te2 does not have."""
+    if name in _TE2_TOP:
+        return _TE2_TOP[name], None
+    if m := _TE2_LAYER.fullmatch(name):
+        i, module, part = m.groups()
+        if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            return f"transformer.resblocks.{i}.attn.in_proj_{part}", "qkv".index(module[len("self_attn.")])
+        if module in _OPENCLIP_LAYER:
+            return f"transformer.resblocks.{i}.{_OPENCLIP_LAYER[module]}.{part}", None
+    raise KeyError(f"not a tensor of the SDXL bigG text encoder: {name}")
+
+
 def checkpoint_tensors(model: SDXLModel, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The UNet and both text encoders in the host's SDXL key layout (`SDXL`'s prefixes)."""
     def cast(value: torch.Tensor) -> torch.Tensor:
@@ -342,47 +367,71 @@ def save_checkpoint(model: SDXLModel, path: str | os.PathLike[str], *, dtype: to
 
 
 def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32) -> SDXLModel:
-    """Load an SDXL .safetensors checkpoint (host layout) into `dtype` models on `device` (half
-    precision never holds a float32 copy: full size is 7 GB in fp16, 14 GB in fp32); every UNet and
-    text key must be there with its shape (other keys, a VAE for one, are ignored). Widths come
-    from the file's `lib_mos.sdxl_config` metadata, else SDXL base's."""
-    from safetensors import safe_open
-
+                    dtype: torch.dtype = torch.float32, unet: bool = True) -> SDXLModel:
+    """Load an SDXL .safetensors checkpoint (host layout) into `dtype` models on `device`, tensor
+    by tensor from plain file reads into the models' own memory (full size is 7 GB in fp16, 14 GB
+    in fp32: the peak is the model plus one tensor, never the file or a float32 copy); every UNet
+    and text key must be there with its shape (other keys, a VAE for one, are ignored). Widths come
+    from the file's `lib_mos.sdxl_config` metadata, else SDXL base's. `unet=False`: the UNet's keys
+    and shapes are checked, its weights stay on the meta device (`checkpoint_parts`)."""
     from lib_mos.models.clip_tokenizer import load_clip_tokenizer
     from lib_mos.models.sd1 import sd1_alphas_cumprod
+    from lib_mos.tensorfile import TensorFile
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        keys = set(handle.keys())
-        meta = handle.metadata() or {}
-        if not any(k.startswith("conditioner.embedders.") for k in keys):
+    with TensorFile(path) as handle:
+        meta = handle.metadata
+        if not any(k.startswith("conditioner.embedders.") for k in handle):
             raise ValueError(f"{path}: no 'conditioner.embedders.*' keys: not an SDXL checkpoint in the host's layout")
         config = SDXLConfig(**json.loads(meta[CONFIG_METADATA_KEY])) if CONFIG_METADATA_KEY in meta else SDXL_BASE
         with torch.random.fork_rng(devices=[]):
-            unet = build_unet(config, device="meta").to(dtype).to_empty(device=device)
+            unet_module = build_unet(config, device="meta").to(dtype)
+            if unet:
+                unet_module = unet_module.to_empty(device=device)
             text_root = build_text_encoders(config, device="meta").to(dtype).to_empty(device=device)
 
-        def take(prefix: str, want: Mapping[str, torch.Size], convert=None) -> dict[str, torch.Tensor]:
-            state = {k[len(prefix):]: handle.get_tensor(k) for k in keys if k.startswith(prefix)}
-            state = convert(state) if convert else state
-            for key, shape in want.items():
-                if key not in state:
-                    raise ValueError(f"{path}: missing key {prefix + key!r}")
-                if tuple(state[key].shape) != tuple(shape):
-                    raise ValueError(f"{path}: key {prefix + key!r} has shape {list(state[key].shape)}, "
-                                     f"expected {list(shape)}")
-            return {k: state[k].to(device, dtype) for k in want}
+        def check(key: str, shape: tuple[int, ...]) -> None:
+            if key not in handle:
+                raise ValueError(f"{path}: missing key {key!r}")
+            if handle.shape(key) != tuple(shape):
+                raise ValueError(f"{path}: key {key!r} has shape {list(handle.shape(key))}, expected {list(shape)}")
+
+        def fill(prefix: str, module: nn.Module, read: bool = True) -> None:
+            targets = {k: v for k, v in module.state_dict(keep_vars=True).items() if not k.endswith("position_ids")}
+            for key, target in targets.items():
+                check(prefix + key, tuple(target.shape))
+            for key, target in targets.items() if read else ():
+                handle.read_into(prefix + key, target)
 
         te1, te2 = text_root
-        unet.load_state_dict(take(SDXL.unet_prefix, {k: v.shape for k, v in unet.state_dict().items()}))
-        for prefix, encoder, convert in ((TE1_PREFIX, te1, None), (TE2_PREFIX, te2, te2_from_openclip)):
-            want = {k: v.shape for k, v in encoder.state_dict().items() if not k.endswith("position_ids")}
-            encoder.load_state_dict(take(prefix, want, convert), strict=False)
-            embeddings = encoder.text_model.embeddings
-            with torch.no_grad():
-                embeddings.position_ids.copy_(torch.arange(config.max_positions, device=device).expand(1, -1))
-    return SDXLModel(unet=unet.eval(), text_root=text_root.eval(), tokenizer=load_clip_tokenizer(),
+        fill(SDXL.unet_prefix, unet_module, read=unet)
+        fill(TE1_PREFIX, te1)
+        # te2: the file's OpenCLIP tensors, each read once (q/k/v: row thirds of one in_proj)
+        groups: dict[str, list[tuple[int | None, torch.Tensor]]] = {}
+        for name, target in te2.state_dict(keep_vars=True).items():
+            if not name.endswith("position_ids"):
+                key, third = te2_file_key(name)
+                groups.setdefault(TE2_PREFIX + key, []).append((third, target))
+        for key, targets in groups.items():
+            shape = tuple(targets[0][1].shape)
+            if targets[0][0] is not None:
+                shape = (3 * shape[0], *shape[1:])
+            check(key, shape[::-1] if key == TE2_PREFIX + "text_projection" else shape)
+        with torch.no_grad():
+            for key, targets in groups.items():
+                if key == TE2_PREFIX + "text_projection":
+                    targets[0][1].copy_(handle.read(key).t())
+                elif targets[0][0] is None:
+                    handle.read_into(key, targets[0][1])
+                else:
+                    stacked = handle.read(key).chunk(3)
+                    for third, target in targets:
+                        target.copy_(stacked[third])
+                    del stacked
+            for encoder in text_root:
+                encoder.text_model.embeddings.position_ids.copy_(
+                    torch.arange(config.max_positions, device=device).expand(1, -1))
+    return SDXLModel(unet=unet_module.eval(), text_root=text_root.eval(), tokenizer=load_clip_tokenizer(),
                      alphas_cumprod=sd1_alphas_cumprod().to(device), config=config)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from lib_mos import allocator
 from lib_mos.concepts.binding import PromptBinder, encode_ids, rows_injected, tokenize
 from lib_mos.concepts.concept import Concept, LoraFactor, input_embedding_table
 from lib_mos.concepts.files import check_concept_set, read_concept, write_concept
@@ -63,17 +64,6 @@ __all__ = [
     "train",
 ]
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's `malloc_trim`, where the C library has it (Linux with glibc), else None."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
 TEXT_BATCH = 16  # layer copies of captions through the text encoders at once (`_encode_copies`)
 STATE_SUFFIX = ".train-state"  # `<out>.train-state`: not a .safetensors, so the host's Lora list skips it
 STATE_FORMAT = "mos_train_state"
@@ -676,8 +666,8 @@ class ConceptTrainer:
         (full-size SDXL: 7.8 GB of RSS for 1.1 GB of live tensors), and the WebUI holding SDXL in
         fp32 was killed for it. `malloc_trim` returns them (milliseconds); elsewhere (CUDA's own
         caching allocator, no glibc) this does nothing."""
-        if self.device.type == "cpu" and _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        if self.device.type == "cpu":
+            allocator.trim()
 
     def _after_step(self) -> float | None:
         """The authors' stop: once the concept rows' mean norm reaches `norm_stop` they train no more."""

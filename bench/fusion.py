@@ -7,6 +7,7 @@ synthetic concepts, on this CPU, and the cost of the held-out check.
     .venv/bin/python bench/fusion.py --process sd15    # in-process fusion against the tab's child process
     .venv/bin/python bench/fusion.py --mixed           # the real fuse() on a mixed concept set
     .venv/bin/python bench/fusion.py --mixed --quick   # the same on the tiny model, a few layers of each kind
+    .venv/bin/python bench/fusion.py --family sdxl --seeds 1   # a whole full-size SDXL fusion under --memory-gb 8
 
 Stages as lib_mos.fusion runs them (docs/method.md): "te" = 48 text-encoder linears 768x768,
 176 rows per concept per layer, 500 LBFGS iterations; "kv" = 32 attn2 to_k/to_v (in 768, out
@@ -446,6 +447,69 @@ def _bench_process(args: argparse.Namespace) -> None:
                       flush=True)
 
 
+# ------------------------------------------------------------------------------- whole fusions by family
+def _family_files(family: str, folder: Path) -> tuple[Path, list[Path]]:
+    """The real-host suite's random full-size base of the family (in its cache, written once) and
+    two random full-size ED-LoRA concepts for it, made on the meta skeleton (no weights read)."""
+    from lib_mos.concepts import synthetic
+    from lib_mos.concepts.files import write_concept
+    from lib_mos.models import sd1, sdxl
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "realhost"))
+    from sd15_checkpoint import write_random_sd15, write_random_sdxl
+
+    cache = Path.home() / ".cache" / "lib_mos" / "realhost"
+    cache.mkdir(parents=True, exist_ok=True)
+    if family == "sdxl":
+        base, write, skeleton = cache / "sdxl-random-seed0.safetensors", write_random_sdxl, sdxl.build_sdxl_skeleton()
+        from lib_mos.models.clip_tokenizer import load_clip_tokenizer
+
+        skeleton.tokenizer = load_clip_tokenizer()
+    else:
+        base, write, skeleton = cache / "sd15-random-seed0.safetensors", write_random_sd15, sd1.build_sd15_skeleton()
+    if not base.exists():
+        write(base, seed=0)
+    concepts = [write_concept(synthetic.random_concept(skeleton, (f"<c{k}a>", f"<c{k}b>"), seed=k + 1, name=f"c{k}"),
+                              folder / f"c{k}.safetensors") for k in range(2)]
+    return base, concepts
+
+
+def _bench_family(args: argparse.Namespace) -> None:
+    """One whole fusion of two full-size ED-LoRA concepts in the CLI's child process under
+    --memory-gb: one JSON line per stage (its seconds and the process's peak RSS during it), then
+    the whole process's peak (the kernel's figure for the child, loading included)."""
+    from lib_mos.fusion.process import run_fusion_process
+
+    with tempfile.TemporaryDirectory(prefix="mos-bench-family-") as tmp:
+        folder = Path(tmp)
+        made = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "--method", "familyfiles",
+                               "--family", args.family, "--out", str(folder)], capture_output=True, text=True,
+                              check=False)
+        if made.returncode != 0:
+            sys.stderr.write(made.stderr)
+            raise SystemExit("could not write the base and concept files")
+        base, *concepts = json.loads(made.stdout.splitlines()[-1])
+        size = args.spatial_size or 256
+        steps = args.spatial_steps or 1
+        fuse_args = ["--base", base, "--spatial-steps", str(steps), "--spatial-size", str(size),
+                     "--spatial-seeds", str(args.seeds), "--check-steps", str(args.check_steps),
+                     "--memory-gb", str(args.memory_gb), *(a for c in concepts for a in ("--concept", c))]
+        print(f"# {args.family}: {base}; spatial {steps} step(s), {size} px, {args.seeds} seed(s); picture check "
+              f"{args.check_steps} step(s); --memory-gb {args.memory_gb}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        result = run_fusion_process(fuse_args, folder / "fused.safetensors", cwd=Path(__file__).resolve().parents[1],
+                                    progress=lambda what, done, total: print(f"# {what} {done}/{total}",
+                                                                             file=sys.stderr, flush=True))
+        seconds = time.perf_counter() - t0
+        whole = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        for stage, value in result["seconds"].items():
+            print(json.dumps({"family": args.family, "stage": stage, "seconds": round(value, 1),
+                              "peak_rss_mb": result.get("peak_rss_mb", {}).get(stage)}), flush=True)
+        print(json.dumps({"family": args.family, "stage": "whole process", "seconds": round(seconds, 1),
+                          "peak_rss_mb": round(whole, 1), "memory_gb": args.memory_gb,
+                          "within_budget": whole <= args.memory_gb * 1024}), flush=True)
+
+
 # ------------------------------------------------------------------------------- the mixed set
 MIXED_KINDS = ("edlora", "locon", "loha", "lora")  # concept k is of kind k % 4
 _MIXED_STAGES = ("te", "kv", "spatial")
@@ -673,8 +737,13 @@ def main() -> None:
                          "threshold: every buffer that large is mapped on its own and goes back to the system when "
                          "freed); default 4 MiB, what `python -m lib_mos fuse` (and so the tab) sets for itself; "
                          "0: glibc's own dynamic threshold")
+    ap.add_argument("--family", choices=["sd1", "sdxl"], default=None,
+                    help="one whole fusion of two full-size random ED-LoRA concepts in the CLI's child process "
+                         "under --memory-gb (spatial defaults: 1 step, 256 px; --seeds 1 recommended): seconds and "
+                         "peak RSS per stage, and the whole process's peak")
+    ap.add_argument("--check-steps", type=int, default=1, help="with --family: the picture check's steps")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--method", choices=["exact", "lbfgs", "inprocess", "child", "files", "mixed"],
+    ap.add_argument("--method", choices=["exact", "lbfgs", "inprocess", "child", "files", "mixed", "familyfiles"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--concept", action="append", help=argparse.SUPPRESS)
@@ -689,6 +758,13 @@ def main() -> None:
             print(json.dumps(_mixed_worker(args)))
         else:
             _bench_mixed(args)
+        return
+    if args.worker and args.method == "familyfiles":
+        base, concepts = _family_files(args.family, Path(args.out))
+        print(json.dumps([str(base), *map(str, concepts)]))
+        return
+    if args.family:
+        _bench_family(args)
         return
     args.concepts = args.concepts or [2, 4, 8]
     args.spatial_steps = args.spatial_steps or 4

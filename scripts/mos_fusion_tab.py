@@ -9,6 +9,7 @@ top one) show the new file at once. The live model is never touched."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lib_mos.concepts.files import read_concept, sidecar_path
+from lib_mos.concepts.files import family_of_file, read_concept, sidecar_path
 from lib_mos.files import import_sibling
 from lib_mos.fusion.process import FusionProcessInterrupted, run_fusion_process
 from lib_mos.fusion.report import PICTURE, concept_summary
@@ -66,10 +67,11 @@ def concept_row(rel: str) -> list:
     has none, asks for them: the user types them in the trigger words column."""
     path = os.path.join(concept_folder(), rel)
     try:
-        concept = read_concept(path)
+        family = family_of_file(path)  # SD1 or SDXL, as the file says; the fusion checks it against the base
+        concept = read_concept(path, family=family)
     except Exception as e:  # shown in the table; fusing it will report the full error
         try:  # a LoRA that is readable but has no trigger words anywhere (or a broken sidecar json)
-            read_concept(path, trigger="-")
+            read_concept(path, trigger="-", family=family_of_file(path))
         except Exception:
             return [rel, f"(unreadable: {e})", "", 1.0, 1.0]
         side, why = str(sidecar_path(path)), str(e)
@@ -143,18 +145,41 @@ def loaded_checkpoint() -> str:
     return info.title if info is not None else ""
 
 
-def settings_note(steps: float, size: float, seeds: float = 4) -> str:
+def settings_note(steps: float, size: float, seeds: float = 4, base_title: str | None = None) -> str:
     """A warning under the spatial sliders, before the user fuses, when these settings cannot
-    determine the widest SD1 layers (`fusion.spatial_shortfall`)."""
+    determine the widest layers of the base's family (`fusion.spatial_shortfall`; SD1.5's when the
+    base is not known)."""
     from lib_mos.fusion import pipeline as fusion
-    from lib_mos.models import sd1
+    from lib_mos.models import sd1, sdxl
+    from lib_mos.models.checkpoints import family_of_checkpoint
+    from lib_mos.models.family import SDXL
 
+    config = sd1.SD15
+    info = sd_models.get_closet_checkpoint_match(base_title) if base_title else None
+    if info is not None:
+        with contextlib.suppress(ValueError, OSError):  # not readable here: the fusion itself will say so
+            config = sdxl.SDXL_BASE if family_of_checkpoint(info.filename) is SDXL else sd1.SD15
     settings = fusion.FusionSettings(spatial_steps=int(steps), spatial_size=int(size), spatial_seeds=int(seeds))
-    shortfall = fusion.spatial_shortfall(sd1.SD15, settings)
+    shortfall = fusion.spatial_shortfall(config, settings)
     return f"<p class='mos-warning'>&#9888; {html.escape(shortfall)}</p>" if shortfall else ""
 
 
 CHECK_STEPS = 8  # the picture check behind the report's verdict (`lib_mos.fusion.check`)
+MEMORY_GB = 8.0  # the fusion process's budget on the CPU (the CLI's default), less when less is free
+MEMORY_SHARE = 0.85  # of the memory the system has available beside the WebUI
+
+
+def memory_budget_gb() -> float:
+    """What the fusion child may hold on the CPU: the CLI's 8 GB, or 85 % of what the system has
+    available now when that is less (Linux's MemAvailable), so a fusion beside a WebUI holding its
+    own model does not push either out of memory; the child refuses a budget too small for the
+    model part and one layer before any work, naming the figure."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+    except (OSError, StopIteration, ValueError):
+        return MEMORY_GB
+    return round(min(MEMORY_GB, MEMORY_SHARE * available), 1)
 
 REPORT_HEADERS = ["concept", "stage", "layers", "fused error", "averaged error", "held-out error",
                   "held-out averaged", "distance (x own change)", "rows / width", "flags"]
@@ -188,7 +213,7 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
     args = ["--base", info.filename, "--solver", solver, "--spatial-steps", str(int(spatial_steps)),
             "--spatial-size", str(int(spatial_size)), "--spatial-seeds", str(int(spatial_seeds)),
             "--seed", str(int(seed)), "--dtype", dtype, "--check-steps", str(CHECK_STEPS),
-            "--device", str(devices.device), *_concept_args(table)]
+            "--device", str(devices.device), "--memory-gb", str(memory_budget_gb()), *_concept_args(table)]
     for stage in sorted(set(STAGE_LABELS.values()) - {STAGE_LABELS[s] for s in stages or []}):
         args += ["--skip-stage", stage]
     if overwrite:
@@ -271,8 +296,8 @@ def on_ui_tabs():
             report = gr.Dataframe(headers=REPORT_HEADERS, interactive=False, elem_id="mos_fusion_report")
             status = gr.HTML(folder_problems(), elem_id="mos_fusion_status")
 
-        for slider in (steps, size, seeds):
-            slider.change(fn=settings_note, inputs=[steps, size, seeds], outputs=[note])
+        for control in (steps, size, seeds, base):
+            control.change(fn=settings_note, inputs=[steps, size, seeds, base], outputs=[note])
         # again when the list closes: the host runs events concurrently, so the update for an
         # earlier selection may arrive after the last one's
         for event in (files.change, files.blur):

@@ -65,8 +65,8 @@ def test_report_counts_rows_against_layer_widths(fused):
     assert rows["cat", "spatial"] == rows["dog", "spatial"] == (steps * seeds, steps, 128)
     # k/v: 2 prompts x (2 concept tokens + EOS) against the 32-wide context, the same held out
     assert rows["cat", "kv"] == (6, 6, 32)
-    # text encoder: 16 layer copies of every token up to the real EOS (the concept tokens' placeholder
-    # id is CLIP's EOS id too): BOS photo of a <1> <2> EOS + BOS <1> <2> EOS, and held out
+    # text encoder: 16 layer copies of every token up to the real EOS
+    # (the concept slots included): BOS photo of a <1> <2> EOS + BOS <1> <2> EOS, and held out
     # BOS a close - up picture of <1> <2> outdoors EOS + BOS <1> <2> next to a window EOS
     assert rows["cat", "te"] == (16 * (7 + 4), 16 * (11 + 8), 32)
     assert fusion.spatial_shortfall(sd1.TINY_SD1, FAST) in fused.warnings
@@ -171,11 +171,10 @@ def test_bad_inputs(tiny, inputs):
 
 def test_fused_checkpoint_round_trip(tmp_path, tiny, inputs, fused):
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
-    base = fused_checkpoint.read_base_state_dict(base_path)
-    sd = fused_checkpoint.fused_state_dict(base, fused, dtype=torch.float16)
-    out = fused_checkpoint.write_fused_checkpoint(sd, tmp_path / "fused.safetensors",
-                                        fused_checkpoint.fused_metadata(inputs, FAST, fused, {"lib_mos.sd1_config":
-                                                                                     tiny.config.to_json()}))
+    out = fused_checkpoint.write_fused_checkpoint(base_path, fused, tmp_path / "fused.safetensors",
+                                                  fused_checkpoint.fused_metadata(inputs, FAST, fused, {
+                                                      "lib_mos.sd1_config": tiny.config.to_json()}),
+                                                  dtype=torch.float16)
     loaded = sd1.load_checkpoint(out)
     name = sd1.unet_attention_linear_names()[3]
     assert torch.equal(loaded.unet.get_submodule(name).weight, fused.unet_weights[name].half().float())
@@ -197,8 +196,7 @@ def test_fused_checkpoint_loads_in_the_host_and_tokens_bind(tmp_path, tiny, inpu
     from modules.sd_hijack import model_hijack
 
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
-    sd = fused_checkpoint.fused_state_dict(fused_checkpoint.read_base_state_dict(base_path), fused)  # fp16 as shipped
-    ckpt = fused_checkpoint.write_fused_checkpoint(sd, tmp_path / "fused-cat-dog.safetensors",
+    ckpt = fused_checkpoint.write_fused_checkpoint(base_path, fused, tmp_path / "fused-cat-dog.safetensors",  # fp16
                                          fused_checkpoint.fused_metadata(inputs, FAST, fused,
                                                                {"lib_mos.sd1_config": tiny.config.to_json()}))
     host = HostHarness(tmp_path / "root", ckpt)
@@ -218,14 +216,13 @@ def test_fused_checkpoint_loads_in_the_host_and_tokens_bind(tmp_path, tiny, inpu
 
 def test_writing_is_atomic_and_refuses_overwrite(tmp_path, tiny, inputs, fused):
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
-    sd = fused_checkpoint.fused_state_dict(fused_checkpoint.read_base_state_dict(base_path), fused)
-    out = fused_checkpoint.write_fused_checkpoint(sd, tmp_path / "f.safetensors", {})
+    out = fused_checkpoint.write_fused_checkpoint(base_path, fused, tmp_path / "f.safetensors", {})
     with pytest.raises(FileExistsError):
-        fused_checkpoint.write_fused_checkpoint(sd, out, {})
+        fused_checkpoint.write_fused_checkpoint(base_path, fused, out, {})
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")  # tests run as root in CI, where permission bits do not stop writes
     with pytest.raises(OSError):
-        fused_checkpoint.write_fused_checkpoint(sd, not_a_folder / "f.safetensors", {})
+        fused_checkpoint.write_fused_checkpoint(base_path, fused, not_a_folder / "f.safetensors", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "f.safetensors", "file"]
 
 
@@ -236,7 +233,12 @@ def test_base_of_another_architecture_is_refused(tmp_path):
     safetensors.torch.save_file({"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight":
                                  torch.zeros(4, 4)}, str(path))
     with pytest.raises(ConceptError, match=r"sdxl\.safetensors"):
-        fused_checkpoint.read_base_state_dict(path)
+        fused_checkpoint.write_fused_checkpoint(path, fusion.FusionResult(), tmp_path / "out.safetensors", {})
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConceptError, match=r"junk\.safetensors"):
+        fused_checkpoint.write_fused_checkpoint(tmp_path / "junk.safetensors", fusion.FusionResult(),
+                                                tmp_path / "out.safetensors", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.safetensors", "sdxl.safetensors"]
 
 
 def _concept_files(tmp_path, inputs) -> list:
@@ -434,7 +436,7 @@ def test_kv_stage_records_the_concept_tokens_and_the_real_eos(tiny, inputs, monk
     for prompt in fusion.prompts_for(concept):
         ids, slots = binder.tokenize_bound(prompt)
         assert tiny.tokenizer.eos_token_id not in [ids[pos] for pos, _ in slots]
-        end = fusion._eos_position(ids, slots, tiny.tokenizer.eos_token_id)
+        end = fusion._eos_position(ids, tiny.tokenizer.eos_token_id)
         assert end == slots[-1][0] + 1  # both prompts end with the concept tokens
         expected.append(binder.encode([prompt])[0, 0, [pos for pos, _ in slots] + [end]])
     assert len(seen) == 1

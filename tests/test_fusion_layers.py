@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from test_binding import make_concept
 from torch import nn
 
-from lib_mos.concepts.concept import Concept, ModuleDelta
+from lib_mos.concepts.concept import Concept, ConceptError, ModuleDelta
 from lib_mos.fusion import checkpoint as fused_checkpoint
+from lib_mos.fusion import memory
 from lib_mos.fusion import pipeline as fusion
 from lib_mos.fusion import report as fusion_report
 from lib_mos.fusion.solver import LayerStats, solve_exact
@@ -138,24 +139,42 @@ def test_one_locon_concept_fuses_to_its_own_weights(tiny):
         torch.testing.assert_close(result.unet_weights[name], want, rtol=1e-4, atol=1e-5)
 
 
-def test_spatial_passes_under_a_small_budget_give_the_same_weights(tiny):
-    """Recording the spatial layers in several sampling passes (a memory budget smaller than all of
-    them) reproduces the one-pass result exactly: the same seeds, the same inputs per layer."""
+def test_spatial_passes_under_a_small_budget_give_the_same_weights(tiny, monkeypatch):
+    """Recording the spatial layers in several sampling passes (a whole-process budget that leaves
+    room for less than all of their statistics beside the model) reproduces the one-pass result
+    exactly: the same seeds, the same inputs per layer."""
     concepts = [fusion.FusionInput(trigger_concept(tiny, f"c{k}", w, seed=10 + k)) for k, w in enumerate(("sks", "zxq"))]
     settings = dataclasses.replace(FAST, skip=frozenset({"te", "kv"}))
     names = sorted(concepts[0].concept.unet_lora)
     one = fusion.fuse(tiny, concepts, settings)
     spatial = [n for n in names if "attn2.to_" not in n]
-    total = sum(fusion._per_pass_bytes(tiny.unet.get_submodule(n).weight[0].numel(),
-                                       tiny.unet.get_submodule(n).weight.shape[0]) for n in spatial)
-    budget = total / 2.5 / 2**30
-    passes = fusion.spatial_passes(tiny.unet, spatial, frozenset(), budget)
-    assert len(passes) == 3 and [n for p in passes for n in p] == spatial
-    split = fusion.fuse(tiny, concepts, dataclasses.replace(settings, memory_gb=budget))
+    sizes = [memory.layer_stats_bytes(tiny.unet.get_submodule(n).weight[0].numel(),
+                                      tiny.unet.get_submodule(n).weight.shape[0]) for n in spatial]
+    stats = max(sum(sizes) / 2.5, max(sizes))
+    count = len(memory.passes(tiny.unet, spatial, frozenset(), int(stats)))
+    assert count >= 3
+    # the tiny model's own sizes: no interpreter or batch to leave room for, the model's bytes are
+    budget = (memory.resident_bytes(tiny.unet, tiny.text_root) + stats) / memory.GIB
+    for name in ("unet_activation_bytes", "transient_bytes"):
+        monkeypatch.setattr(memory, name, lambda *a, **k: 0)
+    monkeypatch.setattr(memory, "BASELINE_BYTES", 0)
+    seen: list[str] = []
+    split = fusion.fuse(tiny, concepts, dataclasses.replace(settings, memory_gb=budget),
+                        progress=lambda what, done, n: seen.append(what))
+    assert any(f"pass {count}/{count}" in w for w in seen)
     assert set(split.unet_weights) == set(one.unet_weights)
     for name, w in one.unet_weights.items():
         assert torch.equal(split.unet_weights[name], w), name
     assert [r["fused"] for r in split.report] == pytest.approx([r["fused"] for r in one.report], rel=1e-9)
+
+
+def test_a_budget_too_small_for_the_model_and_one_layer_is_refused_before_any_work(tiny):
+    concepts = [fusion.FusionInput(trigger_concept(tiny, "c0", "sks", seed=10))]
+    calls: list[str] = []
+    with pytest.raises(ConceptError, match=r"--memory-gb 0.5 is too small for the te stage.*use at least"):
+        fusion.fuse(tiny, concepts, dataclasses.replace(FAST, memory_gb=0.5),
+                    progress=lambda what, done, n: calls.append(what))
+    assert not calls
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +222,7 @@ def test_mixed_fused_checkpoint_loads_in_the_host(tmp_path, tiny, mixed):
 
     items, result = mixed
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
-    sd = fused_checkpoint.fused_state_dict(fused_checkpoint.read_base_state_dict(base_path), result)
-    ckpt = fused_checkpoint.write_fused_checkpoint(sd, tmp_path / "fused-mixed.safetensors",
+    ckpt = fused_checkpoint.write_fused_checkpoint(base_path, result, tmp_path / "fused-mixed.safetensors",
                                                    fused_checkpoint.fused_metadata(
                                                        items, FAST, result, {"lib_mos.sd1_config": tiny.config.to_json()}))
     concepts = fused_checkpoint.read_fused_concepts(ckpt)

@@ -76,6 +76,26 @@ def test_settings_that_cannot_determine_the_widest_layers_are_flagged_before_fus
     assert "at least 80 steps" in module.settings_note(4, 256, 1) and module.settings_note(20, 512, 1) == ""
 
 
+def test_the_sdxl_base_gets_sdxl_settings_notes_and_the_child_a_budget_beside_the_webui(tab, tmp_path, monkeypatch):
+    """With an SDXL base picked, the note reads SDXL's widest layers (1280 inputs at level 2 of
+    three: (size/32)^2 cells); the child's budget is 8 GB or 85 % of the memory available now."""
+    from lib_mos.models import sdxl
+
+    _, module = tab
+    path = sdxl.save_checkpoint(sdxl.build_tiny_sdxl(0), tmp_path / "xl.safetensors")
+
+    class Info:
+        filename = str(path)
+
+    monkeypatch.setattr(module.sd_models, "get_closet_checkpoint_match", lambda title: Info())
+    note = module.settings_note(1, 256, 1, "xl.safetensors")
+    assert "64 rows" in note and "input_blocks.7.1" in note and "1280 inputs" in note, note
+    assert "middle_block" in module.settings_note(1, 256, 1)  # SD1.5's: no base given
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
+    assert module.memory_budget_gb() == pytest.approx(min(8.0, 0.85 * available), abs=0.3)
+
+
 def test_concept_table_names_its_columns_with_no_rows_and_skips_empty_rows(tab):
     """Gradio 3.41's page takes a table's headers from its value, and a value that is a list with no
     rows carries none: on a fresh page the real WebUI headed the columns "0 1 2 3 4" until a file was

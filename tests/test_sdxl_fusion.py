@@ -110,7 +110,7 @@ def test_kv_rows_are_each_layers_own_copy_at_the_tokens_and_eos(xl, inputs, monk
     binder = binding.PromptBinder(xl, [concept])
     expected = []
     for prompt in fusion.prompts_for(concept):
-        ids, slots = binder.tokenize_bound(prompt)
+        _, slots = binder.tokenize_bound(prompt)
         positions = [pos for pos, _ in slots] + [slots[-1][0] + 1]
         expected.append(binder.encode([prompt])[0, SDXL.layers - 1, positions])
     assert len(seen) == 1 and seen[0].shape == (6, 80)
@@ -120,5 +120,84 @@ def test_kv_rows_are_each_layers_own_copy_at_the_tokens_and_eos(xl, inputs, monk
 def test_an_sd1_concept_is_refused_by_name(xl, inputs):
     sd1_concept = dataclasses.replace(random_concept(sd1.build_tiny_sd1(0), ("<x1>", "<x2>"), seed=4),
                                       name="x", source_path="x.safetensors")
-    with pytest.raises(Exception, match="x.safetensors"):
+    with pytest.raises(Exception, match=r"x\.safetensors"):
         fusion.fuse(xl, [inputs[0], fusion.FusionInput(sd1_concept)], FAST)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_encoding_up_to_the_eos_is_the_full_encoding_there(xl, inputs, family):
+    """Fusion encodes only up to the last EOS (the encoders are causal): every position up to each
+    prompt's EOS equals the full 77-token encoding, for bound prompts and plain trigger words."""
+    model = xl if family == "sdxl" else sd1.build_tiny_sd1(0)
+    concept = inputs[0].concept if family == "sdxl" else random_concept(model, ("<cat1>", "<cat2>"), seed=1)
+    binder = binding.PromptBinder(model, [concept])
+    for prompts in (["photo of a <cat1> <cat2>", "a close-up picture of <cat1> <cat2> outdoors"],
+                    ["ohwx dog", "a photo of ohwx dog in the snow"]):
+        short, full = binder.encode_to_eos(prompts), binder.encode(prompts)
+        assert short.shape[2] < 77 and short.shape[:2] == full.shape[:2]
+        for p, prompt in enumerate(prompts):
+            end = binder.tokenize_bound(prompt)[0].index(model.tokenizer.eos_token_id) + 1
+            torch.testing.assert_close(short[p, :, :end], full[p, :, :end], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_parts_read_from_the_file_when_needed_give_the_same_fusion(tmp_path, family, inputs, monkeypatch):
+    """Fusing a model read from its file with `CheckpointWeights` (the UNet absent during the text
+    stages, only the k/v layers read for theirs, the encoders gone before the UNet comes back) gives
+    exactly the weights of the same fusion with everything in memory."""
+    from lib_mos.models import checkpoints
+    from lib_mos.models.checkpoint_parts import CheckpointWeights
+
+    if family == "sdxl":
+        model, items = sdxl.build_tiny_sdxl(0), inputs
+        path = sdxl.save_checkpoint(model, tmp_path / "xl.safetensors")
+    else:
+        model = sd1.build_tiny_sd1(0)
+        items = [fusion.FusionInput(dataclasses.replace(random_concept(model, (f"<c{k}a>", f"<c{k}b>"), seed=k),
+                                                        name=f"c{k}", source_sha256=str(k) * 64)) for k in (1, 2)]
+        path = sd1.save_checkpoint(model, tmp_path / "sd1.safetensors")
+    settings = dataclasses.replace(FAST, check_steps=1)
+    resident = fusion.fuse(checkpoints.load_checkpoint(path), items, settings)
+    lazy_model = checkpoints.load_checkpoint(path, unet=False)  # as fuse_checkpoint reads it
+    unet_real: list[tuple[str, int]] = []
+    original = fusion.LayerStats.add
+
+    def spy(self, x):  # how much of the UNet is in memory when each layer records
+        unet_real.append((self.in_features, sum(p.device.type != "meta" for p in lazy_model.unet.parameters())))
+        return original(self, x)
+
+    monkeypatch.setattr(fusion.LayerStats, "add", spy)
+    lazy = fusion.fuse(lazy_model, items, settings, weights=CheckpointWeights(path, lazy_model))
+    total = sum(1 for _ in lazy_model.unet.parameters())
+    assert unet_real[0][1] == 0  # te stage: no UNet at all
+    assert 0 < min(n for _, n in unet_real if n) < total  # k/v: only its layers
+    assert unet_real[-1][1] == total
+    assert all(p.device.type == "meta" for p in lazy_model.text_root.parameters())  # gone for the spatial stage
+    for table in ("text_weights", "unet_weights", "text_biases", "unet_biases"):
+        a, b = getattr(resident, table), getattr(lazy, table)
+        assert set(a) == set(b)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+    assert [r.get("fused") for r in lazy.report] == pytest.approx([r.get("fused") for r in resident.report], rel=1e-5)
+
+
+def test_a_released_part_reads_back_bit_identical(tmp_path):
+    """bigG's q/k/v come back from the thirds of the file's stacked in_proj, its projection
+    transposed back: every tensor of both parts equals the loader's after release and load."""
+    from lib_mos.models import checkpoints
+    from lib_mos.models.checkpoint_parts import CheckpointWeights
+
+    path = sdxl.save_checkpoint(sdxl.build_tiny_sdxl(0), tmp_path / "xl.safetensors", dtype=torch.float16)
+    model = checkpoints.load_checkpoint(path, dtype=torch.bfloat16)
+    before = {k: v.clone() for k, v in {**model.unet.state_dict(), **model.text_root.state_dict()}.items()}
+    weights = CheckpointWeights(path, model)
+    for part in ("text", "unet"):
+        weights.release(part)
+    assert all(p.device.type == "meta" for p in (*model.unet.parameters(), *model.text_root.parameters()))
+    weights.load("unet", [f"{SDXL.attn2[0]}.to_k"])
+    weights.load("unet")
+    weights.load("text")
+    after = {**model.unet.state_dict(), **model.text_root.state_dict()}
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k

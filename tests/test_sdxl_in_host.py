@@ -318,3 +318,42 @@ def test_concept_tokens_bind_in_an_sdxl_region_prompt(host_xl, xl_model):
         want = sampling.sample_euler(xl_model, cond, uncond, seeds=[9], height=48, width=64, steps=3, cfg_scale=7.0)
     assert relative(latents(res), want) < 1e-4
     assert untouched(host_xl)
+
+
+def test_a_fused_sdxl_checkpoint_loads_and_its_tokens_generate(tmp_path, xl_model):
+    """Two SDXL concepts fused into the tiny SDXL: the double loads the fused file (the host's SDXL
+    layout, bigG's q/k/v in its in_proj) and a prompt with both concepts' tokens, no concept files
+    in the Lora folder, samples as the library samples the fused file with the rows it carries."""
+    import dataclasses
+
+    from host_harness import HostHarness
+
+    from lib_mos.concepts import binding, synthetic
+    from lib_mos.fusion import checkpoint as fused_checkpoint
+    from lib_mos.fusion import pipeline as fusion
+    from lib_mos.models import sampling
+
+    items = [fusion.FusionInput(dataclasses.replace(synthetic.random_concept(xl_model, (f"<{n}1>", f"<{n}2>"), seed=k,
+                                                                             name=n), source_sha256=str(k) * 64))
+             for k, n in enumerate(("cat", "hat"), start=1)]
+    settings = fusion.FusionSettings(spatial_steps=1, spatial_size=64, check_steps=0)
+    result = fusion.fuse(xl_model, items, settings)
+    base = sdxl.save_checkpoint(xl_model, tmp_path / "base.safetensors")
+    fused = fused_checkpoint.write_fused_checkpoint(
+        base, result, tmp_path / "fused-xl.safetensors",
+        fused_checkpoint.fused_metadata(items, settings, result, {sdxl.CONFIG_METADATA_KEY: xl_model.config.to_json()}))
+    host = HostHarness(tmp_path / "root", fused, extensions=[str(Path(__file__).resolve().parents[1])])
+    try:
+        prompt, negative = "a photo of <cat1> <cat2> in a <hat1> <hat2>", "blurry"
+        res = host.txt2img(prompt, negative, steps=3, seed=9, width=64, height=48)
+        model = sdxl.load_checkpoint(fused)
+        name = "1.text_model.encoder.layers.0.self_attn.k_proj"
+        torch.testing.assert_close(model.text_root.get_submodule(name).weight, result.text_weights[name].half().float())
+        binder = binding.PromptBinder(model, fused_checkpoint.read_fused_concepts(fused))
+        want = sampling.sample_euler(model, binder.conditioning([prompt], 64, 48), binder.conditioning([negative], 64, 48),
+                                     seeds=[9], height=48, width=64, steps=3, cfg_scale=7.0)
+        assert "Mix-of-Show concepts: <cat1> <cat2> from the checkpoint; <hat1> <hat2> from the checkpoint" in \
+            res.infotexts[0]
+        assert relative(latents(res), want) < 1e-4
+    finally:
+        host.close()

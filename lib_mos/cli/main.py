@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     fuse = sub.add_parser("fuse", help="gradient fusion: merge concepts into one checkpoint",
                           formatter_class=HelpWithDefaults)
-    fuse.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors", help="base SD1 checkpoint")
+    fuse.add_argument("--base", type=Path, required=True, metavar="MODEL.safetensors",
+                      help="base SD1 or SDXL checkpoint (the file says which; SDXL runs in half precision)")
     fuse.add_argument("--concept", action="append", required=True,
                       metavar="FILE[:<new1>+<new2>][#trigger words][@UNET,TEXT]",
                       help="concept file, optionally with new token names, the trigger words of a LoRA without tokens "
@@ -102,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                            "tokens or trigger words go (default: the authors' two for token concepts, a few "
                            "caption forms for trigger words)")
     fuse.add_argument("--memory-gb", type=float, default=8.0,
-                      help="statistics the spatial stage holds at once; layers beyond it are recorded in further "
-                           "sampling passes (default 8)")
+                      help="what the whole fusion process may hold on the CPU: the model part a stage needs, one "
+                           "batch's work and the statistics; layers whose statistics do not fit beside the rest are "
+                           "recorded in further passes, and a budget too small for the model and one layer is "
+                           "refused before any work (default 8)")
+    fuse.add_argument("--vram-gb", type=float, default=None,
+                      help="the same for the GPU's memory with --device cuda (default: 90%% of the card)")
     fuse.add_argument("--no-balance", action="store_true",
                       help="the authors' plain sum of squared errors instead of weighing every concept alike")
     fuse.add_argument("--ridge", type=float, default=None,
@@ -280,11 +285,10 @@ def _fuse(args: argparse.Namespace) -> int:
     import torch
 
     from lib_mos.concepts.concept import ConceptError
-    from lib_mos.concepts.files import read_concept
+    from lib_mos.concepts.files import family_of_file, read_concept
     from lib_mos.fusion import checkpoint as fused_checkpoint
     from lib_mos.fusion import pipeline as fusion
     from lib_mos.fusion import report as fusion_report
-
     _steady_allocator()
     jsonl = args.progress == "jsonl"
     progress = _json_progress if jsonl else ProgressBar()
@@ -296,11 +300,14 @@ def _fuse(args: argparse.Namespace) -> int:
                                          spatial_size=args.spatial_size, spatial_seeds=args.spatial_seeds,
                                          seed=args.seed, skip=frozenset(args.skip_stage),
                                          held_out=not args.no_held_out, templates=_templates(args.templates),
-                                         memory_gb=args.memory_gb, balance=not args.no_balance,
+                                         memory_gb=args.memory_gb, vram_gb=args.vram_gb,
+                                         balance=not args.no_balance,
                                          check_steps=args.check_steps, **extra)
         specs = [fused_checkpoint.parse_concept_spec(c, args.unet_weight, args.text_weight) for c in args.concept]
         # read here (once: fuse_checkpoint takes them as read) to say which trigger words are used
-        specs = [dataclasses.replace(s, concept=read_concept(s.path, trigger=s.trigger)) for s in specs]
+        # each file for the family it says; one that does not match the base is refused by name later
+        specs = [dataclasses.replace(s, concept=read_concept(s.path, trigger=s.trigger, family=family_of_file(s.path)))
+                 for s in specs]
         for spec in specs:
             if not spec.concept.tokens:
                 note = _trigger_note(spec.path, spec.concept, "add #WORDS to its --concept to choose others")
@@ -325,7 +332,7 @@ def _fuse(args: argparse.Namespace) -> int:
         return _fail(f"{args.out}: unexpected {type(exc).__name__}: {exc}; nothing was written")
     if jsonl:
         _json_line({"result": {"path": str(path), "report": result.report, "warnings": result.warnings,
-                               "seconds": result.seconds}})
+                               "seconds": result.seconds, "peak_rss_mb": result.peak_rss_mb}})
         return 0
     print(fusion_report.format_report(result.report, result.warnings))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())

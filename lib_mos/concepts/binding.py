@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from lib_mos.models.sdxl import SDXLModel
 
 CHUNK_TOKENS = 75
+ENCODE_BATCH = 32  # layer copies through the text encoders at once (`PromptBinder._encode_bound`)
 
 
 def tokenize(model: SD1Model | SDXLModel, prompts: list[str]) -> torch.Tensor:
@@ -77,7 +78,7 @@ def encode_ids(model: SD1Model | SDXLModel, ids: torch.Tensor) -> tuple[torch.Te
 def encode_prompts(model: SD1Model | SDXLModel, prompts: list[str]) -> torch.Tensor:
     """Plain encoding (no concept tokens): the context the UNet attends to, [B, 77, D] (SD1: the
     encoder's last hidden state; SDXL: both encoders' penultimate ones)."""
-    ids = tokenize(model, prompts).to(next(model.unet.parameters()).device)
+    ids = tokenize(model, prompts).to(next(model.text_root.parameters()).device)
     return encode_ids(model, ids)[0]
 
 
@@ -192,7 +193,7 @@ class PromptBinder:
         todo = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         plain = [p for p in todo if not self.concept_tokens_in(p)]
         bound = [p for p in todo if p not in plain]
-        device = next(self.model.unet.parameters()).device
+        device = next(self.model.text_root.parameters()).device
         if plain:
             context, pooled = encode_ids(self.model, tokenize(self.model, plain).to(device))
             for i, p in enumerate(plain):
@@ -200,23 +201,66 @@ class PromptBinder:
                 if pooled is not None:
                     self._pooled[p] = pooled[i]
         if bound:
+            context, pooled = self._encode_bound(bound)
             L = self.layers
-            tokenized = [self.tokenize_bound(p) for p in bound]
-            ids = torch.tensor([t[0] for t in tokenized], dtype=torch.long, device=device)
-            ids = ids.repeat_interleave(L, dim=0)  # row b*L + l: prompt b, layer l
-            mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-            rows = []
-            for b, (_, slots) in enumerate(tokenized):
-                for layer in range(L):
-                    # slots are in position order, the order in which masked_scatter fills
-                    mask[b * L + layer, [pos for pos, _ in slots]] = True
-                    rows += [self.rows[token][layer] for _, token in slots]
-            with rows_injected(self.model, mask, torch.stack(rows)):
-                context, pooled = encode_ids(self.model, ids)
             for b, p in enumerate(bound):
                 self._cache[p] = context[b * L:(b + 1) * L]
                 if pooled is not None:
                     self._pooled[p] = pooled[b * L:(b + 1) * L].mean(0)
+
+    @torch.no_grad()
+    def encode_to_eos(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, L, T, D] like `encode`, only up to the last prompt's end-of-text (T <= 77), uncached:
+        the encoders are causal, so every position up to a prompt's EOS is exactly what `encode`
+        gives, at a fraction of the cost (fusion records nothing after the EOS). Positions after a
+        prompt's own EOS are not meaningful. A prompt without concept tokens is encoded once and
+        expanded to the L layers, as in `encode`."""
+        eos = self.model.tokenizer.eos_token_id
+        length = max(self.tokenize_bound(p)[0].index(eos) for p in prompts) + 1
+        plain = [p for p in dict.fromkeys(prompts) if not self.concept_tokens_in(p)]
+        bound = [p for p in dict.fromkeys(prompts) if p not in plain]
+        out: dict[str, torch.Tensor] = {}
+        if plain:
+            device = next(self.model.text_root.parameters()).device
+            context = encode_ids(self.model, tokenize(self.model, plain)[:, :length].to(device))[0]
+            out |= {p: context[i].unsqueeze(0).expand(self.layers, -1, -1) for i, p in enumerate(plain)}
+        if bound:
+            context = self._encode_bound(bound, length)[0]
+            out |= {p: context[b * self.layers:(b + 1) * self.layers] for b, p in enumerate(bound)}
+        return torch.stack([out[p] for p in prompts])
+
+    def _encode_bound(self, prompts: list[str], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context [B * L, T, D], pooled [B * L, P] or None) of the layer copies of `prompts` (row
+        b * L + l: prompt b, layer l), `ENCODE_BATCH` copies at a time so the encoders' activations
+        stay small (SDXL keeps every layer's hidden state for the penultimate one); `length`: only
+        the first positions (`encode_to_eos`)."""
+        device = next(self.model.text_root.parameters()).device
+        L = self.layers
+        tokenized = [self.tokenize_bound(p) for p in prompts]
+        ids = torch.tensor([t[0] for t in tokenized], dtype=torch.long, device=device)
+        if length is not None:
+            ids = ids[:, :length]
+        ids = ids.repeat_interleave(L, dim=0)
+        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+        rows = []
+        for b, (_, slots) in enumerate(tokenized):
+            for layer in range(L):
+                # slots are in position order, the order in which masked_scatter fills
+                mask[b * L + layer, [pos for pos, _ in slots]] = True
+                rows += [self.rows[token][layer] for _, token in slots]
+        rows_t = torch.stack(rows) if rows else torch.zeros(0, text_width(self.model.text_root), device=device)
+        per_row = mask.sum(1).tolist()
+        contexts, pooleds, taken = [], [], 0
+        for first in range(0, ids.shape[0], ENCODE_BATCH):
+            last = min(first + ENCODE_BATCH, ids.shape[0])
+            n = sum(per_row[first:last])
+            with rows_injected(self.model, mask[first:last], rows_t[taken:taken + n]):
+                context, pooled = encode_ids(self.model, ids[first:last])
+            taken += n
+            contexts.append(context)
+            if pooled is not None:
+                pooleds.append(pooled)
+        return torch.cat(contexts), torch.cat(pooleds) if pooleds else None
 
 
 def bind_prompts(model: SD1Model | SDXLModel, prompts: Sequence[str], concepts: Sequence[Concept] = ()) -> torch.Tensor:

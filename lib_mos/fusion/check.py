@@ -16,6 +16,7 @@ its LoRA were not there.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,41 +40,71 @@ def _trajectory(model: SD1Model | SDXLModel, cond: sampling.Conditioning, uncond
     return states
 
 
-def prediction_errors(model: SD1Model | SDXLModel, inputs: Sequence, result, *, size: int, steps: int = 8, seeds: int = 2,
-                      cfg: float = 7.0, seed: int = 0, templates: Callable[[Concept], Sequence[str]],
-                      fused: Callable[[], object], on_concept: Callable[[int], None] | None = None,
+def conditionings(model: SD1Model | SDXLModel, inputs: Sequence, result, *, size: int, seeds: int = 2, seed: int = 0,
+                  templates: Callable[[Concept], Sequence[str]], fused_text: Callable[[], object],
+                  ) -> list[dict[str, tuple[sampling.Conditioning, sampling.Conditioning]]]:
+    """Per input (a `pipeline.FusionInput`): {variant: (cond, uncond)} of its check prompts as each
+    model's text side encodes them: its own (its text LoRA), none (tokens bound, no LoRA), fused
+    (`fused_text()` a context manager with the fused encoders; `result.concepts` are the fused
+    model's concepts), averaged and stacked. Made apart from the UNet's predictions so the text
+    encoders can be gone while the UNet runs."""
+    te, unet = model.text_root, model.unet
+    device = next(te.parameters()).device
+    n = len(inputs)
+    text = {
+        "own": lambda item: applied([(item.concept, 0.0, item.text_weight)], unet, te),
+        "none": lambda item: contextlib.nullcontext(),
+        "fused": lambda item: fused_text(),
+        "average": lambda item: applied([(i.concept, 0.0, i.text_weight / n) for i in inputs], unet, te),
+        "stacked": lambda item: applied([(i.concept, 0.0, i.text_weight) for i in inputs], unet, te),
+    }
+    out = []
+    for k, item in enumerate(inputs):
+        prompts = check_prompts(item.concept, templates, seeds)
+        row = {}
+        for variant, context in text.items():
+            concept = result.concepts[k] if variant == "fused" else item.concept
+            with context(item):
+                row[variant] = _encode(model, concept, prompts, size, device)
+        out.append(row)
+    return out
+
+
+def check_prompts(concept: Concept, templates: Callable[[Concept], Sequence[str]], seeds: int) -> list[str]:
+    """One prompt per seed, cycling through the concept's templates."""
+    texts = list(templates(concept))
+    return [texts[j % len(texts)].replace("{}", concept.prompt_words, 1) for j in range(seeds)]
+
+
+def prediction_errors(model: SD1Model | SDXLModel, inputs: Sequence,
+                      conds: Sequence[dict[str, tuple[sampling.Conditioning, sampling.Conditioning]]], *, size: int,
+                      steps: int = 8, seeds: int = 2, cfg: float = 7.0, seed: int = 0,
+                      fused_unet: Callable[[], object], on_concept: Callable[[int], None] | None = None,
                       ) -> list[dict[str, float]]:
-    """Per input (a `pipeline.FusionInput`): {method: error} for `METHODS` (see the module's
-    docstring). `result.concepts` are the fused model's concepts to bind; `fused()` is a context
-    manager with the fused weights in the model; `templates(concept)` the prompts around its words;
-    `on_concept(k)` is called before concept k (progress, interruption)."""
+    """Per input: {method: error} for `METHODS` (see the module's docstring), from its
+    `conditionings`; only the UNet runs here (`fused_unet()`: a context manager with the fused UNet
+    weights in the model); `on_concept(k)` is called before concept k (progress, interruption)."""
     unet, te = model.unet, model.text_root
-    device = next(unet.parameters()).device
     n = len(inputs)
     seed_list = [seed + j for j in range(seeds)]
     merged = {
-        "average": lambda: applied([(i.concept, i.unet_weight / n, i.text_weight / n) for i in inputs], unet, te),
-        "stacked": lambda: applied([(i.concept, i.unet_weight, i.text_weight) for i in inputs], unet, te),
+        "fused": fused_unet,
+        "average": lambda: applied([(i.concept, i.unet_weight / n, 0.0) for i in inputs], unet, te),
+        "stacked": lambda: applied([(i.concept, i.unet_weight, 0.0) for i in inputs], unet, te),
     }
     out = []
     for k, item in enumerate(inputs):
         if on_concept is not None:
             on_concept(k)
-        concept = item.concept
-        texts = list(templates(concept))
-        prompts = [texts[j % len(texts)].replace("{}", concept.prompt_words, 1) for j in range(seeds)]
-        with applied([(concept, item.unet_weight, item.text_weight)], unet, te):
-            cond, uncond = _encode(model, concept, prompts, size, device)
-            states = _trajectory(model, cond, uncond, seed_list, size, steps, cfg)
-            own = _predictions(model, states, concept, prompts, size, cfg, device)
-        scale = (_predictions(model, states, concept, prompts, size, cfg, device) - own).norm().clamp_min(1e-12)
+        c = conds[k]
+        with applied([(item.concept, item.unet_weight, 0.0)], unet, te):
+            states = _trajectory(model, *c["own"], seed_list, size, steps, cfg)
+            own = _predictions(model, states, c["own"], cfg)
+        scale = (_predictions(model, states, c["none"], cfg) - own).norm().clamp_min(1e-12)
         row = {}
-        with fused():
-            row["fused"] = float((_predictions(model, states, result.concepts[k], prompts, size, cfg, device) - own).norm()
-                                 / scale)
         for method, context in merged.items():
             with context():
-                row[method] = float((_predictions(model, states, concept, prompts, size, cfg, device) - own).norm() / scale)
+                row[method] = float((_predictions(model, states, c[method], cfg) - own).norm() / scale)
         out.append(row)
     return out
 
@@ -86,10 +117,12 @@ def _encode(model: SD1Model | SDXLModel, concept: Concept, prompts: list[str], s
 
 
 @torch.no_grad()
-def _predictions(model: SD1Model | SDXLModel, states: list[tuple[torch.Tensor, torch.Tensor]], concept: Concept,
-                 prompts: list[str], size: int, cfg: float, device: torch.device) -> torch.Tensor:
-    """[steps, B, 4, h, w] guided predictions of the live model at every recorded state."""
-    cond, uncond, vector = sampling.unpack_conditioning(*_encode(model, concept, prompts, size, device), cfg)
+def _predictions(model: SD1Model | SDXLModel, states: list[tuple[torch.Tensor, torch.Tensor]],
+                 cond_uncond: tuple[sampling.Conditioning, sampling.Conditioning], cfg: float) -> torch.Tensor:
+    """[steps, B, 4, h, w] guided predictions of the live UNet at every recorded state."""
+    device = next(model.unet.parameters()).device
+    cond, uncond = (sampling.conditioning_to(c, device) for c in cond_uncond)
+    cond, uncond, vector = sampling.unpack_conditioning(cond, uncond, cfg)
     step = sampling.Denoiser(model, cond, uncond, cfg, vector)
     with sampling.any_multiple_of_8(), step.attention(None):
         return torch.stack([step(x, sigma) for x, sigma in states])

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from lib_mos.concepts.concept import Concept, ConceptError
-from lib_mos.concepts.files import torch_load_weights
 from lib_mos.fusion.pipeline import (
     FusionInput,
     FusionInterrupted,
@@ -21,71 +20,114 @@ from lib_mos.fusion.pipeline import (
     Progress,
     fuse,
 )
+from lib_mos.models.family import SD1, ModelFamily
+from lib_mos.tensorfile import Entry, TensorFile, write_tensor
 
 FUSED_METADATA_KEY = "mos_fusion"
 FUSED_EMBEDDING_PREFIX = "mos_fusion.embedding."
-_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
-def read_base_state_dict(path) -> dict[str, torch.Tensor]:
-    """Base weights from the checkpoint file (never from a live fp16 model); pickles only with
-    weights_only=True."""
-    from pathlib import Path
+def _text_target(family: ModelFamily, name: str, attr: str) -> tuple[str, int | None]:
+    """The base-file key holding text layer `name` (rooted at the model's text root) and, where
+    the host stacks q/k/v into one OpenCLIP `in_proj` tensor (SDXL's bigG), which third of its
+    rows the layer is."""
+    from lib_mos.models import sdxl
 
-    import safetensors.torch
-
-    path = Path(path)
+    spec = next((t for t in family.text_encoders if name.startswith(t.root)), None)
+    if spec is None:
+        raise ConceptError(f"fused text layer {name} belongs to no {family.label} text encoder")
+    rest = f"{name[len(spec.root):]}.{attr}"
+    if spec.checkpoint_prefix != sdxl.TE2_PREFIX:
+        return spec.checkpoint_prefix + rest, None
     try:
-        if path.suffix.lower() == ".safetensors":
-            sd = safetensors.torch.load_file(str(path), device="cpu")
-        else:
-            sd = torch_load_weights(path)
-            sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-    except ConceptError:
-        raise
-    except Exception as e:
-        raise ConceptError(f"{path}: cannot read the base checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict) or not any(str(k).startswith("model.diffusion_model.") for k in sd):
-        raise ConceptError(f"{path}: not an SD1 checkpoint (no model.diffusion_model.* keys)")
-    return sd
+        key, third = sdxl.te2_file_key(rest)
+    except KeyError as e:
+        raise ConceptError(f"fused text layer {name}: {e.args[0]}") from None
+    return spec.checkpoint_prefix + key, third
 
 
-def fused_state_dict(base: dict[str, torch.Tensor], result: FusionResult, *,
-                     dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The base checkpoint with fused weights, concept embeddings under a private prefix the host
-    ignores (float32), position_ids dropped, the other floats cast to `dtype`."""
-    from lib_mos.models.sd1 import TEXT_PREFIX, UNET_PREFIX
+def _is_position_ids(family: ModelFamily, key: str) -> bool:
+    """A text encoder's position_ids: derived by every loader, and some files carry a corrupt copy."""
+    return key.endswith("embeddings.position_ids") and key.startswith(
+        tuple(t.checkpoint_prefix for t in family.text_encoders))
 
-    sd = dict(base)
-    sd.pop(_POSITION_IDS, None)
-    tables = ((TEXT_PREFIX, result.text_weights, "weight"), (UNET_PREFIX, result.unet_weights, "weight"),
-              (TEXT_PREFIX, result.text_biases, "bias"), (UNET_PREFIX, result.unet_biases, "bias"))
-    for prefix, weights, attr in tables:
+
+def _with_rows(stacked: torch.Tensor, parts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """`stacked` (q, k, v rows on top of each other) with the given thirds replaced."""
+    n = stacked.shape[0] // 3
+    for third, value in parts:
+        stacked[third * n:(third + 1) * n] = value
+    return stacked
+
+
+def fused_entries(base: TensorFile, result: FusionResult, *, dtype: torch.dtype = torch.float16,
+                  family: ModelFamily | None = None) -> list[Entry]:
+    """What the fused checkpoint holds, as `write_safetensors_streaming` entries over the open
+    base file: every base tensor (position_ids dropped) in the base's order, the fused layers
+    replaced, then the concept embeddings under a private prefix the host ignores. Floats are
+    cast to `dtype` except `alphas_cumprod` and the embeddings (float32). Tensors pass through
+    as raw bytes when their dtype stays, else are read and cast one at a time; every key and
+    shape is checked here, before anything is written."""
+    from lib_mos.models.checkpoints import family_of_checkpoint
+    from lib_mos.models.sd1 import _canonical_key
+
+    family = family or family_of_checkpoint(base.path)
+    if not any(k.startswith(family.unet_prefix) for k in base):
+        raise ConceptError(f"{base.path}: not an SD1 or SDXL checkpoint (no {family.unet_prefix}* keys)")
+    canon = {_canonical_key(k): k for k in base}  # SD1's pre-`text_model.` text keys, as the host reads them
+    changes: dict[str, list[tuple[int | None, torch.Tensor]]] = {}
+    tables = ((True, result.text_weights, "weight"), (False, result.unet_weights, "weight"),
+              (True, result.text_biases, "bias"), (False, result.unet_biases, "bias"))
+    for text, weights, attr in tables:
         for name, w in weights.items():
-            key = f"{prefix}{name}.{attr}"
-            if key not in sd:
-                raise ConceptError(f"base checkpoint has no key {key}")
-            if sd[key].shape != w.shape:
-                raise ConceptError(f"base checkpoint key {key} is {tuple(sd[key].shape)}, fused weight {tuple(w.shape)}")
-            sd[key] = w
+            key, third = _text_target(family, name, attr) if text else (f"{family.unet_prefix}{name}.{attr}", None)
+            if key not in canon:
+                raise ConceptError(f"{base.path}: base checkpoint has no key {key}")
+            key = canon[key]
+            shape = base.shape(key)
+            want = tuple(w.shape) if third is None else (3 * w.shape[0], *w.shape[1:])
+            if shape != want:
+                what = "fused weight" if third is None else "fused q/k/v third"
+                raise ConceptError(f"base checkpoint key {key} is {shape}, {what} {tuple(w.shape)}")
+            changes.setdefault(key, []).append((third, w))
+
+    keep = ("alphas_cumprod", FUSED_EMBEDDING_PREFIX)
+    entries: list[Entry] = []
+    for key in base:
+        # a fused base's own concept rows go: the new metadata lists only the new concepts
+        if _is_position_ids(family, _canonical_key(key)) or key.startswith(FUSED_EMBEDDING_PREFIX):
+            continue
+        stored = base.dtype(key)
+        out = dtype if stored.is_floating_point and not key.startswith(keep) else stored
+        parts = changes.get(key)
+        if parts is not None and parts[0][0] is None:
+            source = parts[0][1]  # the writer casts it
+        elif parts is not None:
+            source = (lambda f, k=key, o=out, p=parts:  # noqa: E731 - one closure per key
+                      write_tensor(f, _with_rows(base.read(k, o), [(t, v.to(o)) for t, v in p])))
+        elif out == stored:
+            source = lambda f, k=key: base.copy_raw(k, f)  # noqa: E731
+        else:
+            source = lambda f, k=key, o=out: write_tensor(f, base.read(k, o))  # noqa: E731
+        entries.append((key, out, base.shape(key), source))
     k = 0
     for concept in result.concepts:
         for token in concept.tokens:
-            sd[f"{FUSED_EMBEDDING_PREFIX}{k}"] = concept.token_rows(token)
+            rows = concept.token_rows(token).float()
+            entries.append((f"{FUSED_EMBEDDING_PREFIX}{k}", torch.float32, tuple(rows.shape), rows))
             k += 1
-    # the schedule and the concept rows stay float32: the host keeps embeddings in float32, and
-    # fp16 rows would bind a little differently from the concept files they came from
-    keep = ("alphas_cumprod", FUSED_EMBEDDING_PREFIX)
-    return {key: (v.to(dtype) if v.is_floating_point() and not key.startswith(keep) else v).contiguous()
-            for key, v in sd.items()}
+    return entries
 
 
 def fused_metadata(inputs: Sequence[FusionInput], settings: FusionSettings, result: FusionResult,
-                   base_metadata: dict[str, str] | None = None) -> dict[str, str]:
+                   base_metadata: dict[str, str] | None = None, family: ModelFamily | None = None) -> dict[str, str]:
+    """The `mos_fusion` JSON (concepts, settings, report; `family`: the base's, else the
+    concepts') over the base metadata that is kept."""
     import json
 
+    family = family or (inputs[0].concept.family if inputs else SD1)
     info = {
-        "format": "mos-fused", "version": 1,
+        "format": "mos-fused", "version": 1, "family": family.name,
         "concepts": [{"name": i.concept.name, "tokens": list(i.concept.tokens), "triggers": list(i.concept.triggers),
                       "layers": i.concept.layers,
                       "class_word": i.concept.class_word, "source_sha256": i.concept.source_sha256,
@@ -101,39 +143,51 @@ def fused_metadata(inputs: Sequence[FusionInput], settings: FusionSettings, resu
 
 
 def read_fused_concepts(path) -> list[Concept]:
-    """The concepts carried by a fused checkpoint (embeddings only: their LoRA is in the weights)."""
+    """The concepts carried by a fused checkpoint (embeddings only: their LoRA is in the weights),
+    for the family the file names (files from before the field are SD1)."""
     import json
 
-    from safetensors import safe_open
+    from lib_mos.models.family import family_named
+    from lib_mos.tensorfile import TensorFile
 
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = (f.metadata() or {}).get(FUSED_METADATA_KEY)
+        with TensorFile(path) as f:
+            meta = f.metadata.get(FUSED_METADATA_KEY)
             if meta is None:
                 return []
             info = json.loads(meta)
+            family = family_named(info.get("family", SD1.name))
             concepts, k = [], 0
             for c in info["concepts"]:
                 rows = []
                 for _ in c["tokens"]:
-                    rows.append(f.get_tensor(f"{FUSED_EMBEDDING_PREFIX}{k}").float())
+                    rows.append(f.read(f"{FUSED_EMBEDDING_PREFIX}{k}", torch.float32))
                     k += 1
                 # a trigger-word concept has no rows: its words are plain prompt text
-                embeddings = torch.stack(rows) if rows else torch.zeros(0, c.get("layers", 16), 0)
+                embeddings = torch.stack(rows) if rows else torch.zeros(0, c.get("layers", family.layers), 0)
                 concepts.append(Concept(name=c["name"], tokens=tuple(c["tokens"]), embeddings=embeddings,
                                         class_word=c.get("class_word"), triggers=tuple(c.get("triggers", ())),
-                                        source_path=str(path), source_sha256=c.get("source_sha256")))
+                                        source_path=str(path), source_sha256=c.get("source_sha256"),
+                                        family=family))
             return concepts
     except (OSError, KeyError, ValueError, TypeError, json.JSONDecodeError) as e:
         raise ConceptError(f"{path}: broken fused-concept data ({type(e).__name__}: {e})") from e
 
 
-def write_fused_checkpoint(state_dict: dict[str, torch.Tensor], path, metadata: dict[str, str], *,
-                           overwrite: bool = False):
-    """Atomic write (temporary file, then rename); an existing file is kept unless `overwrite`."""
-    from lib_mos.files import atomic_save_safetensors
+def write_fused_checkpoint(base_path, result: FusionResult, path, metadata: dict[str, str], *,
+                           dtype: torch.dtype = torch.float16, overwrite: bool = False):
+    """Stream the fused checkpoint (`fused_entries`) from the base file to `path`: the peak is one
+    tensor, not a state dict. Atomic (temporary file, then rename); an existing file is kept
+    unless `overwrite`. Errors reading the base are ConceptErrors naming it."""
+    from lib_mos.files import write_safetensors_streaming
 
-    return atomic_save_safetensors(state_dict, path, metadata=metadata, overwrite=overwrite)
+    try:
+        base = TensorFile(base_path)
+    except (OSError, ValueError) as e:  # both name the file
+        raise ConceptError(str(e)) from e
+    with base:
+        entries = fused_entries(base, result, dtype=dtype)
+        return write_safetensors_streaming(path, entries, metadata=metadata, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------ whole jobs
@@ -188,7 +242,7 @@ def parse_concept_spec(spec: str, unet_weight: float = 1.0, text_weight: float =
     return ConceptSpec(path, tokens, unet_weight, text_weight, trigger)
 
 
-def load_inputs(specs: Sequence[ConceptSpec]) -> list[FusionInput]:
+def load_inputs(specs: Sequence[ConceptSpec], family: ModelFamily = SD1) -> list[FusionInput]:
     """Read every concept file (with its spec's trigger words; a spec's `concept` when already
     read), apply renames, and check the set (unique, non-nested tokens)."""
     from lib_mos.concepts.files import check_concept_set, read_concept, sha256_file
@@ -196,7 +250,8 @@ def load_inputs(specs: Sequence[ConceptSpec]) -> list[FusionInput]:
     inputs = []
     seen: dict[str, str] = {}
     for spec in specs:
-        concept = spec.concept if spec.concept is not None else read_concept(spec.path, trigger=spec.trigger)
+        concept = spec.concept if spec.concept is not None else read_concept(spec.path, trigger=spec.trigger,
+                                                                             family=family)
         identity = concept.source_sha256 or sha256_file(spec.path)  # the original training output, else the file
         if identity in seen:
             raise ConceptError(f"{spec.path}: the same concept is listed twice (also {seen[identity]})")
@@ -216,15 +271,16 @@ def load_inputs(specs: Sequence[ConceptSpec]) -> list[FusionInput]:
 
 def fuse_checkpoint(base_path, specs: Sequence[ConceptSpec], out_path, settings: FusionSettings | None = None, *,
                     dtype: torch.dtype = torch.float16, overwrite: bool = False, device: str = "cpu",
-                    progress: Progress | None = None,
+                    model_dtype: torch.dtype | None = None, progress: Progress | None = None,
                     should_stop: Callable[[], bool] | None = None) -> tuple[object, FusionResult]:
-    """Base checkpoint file + concept files -> a new fused checkpoint file. Everything that can be
-    checked is checked before the work starts; the file appears only when complete."""
+    """Base checkpoint file (SD1 or SDXL: the file says which) + concept files -> a new fused
+    checkpoint file. Everything that can be checked is checked before the work starts; the file
+    appears only when complete. `model_dtype` is the base model's dtype during the fusion (None:
+    float32 for SD1; SDXL is 7 GB in half precision, bfloat16 on the CPU, float16 on a GPU);
+    `dtype` that of the saved weights."""
     from pathlib import Path
 
-    from safetensors import safe_open
-
-    from lib_mos.models import sd1
+    from lib_mos.models import checkpoints, sd1, sdxl
 
     settings = settings or FusionSettings()
     out_path, base_path = Path(out_path), Path(base_path)
@@ -234,18 +290,30 @@ def fuse_checkpoint(base_path, specs: Sequence[ConceptSpec], out_path, settings:
         raise FileNotFoundError(f"{out_path.parent}: no such folder")
     if base_path.suffix.lower() != ".safetensors":
         raise ConceptError(f"{base_path}: the base checkpoint must be a .safetensors file")
-    inputs = load_inputs(specs)
     try:
-        model = sd1.load_checkpoint(base_path, device=device)
+        family = checkpoints.family_of_checkpoint(base_path)
     except (ValueError, FileNotFoundError) as e:
         raise ConceptError(str(e)) from e
-    result = fuse(model, inputs, settings, progress=progress, should_stop=should_stop)
+    inputs = load_inputs(specs, family)
+    try:
+        if model_dtype is None:
+            half = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+            model_dtype = torch.float32 if family is SD1 else half
+        # the UNet is read when a stage needs it (`CheckpointWeights`)
+        model = checkpoints.load_checkpoint(base_path, device=device, dtype=model_dtype, unet=False)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConceptError(str(e)) from e
+    from lib_mos.models.checkpoint_parts import CheckpointWeights
+
+    # the text encoders and the UNet are in memory only while a stage needs them (`fusion.memory`)
+    result = fuse(model, inputs, settings, progress=progress, should_stop=should_stop,
+                  weights=CheckpointWeights(base_path, model))
     del model
-    with safe_open(str(base_path), "pt") as f:
-        base_metadata = {k: v for k, v in (f.metadata() or {}).items() if k == sd1.CONFIG_METADATA_KEY}
-    state = fused_state_dict(read_base_state_dict(base_path), result, dtype=dtype)
+    config_key = sd1.CONFIG_METADATA_KEY if family is SD1 else sdxl.CONFIG_METADATA_KEY
+    with TensorFile(base_path) as f:
+        base_metadata = {k: v for k, v in f.metadata.items() if k == config_key}
     if should_stop is not None and should_stop():
         raise FusionInterrupted("interrupted before writing")
-    written = write_fused_checkpoint(state, out_path, fused_metadata(inputs, settings, result, base_metadata),
-                                     overwrite=overwrite)
+    metadata = fused_metadata(inputs, settings, result, base_metadata, family=family)
+    written = write_fused_checkpoint(base_path, result, out_path, metadata, dtype=dtype, overwrite=overwrite)
     return written, result

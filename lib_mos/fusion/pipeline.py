@@ -31,13 +31,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from lib_mos.concepts.binding import PromptBinder
-from lib_mos.concepts.concept import Concept, ConceptError, applied, check_fits
-from lib_mos.fusion import check
+from lib_mos import allocator
+from lib_mos.concepts.binding import ENCODE_BATCH, PromptBinder
+from lib_mos.concepts.concept import Concept, ConceptError, applied, check_fits, input_embedding_table
+from lib_mos.fusion import check, memory
 from lib_mos.fusion.report import PICTURE, LayerMeasure, measure_layers, stage_report
 from lib_mos.fusion.solver import (
     MAX_CHANGE,
@@ -48,6 +50,7 @@ from lib_mos.fusion.solver import (
     solve_lbfgs,
 )
 from lib_mos.models import sampling
+from lib_mos.models.attention import bounded_self_attention
 from lib_mos.models.family import SD1, SDXL, ModelFamily
 from lib_mos.models.sd1 import SD1Config, SD1Model
 from lib_mos.models.sdxl import SDXLConfig, SDXLModel
@@ -102,9 +105,12 @@ class FusionSettings:
     # the solve's prompt templates ("{}" = the concept's tokens or trigger words) for every concept;
     # None: PROMPT_TEMPLATES for token concepts, TRIGGER_TEMPLATES for trigger-word ones
     templates: tuple[str, ...] | None = None
-    # statistics held at once in the spatial stage; layers beyond it are recorded in further
-    # sampling passes (one layer is never split: its own need is the bound)
+    # what the whole process may hold on the CPU (the interpreter, the model parts a stage needs, a
+    # batch's work and the statistics): layers whose statistics do not fit beside the rest are
+    # recorded in further passes (one layer is never split: a budget too small for it is refused)
     memory_gb: float = 8.0
+    # the same on a GPU, for the device's memory (None: 90 % of the card)
+    vram_gb: float | None = None
     # weigh each concept's rows by 1 / ||dW_i X_i||^2 in every layer, so the solve minimises the sum
     # of the concepts' squared relative errors (what the report measures): a concept with a small
     # change or few rows (an ED-LoRA's 6 k/v rows beside a kohya LoRA's) is kept as well as the
@@ -138,6 +144,8 @@ class FusionSettings:
                              f"{self.check_seeds}")
         if not (self.memory_gb > 0 and math.isfinite(self.memory_gb)):
             raise ValueError(f"memory budget must be a positive number of GiB, got {self.memory_gb}")
+        if self.vram_gb is not None and not (self.vram_gb > 0 and math.isfinite(self.vram_gb)):
+            raise ValueError(f"GPU memory budget must be a positive number of GiB, got {self.vram_gb}")
         if self.templates is not None:
             self.templates = tuple(self.templates)
             bad = [t for t in self.templates if not isinstance(t, str) or t.count("{}") != 1]
@@ -155,6 +163,9 @@ class FusionResult:
     unet_biases: dict[str, torch.Tensor] = field(default_factory=dict)
     report: list[dict] = field(default_factory=list)  # one row per concept and stage: see `_report`
     seconds: dict[str, float] = field(default_factory=dict)
+    # the process's peak resident memory during each stage, MiB (Linux; the model's loading before
+    # the first stage counts toward it)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
     concepts: list[Concept] = field(default_factory=list)
     # one line each: held-out error or distance from the base out of bounds, too few spatial rows
     warnings: list[str] = field(default_factory=list)
@@ -421,53 +432,103 @@ def _unpadded_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
 
 
 def fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings | None = None, *,
-         progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> FusionResult:
+         progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+         weights: memory.Weights | None = None) -> FusionResult:
     """Fuse `inputs` into `model`'s weights; returns the fused weights of every layer a concept
     changes (float32, CPU), the report and its warnings. `model` is unchanged afterwards. The
     per-concept report statistics wait in a temporary folder, so memory does not grow with the
-    number of concepts."""
+    number of concepts. `weights` loads the model's parts when a stage needs them and releases them
+    after (a model read from a file holds the text encoders or the UNet, rarely both:
+    `memory.Weights`); default: all in memory already."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mos-fusion-") as spill_dir:
-        return _fuse(model, inputs, settings or FusionSettings(), progress, should_stop, spill_dir)
+        return _fuse(model, inputs, settings or FusionSettings(), progress, should_stop, spill_dir,
+                     weights or memory.Resident())
 
 
-def _per_pass_bytes(stats_width: int, out: int) -> int:
-    """Statistics one layer holds while the concepts stream past: the open concept's Gram (float64)
-    and the validation and held-out ones (float32), the concept's change (float64), W0 and the sum
-    of changes (float32). The per-concept factors go to disk; a concept's factor when it ends and
-    the solve are transient, one layer at a time."""
-    return 16 * stats_width * stats_width + 16 * out * stats_width
+def _stash(spill_dir: str, key: str, value: Any) -> str:
+    """Keep `value` (tensors in dicts, lists and tuples) in a .safetensors file of the fusion's
+    temporary folder until it is needed: conditionings wait there while the text encoders are
+    gone. (No pickle: the host replaces torch.load with a checker that refuses newer archives.)"""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def shape(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            name = str(len(tensors))
+            tensors[name] = v.detach().cpu().contiguous()
+            return name
+        if isinstance(v, dict):
+            return {"dict": {k: shape(x) for k, x in v.items()}}
+        return {"list": [shape(x) for x in v]}
+
+    path = os.path.join(spill_dir, f"stash-{key}.safetensors")
+    tree = shape(value)
+    save_file(tensors, path, metadata={"tree": json.dumps(tree), "device": str(_device_of(value))})
+    return path
 
 
-def spatial_passes(root: nn.Module, names: Sequence[str], biased: frozenset[str], budget_gb: float,
-                   ) -> list[list[str]]:
-    """The spatial layers split into sampling passes whose statistics fit `budget_gb` together (a
-    layer larger than the budget gets a pass of its own): memory is bounded per layer, not by the
-    number of layers a LoRA changes. Attention-only concepts on SD1.5 fit one pass."""
-    passes: list[list[str]] = [[]]
-    used = 0
-    for name in names:
-        weight = root.get_submodule(name).weight
-        need = _per_pass_bytes(weight[0].numel() + (name in biased), weight.shape[0])
-        if passes[-1] and used + need > budget_gb * 2**30:
-            passes.append([])
-            used = 0
-        passes[-1].append(name)
-        used += need
-    return [p for p in passes if p]
+def _device_of(value: Any) -> torch.device:
+    if isinstance(value, torch.Tensor):
+        return value.device
+    items = value.values() if isinstance(value, dict) else value
+    return next((_device_of(x) for x in items), torch.device("cpu"))
+
+
+def _unstash(path: str) -> Any:
+    """What `_stash` kept, on the device it was on (tuples come back as tuples)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+    device = torch.device(meta["device"])
+
+    def build(node: Any) -> Any:
+        if isinstance(node, str):
+            return tensors[node].to(device)
+        if "dict" in node:
+            return {k: build(x) for k, x in node["dict"].items()}
+        return tuple(build(x) for x in node["list"])
+
+    return build(json.loads(meta["tree"]))
+
+
+def _budget(settings: FusionSettings, device: torch.device) -> tuple[float, str]:
+    """(GiB, the option that sets it) for what the fusion may hold where its statistics live: host
+    memory for the whole process on the CPU; on a GPU the device's memory (`vram_gb`; default 90 %
+    of what is free when the fusion starts, beside the model it has loaded: a WebUI may hold its
+    own model on the card)."""
+    if device.type == "cuda":
+        if settings.vram_gb is not None:
+            return settings.vram_gb, "--vram-gb"
+        free, _ = torch.cuda.mem_get_info(device)
+        return (0.9 * free + torch.cuda.memory_allocated(device)) / memory.GIB, "--vram-gb"
+    return settings.memory_gb, "--memory-gb"
 
 
 @torch.no_grad()
 def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings, progress: Progress | None,
-          should_stop: Callable[[], bool] | None, spill_dir: str) -> FusionResult:
+          should_stop: Callable[[], bool] | None, spill_dir: str, weights: memory.Weights) -> FusionResult:
     check_inputs(model, inputs)
     te, unet = model.text_root, model.unet
-    attn2 = model.family.attn2
-    device = next(unet.parameters()).device
+    weights.release("unet")  # the text stages need only the encoders (and the k/v layers)
+    weights.load("text")
+    family = model.family
+    attn2 = family.attn2
+    device = next(te.parameters()).device
+    dtype = next(te.parameters()).dtype
     eos = model.tokenizer.eos_token_id
     result = FusionResult(concepts=[i.concept for i in inputs])
     names = [i.concept.name for i in inputs]
+    budget_gb, budget_option = _budget(settings, device)
 
     def stop_check(where: str) -> None:
         if should_stop is not None and should_stop():
@@ -478,59 +539,85 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         """Solve every layer, measure it, and split the fused matrices into weights and biases."""
         fused, infos = _solve(stage, stats, settings, progress, should_stop)
         measured = measure_layers(stats.solve, stats.held, fused, infos)
-        weights, biases = {}, {}
+        out_w, out_b = {}, {}
         for name, w in fused.items():
             layer = stats.root.get_submodule(name)
             if name in stats.biased:
-                w, biases[name] = w[:, :-1], w[:, -1].clone()
-            weights[name] = w.reshape(layer.weight.shape)
-        return measured, weights, biases
+                w, out_b[name] = w[:, :-1].float(), w[:, -1].float().clone()
+            out_w[name] = w.float().reshape(layer.weight.shape)
+        return measured, out_w, out_b
+
+    def solve_pass(stage: str, stats: _StageStats, weights_out: dict[str, torch.Tensor],
+                   biases_out: dict[str, torch.Tensor]) -> list[LayerMeasure]:
+        """Solve one recording pass's layers into the result's tables; their measures."""
+        measured, w, b = solve(stage, stats)
+        weights_out.update(w)
+        biases_out.update(b)
+        return measured
 
     def finish(stage: str, measured: list[LayerMeasure], t0: float) -> None:
         result.report += stage_report(stage, names, measured, result.warnings)
         result.seconds[stage] = time.perf_counter() - t0
+        peak(stage)
 
-    # ---- stage 1: text encoder, every layer a concept changes
+    def peak(stage: str) -> None:
+        value = memory.peak_rss_mb()
+        if value is not None:
+            result.peak_rss_mb[stage] = round(value, 1)
+        memory.reset_peak()
+
+    # ---- stage 1: text encoder, every layer a concept changes, in as many passes as the budget needs
     text_names = sorted({n for i in inputs for n in i.concept.text_lora})
     if "te" not in settings.skip and text_names:
         t0 = time.perf_counter()
-        stats = _new_stats(te, text_names, device, settings, biased=_biased(inputs, "text", text_names))
+        biased = _biased(inputs, "text", text_names)
+        encoders = family.text_encoder_modules(te)
+        text_work = max(memory.text_activation_bytes(input_embedding_table(e).shape[1], len(e.text_model.encoder.layers),
+                                                     ENCODE_BATCH) for e in encoders)
+        budget = memory.stats_budget(budget_gb, "te", memory.resident_bytes(unet, te), text_work, te, text_names, biased,
+                                     budget_option)
+        groups = memory.passes(te, text_names, biased, budget)
         mask: list[torch.Tensor] = []
+        measured: list[LayerMeasure] = []
 
         def remember_mask(module, args, kwargs):
             # each encoder's own ids: the layers recorded next belong to it
             mask[:] = [_unpadded_mask(kwargs["input_ids"], eos)]
 
-        if progress:
-            progress("te: recording", 0, len(inputs))
-        for k, item in enumerate(inputs):
-            stop_check("text encoder")
-            _begin_concept(stats, item, "text")
-            binder = PromptBinder(model, [item.concept])
-            sets = stats.sets(item.concept, settings)
-            handles = [e.register_forward_pre_hook(remember_mask, with_kwargs=True)
-                       for e in model.family.text_encoder_modules(te)]
-            try:
-                with applied([(item.concept, 0.0, item.text_weight)], unet, te):
-                    for target, templates in sets:
-                        with _recording(te, target, stats.biased, select=lambda x: x[mask[0]]):
-                            binder.encode(prompts_for(item.concept, templates))
-            finally:
-                for handle in handles:
-                    handle.remove()
-            _end_concept(stats, spill_dir)
+        for g, group in enumerate(groups):
+            stats = _new_stats(te, group, device, settings, biased=biased)
+            label = "te: recording" + (f" (pass {g + 1}/{len(groups)})" if len(groups) > 1 else "")
             if progress:
-                progress("te: recording", k + 1, len(inputs))
-        measured, result.text_weights, result.text_biases = solve("te", stats)
+                progress(label, 0, len(inputs))
+            for k, item in enumerate(inputs):
+                stop_check("text encoder")
+                _begin_concept(stats, item, "text")
+                binder = PromptBinder(model, [item.concept])
+                handles = [e.register_forward_pre_hook(remember_mask, with_kwargs=True) for e in encoders]
+                try:
+                    with applied([(item.concept, 0.0, item.text_weight)], unet, te):
+                        for target, templates in stats.sets(item.concept, settings):
+                            with _recording(te, target, stats.biased, select=lambda x: x[mask[0]]):
+                                binder.encode_to_eos(prompts_for(item.concept, templates))
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                _end_concept(stats, spill_dir)
+                if progress:
+                    progress(label, k + 1, len(inputs))
+            measured += solve_pass("te", stats, result.text_weights, result.text_biases)
+            del stats
+            allocator.trim()  # the pass's smaller buffers, freed into glibc's heap
         finish("te", measured, t0)
-        del stats
 
-    # ---- stage 2: attn2 to_k / to_v from the fused text encoder
-    kv_names = [f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS]
-    kv_names = [n for n in kv_names if any(n in i.concept.unet_lora for i in inputs)]
+    # ---- stage 2: attn2 to_k / to_v from the fused text encoder (only those UNet layers loaded)
+    kv_set = {f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS}
+    kv_names = [n for n in (f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS) if any(n in i.concept.unet_lora
+                                                                                      for i in inputs)]
     fused_te = (result.text_weights, result.text_biases)
     if "kv" not in settings.skip and kv_names:
         t0 = time.perf_counter()
+        weights.load("unet", kv_names)
         stats = _new_stats(unet, kv_names, device, settings, dense=False, biased=_biased(inputs, "unet", kv_names))
         if progress:
             progress("kv: recording", 0, len(inputs))
@@ -541,7 +628,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
                 _begin_concept(stats, item, "unet")
                 for target, templates in stats.sets(item.concept, settings):
                     prompts = prompts_for(item.concept, templates)
-                    z = binder.encode(prompts)  # [P, L, 77, D]
+                    z = binder.encode_to_eos(prompts)  # [P, L, T, D]: nothing after an EOS is used
                     rows = []
                     for p, (prompt, template) in enumerate(zip(prompts, templates)):
                         ids, slots = binder.tokenize_bound(prompt)
@@ -567,6 +654,29 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         result.unet_biases.update(kv_biases)
         finish("kv", measured, t0)
         del stats
+        allocator.trim()
+
+    # ---- the conditionings the UNet stages need, made while the text encoders are here; they wait
+    # on disk, and the encoders' memory goes to the UNet
+    spatial_names = sorted({n for i in inputs for n in i.concept.unet_lora if n not in kv_set})
+    do_spatial = "spatial" not in settings.skip and bool(spatial_names)
+    train = settings.spatial_seeds
+    extra = [VALIDATION_TEMPLATES[0]] * bool(settings.validate and settings.solver == "exact")
+    extra += [HELD_OUT_TEMPLATES[0]] * bool(settings.held_out)
+    size = settings.spatial_size
+    spatial_conds, check_conds = [], []
+    with _weights(te, *fused_te):
+        for k, item in enumerate(inputs):
+            if do_spatial:
+                solve_set = solve_templates(item.concept, settings)
+                templates = [solve_set[j % len(solve_set)] for j in range(train)] + extra
+                cond = PromptBinder(model, [item.concept]).conditioning(prompts_for(item.concept, templates), size, size)
+                spatial_conds.append(_stash(spill_dir, f"spatial{k}", cond))
+    if settings.check_steps:
+        check_conds = [_stash(spill_dir, f"check{k}", c) for k, c in enumerate(check.conditionings(
+            model, inputs, result, size=size, seeds=settings.check_seeds, seed=settings.seed,
+            templates=lambda c: solve_templates(c, settings), fused_text=lambda: _weights(te, *fused_te)))]
+    weights.release("text")
 
     # ---- stage 3: every other UNet layer a concept changes (attention q/out, feed-forward,
     # proj_in/out, resnet convs, ...), recorded while sampling each concept with its own UNet changes:
@@ -574,37 +684,34 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
     # validation and one held-out sample (each its own seed and prompt) in one batch; the hooks
     # split the batch rows. Layers whose statistics do not fit the memory budget together are
     # recorded in further sampling passes.
-    kv_set = {f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS}
-    spatial_names = sorted({n for i in inputs for n in i.concept.unet_lora if n not in kv_set})
-    if "spatial" not in settings.skip and spatial_names:
+    if do_spatial or check_conds:
+        weights.load("unet")
+    if do_spatial:
         t0 = time.perf_counter()
         shortfall = spatial_shortfall(model.config, settings)
         if shortfall:
             result.warnings.append(shortfall)
         biased = _biased(inputs, "unet", spatial_names)
-        passes = spatial_passes(unet, spatial_names, biased, settings.memory_gb)
-        fused_kv = ({n: w for n, w in result.unet_weights.items() if n in kv_set},
-                    {n: b for n, b in result.unet_biases.items() if n in kv_set})
-        train = settings.spatial_seeds
-        extra = [VALIDATION_TEMPLATES[0]] * bool(settings.validate and settings.solver == "exact")
-        extra += [HELD_OUT_TEMPLATES[0]] * bool(settings.held_out)
         seeds = [settings.seed + j for j in range(train + len(extra))]
         valid = 1 if extra and extra[0] == VALIDATION_TEMPLATES[0] else 0
-        measured: list[LayerMeasure] = []
-        with _weights(te, *fused_te), _weights(unet, *fused_kv):
-            for g, group in enumerate(passes):
+        recorded = [(n, unet.get_submodule(n).weight[0].numel() + (n in biased)) for n in spatial_names]
+        work = memory.unet_activation_bytes(family, model.config.model_channels, size, len(seeds), dtype, recorded)
+        budget = memory.stats_budget(budget_gb, "spatial", memory.resident_bytes(unet, te), work, unet, spatial_names, biased,
+                                     budget_option)
+        groups = memory.passes(unet, spatial_names, biased, budget)
+        fused_kv = ({n: w for n, w in result.unet_weights.items() if n in kv_set},
+                    {n: b for n, b in result.unet_biases.items() if n in kv_set})
+        measured = []
+        with _weights(unet, *fused_kv), bounded_self_attention(unet):
+            for g, group in enumerate(groups):
                 stats = _new_stats(unet, group, device, settings, biased=biased)
-                label = "spatial" + (f" (pass {g + 1}/{len(passes)})" if len(passes) > 1 else "")
+                label = "spatial" + (f" (pass {g + 1}/{len(groups)})" if len(groups) > 1 else "")
                 for k, item in enumerate(inputs):
                     stop_check("spatial")
-                    solve_set = solve_templates(item.concept, settings)
-                    templates = [solve_set[j % len(solve_set)] for j in range(train)] + extra
                     spatial_only = dataclasses.replace(
                         item.concept, text_lora={},
                         unet_lora={n: f for n, f in item.concept.unet_lora.items() if n not in kv_set})
                     _begin_concept(stats, item, "unet")
-                    cond = PromptBinder(model, [item.concept]).conditioning(
-                        prompts_for(item.concept, templates), settings.spatial_size, settings.spatial_size)
                     what = f"{label}: sampling concept {k + 1}/{len(inputs)}"
 
                     def on_step(step: int, x: torch.Tensor, _what=what) -> None:
@@ -618,21 +725,19 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
                             _recording(unet, stats.solve, biased, select=lambda x: x[:train]), \
                             _recording(unet, stats.valid, biased, select=lambda x: x[train:train + valid]), \
                             _recording(unet, stats.held, biased, select=lambda x: x[train + valid:]):
-                        sampling.sample_euler(model, sampling.conditioning_to(cond, device), None, seeds=seeds,
-                                              height=settings.spatial_size, width=settings.spatial_size,
-                                              steps=settings.spatial_steps, cfg_scale=1.0, callback=on_step)
+                        sampling.sample_euler(model, sampling.conditioning_to(_unstash(spatial_conds[k]), device), None,
+                                              seeds=seeds, height=size, width=size, steps=settings.spatial_steps,
+                                              cfg_scale=1.0, callback=on_step)
                     _end_concept(stats, spill_dir)
-                group_measured, weights, biases = solve("spatial", stats)
-                measured += group_measured
-                result.unet_weights.update(weights)
-                result.unet_biases.update(biases)
+                measured += solve_pass("spatial", stats, result.unet_weights, result.unet_biases)
                 del stats
+                allocator.trim()
         finish("spatial", measured, t0)
 
     for table in (result.text_weights, result.unet_weights, result.text_biases, result.unet_biases):
         for n, w in table.items():
             table[n] = w.float().cpu()
-    if settings.check_steps:
+    if check_conds:
         t0 = time.perf_counter()
 
         def on_concept(k: int) -> None:
@@ -640,13 +745,15 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
             if progress:
                 progress("picture: checking", k, len(inputs))
 
-        errors = check.prediction_errors(
-            model, inputs, result, size=settings.spatial_size, steps=settings.check_steps, seeds=settings.check_seeds,
-            cfg=settings.check_cfg, seed=settings.seed, templates=lambda c: solve_templates(c, settings),
-            fused=lambda: fused_weights(model, result), on_concept=on_concept)
+        with bounded_self_attention(unet):
+            errors = check.prediction_errors(
+                model, inputs, [_unstash(c) for c in check_conds], size=size, steps=settings.check_steps,
+                seeds=settings.check_seeds, cfg=settings.check_cfg, seed=settings.seed,
+                fused_unet=lambda: _weights(unet, result.unet_weights, result.unet_biases), on_concept=on_concept)
         if progress:
             progress("picture: checking", len(inputs), len(inputs))
         result.report += [{"concept": i.concept.name, "stage": PICTURE, "layers": 0, **e}
                           for i, e in zip(inputs, errors)]
         result.seconds[PICTURE] = time.perf_counter() - t0
+        peak(PICTURE)
     return result

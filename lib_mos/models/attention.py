@@ -23,15 +23,39 @@ from torch import nn
 
 from lib_mos.models.family import attn2_modules
 
+SCORES_BYTES = 2**28  # attention scores held at once (`attend` splits the queries beyond this)
+
 
 def attend(module: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Plain multi-head attention of `x` [B, N, C] over `context` [B, T, D] with module's weights."""
+    """Plain multi-head attention of `x` [B, N, C] over `context` [B, T, D] with module's weights.
+    Queries go in slices whose float32 scores stay under `SCORES_BYTES` (self-attention over a
+    64x64 latent is 4096 x 4096 per head: on the CPU, where SDPA may materialise them, a batch of
+    six would otherwise hold gigabytes)."""
     h = module.heads
     q, k, v = module.to_q(x), module.to_k(context), module.to_v(context)
     b, n, inner = q.shape
     q, k, v = (t.reshape(t.shape[0], -1, h, inner // h).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    step = max(1, SCORES_BYTES // (4 * q.shape[0] * h * k.shape[2]))
+    out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + step], k, v) for i in range(0, n, step)], dim=2) \
+        if step < n else F.scaled_dot_product_attention(q, k, v)
     return module.to_out(out.transpose(1, 2).reshape(b, n, inner))
+
+
+@contextmanager
+def bounded_self_attention(unet: nn.Module) -> Iterator[None]:
+    """Every attn1 (self-attention) of `unet` through `attend` for the duration of the block, so
+    its scores stay bounded (ldm's own materialises them all in float32)."""
+    modules = [m for name, m in unet.named_modules() if name.rsplit(".", 1)[-1] == "attn1"]
+    try:
+        for module in modules:
+            def forward(x, context=None, mask=None, _m=module, **kwargs):
+                return attend(_m, x, x)
+
+            module.forward = forward
+        yield
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)
 
 
 class Attn2Processor(Protocol):

@@ -221,6 +221,72 @@ def test_training_tab_trains_an_sdxl_concept(realhost_xl, tmp_path):
     assert "<discxl1> <discxl2> from disc-xl.safetensors@" in infotexts(result)[0]
 
 
+def test_fusion_tab_fuses_two_sdxl_concepts_and_the_result_generates(realhost_xl):
+    """A user fuses two SDXL ED-LoRA concepts (full-size rows; LoRA on a few attention layers of
+    each UNet level and the first layer of both text encoders, so this CPU fuses them in minutes)
+    from the tab at its smallest settings: the child process stays under its 8 GB budget beside the
+    WebUI, the file lands in the checkpoint list, loads, and its tokens generate."""
+    from browser import Browser, pick_option
+
+    from lib_mos.concepts import synthetic
+    from lib_mos.concepts.files import write_concept
+
+    skeleton = sdxl.build_sdxl_skeleton()
+    unet = [f"{block}.{p}" for block in ("input_blocks.4.1.transformer_blocks.0", "middle_block.1.transformer_blocks.0",
+                                         "output_blocks.5.1.transformer_blocks.1")
+            for p in ("attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")]
+    text = [f"{root}text_model.encoder.layers.0.self_attn.{p}_proj" for root in ("0.", "1.") for p in ("q", "v")]
+    for k, name in enumerate(("cat-xl", "hat-xl")):
+        concept = synthetic.random_concept(skeleton, (f"<{name[:3]}xl1>", f"<{name[:3]}xl2>"), seed=10 + k, name=name,
+                                           unet_names=unet, text_names=text)
+        write_concept(concept, realhost_xl.loras / f"{name}.safetensors")
+    with Browser() as browser:
+        page = browser.page
+        page.goto(realhost_xl.url, timeout=120_000)
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')", timeout=120_000)
+        page.click("#mos_fusion_refresh")
+        for name in ("cat-xl.safetensors", "hat-xl.safetensors"):
+            pick_option(page, "mos_fusion_files", name)
+        page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 2")
+        table = page.evaluate("() => gradioApp().querySelector('#mos_fusion_table tbody').textContent")
+        print("tab table:", table)
+        assert "<catxl1>+<catxl2>" in table and "unreadable" not in table
+        for elem, value in (("mos_fusion_spatial_steps", "1"), ("mos_fusion_spatial_size", "256"),
+                            ("mos_fusion_spatial_seeds", "1")):
+            page.fill(f"#{elem} input[type=number]", value)
+            page.press(f"#{elem} input[type=number]", "Enter")
+        page.fill("#mos_fusion_name textarea, #mos_fusion_name input", "fused-xl.safetensors")
+        assert page.input_value("#mos_fusion_base input").startswith("sdxl-random")
+        rss_before = realhost_xl.rss_bytes()
+        start = time.perf_counter()
+        page.click("#mos_fusion_run")
+        page.wait_for_function("() => /Saved|rror/.test(gradioApp().querySelector('#mos_fusion_status').textContent)",
+                               timeout=3_000_000)
+        status = page.inner_text("#mos_fusion_status")
+        report = page.inner_text("#mos_fusion_report")
+        print(f"SDXL fusion tab: {time.perf_counter() - start:.0f} s; WebUI RSS before {rss_before / 2**30:.2f} GiB, "
+              f"after {realhost_xl.rss_bytes() / 2**30:.2f} GiB\nstatus: {status}\nreport: {report}")
+        assert "Saved" in status and "fused-xl.safetensors" in status
+        assert not browser.errors, browser.errors
+    fused = realhost_xl.checkpoints / "fused-xl.safetensors"
+    from lib_mos.fusion.checkpoint import read_fused_concepts
+
+    concepts = read_fused_concepts(fused)
+    assert [c.tokens for c in concepts] == [("<catxl1>", "<catxl2>"), ("<hatxl1>", "<hatxl2>")]
+    assert all(c.embeddings.shape == (2, 70, 2048) for c in concepts)
+    realhost_xl.post("/sdapi/v1/refresh-checkpoints")
+    title = next(t["title"] for t in realhost_xl.get("/sdapi/v1/sd-models") if t["model_name"] == "fused-xl")
+    try:
+        result = realhost_xl.txt2img("a photo of <catxl1> <catxl2> wearing <hatxl1> <hatxl2>", seed=4,
+                                     override_settings={"sd_model_checkpoint": title})
+        info = infotexts(result)[0]
+        print("fused SDXL checkpoint in a generation:", info)
+        assert "fused-xl" in info and "from the checkpoint" in info
+    finally:  # the base back for the plain image at the end
+        base = next(t["title"] for t in realhost_xl.get("/sdapi/v1/sd-models") if t["model_name"] == "sdxl-random")
+        realhost_xl.post("/sdapi/v1/options", {"sd_model_checkpoint": base})
+
+
 def test_plain_image_after_everything_is_identical(realhost_xl):
     after = pixels(realhost_xl.txt2img(**PLAIN))
     print(f"plain image before vs after: max pixel difference {np.abs(after - STATE['plain']).max()}")

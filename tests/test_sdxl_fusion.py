@@ -201,3 +201,32 @@ def test_a_released_part_reads_back_bit_identical(tmp_path):
     assert set(after) == set(before)
     for k, v in before.items():
         assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+
+
+def test_fused_weights_kept_on_disk_are_the_same_and_the_checkpoint_job_writes_them(tmp_path, inputs, xl):
+    """With a store the fused weights wait in files (`DiskTensors`), not memory: the same values,
+    and `fuse_checkpoint` (in-place swaps and reloads from the base file) writes them into the file."""
+    from lib_mos.concepts.files import write_concept
+    from lib_mos.fusion import checkpoint as fused_checkpoint
+    from lib_mos.fusion import memory
+
+    settings = dataclasses.replace(FAST, check_steps=1)
+    in_memory = fusion.fuse(xl, inputs, settings)
+    on_disk = fusion.fuse(xl, inputs, settings, store=tmp_path / "store")
+    assert isinstance(on_disk.unet_weights, memory.DiskTensors) and len(on_disk.unet_weights) == 560
+    for name in in_memory.unet_weights:
+        assert torch.equal(on_disk.unet_weights[name], in_memory.unet_weights[name]), name
+    base = sdxl.save_checkpoint(xl, tmp_path / "base.safetensors")
+    specs = [fused_checkpoint.ConceptSpec(str(write_concept(i.concept, tmp_path / f"{i.concept.name}.safetensors")),
+                                          unet_weight=i.unet_weight, text_weight=i.text_weight) for i in inputs]
+    out, result = fused_checkpoint.fuse_checkpoint(base, specs, tmp_path / "fused.safetensors", settings,
+                                                   dtype=torch.float32, model_dtype=torch.float32)
+    fused = sdxl.load_checkpoint(out)
+    for name in ("output_blocks.2.1.transformer_blocks.9.attn1.to_q", f"{SDXL.attn2[5]}.to_v"):
+        torch.testing.assert_close(fused.unet.get_submodule(name).weight, in_memory.unet_weights[name],
+                                   rtol=1e-4, atol=1e-5)
+    name = "1.text_model.encoder.layers.1.self_attn.v_proj"
+    torch.testing.assert_close(fused.text_root.get_submodule(name).weight, in_memory.text_weights[name],
+                               rtol=1e-4, atol=1e-5)
+    assert [r.get("fused") for r in result.report] == pytest.approx([r.get("fused") for r in in_memory.report],
+                                                                     rel=1e-4)

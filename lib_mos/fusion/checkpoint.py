@@ -75,21 +75,25 @@ def fused_entries(base: TensorFile, result: FusionResult, *, dtype: torch.dtype 
     if not any(k.startswith(family.unet_prefix) for k in base):
         raise ConceptError(f"{base.path}: not an SD1 or SDXL checkpoint (no {family.unet_prefix}* keys)")
     canon = {_canonical_key(k): k for k in base}  # SD1's pre-`text_model.` text keys, as the host reads them
-    changes: dict[str, list[tuple[int | None, torch.Tensor]]] = {}
+    # (third or None, a getter): fused tensors are read when their turn comes (a fusion may keep
+    # them on disk: `memory.DiskTensors`)
+    changes: dict[str, list[tuple[int | None, Callable[[], torch.Tensor]]]] = {}
     tables = ((True, result.text_weights, "weight"), (False, result.unet_weights, "weight"),
               (True, result.text_biases, "bias"), (False, result.unet_biases, "bias"))
     for text, weights, attr in tables:
-        for name, w in weights.items():
+        shape_of = getattr(weights, "shape_of", None)
+        for name in weights:
+            w_shape = shape_of(name) if shape_of is not None else tuple(weights[name].shape)
             key, third = _text_target(family, name, attr) if text else (f"{family.unet_prefix}{name}.{attr}", None)
             if key not in canon:
                 raise ConceptError(f"{base.path}: base checkpoint has no key {key}")
             key = canon[key]
             shape = base.shape(key)
-            want = tuple(w.shape) if third is None else (3 * w.shape[0], *w.shape[1:])
+            want = tuple(w_shape) if third is None else (3 * w_shape[0], *w_shape[1:])
             if shape != want:
                 what = "fused weight" if third is None else "fused q/k/v third"
-                raise ConceptError(f"base checkpoint key {key} is {shape}, {what} {tuple(w.shape)}")
-            changes.setdefault(key, []).append((third, w))
+                raise ConceptError(f"base checkpoint key {key} is {shape}, {what} {tuple(w_shape)}")
+            changes.setdefault(key, []).append((third, lambda n=name, t=weights: t[n]))
 
     keep = ("alphas_cumprod", FUSED_EMBEDDING_PREFIX)
     entries: list[Entry] = []
@@ -101,10 +105,10 @@ def fused_entries(base: TensorFile, result: FusionResult, *, dtype: torch.dtype 
         out = dtype if stored.is_floating_point and not key.startswith(keep) else stored
         parts = changes.get(key)
         if parts is not None and parts[0][0] is None:
-            source = parts[0][1]  # the writer casts it
+            source = lambda f, g=parts[0][1], o=out: write_tensor(f, g().to(o))  # noqa: E731
         elif parts is not None:
             source = (lambda f, k=key, o=out, p=parts:  # noqa: E731 - one closure per key
-                      write_tensor(f, _with_rows(base.read(k, o), [(t, v.to(o)) for t, v in p])))
+                      write_tensor(f, _with_rows(base.read(k, o), [(t, g().to(o)) for t, g in p])))
         elif out == stored:
             source = lambda f, k=key: base.copy_raw(k, f)  # noqa: E731
         else:
@@ -277,10 +281,11 @@ def fuse_checkpoint(base_path, specs: Sequence[ConceptSpec], out_path, settings:
     checkpoint file. Everything that can be checked is checked before the work starts; the file
     appears only when complete. `model_dtype` is the base model's dtype during the fusion (None:
     float32 for SD1; SDXL is 7 GB in half precision, bfloat16 on the CPU, float16 on a GPU);
-    `dtype` that of the saved weights."""
+    `dtype` that of the saved weights. The returned result has the report; its weight tables are
+    empty (the fused weights waited on disk and are in the file)."""
     from pathlib import Path
 
-    from lib_mos.models import checkpoints, sd1, sdxl
+    from lib_mos.models import checkpoints
 
     settings = settings or FusionSettings()
     out_path, base_path = Path(out_path), Path(base_path)
@@ -303,17 +308,32 @@ def fuse_checkpoint(base_path, specs: Sequence[ConceptSpec], out_path, settings:
         model = checkpoints.load_checkpoint(base_path, device=device, dtype=model_dtype, unet=False)
     except (ValueError, FileNotFoundError) as e:
         raise ConceptError(str(e)) from e
+    # the text encoders and the UNet are in memory only while a stage needs them (`fusion.memory`)
+    import tempfile
+
     from lib_mos.models.checkpoint_parts import CheckpointWeights
 
-    # the text encoders and the UNet are in memory only while a stage needs them (`fusion.memory`)
-    result = fuse(model, inputs, settings, progress=progress, should_stop=should_stop,
-                  weights=CheckpointWeights(base_path, model))
-    del model
+    with tempfile.TemporaryDirectory(prefix="mos-fused-") as store:
+        # the fused weights wait on disk (SDXL's are 5 GB in float32), the writer reads them in turn
+        result = fuse(model, inputs, settings, progress=progress, should_stop=should_stop,
+                      weights=CheckpointWeights(base_path, model), store=store)
+        del model
+        written = _write_result(base_path, out_path, inputs, settings, result, family, dtype, overwrite, should_stop)
+    for table in ("text_weights", "unet_weights", "text_biases", "unet_biases"):
+        setattr(result, table, {})  # their store is gone: the weights are in the written file
+    return written, result
+
+
+def _write_result(base_path, out_path, inputs: Sequence[FusionInput], settings: FusionSettings, result: FusionResult,
+                  family: ModelFamily, dtype: torch.dtype, overwrite: bool,
+                  should_stop: Callable[[], bool] | None) -> object:
+    """The fused checkpoint file from the base file and the result (while its store exists)."""
+    from lib_mos.models import sd1, sdxl
+
     config_key = sd1.CONFIG_METADATA_KEY if family is SD1 else sdxl.CONFIG_METADATA_KEY
     with TensorFile(base_path) as f:
         base_metadata = {k: v for k, v in f.metadata.items() if k == config_key}
     if should_stop is not None and should_stop():
         raise FusionInterrupted("interrupted before writing")
     metadata = fused_metadata(inputs, settings, result, base_metadata, family=family)
-    written = write_fused_checkpoint(base_path, result, out_path, metadata, dtype=dtype, overwrite=overwrite)
-    return written, result
+    return write_fused_checkpoint(base_path, result, out_path, metadata, dtype=dtype, overwrite=overwrite)

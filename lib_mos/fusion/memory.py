@@ -10,7 +10,10 @@ and one layer is refused before any work, naming the smallest that would do.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -28,21 +31,71 @@ PARTS = ("text", "unet")
 
 class Weights(Protocol):
     """Where the model's weights come from: `load` makes a part (or some of its modules) hold real
-    weights, `release` gives a part's memory back (the fusion needs it no more)."""
+    weights, `release` gives a part's memory back (the fusion needs it no more), `swapped` puts
+    other weights into a part's layers for the duration of a block."""
 
     def load(self, part: str, names: Sequence[str] | None = None) -> None: ...
 
     def release(self, part: str) -> None: ...
 
+    def swapped(self, root: nn.Module, part: str, weights: Mapping[str, torch.Tensor],
+                biases: Mapping[str, torch.Tensor]) -> contextlib.AbstractContextManager: ...
+
 
 class Resident:
-    """A model whose weights are all in memory already (tests, in-process callers)."""
+    """A model whose weights are all in memory already (tests, in-process callers): a swap keeps
+    the original tensors aside and puts them back."""
 
     def load(self, part: str, names: Sequence[str] | None = None) -> None:
         pass
 
     def release(self, part: str) -> None:
         pass
+
+    def swapped(self, root: nn.Module, part: str, weights: Mapping[str, torch.Tensor],
+                biases: Mapping[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+        from lib_mos.fusion.pipeline import _weights
+
+        return _weights(root, weights, biases)
+
+
+class DiskTensors(MutableMapping[str, torch.Tensor]):
+    """A dict of tensors kept in files of `folder` and read on access: the fused weights of a
+    whole SDXL UNet are 4 GB in float32, which would not leave the model room beside them."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._files: dict[str, tuple[Path, tuple[int, ...]]] = {}
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        from lib_mos.tensorfile import write_entries
+
+        value = value.detach().cpu().contiguous()
+        path = self._files[key][0] if key in self._files else self.folder / f"{len(self._files)}.safetensors"
+        with open(path, "wb") as f:
+            write_entries(f, path, [("t", value.dtype, tuple(value.shape), value)])
+        self._files[key] = (path, tuple(value.shape))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from lib_mos.tensorfile import TensorFile
+
+        with TensorFile(self._files[key][0]) as f:
+            return f.read("t")
+
+    def __delitem__(self, key: str) -> None:
+        path, _ = self._files.pop(key)
+        path.unlink(missing_ok=True)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape without reading it."""
+        return self._files[key][1]
 
 
 def reset_peak() -> None:

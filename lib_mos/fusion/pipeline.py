@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,11 +157,12 @@ class FusionSettings:
 @dataclass
 class FusionResult:
     # fused weights by module name (transformers names / ldm names in the UNet), in the layers' shapes
-    text_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    unet_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (plain dicts, or `memory.DiskTensors` when `fuse` was given a store)
+    text_weights: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
+    unet_weights: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
     # fused biases of the layers a concept's change includes a bias in (full diffs' `diff_b`)
-    text_biases: dict[str, torch.Tensor] = field(default_factory=dict)
-    unet_biases: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_biases: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
+    unet_biases: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
     report: list[dict] = field(default_factory=list)  # one row per concept and stage: see `_report`
     seconds: dict[str, float] = field(default_factory=dict)
     # the process's peak resident memory during each stage, MiB (Linux; the model's loading before
@@ -400,23 +402,33 @@ def _end_concept(stats: _StageStats, spill_dir: str) -> None:
 
 
 def _solve(stage: str, stats: _StageStats, settings: FusionSettings, progress: Progress | None,
-           should_stop: Callable[[], bool] | None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Fused weights and, per layer, what the exact solve chose (ridge, whether the cap acted)."""
-    out, infos = {}, {}
+           should_stop: Callable[[], bool] | None, weights_out: MutableMapping[str, torch.Tensor],
+           biases_out: MutableMapping[str, torch.Tensor]) -> list[LayerMeasure]:
+    """Solve, measure and store one layer at a time (float32 on the CPU, the bias column split off
+    where it is fused too), so a pass never holds more than one layer's float64 solution; returns
+    the measures, with what the exact solve chose (ridge, whether the cap acted)."""
+    measured = []
     if progress:
         progress(f"{stage}: solving", 0, len(stats.solve))
     for k, (name, st) in enumerate(stats.solve.items()):
         if should_stop is not None and should_stop():
             raise FusionInterrupted(f"interrupted while solving the {stage} stage")
+        info: dict = {}
         if settings.solver == "exact":
-            infos[name] = {}
-            out[name] = solve_exact(st, ridge=settings.ridge, prior=settings.prior, max_change=settings.max_change,
-                                    validation=stats.valid.get(name), info=infos[name])
+            w = solve_exact(st, ridge=settings.ridge, prior=settings.prior, max_change=settings.max_change,
+                            validation=stats.valid.get(name), info=info)
         else:
-            out[name] = solve_lbfgs(st, iterations=LBFGS_ITERATIONS[stage])
+            w = solve_lbfgs(st, iterations=LBFGS_ITERATIONS[stage])
+        held = {name: stats.held[name]} if name in stats.held else {}
+        measured += measure_layers({name: st}, held, {name: w}, {name: info})
+        w = w.float().cpu()
+        if name in stats.biased:
+            w, biases_out[name] = w[:, :-1], w[:, -1].clone()
+        weights_out[name] = w.reshape(stats.root.get_submodule(name).weight.shape)
+        del w
         if progress:
             progress(f"{stage}: solving: {name}", k + 1, len(stats.solve))
-    return out, infos
+    return measured
 
 
 def _eos_position(ids: Sequence[int], eos: int) -> int:
@@ -433,18 +445,23 @@ def _unpadded_mask(ids: torch.Tensor, eos: int) -> torch.Tensor:
 
 def fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings | None = None, *,
          progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-         weights: memory.Weights | None = None) -> FusionResult:
+         weights: memory.Weights | None = None, store: str | os.PathLike[str] | None = None) -> FusionResult:
     """Fuse `inputs` into `model`'s weights; returns the fused weights of every layer a concept
     changes (float32, CPU), the report and its warnings. `model` is unchanged afterwards. The
     per-concept report statistics wait in a temporary folder, so memory does not grow with the
     number of concepts. `weights` loads the model's parts when a stage needs them and releases them
     after (a model read from a file holds the text encoders or the UNet, rarely both:
-    `memory.Weights`); default: all in memory already."""
+    `memory.Weights`); default: all in memory already. `store`: a folder (which must outlive the
+    result's use) where the fused weights wait instead of memory (`memory.DiskTensors`)."""
     import tempfile
 
+    result = FusionResult(concepts=[i.concept for i in inputs])
+    if store is not None:
+        for table in ("text_weights", "unet_weights", "text_biases", "unet_biases"):
+            setattr(result, table, memory.DiskTensors(os.path.join(store, table)))
     with tempfile.TemporaryDirectory(prefix="mos-fusion-") as spill_dir:
         return _fuse(model, inputs, settings or FusionSettings(), progress, should_stop, spill_dir,
-                     weights or memory.Resident())
+                     weights or memory.Resident(), result)
 
 
 def _stash(spill_dir: str, key: str, value: Any) -> str:
@@ -516,7 +533,8 @@ def _budget(settings: FusionSettings, device: torch.device) -> tuple[float, str]
 
 @torch.no_grad()
 def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings, progress: Progress | None,
-          should_stop: Callable[[], bool] | None, spill_dir: str, weights: memory.Weights) -> FusionResult:
+          should_stop: Callable[[], bool] | None, spill_dir: str, weights: memory.Weights,
+          result: FusionResult) -> FusionResult:
     check_inputs(model, inputs)
     te, unet = model.text_root, model.unet
     weights.release("unet")  # the text stages need only the encoders (and the k/v layers)
@@ -526,7 +544,6 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
     device = next(te.parameters()).device
     dtype = next(te.parameters()).dtype
     eos = model.tokenizer.eos_token_id
-    result = FusionResult(concepts=[i.concept for i in inputs])
     names = [i.concept.name for i in inputs]
     budget_gb, budget_option = _budget(settings, device)
 
@@ -534,26 +551,10 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         if should_stop is not None and should_stop():
             raise FusionInterrupted(f"interrupted during the {where} stage")
 
-    def solve(stage: str, stats: _StageStats) -> tuple[list[LayerMeasure], dict[str, torch.Tensor],
-                                                       dict[str, torch.Tensor]]:
-        """Solve every layer, measure it, and split the fused matrices into weights and biases."""
-        fused, infos = _solve(stage, stats, settings, progress, should_stop)
-        measured = measure_layers(stats.solve, stats.held, fused, infos)
-        out_w, out_b = {}, {}
-        for name, w in fused.items():
-            layer = stats.root.get_submodule(name)
-            if name in stats.biased:
-                w, out_b[name] = w[:, :-1].float(), w[:, -1].float().clone()
-            out_w[name] = w.float().reshape(layer.weight.shape)
-        return measured, out_w, out_b
-
-    def solve_pass(stage: str, stats: _StageStats, weights_out: dict[str, torch.Tensor],
-                   biases_out: dict[str, torch.Tensor]) -> list[LayerMeasure]:
+    def solve_pass(stage: str, stats: _StageStats, weights_out: MutableMapping[str, torch.Tensor],
+                   biases_out: MutableMapping[str, torch.Tensor]) -> list[LayerMeasure]:
         """Solve one recording pass's layers into the result's tables; their measures."""
-        measured, w, b = solve(stage, stats)
-        weights_out.update(w)
-        biases_out.update(b)
-        return measured
+        return _solve(stage, stats, settings, progress, should_stop, weights_out, biases_out)
 
     def finish(stage: str, measured: list[LayerMeasure], t0: float) -> None:
         result.report += stage_report(stage, names, measured, result.warnings)
@@ -649,9 +650,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
                 _end_concept(stats, spill_dir)
                 if progress:
                     progress("kv: recording", k + 1, len(inputs))
-        measured, kv_weights, kv_biases = solve("kv", stats)
-        result.unet_weights.update(kv_weights)
-        result.unet_biases.update(kv_biases)
+        measured = solve_pass("kv", stats, result.unet_weights, result.unet_biases)
         finish("kv", measured, t0)
         del stats
         allocator.trim()
@@ -665,7 +664,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
     extra += [HELD_OUT_TEMPLATES[0]] * bool(settings.held_out)
     size = settings.spatial_size
     spatial_conds, check_conds = [], []
-    with _weights(te, *fused_te):
+    with weights.swapped(te, "text", *fused_te):
         for k, item in enumerate(inputs):
             if do_spatial:
                 solve_set = solve_templates(item.concept, settings)
@@ -675,7 +674,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
     if settings.check_steps:
         check_conds = [_stash(spill_dir, f"check{k}", c) for k, c in enumerate(check.conditionings(
             model, inputs, result, size=size, seeds=settings.check_seeds, seed=settings.seed,
-            templates=lambda c: solve_templates(c, settings), fused_text=lambda: _weights(te, *fused_te)))]
+            templates=lambda c: solve_templates(c, settings), fused_text=lambda: weights.swapped(te, "text", *fused_te)))]
     weights.release("text")
 
     # ---- stage 3: every other UNet layer a concept changes (attention q/out, feed-forward,
@@ -699,10 +698,10 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         budget = memory.stats_budget(budget_gb, "spatial", memory.resident_bytes(unet, te), work, unet, spatial_names, biased,
                                      budget_option)
         groups = memory.passes(unet, spatial_names, biased, budget)
-        fused_kv = ({n: w for n, w in result.unet_weights.items() if n in kv_set},
-                    {n: b for n, b in result.unet_biases.items() if n in kv_set})
+        fused_kv = ({n: result.unet_weights[n] for n in result.unet_weights if n in kv_set},
+                    {n: result.unet_biases[n] for n in result.unet_biases if n in kv_set})
         measured = []
-        with _weights(unet, *fused_kv), bounded_self_attention(unet):
+        with weights.swapped(unet, "unet", *fused_kv), bounded_self_attention(unet):
             for g, group in enumerate(groups):
                 stats = _new_stats(unet, group, device, settings, biased=biased)
                 label = "spatial" + (f" (pass {g + 1}/{len(groups)})" if len(groups) > 1 else "")
@@ -734,9 +733,6 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
                 allocator.trim()
         finish("spatial", measured, t0)
 
-    for table in (result.text_weights, result.unet_weights, result.text_biases, result.unet_biases):
-        for n, w in table.items():
-            table[n] = w.float().cpu()
     if check_conds:
         t0 = time.perf_counter()
 
@@ -749,7 +745,8 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
             errors = check.prediction_errors(
                 model, inputs, [_unstash(c) for c in check_conds], size=size, steps=settings.check_steps,
                 seeds=settings.check_seeds, cfg=settings.check_cfg, seed=settings.seed,
-                fused_unet=lambda: _weights(unet, result.unet_weights, result.unet_biases), on_concept=on_concept)
+                fused_unet=lambda: weights.swapped(unet, "unet", result.unet_weights, result.unet_biases),
+                on_concept=on_concept)
         if progress:
             progress("picture: checking", len(inputs), len(inputs))
         result.report += [{"concept": i.concept.name, "stage": PICTURE, "layers": 0, **e}

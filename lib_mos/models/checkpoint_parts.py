@@ -9,8 +9,9 @@ the UNet's linears, not its 2.6 billion parameters).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -59,13 +60,32 @@ class CheckpointWeights:
             raise ValueError(f"unknown model part {part!r}")
         return self.model.text_root if part == "text" else self.model.unet
 
-    def release(self, part: str) -> None:
-        """Give the part's memory back: its tensors move to the meta device (shapes kept), and the
-        allocator returns their pages to the system."""
+    def release(self, part: str, names: Sequence[str] | None = None) -> None:
+        """Give the part's (or the named modules') memory back: their tensors move to the meta
+        device (shapes kept), and the allocator returns their pages to the system."""
         from lib_mos import allocator
 
-        self._root(part).to("meta")
+        root = self._root(part)
+        for module in [root.get_submodule(n) for n in names] if names is not None else [root]:
+            module.to("meta")
         allocator.trim()
+
+    @contextlib.contextmanager
+    def swapped(self, root: nn.Module, part: str, weights: Mapping[str, torch.Tensor],
+                biases: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        """Other weights in the part's layers, written in place one at a time (no second copy of the
+        layers); afterwards the layers are read from the file again."""
+        names = sorted(set(weights) | set(biases))
+        try:
+            with torch.no_grad():
+                for table, attr in ((weights, "weight"), (biases, "bias")):
+                    for name in table:
+                        target = getattr(root.get_submodule(name), attr)
+                        target.copy_(table[name].reshape(target.shape))
+            yield
+        finally:
+            self.release(part, names)
+            self.load(part, names)
 
     @torch.no_grad()
     def load(self, part: str, names: Sequence[str] | None = None) -> None:

@@ -476,8 +476,9 @@ def _family_files(family: str, folder: Path) -> tuple[Path, list[Path]]:
 
 def _bench_family(args: argparse.Namespace) -> None:
     """One whole fusion of two full-size ED-LoRA concepts in the CLI's child process under
-    --memory-gb: one JSON line per stage (its seconds and the process's peak RSS during it), then
-    the whole process's peak (the kernel's figure for the child, loading included)."""
+    --memory-gb: one JSON line per stage (its seconds and the process's peak RSS from its start to
+    the stage's end), then the whole process's peak (the kernel's figure for the child, loading
+    and writing included)."""
     from lib_mos.fusion.process import run_fusion_process
 
     with tempfile.TemporaryDirectory(prefix="mos-bench-family-") as tmp:

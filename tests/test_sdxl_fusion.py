@@ -230,3 +230,22 @@ def test_fused_weights_kept_on_disk_are_the_same_and_the_checkpoint_job_writes_t
                                rtol=1e-4, atol=1e-5)
     assert [r.get("fused") for r in result.report] == pytest.approx([r.get("fused") for r in in_memory.report],
                                                                      rel=1e-4)
+
+
+def test_the_file_job_runs_sdxl_in_bfloat16_on_the_cpu(tmp_path, inputs, xl):
+    """By default an SDXL base is fused in bfloat16 on the CPU (the UNet sampled under autocast,
+    its norms in float32): it runs, and its fused weights are the float32 fusion's to bf16 noise."""
+    from lib_mos.concepts.files import write_concept
+    from lib_mos.fusion import checkpoint as fused_checkpoint
+
+    settings = dataclasses.replace(FAST, check_steps=1)
+    want = fusion.fuse(xl, inputs, settings)
+    base = sdxl.save_checkpoint(xl, tmp_path / "base.safetensors", dtype=torch.float16)
+    specs = [fused_checkpoint.ConceptSpec(str(write_concept(i.concept, tmp_path / f"{i.concept.name}.safetensors")),
+                                          unet_weight=i.unet_weight, text_weight=i.text_weight) for i in inputs]
+    out, result = fused_checkpoint.fuse_checkpoint(base, specs, tmp_path / "fused.safetensors", settings)
+    fused = sdxl.load_checkpoint(out)
+    assert {r["stage"] for r in result.report} == {"te", "kv", "spatial", "picture"}
+    for name in ("input_blocks.4.1.transformer_blocks.0.attn1.to_out.0", f"{SDXL.attn2[-1]}.to_k"):
+        got, ref = fused.unet.get_submodule(name).weight, want.unet_weights[name]
+        assert (got - ref).norm() / ref.norm() < 0.05, name

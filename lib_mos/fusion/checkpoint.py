@@ -306,6 +306,12 @@ def fuse_checkpoint(base_path, specs: Sequence[ConceptSpec], out_path, settings:
             model_dtype = torch.float32 if family is SD1 else half
         # the UNet is read when a stage needs it (`CheckpointWeights`)
         model = checkpoints.load_checkpoint(base_path, device=device, dtype=model_dtype, unet=False)
+        if model_dtype != torch.float32:
+            # ldm's GroupNorm32 normalises in float32 and the CPU's kernels want float32 parameters
+            # for it (kilobytes): the sampler runs the rest under autocast (`sampling.Denoiser`)
+            for module in model.unet.modules():
+                if isinstance(module, torch.nn.GroupNorm | torch.nn.LayerNorm):
+                    module.float()
     except (ValueError, FileNotFoundError) as e:
         raise ConceptError(str(e)) from e
     # the text encoders and the UNet are in memory only while a stage needs them (`fusion.memory`)

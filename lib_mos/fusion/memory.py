@@ -98,17 +98,9 @@ class DiskTensors(MutableMapping[str, torch.Tensor]):
         return self._files[key][1]
 
 
-def reset_peak() -> None:
-    """Start a new peak of this process's resident memory (Linux; elsewhere nothing)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def peak_rss_mb() -> float | None:
-    """This process's peak resident memory since the last `reset_peak` (Linux), in MiB."""
+    """This process's peak resident memory so far (Linux's VmHWM), in MiB; None elsewhere. (Never
+    reset: the kernel's figure is what a parent's getrusage and every outside measure read.)"""
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -165,8 +165,8 @@ class FusionResult:
     unet_biases: MutableMapping[str, torch.Tensor] = field(default_factory=dict)
     report: list[dict] = field(default_factory=list)  # one row per concept and stage: see `_report`
     seconds: dict[str, float] = field(default_factory=dict)
-    # the process's peak resident memory during each stage, MiB (Linux; the model's loading before
-    # the first stage counts toward it)
+    # the process's peak resident memory from its start to the end of each stage, MiB (Linux): a
+    # stage that raises it shows the new figure
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     concepts: list[Concept] = field(default_factory=list)
     # one line each: held-out error or distance from the base out of bounds, too few spatial rows
@@ -565,7 +565,6 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         value = memory.peak_rss_mb()
         if value is not None:
             result.peak_rss_mb[stage] = round(value, 1)
-        memory.reset_peak()
 
     # ---- stage 1: text encoder, every layer a concept changes, in as many passes as the budget needs
     text_names = sorted({n for i in inputs for n in i.concept.text_lora})

@@ -171,6 +171,9 @@ class Denoiser:
             layers = (cond if cond.dim() == 4 else uncond).shape[1]
             cond, uncond = (c if c.dim() == 4 else c.unsqueeze(1).expand(-1, layers, -1, -1) for c in (cond, uncond))
         self.model, self.cfg_scale, self.guided = model, cfg_scale, uncond is not None
+        # a half-precision UNet (SDXL in a fusion) runs under autocast: ldm feeds its time
+        # embedding in float32, and the latents stay float32 between steps
+        self.dtype = next(model.unet.parameters()).dtype
         self.context = torch.cat([cond, uncond]) if uncond is not None else cond
         self.extra = {} if vector is None else {"y": vector.to(cond.device)}
         ac = model.alphas_cumprod.to(cond.device)
@@ -188,7 +191,9 @@ class Denoiser:
         c_in = 1 / (sigma**2 + 1) ** 0.5
         x_in = torch.cat([x, x]) if self.guided else x
         t = sigma_to_t(sigma.reshape(1), self.log_sigmas).expand(x_in.shape[0])
-        eps = self.model.unet(x_in * c_in, t, context=self.context, **self.extra)
+        half = contextlib.nullcontext() if self.dtype == torch.float32 else torch.autocast(x.device.type, self.dtype)
+        with half:
+            eps = self.model.unet(x_in * c_in, t, context=self.context, **self.extra).float()
         if not self.guided:
             return eps
         eps_c, eps_u = eps.chunk(2)

@@ -325,9 +325,8 @@ def fuse_checkpoint(base_path, specs: Sequence[ConceptSpec], out_path, settings:
                       weights=CheckpointWeights(base_path, model), store=store)
         del model
         written = _write_result(base_path, out_path, inputs, settings, result, family, dtype, overwrite, should_stop)
-    for table in ("text_weights", "unet_weights", "text_biases", "unet_biases"):
-        setattr(result, table, {})  # their store is gone: the weights are in the written file
-    return written, result
+    # their store is gone: the weights are in the written file
+    return written, dataclasses.replace(result, text_weights={}, unet_weights={}, text_biases={}, unet_biases={})
 
 
 def _write_result(base_path, out_path, inputs: Sequence[FusionInput], settings: FusionSettings, result: FusionResult,

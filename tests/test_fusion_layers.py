@@ -331,3 +331,26 @@ def test_lora_files_of_every_kind_convert_and_fuse_with_an_ed_lora(tmp_path, tin
         assert host.txt2img("a photo of <cat1> <cat2> and ohwx man", steps=2).images
     finally:
         host.close()
+
+
+def test_kv_passes_under_a_small_budget_give_the_same_weights(tiny, monkeypatch):
+    """The k/v layers' dense parts (W0, changes: [out, in] each) are budgeted too: recorded in
+    several passes, re-encoding the prompts, they give exactly the one-pass weights."""
+    concepts = [fusion.FusionInput(dataclasses.replace(make_concept(tiny, (f"<c{k}a>", f"<c{k}b>"), seed=k),
+                                                       name=f"c{k}", source_sha256=str(k) * 64)) for k in (1, 2)]
+    settings = dataclasses.replace(FAST, skip=frozenset({"te", "spatial"}), check_steps=0)
+    one = fusion.fuse(tiny, concepts, settings)
+    kv = [n for n in sorted(one.unet_weights)]
+    sizes = [memory.layer_stats_bytes(tiny.unet.get_submodule(n).weight.shape[1],
+                                      tiny.unet.get_submodule(n).weight.shape[0], dense=False) for n in kv]
+    stats = max(sum(sizes) / 3.5, max(sizes))
+    for name in ("text_activation_bytes", "transient_bytes"):
+        monkeypatch.setattr(memory, name, lambda *a, **k: 0)
+    monkeypatch.setattr(memory, "BASELINE_BYTES", 0)
+    seen: list[str] = []
+    split = fusion.fuse(tiny, concepts, dataclasses.replace(
+        settings, memory_gb=(memory.resident_bytes(tiny.unet, tiny.text_root) + stats) / memory.GIB),
+        progress=lambda what, done, n: seen.append(what))
+    assert any("kv: recording (pass 3/" in w for w in seen), sorted(set(seen))
+    for name, w in one.unet_weights.items():
+        assert torch.equal(split.unet_weights[name], w), name

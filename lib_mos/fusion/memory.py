@@ -129,12 +129,13 @@ def full_bytes(module: nn.Module, dtype: torch.dtype) -> int:
                for t in (*module.parameters(), *module.buffers()))
 
 
-def layer_stats_bytes(width: int, out: int) -> int:
+def layer_stats_bytes(width: int, out: int, dense: bool = True) -> int:
     """Statistics one layer holds while the concepts stream past: the open concept's Gram (float64)
     and the validation and held-out ones (float32), the concept's change (float64), W0 and the sum
     of changes (float32). The per-concept factors go to disk; a concept's factor when it ends and
-    the solve are transient, one layer at a time (`transient_bytes`)."""
-    return 16 * width * width + 16 * out * width
+    the solve are transient, one layer at a time (`transient_bytes`). `dense=False` (the k/v
+    stage: a few raw rows per concept, never a Gram): the changes and W0 only."""
+    return 16 * width * width * dense + 16 * out * width
 
 
 def transient_bytes(width: int, out: int) -> int:
@@ -186,14 +187,15 @@ def _shape(root: nn.Module, name: str, biased: frozenset[str]) -> tuple[int, int
     return weight[0].numel() + (name in biased), weight.shape[0]
 
 
-def passes(root: nn.Module, names: Sequence[str], biased: frozenset[str], budget: int) -> list[list[str]]:
+def passes(root: nn.Module, names: Sequence[str], biased: frozenset[str], budget: int, dense: bool = True,
+           ) -> list[list[str]]:
     """The layers split into recording passes whose statistics fit `budget` bytes together (a
     layer larger than the budget gets a pass of its own; `stats_budget` refuses that case first):
     memory is bounded per layer, not by the number of layers a LoRA changes."""
     groups: list[list[str]] = [[]]
     used = 0
     for name in names:
-        need = layer_stats_bytes(*_shape(root, name, biased))
+        need = layer_stats_bytes(*_shape(root, name, biased), dense)
         if groups[-1] and used + need > budget:
             groups.append([])
             used = 0
@@ -203,7 +205,7 @@ def passes(root: nn.Module, names: Sequence[str], biased: frozenset[str], budget
 
 
 def stats_budget(budget_gb: float, stage: str, held: int, activations: int, root: nn.Module,
-                 names: Sequence[str], biased: frozenset[str], where: str) -> int:
+                 names: Sequence[str], biased: frozenset[str], where: str, dense: bool = True) -> int:
     """Bytes left for a stage's statistics under `budget_gb` beside the baseline (host memory
     only), the model parts it holds and one batch's activations, keeping room for the largest
     layer's transient work; a budget too small for even one layer is an error naming the smallest
@@ -212,7 +214,8 @@ def stats_budget(budget_gb: float, stage: str, held: int, activations: int, root
     fixed = BASELINE_BYTES * host + held + activations
     shapes = {n: _shape(root, n, biased) for n in names}
     transient = max((transient_bytes(*s) for s in shapes.values()), default=0)
-    name, one = max(((n, layer_stats_bytes(*s)) for n, s in shapes.items()), key=lambda t: t[1], default=("", 0))
+    name, one = max(((n, layer_stats_bytes(*s, dense)) for n, s in shapes.items()), key=lambda t: t[1],
+                    default=("", 0))
     left = int(budget_gb * GIB) - fixed - transient
     if left < one:
         need = (fixed + transient + one) / GIB

@@ -618,41 +618,53 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
     if "kv" not in settings.skip and kv_names:
         t0 = time.perf_counter()
         weights.load("unet", kv_names)
-        stats = _new_stats(unet, kv_names, device, settings, dense=False, biased=_biased(inputs, "unet", kv_names))
-        if progress:
-            progress("kv: recording", 0, len(inputs))
-        with _weights(te, *fused_te):
-            for k, item in enumerate(inputs):
-                stop_check("cross-attention k/v")
-                binder = PromptBinder(model, [item.concept])
-                _begin_concept(stats, item, "unet")
-                for target, templates in stats.sets(item.concept, settings):
-                    prompts = prompts_for(item.concept, templates)
-                    z = binder.encode_to_eos(prompts)  # [P, L, T, D]: nothing after an EOS is used
-                    rows = []
-                    for p, (prompt, template) in enumerate(zip(prompts, templates)):
-                        ids, slots = binder.tokenize_bound(prompt)
-                        positions = [pos for pos, _ in slots] + [_eos_position(ids, eos)]
-                        if not slots:
-                            # trigger words: the words and what follows up to the EOS, as tokens
-                            # are. The encoder is causal, so the template's words before them
-                            # encode alike for every concept and would only pull the solve toward
-                            # the average; the padding after the EOS would outweigh the concepts
-                            # whose rows are their tokens and EOS.
-                            prefix, _ = binder.tokenize_bound(template.split("{}")[0])
-                            positions = list(range(_eos_position(prefix, eos), positions[-1] + 1))
-                        rows.append(z[p][:, positions])  # [L, n_pos, D]
-                    feats = torch.cat(rows, dim=1)
-                    for n, st in target.items():
-                        x = feats[attn2.index(n.rsplit(".", 1)[0])]
-                        st.add(_layer_rows(unet.get_submodule(n), n in stats.biased)(x))
-                _end_concept(stats, spill_dir)
+        kv_biased = _biased(inputs, "unet", kv_names)
+        # each layer holds W0, the open change and the sum of changes ([out, 2048] each): 5.9 GB for
+        # SDXL's 140, so they too go in passes (re-encoding the prompts costs little up to the EOS)
+        kv_work = max(memory.text_activation_bytes(input_embedding_table(e).shape[1], len(e.text_model.encoder.layers),
+                                                   ENCODE_BATCH) for e in family.text_encoder_modules(te))
+        budget = memory.stats_budget(budget_gb, "kv", memory.resident_bytes(unet, te), kv_work, unet, kv_names,
+                                     kv_biased, budget_option, dense=False)
+        groups = memory.passes(unet, kv_names, kv_biased, budget, dense=False)
+        measured = []
+        with weights.swapped(te, "text", *fused_te):
+            for g, group in enumerate(groups):
+                stats = _new_stats(unet, group, device, settings, dense=False, biased=kv_biased)
+                label = "kv: recording" + (f" (pass {g + 1}/{len(groups)})" if len(groups) > 1 else "")
                 if progress:
-                    progress("kv: recording", k + 1, len(inputs))
-        measured = solve_pass("kv", stats, result.unet_weights, result.unet_biases)
+                    progress(label, 0, len(inputs))
+                for k, item in enumerate(inputs):
+                    stop_check("cross-attention k/v")
+                    binder = PromptBinder(model, [item.concept])
+                    _begin_concept(stats, item, "unet")
+                    for target, templates in stats.sets(item.concept, settings):
+                        prompts = prompts_for(item.concept, templates)
+                        z = binder.encode_to_eos(prompts)  # [P, L, T, D]: nothing after an EOS is used
+                        rows = []
+                        for p, (prompt, template) in enumerate(zip(prompts, templates)):
+                            ids, slots = binder.tokenize_bound(prompt)
+                            positions = [pos for pos, _ in slots] + [_eos_position(ids, eos)]
+                            if not slots:
+                                # trigger words: the words and what follows up to the EOS, as tokens
+                                # are. The encoder is causal, so the template's words before them
+                                # encode alike for every concept and would only pull the solve toward
+                                # the average; the padding after the EOS would outweigh the concepts
+                                # whose rows are their tokens and EOS.
+                                prefix, _ = binder.tokenize_bound(template.split("{}")[0])
+                                positions = list(range(_eos_position(prefix, eos), positions[-1] + 1))
+                            rows.append(z[p][:, positions])  # [L, n_pos, D]
+                        feats = torch.cat(rows, dim=1)
+                        del z
+                        for n, st in target.items():
+                            x = feats[attn2.index(n.rsplit(".", 1)[0])]
+                            st.add(_layer_rows(unet.get_submodule(n), n in stats.biased)(x))
+                    _end_concept(stats, spill_dir)
+                    if progress:
+                        progress(label, k + 1, len(inputs))
+                measured += solve_pass("kv", stats, result.unet_weights, result.unet_biases)
+                del stats
+                allocator.trim()
         finish("kv", measured, t0)
-        del stats
-        allocator.trim()
 
     # ---- the conditionings the UNet stages need, made while the text encoders are here; they wait
     # on disk, and the encoders' memory goes to the UNet

@@ -3,9 +3,9 @@
 A fusion holds, at any time: the interpreter and libraries (`BASELINE_BYTES`), the model parts the
 stage needs (the text encoders for the te and k/v stages; the UNet for the spatial stage and the
 picture check; `Weights` loads and releases them), the activations of one batch, and the layers'
-statistics. The te and spatial stages therefore record their layers in as many passes as it takes
-for the statistics to fit what is left of the budget (`passes`); a budget too small for the model
-and one layer is refused before any work, naming the smallest that would do.
+statistics. Every stage therefore records its layers in as many passes as it takes for the
+statistics to fit what is left of the budget (`passes`); a budget too small for the model and one
+layer is refused before any work, naming the smallest that would do.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ GIB = 2**30
 # Python, torch, transformers and the tokenizer (0.28 GiB measured after the imports), plus
 # allocator slack
 BASELINE_BYTES = int(0.6 * GIB)
-PARTS = ("text", "unet")
 
 
 class Weights(Protocol):
@@ -121,12 +120,6 @@ def resident_bytes(*modules: nn.Module) -> int:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
     return total
-
-
-def full_bytes(module: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes the module holds once loaded in `dtype` (floating tensors; others as they are)."""
-    return sum(t.numel() * (torch.finfo(dtype).bits // 8 if t.is_floating_point() else t.element_size())
-               for t in (*module.parameters(), *module.buffers()))
 
 
 def layer_stats_bytes(width: int, out: int, dense: bool = True) -> int:

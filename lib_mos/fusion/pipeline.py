@@ -566,14 +566,16 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         if value is not None:
             result.peak_rss_mb[stage] = round(value, 1)
 
+    # one batch of layer copies through the widest encoder: the te and k/v stages' work
+    text_work = max(memory.text_activation_bytes(input_embedding_table(e).shape[1], len(e.text_model.encoder.layers),
+                                                 ENCODE_BATCH) for e in family.text_encoder_modules(te))
+
     # ---- stage 1: text encoder, every layer a concept changes, in as many passes as the budget needs
     text_names = sorted({n for i in inputs for n in i.concept.text_lora})
     if "te" not in settings.skip and text_names:
         t0 = time.perf_counter()
         biased = _biased(inputs, "text", text_names)
         encoders = family.text_encoder_modules(te)
-        text_work = max(memory.text_activation_bytes(input_embedding_table(e).shape[1], len(e.text_model.encoder.layers),
-                                                     ENCODE_BATCH) for e in encoders)
         budget = memory.stats_budget(budget_gb, "te", memory.resident_bytes(unet, te), text_work, te, text_names, biased,
                                      budget_option)
         groups = memory.passes(te, text_names, biased, budget)
@@ -621,9 +623,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         kv_biased = _biased(inputs, "unet", kv_names)
         # each layer holds W0, the open change and the sum of changes ([out, 2048] each): 5.9 GB for
         # SDXL's 140, so they too go in passes (re-encoding the prompts costs little up to the EOS)
-        kv_work = max(memory.text_activation_bytes(input_embedding_table(e).shape[1], len(e.text_model.encoder.layers),
-                                                   ENCODE_BATCH) for e in family.text_encoder_modules(te))
-        budget = memory.stats_budget(budget_gb, "kv", memory.resident_bytes(unet, te), kv_work, unet, kv_names,
+        budget = memory.stats_budget(budget_gb, "kv", memory.resident_bytes(unet, te), text_work, unet, kv_names,
                                      kv_biased, budget_option, dense=False)
         groups = memory.passes(unet, kv_names, kv_biased, budget, dense=False)
         measured = []

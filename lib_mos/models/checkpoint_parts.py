@@ -44,12 +44,11 @@ class CheckpointWeights:
 
     def __init__(self, path: str | os.PathLike[str], model: SD1Model | SDXLModel) -> None:
         from lib_mos.models import sd1
+        from lib_mos.tensorfile import TensorFile
 
         self.path = Path(path)
         self.model = model
         self.device = next(model.text_root.parameters()).device  # the UNet may still be on meta
-        from lib_mos.tensorfile import TensorFile
-
         with TensorFile(self.path) as f:
             keys = list(f)
         # SD1 files may hold legacy text keys (the loader's renaming); SDXL's are as written

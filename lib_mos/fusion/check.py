@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from lib_mos.concepts.binding import PromptBinder
-from lib_mos.concepts.concept import Concept, applied
+from lib_mos.concepts.concept import Concept, Restorer, applied, kept_aside
 from lib_mos.models import sampling
 from lib_mos.models.sd1 import SD1Model
 from lib_mos.models.sdxl import SDXLModel
@@ -42,21 +42,21 @@ def _trajectory(model: SD1Model | SDXLModel, cond: sampling.Conditioning, uncond
 
 def conditionings(model: SD1Model | SDXLModel, inputs: Sequence, result, *, size: int, seeds: int = 2, seed: int = 0,
                   templates: Callable[[Concept], Sequence[str]], fused_text: Callable[[], object],
-                  ) -> list[dict[str, tuple[sampling.Conditioning, sampling.Conditioning]]]:
+                  restore: Restorer = kept_aside) -> list[dict[str, tuple[sampling.Conditioning, sampling.Conditioning]]]:
     """Per input (a `pipeline.FusionInput`): {variant: (cond, uncond)} of its check prompts as each
     model's text side encodes them: its own (its text LoRA), none (tokens bound, no LoRA), fused
     (`fused_text()` a context manager with the fused encoders; `result.concepts` are the fused
     model's concepts), averaged and stacked. Made apart from the UNet's predictions so the text
-    encoders can be gone while the UNet runs."""
+    encoders can be gone while the UNet runs. `restore`: how LoRA'd layers get back (`applied`)."""
     te, unet = model.text_root, model.unet
     device = next(te.parameters()).device
     n = len(inputs)
     text = {
-        "own": lambda item: applied([(item.concept, 0.0, item.text_weight)], unet, te),
+        "own": lambda item: applied([(item.concept, 0.0, item.text_weight)], unet, te, restore),
         "none": lambda item: contextlib.nullcontext(),
         "fused": lambda item: fused_text(),
-        "average": lambda item: applied([(i.concept, 0.0, i.text_weight / n) for i in inputs], unet, te),
-        "stacked": lambda item: applied([(i.concept, 0.0, i.text_weight) for i in inputs], unet, te),
+        "average": lambda item: applied([(i.concept, 0.0, i.text_weight / n) for i in inputs], unet, te, restore),
+        "stacked": lambda item: applied([(i.concept, 0.0, i.text_weight) for i in inputs], unet, te, restore),
     }
     out = []
     for k, item in enumerate(inputs):
@@ -80,7 +80,7 @@ def prediction_errors(model: SD1Model | SDXLModel, inputs: Sequence,
                       conds: Sequence[dict[str, tuple[sampling.Conditioning, sampling.Conditioning]]], *, size: int,
                       steps: int = 8, seeds: int = 2, cfg: float = 7.0, seed: int = 0,
                       fused_unet: Callable[[], object], on_concept: Callable[[int], None] | None = None,
-                      ) -> list[dict[str, float]]:
+                      restore: Restorer = kept_aside) -> list[dict[str, float]]:
     """Per input: {method: error} for `METHODS` (see the module's docstring), from its
     `conditionings`; only the UNet runs here (`fused_unet()`: a context manager with the fused UNet
     weights in the model); `on_concept(k)` is called before concept k (progress, interruption)."""
@@ -89,15 +89,15 @@ def prediction_errors(model: SD1Model | SDXLModel, inputs: Sequence,
     seed_list = [seed + j for j in range(seeds)]
     merged = {
         "fused": fused_unet,
-        "average": lambda: applied([(i.concept, i.unet_weight / n, 0.0) for i in inputs], unet, te),
-        "stacked": lambda: applied([(i.concept, i.unet_weight, 0.0) for i in inputs], unet, te),
+        "average": lambda: applied([(i.concept, i.unet_weight / n, 0.0) for i in inputs], unet, te, restore),
+        "stacked": lambda: applied([(i.concept, i.unet_weight, 0.0) for i in inputs], unet, te, restore),
     }
     out = []
     for k, item in enumerate(inputs):
         if on_concept is not None:
             on_concept(k)
         c = conds[k]
-        with applied([(item.concept, item.unet_weight, 0.0)], unet, te):
+        with applied([(item.concept, item.unet_weight, 0.0)], unet, te, restore):
             states = _trajectory(model, *c["own"], seed_list, size, steps, cfg)
             own = _predictions(model, states, c["own"], cfg)
         scale = (_predictions(model, states, c["none"], cfg) - own).norm().clamp_min(1e-12)

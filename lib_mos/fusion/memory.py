@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from lib_mos.concepts.concept import ConceptError
+from lib_mos.concepts.concept import ConceptError, kept_aside
 from lib_mos.models.family import ModelFamily
 
 GIB = 2**30
@@ -31,7 +31,8 @@ BASELINE_BYTES = int(0.6 * GIB)
 class Weights(Protocol):
     """Where the model's weights come from: `load` makes a part (or some of its modules) hold real
     weights, `release` gives a part's memory back (the fusion needs it no more), `swapped` puts
-    other weights into a part's layers for the duration of a block."""
+    other weights into a part's layers for the duration of a block, `changed` lets a block change
+    the named layers in place and gets them back afterwards (`concept.applied`'s `restore`)."""
 
     def load(self, part: str, names: Sequence[str] | None = None) -> None: ...
 
@@ -39,6 +40,8 @@ class Weights(Protocol):
 
     def swapped(self, root: nn.Module, part: str, weights: Mapping[str, torch.Tensor],
                 biases: Mapping[str, torch.Tensor]) -> contextlib.AbstractContextManager: ...
+
+    def changed(self, root: nn.Module, part: str, names: Sequence[str]) -> contextlib.AbstractContextManager: ...
 
 
 class Resident:
@@ -56,6 +59,9 @@ class Resident:
         from lib_mos.fusion.pipeline import _weights
 
         return _weights(root, weights, biases)
+
+    def changed(self, root: nn.Module, part: str, names: Sequence[str]) -> contextlib.AbstractContextManager:
+        return kept_aside(root, part, names)
 
 
 class DiskTensors(MutableMapping[str, torch.Tensor]):
@@ -95,6 +101,28 @@ class DiskTensors(MutableMapping[str, torch.Tensor]):
     def shape_of(self, key: str) -> tuple[int, ...]:
         """The tensor's shape without reading it."""
         return self._files[key][1]
+
+
+class Selected(Mapping[str, torch.Tensor]):
+    """The entries of `table` named in `names`, each read only when asked for: a view of a
+    `DiskTensors` keeps its values on disk (SDXL's 140 fused k/v weights are 1.3 GB in float32,
+    which a dict of them held through the whole spatial stage)."""
+
+    def __init__(self, table: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:
+        self.table = table
+        wanted = set(names)
+        self._names = [n for n in table if n in wanted]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._names:
+            raise KeyError(key)
+        return self.table[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def peak_rss_mb() -> float | None:

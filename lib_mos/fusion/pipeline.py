@@ -597,7 +597,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
                 binder = PromptBinder(model, [item.concept])
                 handles = [e.register_forward_pre_hook(remember_mask, with_kwargs=True) for e in encoders]
                 try:
-                    with applied([(item.concept, 0.0, item.text_weight)], unet, te):
+                    with applied([(item.concept, 0.0, item.text_weight)], unet, te, weights.changed):
                         for target, templates in stats.sets(item.concept, settings):
                             with _recording(te, target, stats.biased, select=lambda x: x[mask[0]]):
                                 binder.encode_to_eos(prompts_for(item.concept, templates))
@@ -685,7 +685,8 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
     if settings.check_steps:
         check_conds = [_stash(spill_dir, f"check{k}", c) for k, c in enumerate(check.conditionings(
             model, inputs, result, size=size, seeds=settings.check_seeds, seed=settings.seed,
-            templates=lambda c: solve_templates(c, settings), fused_text=lambda: weights.swapped(te, "text", *fused_te)))]
+            templates=lambda c: solve_templates(c, settings), fused_text=lambda: weights.swapped(te, "text", *fused_te),
+            restore=weights.changed))]
     weights.release("text")
 
     # ---- stage 3: every other UNet layer a concept changes (attention q/out, feed-forward,
@@ -709,8 +710,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         budget = memory.stats_budget(budget_gb, "spatial", memory.resident_bytes(unet, te), work, unet, spatial_names, biased,
                                      budget_option)
         groups = memory.passes(unet, spatial_names, biased, budget)
-        fused_kv = ({n: result.unet_weights[n] for n in result.unet_weights if n in kv_set},
-                    {n: result.unet_biases[n] for n in result.unet_biases if n in kv_set})
+        fused_kv = (memory.Selected(result.unet_weights, kv_set), memory.Selected(result.unet_biases, kv_set))
         measured = []
         with weights.swapped(unet, "unet", *fused_kv), bounded_self_attention(unet):
             for g, group in enumerate(groups):
@@ -731,7 +731,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
 
                     if progress:
                         progress(what, 0, settings.spatial_steps)
-                    with applied([(spatial_only, item.unet_weight, 0.0)], unet, te), \
+                    with applied([(spatial_only, item.unet_weight, 0.0)], unet, te, weights.changed), \
                             _recording(unet, stats.solve, biased, select=lambda x: x[:train]), \
                             _recording(unet, stats.valid, biased, select=lambda x: x[train:train + valid]), \
                             _recording(unet, stats.held, biased, select=lambda x: x[train + valid:]):
@@ -757,7 +757,7 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
                 model, inputs, [_unstash(c) for c in check_conds], size=size, steps=settings.check_steps,
                 seeds=settings.check_seeds, cfg=settings.check_cfg, seed=settings.seed,
                 fused_unet=lambda: weights.swapped(unet, "unet", result.unet_weights, result.unet_biases),
-                on_concept=on_concept)
+                on_concept=on_concept, restore=weights.changed)
         if progress:
             progress("picture: checking", len(inputs), len(inputs))
         result.report += [{"concept": i.concept.name, "stage": PICTURE, "layers": 0, **e}

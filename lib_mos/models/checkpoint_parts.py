@@ -70,21 +70,27 @@ class CheckpointWeights:
         allocator.trim()
 
     @contextlib.contextmanager
+    def changed(self, root: nn.Module, part: str, names: Sequence[str]) -> Iterator[None]:
+        """The named layers may be changed in place within the block (no second copy of them);
+        afterwards they are read from the file again, so they must hold the file's weights when
+        the block begins (a layer inside `swapped` is not one to change)."""
+        try:
+            yield
+        finally:
+            self.release(part, names)
+            self.load(part, names)
+
+    @contextlib.contextmanager
     def swapped(self, root: nn.Module, part: str, weights: Mapping[str, torch.Tensor],
                 biases: Mapping[str, torch.Tensor]) -> Iterator[None]:
-        """Other weights in the part's layers, written in place one at a time (no second copy of the
-        layers); afterwards the layers are read from the file again."""
-        names = sorted(set(weights) | set(biases))
-        try:
+        """Other weights in the part's layers, written in place one at a time."""
+        with self.changed(root, part, sorted(set(weights) | set(biases))):
             with torch.no_grad():
                 for table, attr in ((weights, "weight"), (biases, "bias")):
                     for name in table:
                         target = getattr(root.get_submodule(name), attr)
                         target.copy_(table[name].reshape(target.shape))
             yield
-        finally:
-            self.release(part, names)
-            self.load(part, names)
 
     @torch.no_grad()
     def load(self, part: str, names: Sequence[str] | None = None) -> None:

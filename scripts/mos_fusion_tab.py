@@ -213,7 +213,7 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
     args = ["--base", info.filename, "--solver", solver, "--spatial-steps", str(int(spatial_steps)),
             "--spatial-size", str(int(spatial_size)), "--spatial-seeds", str(int(spatial_seeds)),
             "--seed", str(int(seed)), "--dtype", dtype, "--check-steps", str(CHECK_STEPS),
-            "--device", str(devices.device), "--memory-gb", str(memory_budget_gb()), *_concept_args(table)]
+            "--device", str(devices.device), "--memory-gb", str(budget_gb := memory_budget_gb()), *_concept_args(table)]
     for stage in sorted(set(STAGE_LABELS.values()) - {STAGE_LABELS[s] for s in stages or []}):
         args += ["--skip-stage", stage]
     if overwrite:
@@ -232,6 +232,10 @@ def run_fusion(id_task, base_title, table, stages, solver, spatial_steps, spatia
         return None, gr.update(), f"<p>Interrupted: {html.escape(str(e).removeprefix('interrupted: '))}.</p>"
     sd_models.list_models()
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds"].items())
+    peak = max((v for v in (result.get("peak_rss_mb") or {}).values() if v), default=None)
+    if peak is not None:  # Linux: what the budget bounds, so a user sees it held
+        seconds += f"; memory {peak / 1024:.1f} GiB at most" + (
+            f" (budget {budget_gb:g} GiB)" if devices.device.type == "cpu" else "")
     warnings = "".join(f"<p class='mos-warning'>&#9888; {html.escape(w)}</p>" for w in result["warnings"])
     notes = "".join(f"<p>{html.escape(_short_note(n))}</p>" for n in result.get("notes", ()))
     verdicts = "".join(f"<p>{html.escape(line)}</p>" for line in concept_summary(result["report"])

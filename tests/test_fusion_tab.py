@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import threading
 import time
 from pathlib import Path
@@ -179,6 +180,8 @@ def test_tab_fuses_in_a_child_with_progress_and_refreshes(tab):
     assert report["headers"] == module.REPORT_HEADERS
     rows = report["data"]
     assert "Saved" in status and "Time taken" in status, status
+    used = re.search(r"memory ([\d.]+) GiB at most \(budget ([\d.]+) GiB\)", status)  # the child's own peak
+    assert used and 0 < float(used[1]) <= float(used[2]), status
     assert status.count("what it draws, error against its own model") == 2, status  # the verdict per concept
     assert [r[1] for r in rows].count("picture") == 2
     assert "fused-pets.safetensors" in checkpoint_folder_files()

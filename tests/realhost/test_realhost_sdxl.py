@@ -267,6 +267,8 @@ def test_fusion_tab_fuses_two_sdxl_concepts_and_the_result_generates(realhost_xl
         print(f"SDXL fusion tab: {time.perf_counter() - start:.0f} s; WebUI RSS before {rss_before / 2**30:.2f} GiB, "
               f"after {realhost_xl.rss_bytes() / 2**30:.2f} GiB\nstatus: {status}\nreport: {report}")
         assert "Saved" in status and "fused-xl.safetensors" in status
+        used = re.search(r"memory ([\d.]+) GiB at most \(budget ([\d.]+) GiB\)", status)  # the child's own peak
+        assert used and float(used[1]) <= float(used[2]), status
         assert not browser.errors, browser.errors
     fused = realhost_xl.checkpoints / "fused-xl.safetensors"
     from lib_mos.fusion.checkpoint import read_fused_concepts

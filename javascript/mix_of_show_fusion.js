@@ -20,3 +20,15 @@ function mosFusionSubmit() {
     args[0] = id;
     return args;
 }
+
+// The concept table follows the file selection. The host runs events concurrently, so the table
+// for an earlier selection can come back after the newest one's; each request carries this page's
+// id and a count, and the server answers a superseded one with no change.
+const mosFusionPage = Math.random().toString(36).slice(2);
+let mosFusionTableCount = 0;
+
+// eslint-disable-next-line no-unused-vars
+function mosFusionTableStamp(files, table) {
+    mosFusionTableCount += 1;
+    return [files, table, `${mosFusionPage}:${mosFusionTableCount}`];
+}

@@ -13,6 +13,7 @@ import contextlib
 import html
 import math
 import os
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -95,6 +96,28 @@ def concept_table(selected: list[str], current=None) -> list[list]:
     """One row per selected file; rows the user already edited keep their values."""
     kept = {r[0]: r for r in _file_rows(current) if len(r) == len(TABLE_HEADERS)}
     return [list(kept[rel]) if rel in kept else concept_row(rel) for rel in selected or []]
+
+
+_NEWEST_TABLE: dict[str, int] = {}  # page id -> the newest table request's count (mosFusionTableStamp)
+_NEWEST_LOCK = threading.Lock()
+
+
+def table_for_selection(selected: list[str], current=None, stamp: str = ""):
+    """`concept_table_value` for the page's newest selection. The table is asked for on every change
+    and again when the list closes (the page sends no new change while one is pending: in the real
+    WebUI, two SDXL files picked quickly showed one row until the list closed), and the host runs
+    the requests concurrently, so an earlier selection's table may finish last; `stamp` is
+    "<page id>:<count>" from the page, and a request a newer one from the same page has overtaken
+    changes nothing."""
+    page, _, count = (stamp or "").rpartition(":")
+    number = int(count) if count.isdigit() else None
+    if number is not None:
+        with _NEWEST_LOCK:
+            _NEWEST_TABLE[page] = max(_NEWEST_TABLE.get(page, 0), number)
+    value = concept_table_value(selected, current)
+    if number is not None and _NEWEST_TABLE[page] > number:
+        return gr.update()
+    return value
 
 
 def with_headers(headers: list[str], rows: list[list]) -> dict:
@@ -302,10 +325,10 @@ def on_ui_tabs():
 
         for control in (steps, size, seeds, base):
             control.change(fn=settings_note, inputs=[steps, size, seeds, base], outputs=[note])
-        # again when the list closes: the host runs events concurrently, so the update for an
-        # earlier selection may arrive after the last one's
+        # again when the list closes; an earlier selection's table never overwrites a newer one's
+        table_stamp = gr.Textbox(visible=False)
         for event in (files.change, files.blur):
-            event(fn=concept_table_value, inputs=[files, table], outputs=[table])
+            event(fn=table_for_selection, _js="mosFusionTableStamp", inputs=[files, table, table_stamp], outputs=[table])
         refresh.click(fn=lambda: (gr.update(choices=sd_models.checkpoint_tiles()), gr.update(choices=concept_choices()),
                                   folder_problems()),
                       inputs=[], outputs=[base, files, status])

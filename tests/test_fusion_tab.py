@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from browser import pick_option
@@ -216,6 +217,41 @@ def test_tab_weights_renamed_tokens_and_settings_reach_the_child(tab):
     assert [c["tokens"] for c in meta["concepts"]] == [["<cat1>", "<cat2>"], ["<pup1>", "<pup2>"]]
     assert [(c["unet_weight"], c["text_weight"]) for c in meta["concepts"]] == [(1.0, 1.0), (0.5, 0.25)]
     assert (meta["settings"]["spatial_steps"], meta["settings"]["spatial_seeds"]) == (3, 3)
+
+
+def test_an_earlier_selections_table_finishing_last_changes_nothing(tab):
+    """The page stamps each table request; one that a newer request from the same page overtook
+    (the host runs them concurrently) answers with no change, so the newest selection's table
+    stays (the table is asked for on each change and when the list closes)."""
+    _, module = tab
+    both = module.concept_choices()
+    assert len(both) == 2
+    release, entered = threading.Event(), threading.Event()
+    original = module.concept_row
+    answers: dict[str, object] = {}
+
+    def slow_row(rel):  # the first request reads its file slowly
+        if threading.current_thread().name == "first":
+            entered.set()
+            release.wait(30)
+        return original(rel)
+
+    module.concept_row = slow_row
+    try:
+        first = threading.Thread(name="first", target=lambda: answers.__setitem__(
+            "first", module.table_for_selection(both[:1], None, "page1:1")))
+        first.start()
+        entered.wait(30)
+        answers["second"] = module.table_for_selection(both, None, "page1:2")
+        release.set()
+        first.join(30)
+        answers["other page"] = module.table_for_selection(both[:1], None, "page2:1")
+    finally:
+        module.concept_row = original
+    assert [r[0] for r in answers["second"]["data"]] == both
+    assert answers["first"] == gr.update()  # overtaken: no change
+    assert [r[0] for r in answers["other page"]["data"]] == both[:1]  # another page counts on its own
+    assert [r[0] for r in module.table_for_selection(both, None, "")["data"]] == both  # no stamp: answered
 
 
 def test_run_reconciles_a_stale_table_with_the_selection(tab):

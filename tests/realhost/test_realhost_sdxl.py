@@ -235,7 +235,8 @@ def test_fusion_tab_fuses_two_sdxl_concepts_and_the_result_generates(realhost_xl
     unet = [f"{block}.{p}" for block in ("input_blocks.4.1.transformer_blocks.0", "middle_block.1.transformer_blocks.0",
                                          "output_blocks.5.1.transformer_blocks.1")
             for p in ("attn1.to_q", "attn1.to_out.0", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")]
-    text = [f"{root}text_model.encoder.layers.0.self_attn.{p}_proj" for root in ("0.", "1.") for p in ("q", "v")]
+    # all four of bigG's attention projections: the host applies a te2 attention LoRA only whole
+    text = [f"{root}text_model.encoder.layers.0.self_attn.{p}_proj" for root in ("0.", "1.") for p in ("q", "k", "v", "out")]
     for k, name in enumerate(("cat-xl", "hat-xl")):
         concept = synthetic.random_concept(skeleton, (f"<{name[:3]}xl1>", f"<{name[:3]}xl2>"), seed=10 + k, name=name,
                                            unet_names=unet, text_names=text)
@@ -247,6 +248,9 @@ def test_fusion_tab_fuses_two_sdxl_concepts_and_the_result_generates(realhost_xl
         page.click("#mos_fusion_refresh")
         for name in ("cat-xl.safetensors", "hat-xl.safetensors"):
             pick_option(page, "mos_fusion_files", name)
+        # close the list as a user does: the page sends no new change while one is pending (SDXL files
+        # take seconds to read), and the table follows the whole selection when the list closes
+        page.mouse.click(2, 2)
         page.wait_for_function("() => gradioApp().querySelectorAll('#mos_fusion_table tbody tr').length >= 2")
         table = page.evaluate("() => gradioApp().querySelector('#mos_fusion_table tbody').textContent")
         print("tab table:", table)

@@ -291,6 +291,13 @@ def test_fusion_tab_fuses_two_sdxl_concepts_and_the_result_generates(realhost_xl
     finally:  # the base back for the plain image at the end
         base = next(t["title"] for t in realhost_xl.get("/sdapi/v1/sd-models") if t["model_name"] == "sdxl-random")
         realhost_xl.post("/sdapi/v1/options", {"sd_model_checkpoint": base})
+    # The host's own reload moves the plain image: without this extension installed, switching to a
+    # bit-identical copy of the base and back changed 3 of 16384 pixels by 1 (A1111 v1.10.1, CPU).
+    # So the reference for the end is retaken here, within that, and compared exactly there.
+    reloaded = pixels(realhost_xl.txt2img(**PLAIN))
+    print(f"plain image after the base was loaded again: max pixel difference {np.abs(reloaded - STATE['plain']).max()}")
+    assert np.abs(reloaded - STATE["plain"]).max() <= 1
+    STATE["plain"] = reloaded
 
 
 def test_plain_image_after_everything_is_identical(realhost_xl):

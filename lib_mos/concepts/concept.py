@@ -438,16 +438,17 @@ def applied(concepts: Iterable[tuple[Concept, float, float]], unet: nn.Module,
     items = list(concepts)
     for concept, _, _ in items:
         check_fits(concept, unet, text_encoder)
-    parts = ((unet, "unet", 1), (text_encoder, "text", 2))
+    # per model part: its root and each concept's (LoRA of that part, weight)
+    parts = ((unet, "unet", [(c.unet_lora, u) for c, u, _ in items]),
+             (text_encoder, "text", [(c.text_lora, t) for c, _, t in items]))
     with ExitStack() as stack:
-        for root, part, index in parts:
-            names = sorted({n for item in items if item[index] != 0 for n in getattr(item[0], f"{part}_lora")})
+        for root, part, changes in parts:
+            names = sorted({n for lora, w in changes if w != 0 for n in lora})
             if names:
                 stack.enter_context(restore(root, part, names))
         with torch.no_grad():
-            for concept, unet_weight, text_weight in items:
-                for root, lora, w in ((unet, concept.unet_lora, unet_weight),
-                                      (text_encoder, concept.text_lora, text_weight)):
+            for root, _, changes in parts:
+                for lora, w in changes:
                     if w == 0:
                         continue
                     for name, f in lora.items():

@@ -112,9 +112,10 @@ class Selected(Mapping[str, torch.Tensor]):
         self.table = table
         wanted = set(names)
         self._names = [n for n in table if n in wanted]
+        self._wanted = set(self._names)
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._names:
+        if key not in self._wanted:
             raise KeyError(key)
         return self.table[key]
 

@@ -24,6 +24,7 @@ from lib_mos.fusion.process import FusionProcessInterrupted, run_fusion_process
 from lib_mos.fusion.report import PICTURE, concept_summary
 from modules import call_queue, devices, script_callbacks, sd_models, shared
 
+mos_host = import_sibling(__file__, "mos_host")
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
 concept_folder = mos_host_binding.concept_folder
 
@@ -282,6 +283,8 @@ def interrupt() -> None:
 
 
 def on_ui_tabs():
+    if not mos_host.SUPPORTED:
+        return mos_host.message_tab(TAB_TITLE, "mos_fusion")
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.Markdown("Merge several Mix-of-Show concepts into one checkpoint (gradient fusion). Each layer is "
                     "solved exactly for the weight that reproduces every concept's own outputs.")

@@ -23,6 +23,7 @@ from lib_mos.models.family import family_of_unet
 from lib_mos.regional.regions import RegionSpec
 from modules import processing, script_callbacks, scripts, shared
 
+mos_host = import_sibling(__file__, "mos_host")
 mos_job = import_sibling(__file__, "mos_job")
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
 
@@ -30,7 +31,6 @@ TITLE = "Mix-of-Show"
 CONCEPTS_TITLE = "Mix-of-Show concepts"
 INFOTEXT_KEY = mos_job.REGIONS_KEY
 
-script_callbacks.on_cfg_denoiser(mos_job.on_cfg_denoiser, name="mix_of_show")
 LORAS_ROUTE = "/mix-of-show/loras"
 
 
@@ -55,7 +55,10 @@ def _add_routes(demo, app) -> None:
     app.add_api_route(LORAS_ROUTE, lora_list, methods=["GET"])
 
 
-script_callbacks.on_app_started(_add_routes, name="mix_of_show_loras")
+mos_host.announce()
+if mos_host.SUPPORTED:  # elsewhere nothing is hooked: the host's own generation runs untouched
+    script_callbacks.on_cfg_denoiser(mos_job.on_cfg_denoiser, name="mix_of_show")
+    script_callbacks.on_app_started(_add_routes, name="mix_of_show_loras")
 
 
 def canvas_html(regions_id: str, tab: str) -> str:
@@ -75,6 +78,9 @@ class MixOfShowScript(scripts.Script):
         """The region canvas (javascript/) above the JSON it reads and writes; the JSON textbox is
         the one input, so infotext, the API and "Send to txt2img" need no canvas."""
         regions_id = self.elem_id("regions")
+        if not mos_host.SUPPORTED:  # the same one input, so the API's script_args keep their layout
+            gr.Markdown(mos_host.MESSAGE, elem_id=self.elem_id("unsupported"))
+            return [gr.Textbox(label="Regions (JSON)", visible=False, elem_id=regions_id)]
         gr.HTML(canvas_html(regions_id, "img2img" if is_img2img else "txt2img"), elem_id=self.elem_id("canvas"))
         gr.Markdown("The main prompt and negative apply everywhere outside the regions. Inside a region its own "
                     "prompt, negative and LoRAs apply; the main prompt is kept there only at the *global prompt* "
@@ -88,6 +94,7 @@ class MixOfShowScript(scripts.Script):
         return [regions]
 
     def run(self, p, regions_json: str = ""):
+        mos_host.require_supported()
         spec = RegionSpec.from_json(regions_json) if (regions_json or "").strip() else RegionSpec(())
         job = mos_job.GenerationJob(p, spec, strict=True)
         p.extra_generation_params["Script"] = TITLE
@@ -112,12 +119,14 @@ class MixOfShowConcepts(scripts.Script):
         """Refuse while the Mix-of-Show training tab trains this model (its status is on the model;
         the tab holds the queue, so only a path that bypasses it gets here). The host only reports
         what this hook raises; the tab's own guard on the UNet wrapper fails the generation."""
+        if not mos_host.SUPPORTED:
+            return
         training = getattr(shared.sd_model, "mos_training", None)
         if training is not None:
             raise RuntimeError(str(training))
 
     def process(self, p, *args) -> None:
-        if mos_job.job_of(p) is not None:  # the Mix-of-Show dropdown script runs this generation
+        if not mos_host.SUPPORTED or mos_job.job_of(p) is not None:  # the Mix-of-Show dropdown script runs this generation
             return
         job = mos_job.GenerationJob(p, None, strict=False)
         if job.needed:

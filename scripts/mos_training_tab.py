@@ -53,6 +53,7 @@ from lib_mos.training import plan as training_plan
 from lib_mos.training.data import PLACEHOLDER, TEMPLATES
 from modules import call_queue, devices, processing, script_callbacks, shared
 
+mos_host = import_sibling(__file__, "mos_host")
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
 concept_folder = mos_host_binding.concept_folder
 
@@ -553,6 +554,8 @@ def _not_saved(*components) -> None:
 
 
 def on_ui_tabs():
+    if not mos_host.SUPPORTED:
+        return mos_host.message_tab(TAB_TITLE, "mos_train")
     templates = tuple(TEMPLATES)
     plan = proposal()
     first_kind = next(iter(KINDS))

@@ -1,0 +1,64 @@
+"""Which WebUI runs the extension: one row per host, told apart by the packages each one has.
+
+The core never imports a host; the host layer (`scripts/mos_host.py`) asks `detect` once at start
+with a probe of what the running process can import, and every script asks that layer what the
+host supports. A host we know but do not support yet, or one we do not know, is a message in the
+console and in the UI, never a traceback from deep inside a generation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Host:
+    """A WebUI the extension may find itself in."""
+
+    name: str  # short, for logs and the API
+    title: str  # for people
+    markers: tuple[str, ...]  # modules that all import in this host (checked in `HOSTS` order)
+    supported: bool
+    why: str = ""  # for an unsupported host: what is missing, said to the user
+
+
+A1111 = Host("a1111", "AUTOMATIC1111 WebUI", ("modules.sd_hijack", "modules.textual_inversion.textual_inversion"),
+             supported=True)
+FORGE = Host("forge", "Forge", ("modules_forge", "backend"), supported=False,
+             why="Forge has no `ldm` UNet: its attention is changed through the UNet patcher, its text encoders "
+                 "and Lora are its own, and Mix-of-Show's Forge path is not written yet")
+FORGE_CLASSIC = Host("forge-classic", "Forge Classic", ("modules_forge", "ldm_patched"), supported=False,
+                     why="Forge Classic patches the UNet through `ldm_patched`, and Mix-of-Show's Forge path is not "
+                         "written yet")
+UNKNOWN = Host("unknown", "an unknown WebUI", (), supported=False,
+               why="it has neither AUTOMATIC1111's `modules.sd_hijack` nor Forge's `modules_forge`")
+
+HOSTS: tuple[Host, ...] = (FORGE, FORGE_CLASSIC, A1111)
+"""Forge keeps most of A1111's `modules`, so the Forge rows are tried first."""
+
+
+def importable(name: str) -> bool:
+    """Whether `name` is imported or can be, without importing it (a parent package may be)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent that is not a package, or a module without a spec
+        return False
+
+
+def detect(probe: Callable[[str], bool] = importable) -> Host:
+    """The first row of `HOSTS` whose markers all import, else `UNKNOWN`."""
+    for host in HOSTS:
+        if all(probe(marker) for marker in host.markers):
+            return host
+    return UNKNOWN
+
+
+def unsupported_message(host: Host) -> str:
+    """What the console and the UI say where the extension cannot work."""
+    return (f"Mix-of-Show does not run in {host.title} yet: {host.why}. Its scripts and tabs stay inactive here; "
+            "the rest of the WebUI is unaffected. It works in AUTOMATIC1111's WebUI v1.10.1.")

@@ -1,0 +1,92 @@
+"""Which WebUI runs the extension (`lib_mos.hosts`), and what the extension does in one it does not
+support yet: it says so in the console and the UI, hooks nothing, and leaves generations alone."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from lib_mos import hosts
+from lib_mos.concepts import synthetic
+from lib_mos.concepts.files import write_concept
+from lib_mos.models import sd1
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# what each host has, as read in its source (docs/host.md; docs/forge.md for both Forges)
+A1111_MODULES = {"modules", "modules.sd_hijack", "modules.textual_inversion.textual_inversion", "ldm"}
+FORGE_MODULES = {"modules", "modules.sd_hijack", "modules.textual_inversion.textual_inversion", "modules_forge",
+                 "backend"}
+CLASSIC_MODULES = {"modules", "modules.sd_hijack", "modules.textual_inversion.textual_inversion", "modules_forge",
+                   "ldm_patched", "ldm"}
+
+
+@pytest.mark.parametrize(("present", "expected"), [
+    (A1111_MODULES, hosts.A1111),
+    (FORGE_MODULES, hosts.FORGE),
+    (CLASSIC_MODULES, hosts.FORGE_CLASSIC),
+    ({"modules"}, hosts.UNKNOWN),
+    (set(), hosts.UNKNOWN),
+])
+def test_each_host_is_told_apart_by_what_it_can_import(present, expected):
+    """Forge keeps A1111's `modules`: a check of A1111's markers alone would call it A1111."""
+    assert hosts.detect(present.__contains__) is expected
+
+
+def test_the_double_is_detected_as_the_webui_it_imitates():
+    assert hosts.detect() is hosts.A1111
+
+
+def test_the_message_names_the_host_and_says_what_works():
+    text = hosts.unsupported_message(hosts.FORGE)
+    assert "Forge" in text and "AUTOMATIC1111" in text and "patcher" in text
+    assert "modules_forge" in hosts.unsupported_message(hosts.UNKNOWN)
+
+
+@pytest.fixture
+def forge_markers(monkeypatch):
+    """The process looks like Forge (its packages importable), and the host layer is detected anew,
+    as in a fresh WebUI process."""
+    for name in ("modules_forge", "backend"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.delitem(sys.modules, "_mix_of_show_scripts.mos_host", raising=False)
+    yield
+    sys.modules.pop("_mix_of_show_scripts.mos_host", None)  # the next test detects its own host
+
+
+def test_in_an_unsupported_host_the_extension_says_so_and_hooks_nothing(forge_markers, tmp_path, tiny_checkpoint,
+                                                                          capfd):
+    from host_harness import HostHarness
+
+    from modules import script_callbacks, shared
+
+    harness = HostHarness(tmp_path, tiny_checkpoint, extensions=[str(ROOT)])
+    try:
+        err = capfd.readouterr().err
+        assert err.count("Mix-of-Show does not run in Forge yet") == 1, err
+        # no callback of ours: nothing runs inside the host's sampler or adds routes
+        ours = [c for cbs in script_callbacks.callback_map.values() for c in cbs if "mix_of_show" in (c.name or "")]
+        assert ours == []
+        # each tab holds only the message
+        tabs = {elem_id: block for block, _, elem_id in harness.ui_tabs}
+        for elem_id in ("mos_fusion", "mos_train"):
+            texts = [getattr(c, "value", "") for c in tabs[elem_id].blocks.values()]
+            assert any("does not run in Forge" in str(t) for t in texts), elem_id
+            assert not any(type(c).__name__ in ("Button", "Dropdown") for c in tabs[elem_id].blocks.values())
+
+        # concept tokens stay text: no binding, nothing in the infotext
+        model = sd1.load_checkpoint(tiny_checkpoint)
+        concept = synthetic.random_concept(model, ("<cat1>", "<cat2>"), seed=4, name="cat")
+        write_concept(concept, Path(shared.cmd_opts.lora_dir) / "cat.safetensors")
+        res = harness.txt2img("a photo of <cat1> <cat2>", steps=1)
+        assert len(res.images) == 1 and "Mix-of-Show" not in res.info
+
+        # the dropdown refuses with the same sentence, the API's script_args layout unchanged
+        args = harness.script_args("Mix-of-Show", '{"regions": [{"prompt": "a cat", "box": [0, 0, 1, 1]}]}')
+        with pytest.raises(RuntimeError, match="does not run in Forge yet"):
+            harness.txt2img("a photo", script_args=args, steps=1)
+    finally:
+        harness.close()

@@ -177,6 +177,18 @@ def test_a_budget_too_small_for_the_model_and_one_layer_is_refused_before_any_wo
     assert not calls
 
 
+def test_a_budget_too_small_for_the_spatial_stage_is_refused_before_the_text_stages(tiny, monkeypatch):
+    """The text stages fit, the spatial stage's sampling does not: the refusal comes before the
+    text stages' work (on SDXL they take 12 minutes on a CPU), naming the spatial stage."""
+    concepts = [fusion.FusionInput(trigger_concept(tiny, "c0", "sks", seed=10))]
+    monkeypatch.setattr(memory, "unet_activation_bytes", lambda *a, **k: 4 * memory.GIB)
+    calls: list[str] = []
+    with pytest.raises(ConceptError, match=r"--memory-gb 3 is too small for the spatial stage.*use at least 4"):
+        fusion.fuse(tiny, concepts, dataclasses.replace(FAST, memory_gb=3),
+                    progress=lambda what, done, n: calls.append(what))
+    assert not calls
+
+
 @pytest.fixture(scope="module")
 def mixed(tiny):
     ed = dataclasses.replace(make_concept(tiny, ("<cat1>", "<cat2>"), seed=1), name="cat", source_sha256="a" * 64)

@@ -151,6 +151,19 @@ def resident_bytes(*modules: nn.Module) -> int:
     return total
 
 
+def planned_bytes(*modules: nn.Module) -> int:
+    """Bytes the modules' parameters and buffers take once loaded, those not loaded yet (meta)
+    counted at their dtype: what a stage that loads them holds at least."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 def layer_stats_bytes(width: int, out: int, dense: bool = True) -> int:
     """Statistics one layer holds while the concepts stream past: the open concept's Gram (float64)
     and the validation and held-out ones (float32), the concept's change (float64), W0 and the sum

@@ -570,15 +570,42 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
     text_work = max(memory.text_activation_bytes(input_embedding_table(e).shape[1], len(e.text_model.encoder.layers),
                                                  ENCODE_BATCH) for e in family.text_encoder_modules(te))
 
-    # ---- stage 1: text encoder, every layer a concept changes, in as many passes as the budget needs
+    # every stage's layers, and each later stage's budget checked now, before any work, with the
+    # least it will hold (the stage checks again with what it holds then): a budget too small for
+    # the spatial stage must not take the text stages' minutes to say so
     text_names = sorted({n for i in inputs for n in i.concept.text_lora})
-    if "te" not in settings.skip and text_names:
+    kv_set = {f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS}
+    kv_names = [n for n in (f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS) if any(n in i.concept.unet_lora
+                                                                                      for i in inputs)]
+    do_kv = "kv" not in settings.skip and bool(kv_names)
+    kv_biased = _biased(inputs, "unet", kv_names)
+    spatial_names = sorted({n for i in inputs for n in i.concept.unet_lora if n not in kv_set})
+    do_spatial = "spatial" not in settings.skip and bool(spatial_names)
+    spatial_biased = _biased(inputs, "unet", spatial_names)
+    train = settings.spatial_seeds
+    extra = [VALIDATION_TEMPLATES[0]] * bool(settings.validate and settings.solver == "exact")
+    extra += [HELD_OUT_TEMPLATES[0]] * bool(settings.held_out)
+    size = settings.spatial_size
+    recorded = [(n, unet.get_submodule(n).weight[0].numel() + (n in spatial_biased)) for n in spatial_names]
+    spatial_work = memory.unet_activation_bytes(family, model.config.model_channels, size, train + len(extra), dtype,
+                                                recorded)
+    do_te = "te" not in settings.skip and bool(text_names)
+    text_biased = _biased(inputs, "text", text_names)
+    te_budget = memory.stats_budget(budget_gb, "te", memory.resident_bytes(unet, te), text_work, te, text_names,
+                                    text_biased, budget_option) if do_te else 0
+    if do_kv:
+        memory.stats_budget(budget_gb, "kv", memory.resident_bytes(te) + memory.planned_bytes(
+            *(unet.get_submodule(n) for n in kv_names)), text_work, unet, kv_names, kv_biased, budget_option, dense=False)
+    if do_spatial:
+        memory.stats_budget(budget_gb, "spatial", memory.planned_bytes(unet), spatial_work, unet, spatial_names,
+                            spatial_biased, budget_option)
+
+    # ---- stage 1: text encoder, every layer a concept changes, in as many passes as the budget needs
+    if do_te:
         t0 = time.perf_counter()
-        biased = _biased(inputs, "text", text_names)
+        biased = text_biased
         encoders = family.text_encoder_modules(te)
-        budget = memory.stats_budget(budget_gb, "te", memory.resident_bytes(unet, te), text_work, te, text_names, biased,
-                                     budget_option)
-        groups = memory.passes(te, text_names, biased, budget)
+        groups = memory.passes(te, text_names, biased, te_budget)
         mask: list[torch.Tensor] = []
         measured: list[LayerMeasure] = []
 
@@ -613,14 +640,10 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         finish("te", measured, t0)
 
     # ---- stage 2: attn2 to_k / to_v from the fused text encoder (only those UNet layers loaded)
-    kv_set = {f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS}
-    kv_names = [n for n in (f"{a}.{p}" for a in attn2 for p in KV_PROJECTIONS) if any(n in i.concept.unet_lora
-                                                                                      for i in inputs)]
     fused_te = (result.text_weights, result.text_biases)
-    if "kv" not in settings.skip and kv_names:
+    if do_kv:
         t0 = time.perf_counter()
         weights.load("unet", kv_names)
-        kv_biased = _biased(inputs, "unet", kv_names)
         # each layer holds W0, the open change and the sum of changes ([out, 2048] each): 5.9 GB for
         # SDXL's 140, so they too go in passes (re-encoding the prompts costs little up to the EOS)
         budget = memory.stats_budget(budget_gb, "kv", memory.resident_bytes(unet, te), text_work, unet, kv_names,
@@ -668,12 +691,6 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
 
     # ---- the conditionings the UNet stages need, made while the text encoders are here; they wait
     # on disk, and the encoders' memory goes to the UNet
-    spatial_names = sorted({n for i in inputs for n in i.concept.unet_lora if n not in kv_set})
-    do_spatial = "spatial" not in settings.skip and bool(spatial_names)
-    train = settings.spatial_seeds
-    extra = [VALIDATION_TEMPLATES[0]] * bool(settings.validate and settings.solver == "exact")
-    extra += [HELD_OUT_TEMPLATES[0]] * bool(settings.held_out)
-    size = settings.spatial_size
     spatial_conds, check_conds = [], []
     with weights.swapped(te, "text", *fused_te):
         for k, item in enumerate(inputs):
@@ -702,13 +719,11 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
         shortfall = spatial_shortfall(model.config, settings)
         if shortfall:
             result.warnings.append(shortfall)
-        biased = _biased(inputs, "unet", spatial_names)
+        biased = spatial_biased
         seeds = [settings.seed + j for j in range(train + len(extra))]
         valid = 1 if extra and extra[0] == VALIDATION_TEMPLATES[0] else 0
-        recorded = [(n, unet.get_submodule(n).weight[0].numel() + (n in biased)) for n in spatial_names]
-        work = memory.unet_activation_bytes(family, model.config.model_channels, size, len(seeds), dtype, recorded)
-        budget = memory.stats_budget(budget_gb, "spatial", memory.resident_bytes(unet, te), work, unet, spatial_names, biased,
-                                     budget_option)
+        budget = memory.stats_budget(budget_gb, "spatial", memory.resident_bytes(unet, te), spatial_work, unet,
+                                     spatial_names, biased, budget_option)
         groups = memory.passes(unet, spatial_names, biased, budget)
         fused_kv = (memory.Selected(result.unet_weights, kv_set), memory.Selected(result.unet_biases, kv_set))
         measured = []

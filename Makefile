@@ -52,6 +52,11 @@ test-realhost: setup
 test-realhost-sdxl: setup
 	$(VPY) -m pytest -v -rA -s tests/realhost/test_realhost_sdxl.py
 
+# The extension inside a real Forge (see docs/testing.md); skipped without MOS_FORGE.
+.PHONY: test-realforge
+test-realforge: setup
+	$(VPY) -m pytest -v -rA -s tests/realhost/test_realforge.py
+
 lint: setup
 	$(VPY) -m ruff check .
 

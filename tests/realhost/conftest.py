@@ -5,6 +5,9 @@ The host is started as users start it (default flags; on this CPU-only machine a
 --no-half --precision full`, and `--api`), on a fresh data folder holding a random-weight SD1.5
 this suite writes (cached between runs), with this checkout linked into its `extensions/`.
 `MOS_WEBUI_PYTHON` names its Python if it is not `<webui>/venv/bin/python`.
+
+`test_realforge.py` runs against Forge instead (`MOS_FORGE=<a built forge folder> make
+test-realforge`; skipped without MOS_FORGE), started with its own CPU flag (`RealForge`).
 """
 
 from __future__ import annotations
@@ -13,17 +16,23 @@ import os
 from pathlib import Path
 
 import pytest
-from webui_process import RealHost
+from webui_process import RealForge, RealHost
+
+FORGE_MODULE = "test_realforge.py"
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("MOS_WEBUI"):
-        return
-    skip = pytest.mark.skip(reason="MOS_WEBUI is not set: the real-host suite needs a built AUTOMATIC1111 v1.10.1 "
-                                   "(MOS_WEBUI=<webui folder> make test-realhost)")
+    skip_webui = pytest.mark.skip(reason="MOS_WEBUI is not set: the real-host suite needs a built AUTOMATIC1111 "
+                                         "v1.10.1 (MOS_WEBUI=<webui folder> make test-realhost)")
+    skip_forge = pytest.mark.skip(reason="MOS_FORGE is not set: the real-Forge suite needs a built Forge "
+                                         "(MOS_FORGE=<forge folder> make test-realforge; docs/testing.md)")
     for item in items:
-        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
-            item.add_marker(skip)
+        path = Path(str(item.fspath))
+        if not path.is_relative_to(Path(__file__).parent):
+            continue
+        forge = path.name == FORGE_MODULE
+        if not os.environ.get("MOS_FORGE" if forge else "MOS_WEBUI"):
+            item.add_marker(skip_forge if forge else skip_webui)
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +61,12 @@ def sdxl_checkpoint_file() -> Path:
     return path
 
 
-def _running_host(tmp_path_factory, checkpoint: Path, name: str):
-    webui = Path(os.environ["MOS_WEBUI"]).resolve()
+def _running_host(tmp_path_factory, checkpoint: Path, name: str, kind: type[RealHost] = RealHost,
+                  variable: str = "MOS_WEBUI"):
+    webui = Path(os.environ[variable]).resolve()
     if not (webui / "launch.py").is_file():
-        pytest.fail(f"MOS_WEBUI={webui} is not a WebUI folder (no launch.py)", pytrace=False)
-    host = RealHost(webui, tmp_path_factory.mktemp("webui-data"))
+        pytest.fail(f"{variable}={webui} is not a WebUI folder (no launch.py)", pytrace=False)
+    host = kind(webui, tmp_path_factory.mktemp("webui-data"))
     host.prepare(checkpoint, name)
     host.start()
     try:
@@ -77,3 +87,9 @@ def realhost(tmp_path_factory, checkpoint_file):
 def realhost_xl(tmp_path_factory, sdxl_checkpoint_file):
     """The WebUI with the random SDXL base as its only checkpoint."""
     yield from _running_host(tmp_path_factory, sdxl_checkpoint_file, "sdxl-random.safetensors")
+
+
+@pytest.fixture(scope="module")
+def realforge(tmp_path_factory, checkpoint_file):
+    """Forge (MOS_FORGE) with the random SD1.5 (about 7 GB on the CPU once loaded)."""
+    yield from _running_host(tmp_path_factory, checkpoint_file, "sd15-random.safetensors", RealForge, "MOS_FORGE")

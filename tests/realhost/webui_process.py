@@ -1,5 +1,6 @@
-"""A running AUTOMATIC1111 WebUI process for the real-host suite: start it on a data folder with
-default flags, call its API, run the CLIs with its Python, stop it."""
+"""A running WebUI process for the real-host suite (AUTOMATIC1111 v1.10.1, or Forge with
+`RealForge`): start it on a data folder with default flags, call its API, run the CLIs with its
+Python, stop it."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTENSION_NAME = "sd-webui-mix-of-show"
-FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+FLAGS = ("--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
          "--use-cpu", "all", "--no-half", "--precision", "full", "--api", "--server-name", "127.0.0.1",
-         "--no-download-sd-model"]
+         "--no-download-sd-model")
 CHECKPOINT = "sd15-random.safetensors"
 
 
@@ -44,6 +45,9 @@ class HostError(RuntimeError):
 
 class RealHost:
     """One running WebUI process and its data folder."""
+
+    flags = FLAGS
+    ready_line: str | None = "Model loaded in"  # A1111 loads the checkpoint before it serves
 
     def __init__(self, webui: Path, data: Path) -> None:
         self.webui, self.data = webui, data
@@ -92,14 +96,14 @@ class RealHost:
         env = user_env() | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("MOS_CACHE_DIR", None)
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([str(self.python), "launch.py", *FLAGS, "--port", str(port),
+            self.process = subprocess.Popen([str(self.python), "launch.py", *self.flags, "--port", str(port),
                                              "--data-dir", str(self.data)], cwd=self.webui, env=env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the WebUI exited with {self.process.returncode} while starting:\n{self.tail()}")
-            if "Model loaded in" in self.log_text():
+            if self.ready_line is None or self.ready_line in self.log_text():
                 try:
                     self.get("/sdapi/v1/sd-models")
                     return
@@ -160,6 +164,16 @@ class RealHost:
         PYTHONPATH, the WebUI's own packages."""
         return subprocess.run([str(self.python), *args], cwd=self.extension, env=user_env(), capture_output=True,
                               text=True, timeout=timeout)
+
+
+class RealForge(RealHost):
+    """Forge (lllyasviel's, f2) started as a CPU user starts it: `--always-cpu` is its one CPU flag
+    (A1111's `--use-cpu`, `--no-half` and `--precision` are accepted and ignored by its backend). It
+    loads the checkpoint at the first generation, so it is ready once the API answers."""
+
+    flags = ("--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+             "--always-cpu", "--api", "--server-name", "127.0.0.1", "--no-download-sd-model")
+    ready_line = None
 
 
 def images(result: dict) -> list:

@@ -321,7 +321,10 @@ def on_ui_tabs():
             overwrite = gr.Checkbox(label="Overwrite", value=False)
             run = gr.Button("Fuse", variant="primary", elem_id="mos_fusion_run")
             stop = gr.Button("Interrupt", interactive=False, elem_id="mos_fusion_interrupt")  # live only while fusing
-        task_id = gr.Label(visible=False)  # the page puts the task id here (mosFusionSubmit)
+        # the page puts the task id here (mosFusionSubmit); a textbox, as Forge's own: gradio 4 cannot
+        # take a string into a Label
+        task_id = gr.Textbox(visible=False)
+        task_id.do_not_save_to_config = True  # a per-request value, never a default
         with gr.Group(elem_id="mos_fusion_results_panel"):
             report = gr.Dataframe(headers=REPORT_HEADERS, interactive=False, elem_id="mos_fusion_report")
             status = gr.HTML(folder_problems(), elem_id="mos_fusion_status")

@@ -619,7 +619,8 @@ def on_ui_tabs():
             resume = gr.Checkbox(label="Resume from the last checkpoint", value=False, elem_id="mos_train_resume")
             run = gr.Button("Train", variant="primary", elem_id="mos_train_run")
             stop = gr.Button("Interrupt", interactive=False, elem_id="mos_train_interrupt")
-        task_id = gr.Label(visible=False)  # the page puts the task id here (mosTrainSubmit)
+        task_id = gr.Textbox(visible=False)  # the page puts the task id here (mosTrainSubmit), as in the fusion tab
+        task_id.do_not_save_to_config = True  # a per-request value, never a default
         with gr.Group(elem_id="mos_train_results_panel"):
             gallery = gr.Gallery(label="Previews", show_label=False, columns=4, visible=False,
                                  elem_id="mos_train_gallery")

@@ -43,7 +43,7 @@ def lora_list() -> dict:
     tokens = {entry.path: entry.tokens for entry in library.scan(folder).entries}
     model = shared.sd_model
     try:
-        family = family_of_unet(model.model.diffusion_model) if model is not None else None
+        family = family_of_unet(mos_host.unet_of(model)) if model is not None else None
     except ValueError:
         return {"loras": [], "family": None}
     return {"family": family.name if family else None,

@@ -12,12 +12,20 @@ from __future__ import annotations
 import sys
 
 import gradio as gr
+from torch import nn
 
 from lib_mos.hosts import Host, detect, unsupported_message
 
 HOST: Host = detect()
 SUPPORTED = HOST.supported
 MESSAGE = "" if SUPPORTED else unsupported_message(HOST)
+
+
+def unet_of(sd_model) -> nn.Module:
+    """The live model's UNet module (ldm's `UNetModel`): in A1111 v1.10.1 inside the model's
+    wrapper, `sd_model.model.diffusion_model`. (Forge keeps it behind its UNet patcher,
+    `forge_objects.unet.model.diffusion_model`: docs/forge.md.)"""
+    return sd_model.model.diffusion_model
 
 
 def announce() -> None:

@@ -40,6 +40,7 @@ from lib_mos.regional.passes import PassRun, region_passes
 from lib_mos.regional.regions import RegionSpec, attention_sizes, level_masks, region_masks
 from modules import prompt_parser, sd_samplers, shared
 
+mos_host = import_sibling(__file__, "mos_host")
 mos_host_binding = import_sibling(__file__, "mos_host_binding")
 mos_host_text = import_sibling(__file__, "mos_host_text")
 
@@ -123,7 +124,7 @@ class GenerationJob:
         """The loaded model's family; None for a model of no family we know, which is an error only
         where this generation asks something of us (raised, or failing the first UNet call)."""
         try:
-            return family_of_unet(shared.sd_model.model.diffusion_model)
+            return family_of_unet(mos_host.unet_of(shared.sd_model))
         except ValueError as e:
             error = ConceptError(f"Mix-of-Show: this checkpoint is not supported ({e})")
             if strict:
@@ -141,7 +142,7 @@ class GenerationJob:
                        for r in self.spec.regions]
         choices = choose_region_loras(self.spec, lora_files(folder), folder, token_files, global_lora_names(main))
         model = shared.sd_model
-        unet = model.model.diffusion_model
+        unet = mos_host.unet_of(model)
         self.text_root = text_root = mos_host_text.HostTextRoot(model, self.family)
         loras = []
         for choice in choices:
@@ -179,7 +180,7 @@ class GenerationJob:
         self.p.mos_job = self
         deltas = self.unet_deltas
         try:
-            with attn2_processor(shared.sd_model.model.diffusion_model, self.processor), \
+            with attn2_processor(mos_host.unet_of(shared.sd_model), self.processor), \
                     (deltas.installed() if deltas else contextlib.nullcontext()), \
                     (self._passes_installed() if self.spec.passes else contextlib.nullcontext()):
                 self.processor.inner.context_delta = deltas.context_delta if deltas else None
@@ -198,7 +199,7 @@ class GenerationJob:
     def _passes_installed(self) -> Iterator[None]:
         """Route each UNet call through this step's region passes (`regional.passes`): the call runs
         once per pass on the same rows, each with its masks and LoRAs, and returns their blend."""
-        unet = shared.sd_model.model.diffusion_model
+        unet = mos_host.unet_of(shared.sd_model)
         own = unet.__dict__.get("forward")
         original = unet.forward
 
@@ -432,7 +433,7 @@ class GenerationJob:
         passes = []
         if self.spec.passes and self.region_loras:
             latent = region_masks(self.spec, width, height, base_size=(self.p.width, self.p.height)).to(device)
-            passes = region_passes(shared.sd_model.model.diffusion_model, self.region_loras, levels, weights, latent,
+            passes = region_passes(mos_host.unet_of(shared.sd_model), self.region_loras, levels, weights, latent,
                                    self.pooled_regions, self.spec.pass_unet_weight)
         return region.to(device), rows, weights, levels, cond, uncond, global_weight, passes, bound
 

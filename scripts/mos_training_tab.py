@@ -155,7 +155,7 @@ def live_sd1_model(sd_model) -> SD1Model:
         raise ValueError("the loaded checkpoint is an inpainting or instruct-pix2pix model (its UNet takes extra input "
                          "channels); load a plain SD1.5-based checkpoint")
     _check_trainable(sd_model)
-    unet = sd_model.model.diffusion_model
+    unet = mos_host.unet_of(sd_model)
     text_encoder = sd_model.cond_stage_model.wrapped.transformer
     return SD1Model(unet=unet, text_encoder=text_encoder, tokenizer=sd_model.cond_stage_model.tokenizer,
                     alphas_cumprod=sd_model.alphas_cumprod, config=live_config(unet, text_encoder))
@@ -169,7 +169,7 @@ def live_sdxl_model(sd_model) -> SDXLModel:
     projection: the transpose), assigned, not copied: it costs no memory, and since the trainer
     never writes weights the host's stay bit-identical."""
     embedders = sd_model.conditioner.embedders
-    unet, te1 = sd_model.model.diffusion_model, embedders[0].wrapped.transformer
+    unet, te1 = mos_host.unet_of(sd_model), embedders[0].wrapped.transformer
     openclip = embedders[1].wrapped.model
     # the host wraps the token embedding (EmbeddingsWithFixes), keeping the original as `wrapped`
     state = {k.replace("token_embedding.wrapped.", "token_embedding."): v for k, v in openclip.state_dict().items()}

@@ -126,7 +126,8 @@ class MixOfShowConcepts(scripts.Script):
             raise RuntimeError(str(training))
 
     def process(self, p, *args) -> None:
-        if not mos_host.SUPPORTED or mos_job.job_of(p) is not None:  # the Mix-of-Show dropdown script runs this generation
+        # nothing in an unsupported host; with the dropdown script, its job does the work
+        if not mos_host.SUPPORTED or mos_job.job_of(p) is not None:
             return
         job = mos_job.GenerationJob(p, None, strict=False)
         if job.needed:

@@ -139,27 +139,17 @@ def peak_rss_mb() -> float | None:
     return None
 
 
-def resident_bytes(*modules: nn.Module) -> int:
-    """Bytes of real (not meta) parameters and buffers the modules hold."""
-    seen: set[int] = set()
+def resident_bytes(*modules: nn.Module, planned: bool = False) -> int:
+    """Bytes of real (not meta) parameters and buffers the modules hold. `planned`: those not loaded
+    yet (meta) too, at their dtype: what a stage that loads them holds at least."""
+    seen: set[tuple[bool, int]] = set()
     total = 0
     for module in modules:
         for t in (*module.parameters(), *module.buffers()):
-            if t.device.type != "meta" and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-    return total
-
-
-def planned_bytes(*modules: nn.Module) -> int:
-    """Bytes the modules' parameters and buffers take once loaded, those not loaded yet (meta)
-    counted at their dtype: what a stage that loads them holds at least."""
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for t in (*module.parameters(), *module.buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
+            meta = t.device.type == "meta"
+            key = (meta, id(t) if meta else t.data_ptr())  # a meta tensor has no storage to tell shares by
+            if (planned or not meta) and key not in seen:
+                seen.add(key)
                 total += t.numel() * t.element_size()
     return total
 

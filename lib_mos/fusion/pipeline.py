@@ -594,10 +594,10 @@ def _fuse(model: Model, inputs: Sequence[FusionInput], settings: FusionSettings,
     te_budget = memory.stats_budget(budget_gb, "te", memory.resident_bytes(unet, te), text_work, te, text_names,
                                     text_biased, budget_option) if do_te else 0
     if do_kv:
-        memory.stats_budget(budget_gb, "kv", memory.resident_bytes(te) + memory.planned_bytes(
-            *(unet.get_submodule(n) for n in kv_names)), text_work, unet, kv_names, kv_biased, budget_option, dense=False)
+        memory.stats_budget(budget_gb, "kv", memory.resident_bytes(te) + memory.resident_bytes(
+            *(unet.get_submodule(n) for n in kv_names), planned=True), text_work, unet, kv_names, kv_biased, budget_option, dense=False)
     if do_spatial:
-        memory.stats_budget(budget_gb, "spatial", memory.planned_bytes(unet), spatial_work, unet, spatial_names,
+        memory.stats_budget(budget_gb, "spatial", memory.resident_bytes(unet, planned=True), spatial_work, unet, spatial_names,
                             spatial_biased, budget_option)
 
     # ---- stage 1: text encoder, every layer a concept changes, in as many passes as the budget needs

@@ -14,15 +14,11 @@ import time
 
 import numpy as np
 import pytest
-from webui_process import HostError, images
+from webui_process import HostError, images, pixels
 
 MESSAGE = "Mix-of-Show does not run in Forge yet"
 PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
 STATE: dict = {}
-
-
-def pixels(result: dict) -> np.ndarray:
-    return np.asarray(images(result)[0].convert("RGB")).astype(int)
 
 
 def test_install_is_clean(realforge):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from webui_process import HostError, images, infotexts
+from webui_process import HostError, images, infotexts, pixels
 
 from lib_mos.concepts import synthetic
 from lib_mos.models import sd1
@@ -32,10 +32,6 @@ AUTHORS_FILES = [("potter", "main", "newer"), ("hermione", "research_branch", "t
 STATE: dict = {}
 # the README's three screenshots of the real WebUI land here (copied into docs/screenshots by hand)
 SHOTS = Path(__file__).resolve().parents[2] / "outputs" / "screenshots"
-
-
-def pixels(result: dict, index: int = 0) -> np.ndarray:
-    return np.asarray(images(result)[index].convert("RGB"))
 
 
 def png_base64(result: dict, index: int = 0) -> str:

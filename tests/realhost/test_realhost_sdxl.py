@@ -14,16 +14,12 @@ import time
 import lora_layouts as layouts
 import numpy as np
 import pytest
-from webui_process import HostError, images, infotexts
+from webui_process import HostError, infotexts, pixels
 
 from lib_mos.models import sd1, sdxl
 
 PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
 STATE: dict = {}
-
-
-def pixels(result: dict) -> np.ndarray:
-    return np.asarray(images(result)[0].convert("RGB")).astype(int)
 
 
 def test_plain_image_before(realhost_xl):

@@ -182,5 +182,12 @@ def images(result: dict) -> list:
     return [Image.open(io.BytesIO(base64.b64decode(b))) for b in result["images"]]
 
 
+def pixels(result: dict, index: int = 0):
+    """The result's image `index` as an int array [H, W, 3] (RGB), safe to subtract."""
+    import numpy as np
+
+    return np.asarray(images(result)[index].convert("RGB")).astype(int)
+
+
 def infotexts(result: dict) -> list[str]:
     return json.loads(result["info"])["infotexts"]

@@ -57,6 +57,10 @@ test-realhost-sdxl: setup
 test-realforge: setup
 	$(VPY) -m pytest -v -rA -s tests/realhost/test_realforge.py
 
+.PHONY: test-realforge-sdxl
+test-realforge-sdxl: setup
+	$(VPY) -m pytest -v -rA -s tests/realhost/test_realforge_sdxl.py
+
 lint: setup
 	$(VPY) -m ruff check .
 

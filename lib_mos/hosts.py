@@ -18,21 +18,22 @@ from dataclasses import dataclass
 class Host:
     """A WebUI the extension may find itself in."""
 
-    name: str  # short, for logs and the API
+    name: str  # short, for logs and the API; also names the host row of scripts/ (`mos_host_<name>`)
     title: str  # for people
     markers: tuple[str, ...]  # modules that all import in this host (checked in `HOSTS` order)
-    supported: bool
+    supported: bool  # the generation scripts (concept binding, regions) run here
     why: str = ""  # for an unsupported host: what is missing, said to the user
+    tabs_why: str = ""  # where the fusion and training tabs do not run yet (though generation does): why
 
 
 A1111 = Host("a1111", "AUTOMATIC1111 WebUI", ("modules.sd_hijack", "modules.textual_inversion.textual_inversion"),
              supported=True)
-FORGE = Host("forge", "Forge", ("modules_forge", "backend"), supported=False,
-             why="Forge has no `ldm` UNet: its attention is changed through the UNet patcher, its text encoders "
-                 "and Lora are its own, and Mix-of-Show's Forge path is not written yet")
+FORGE = Host("forge", "Forge", ("modules_forge", "backend"), supported=True,
+             tabs_why="they build the model with A1111's `ldm` package, which Forge does not have, and their Forge "
+                      "path is not written yet")
 FORGE_CLASSIC = Host("forge-classic", "Forge Classic", ("modules_forge", "ldm_patched"), supported=False,
-                     why="Forge Classic patches the UNet through `ldm_patched`, and Mix-of-Show's Forge path is not "
-                         "written yet")
+                     why="Forge Classic patches the UNet through `ldm_patched`, and Mix-of-Show's Forge Classic path "
+                         "is not written yet")
 UNKNOWN = Host("unknown", "an unknown WebUI", (), supported=False,
                why="it has neither AUTOMATIC1111's `modules.sd_hijack` nor Forge's `modules_forge`")
 
@@ -61,4 +62,12 @@ def detect(probe: Callable[[str], bool] = importable) -> Host:
 def unsupported_message(host: Host) -> str:
     """What the console and the UI say where the extension cannot work."""
     return (f"Mix-of-Show does not run in {host.title} yet: {host.why}. Its scripts and tabs stay inactive here; "
-            "the rest of the WebUI is unaffected. It works in AUTOMATIC1111's WebUI v1.10.1.")
+            "the rest of the WebUI is unaffected. It works in AUTOMATIC1111's WebUI v1.10.1 and in Forge.")
+
+
+def tabs_message(host: Host) -> str:
+    """What the fusion and training tabs say in a host where generation works but they do not yet."""
+    return (f"Mix-of-Show's fusion and training tabs do not run in {host.title} yet: {host.tabs_why}. Concept "
+            "tokens and the Mix-of-Show script work here. Fuse and train in AUTOMATIC1111's WebUI v1.10.1 (its tabs, "
+            "or `python -m lib_mos fuse` / `train` with its Python, which has the `ldm` package these need); the "
+            "fused checkpoints and concept files it writes work here.")

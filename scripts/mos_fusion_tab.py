@@ -283,7 +283,7 @@ def interrupt() -> None:
 
 
 def on_ui_tabs():
-    if not mos_host.SUPPORTED:
+    if mos_host.TABS_MESSAGE:
         return mos_host.message_tab(TAB_TITLE, "mos_fusion")
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.Markdown("Merge several Mix-of-Show concepts into one checkpoint (gradient fusion). Each layer is "

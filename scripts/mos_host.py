@@ -1,10 +1,17 @@
-"""Host glue: which WebUI runs the extension, detected once per load of the scripts, and what every
-script does where it cannot work.
+"""Host glue: which WebUI runs the extension, detected once per load of the scripts, its host row, and
+what every script does where it cannot work.
 
-`lib_mos.hosts` has one row per host. In a host that is not supported (Forge, Forge Classic, or
-one we do not know) the console says so once, every tab and the Script dropdown's panel say so in
-the UI, no hook is installed on the model, the always-on script leaves generations alone, and the
-dropdown script refuses with the same sentence instead of failing somewhere inside the sampler.
+`lib_mos.hosts` has one row per host. Each supported host has a row module here,
+`mos_host_<name>.py` (A1111: `mos_host_a1111`, Forge: `mos_host_forge`), with the same functions:
+`unet_of`, `embedding_names`, `embedding_widths`, `alias_embeddings`, `empty_prompt`,
+`text_encoders` and `call_rows`. The other scripts reach the host's internals only through `ROW`,
+so every difference between hosts is in those files.
+
+In a host that is not supported (Forge Classic, or one we do not know) the console says so once,
+every tab and the Script dropdown's panel say so in the UI, no hook is installed on the model, the
+always-on script leaves generations alone, and the dropdown script refuses with the same sentence
+instead of failing somewhere inside the sampler. Where generation works but the tabs do not yet
+(`Host.tabs_why`), the tabs say so.
 """
 
 from __future__ import annotations
@@ -14,18 +21,19 @@ import sys
 import gradio as gr
 from torch import nn
 
-from lib_mos.hosts import Host, detect, unsupported_message
+from lib_mos.files import import_sibling
+from lib_mos.hosts import Host, detect, tabs_message, unsupported_message
 
 HOST: Host = detect()
 SUPPORTED = HOST.supported
 MESSAGE = "" if SUPPORTED else unsupported_message(HOST)
+TABS_MESSAGE = MESSAGE or (tabs_message(HOST) if HOST.tabs_why else "")
+ROW = import_sibling(__file__, f"mos_host_{HOST.name}") if SUPPORTED else None
 
 
 def unet_of(sd_model) -> nn.Module:
-    """The live model's UNet module (ldm's `UNetModel`): in A1111 v1.10.1 inside the model's
-    wrapper, `sd_model.model.diffusion_model`. (Forge keeps it behind its UNet patcher,
-    `forge_objects.unet.model.diffusion_model`: docs/forge.md.)"""
-    return sd_model.model.diffusion_model
+    """The live model's UNet module (ldm's module names in every supported host)."""
+    return ROW.unet_of(sd_model)
 
 
 def announce() -> None:
@@ -41,7 +49,7 @@ def require_supported() -> None:
 
 
 def message_tab(title: str, elem_id: str):
-    """The `on_ui_tabs` entry of a tab in a host that is not supported: the message, nothing else."""
+    """The `on_ui_tabs` entry of a tab in a host where it does not run: the message, nothing else."""
     with gr.Blocks(analytics_enabled=False) as tab:
-        gr.Markdown(MESSAGE, elem_id=f"{elem_id}_unsupported")
+        gr.Markdown(TABS_MESSAGE, elem_id=f"{elem_id}_unsupported")
     return [(tab, title, elem_id)]

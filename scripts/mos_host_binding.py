@@ -22,10 +22,13 @@ import torch
 from lib_mos.concepts.binding import PromptBinder, aliased_prompts
 from lib_mos.concepts.concept import Concept
 from lib_mos.concepts.library import ConceptLibrary, FoundConcepts, resolve
+from lib_mos.files import import_sibling
 from lib_mos.fusion.checkpoint import read_fused_concepts
 from lib_mos.models.family import SD1, ModelFamily
 from lib_mos.prompt_tags import replace_extra_network_tags
 from modules import paths, prompt_parser, shared
+
+mos_host = import_sibling(__file__, "mos_host")
 
 _TOKEN = re.compile(r"<[^<>:\s,]+>")
 
@@ -59,9 +62,7 @@ def fused_concepts(sd_model) -> list[Concept]:
 def find_concepts(texts: list[str], *, strict: bool) -> FoundConcepts:
     """The concepts defining the `<token>`s in `texts` (textual-inversion names excluded): from the
     loaded checkpoint first, then from the Lora folder; see `lib_mos.concepts.library.resolve`."""
-    from modules.sd_hijack import model_hijack
-
-    wanted = concept_tokens_mentioned(texts) - set(model_hijack.embedding_db.word_embeddings)
+    wanted = concept_tokens_mentioned(texts) - mos_host.ROW.embedding_names(shared.sd_model)
     if not wanted:
         return FoundConcepts()
     folder = concept_folder()
@@ -71,19 +72,18 @@ def find_concepts(texts: list[str], *, strict: bool) -> FoundConcepts:
 def embedding_parts(sd_model, family: ModelFamily) -> list[tuple[str, slice]] | None:
     """For a family with several text encoders (SDXL): each encoder's textual-inversion key with
     its slice of a concept's embedding row, in the family's order (CLIP-L "clip_l", then bigG
-    "clip_g"), the widths read from the live encoders as the host reads an embedding's expected
-    shape; None for one encoder (the whole row is its vector)."""
+    "clip_g"), the widths read from the live encoders; None for one encoder (the whole row is its
+    vector)."""
     if len(family.text_encoders) == 1:
         return None
     parts, start = [], 0
-    for spec, embedder in zip(family.text_encoders, sd_model.conditioner.embedders):
-        width = embedder.encode_embedding_init_text(",", 1).shape[1]
+    for spec, width in zip(family.text_encoders, mos_host.ROW.embedding_widths(sd_model, family)):
         parts.append((spec.key, slice(start, start + width)))
         start += width
     return parts
 
 
-def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str],
+def encode_bound(sd_model, binder: PromptBinder, prompts: list[str],
                  cache: dict[str, torch.Tensor] | None = None, family: ModelFamily = SD1,
                  negative: bool = False, vector_changes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """[B, L, T, D] layer-wise contexts of `prompts`, T a multiple of 77 as the host makes it (the
@@ -98,9 +98,6 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
     binding changes the UNet's vector input: the mean of its L copies' vectors (the library's
     definition, `lib_mos.concepts.binding`) minus the vector of the prompt as written, both at the
     host's default size, so the size part cancels and the change adds to the generation's own."""
-    from modules import devices
-    from modules.textual_inversion.textual_inversion import Embedding
-
     cache = {} if cache is None else cache
     todo = [p for p in dict.fromkeys(prompts) if p not in cache]
     plain = [p for p in todo if not binder.concept_tokens_in(p)]
@@ -113,26 +110,16 @@ def encode_bound(sd_model, embedding_db, binder: PromptBinder, prompts: list[str
             cache[p] = zp.unsqueeze(0).expand(binder.layers, -1, -1)
     texts, rows = aliased_prompts(binder, bound)
     parts = embedding_parts(sd_model, family) if rows else None
-    registered = []
-    try:
-        for name, row in rows.items():
-            # where and how the host keeps embeddings loaded from files: on its device, in float32
-            row = row.unsqueeze(0).to(devices.device, dtype=torch.float32)
-            e = Embedding(row if parts is None else {key: row[:, part] for key, part in parts}, name)
-            e.vectors, e.shape = 1, row.shape[-1]  # the host's Embedding starts with vectors = 0
-            embedding_db.register_embedding(e, sd_model)
-            registered.append(name)
-        with torch.no_grad():
-            for k, prompt in enumerate(bound):
-                copies = texts[k * binder.layers:(k + 1) * binder.layers]
-                conditioning = sd_model.get_learned_conditioning(
-                    prompt_parser.SdConditioning(copies, is_negative_prompt=negative))
-                cache[prompt] = family.crossattn(conditioning)
-                if vector_changes is not None and family.dict_conditioning:
-                    written = sd_model.get_learned_conditioning(
-                        prompt_parser.SdConditioning([prompt], is_negative_prompt=negative))["vector"][0]
-                    vector_changes[prompt] = conditioning["vector"].mean(0) - written
-    finally:
-        for name in registered:
-            embedding_db.register_embedding_by_name(None, sd_model, name)
+    vectors = {name: row.unsqueeze(0) if parts is None else {key: row.unsqueeze(0)[:, part] for key, part in parts}
+               for name, row in rows.items()}
+    with mos_host.ROW.alias_embeddings(sd_model, vectors), torch.no_grad():
+        for k, prompt in enumerate(bound):
+            copies = texts[k * binder.layers:(k + 1) * binder.layers]
+            conditioning = sd_model.get_learned_conditioning(
+                prompt_parser.SdConditioning(copies, is_negative_prompt=negative))
+            cache[prompt] = family.crossattn(conditioning)
+            if vector_changes is not None and family.dict_conditioning:
+                written = sd_model.get_learned_conditioning(
+                    prompt_parser.SdConditioning([prompt], is_negative_prompt=negative))["vector"][0]
+                vector_changes[prompt] = conditioning["vector"].mean(0) - written
     return torch.stack([cache[p] for p in prompts])

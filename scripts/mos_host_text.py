@@ -3,12 +3,11 @@ text-encoder LoRAs applied while its prompt is encoded.
 
 The core names text layers from its family's text root (`lib_mos.models.family`): SD1's one CLIP
 text model, SDXL's "0." (CLIP-L) and "1." (OpenCLIP bigG, in transformers' names, as kohya's
-`lora_te2_` keys spell them). In A1111 v1.10.1 they live at
-- SD1: `sd_model.cond_stage_model.wrapped.transformer` (transformers' CLIPTextModel);
-- SDXL: `sd_model.conditioner.embedders[0].wrapped.transformer` (CLIPTextModel) and
-  `sd_model.conditioner.embedders[1].wrapped.model` (OpenCLIP's text transformer): there q, k and v
-  are the row blocks of one `attn.in_proj_weight` of a MultiheadAttention, out is `attn.out_proj`
-  (which the attention reads as a weight, never calls), and mlp fc1/fc2 are `mlp.c_fc`/`mlp.c_proj`.
+`lora_te2_` keys spell them). The host row (`mos_host.ROW.text_encoders`) says where they live;
+in Forge all are transformers models. A1111 v1.10.1 keeps SDXL's bigG as OpenCLIP's text
+transformer: there q, k and v are the row blocks of one `attn.in_proj_weight` of a
+MultiheadAttention, out is `attn.out_proj` (which the attention reads as a weight, never calls),
+and mlp fc1/fc2 are `mlp.c_fc`/`mlp.c_proj`.
 
 `HostTextRoot` resolves a name to the live layer (q/k/v as a Linear whose weight is a view of the
 fused rows, for shape checks). `changed` applies changes the way that layer is computed: a forward
@@ -32,8 +31,11 @@ import torch
 from torch import nn
 
 from lib_mos.concepts.concept import layer_change
-from lib_mos.models.family import SD1, ModelFamily
+from lib_mos.files import import_sibling
+from lib_mos.models.family import ModelFamily
 from lib_mos.regional.loras import RegionDeltas, RegionLora
+
+mos_host = import_sibling(__file__, "mos_host")
 
 _TE2_FUSED = re.compile(r"1\.text_model\.encoder\.layers\.(\d+)\.self_attn\.(q|k|v|out)_proj")
 _TE2_MLP = re.compile(r"1\.text_model\.encoder\.layers\.(\d+)\.mlp\.fc([12])")
@@ -60,13 +62,7 @@ class HostTextRoot(nn.Module):
     def __init__(self, sd_model, family: ModelFamily) -> None:
         super().__init__()
         self.family = family
-        if family is SD1:
-            self._encoders = {"": sd_model.cond_stage_model.wrapped.transformer}
-            self._te2 = None
-        else:
-            embedders = sd_model.conditioner.embedders
-            self._encoders = {"0.": embedders[0].wrapped.transformer}
-            self._te2 = embedders[1].wrapped.model
+        self._encoders, self._te2 = mos_host.ROW.text_encoders(sd_model, family)
 
     def get_submodule(self, target: str) -> nn.Module:
         if self._te2 is not None and target.startswith("1."):

@@ -69,7 +69,7 @@ def _pad_tokens(t: torch.Tensor, length: int) -> torch.Tensor:
     """Pad [..., T, D] to `length` tokens with the host's empty-prompt chunks (as pad_cond_uncond)."""
     if t.shape[-2] == length:
         return t
-    empty = shared.sd_model.cond_stage_model_empty_prompt.to(t.device, t.dtype)[0]  # [77, D]
+    empty = mos_host.ROW.empty_prompt(shared.sd_model).to(t.device, t.dtype)  # [77, D]
     chunks = (length - t.shape[-2]) // empty.shape[0]
     pad = empty.repeat(chunks, 1).expand(*t.shape[:-2], -1, -1)
     return torch.cat([t, pad], dim=-2)
@@ -117,6 +117,7 @@ class GenerationJob:
         self.lora_notes = ""
         self.unet_deltas: RegionDeltas | None = None
         self.passes: list[PassRun] = []  # this step's region passes (the spec's `passes`), else one pass
+        self.step_rows = (0, 0)  # this step's (cond, uncond) rows, for hosts that name each call's rows
         if self.spec.regions:
             self._choose_region_loras(found)
 
@@ -179,8 +180,10 @@ class GenerationJob:
     def installed(self) -> Iterator[None]:
         self.p.mos_job = self
         deltas = self.unet_deltas
+        unet = mos_host.unet_of(shared.sd_model)
         try:
-            with attn2_processor(mos_host.unet_of(shared.sd_model), self.processor), \
+            with attn2_processor(unet, self.processor), \
+                    mos_host.ROW.call_rows(unet, self.processor.begin_call, self._step_rows), \
                     (deltas.installed() if deltas else contextlib.nullcontext()), \
                     (self._passes_installed() if self.spec.passes else contextlib.nullcontext()):
                 self.processor.inner.context_delta = deltas.context_delta if deltas else None
@@ -194,6 +197,12 @@ class GenerationJob:
             self.processor.clear()
             if getattr(self.p, "mos_job", None) is self:
                 del self.p.mos_job
+
+    def _step_rows(self) -> tuple[int, int]:
+        """This step's (cond, uncond) row counts; the error of this step's plan, if it failed."""
+        if self.processor.error is not None:
+            raise self.processor.error
+        return self.step_rows
 
     @contextlib.contextmanager
     def _passes_installed(self) -> Iterator[None]:
@@ -258,9 +267,7 @@ class GenerationJob:
     def encode(self, prompts: list[str], negative: bool = False, loras: tuple = ()) -> torch.Tensor:
         """[n, L, T, D] through the host's encoder (binding concept tokens), as prompts or as
         negative prompts, cached per set of region LoRAs (`loras`, their key; applied by the caller)."""
-        from modules.sd_hijack import model_hijack
-
-        return mos_host_binding.encode_bound(shared.sd_model, model_hijack.embedding_db, self.binder, prompts,
+        return mos_host_binding.encode_bound(shared.sd_model, self.binder, prompts,
                                              self.caches.setdefault((loras, negative), {}), self.family, negative,
                                              self.bound_vectors.setdefault((loras, negative), {}))
 
@@ -335,7 +342,7 @@ class GenerationJob:
             return None
         p = self.p
         prompts = list(p.hr_prompts if hires else p.prompts)
-        negatives = list(p.hr_negative_prompts if hires else p.negative_prompts)
+        negatives = list(p.hr_negative_prompts if hires else p.negative_prompts) if n_uncond else []
         per_image, flat, _ = prompt_parser.get_multicond_prompt_list(prompts)
         rows = [index for parts in per_image for index, _ in parts]
         if len(rows) != n_cond or len(negatives) != n_uncond:
@@ -356,13 +363,17 @@ class GenerationJob:
         hires = bool(getattr(p, "is_hr_pass", False))
         step = params.denoiser.step
         prompts = self._texts_now(list(p.hr_prompts if hires else p.prompts), step, hires)
-        negatives = self._texts_now(list(p.hr_negative_prompts if hires else p.negative_prompts), step, hires)
-        text_cond, text_uncond = self.family.crossattn(params.text_cond), self.family.crossattn(params.text_uncond)
+        text_cond = self.family.crossattn(params.text_cond)
+        # Forge has no uncond rows at all at CFG scale 1 (A1111 still encodes the negatives)
+        text_uncond = text_cond[:0] if params.text_uncond is None else self.family.crossattn(params.text_uncond)
+        negatives = self._texts_now(list(p.hr_negative_prompts if hires else p.negative_prompts), step, hires) \
+            if params.text_uncond is not None else ()
         n_cond, n_uncond = text_cond.shape[0], text_uncond.shape[0]
+        self.step_rows = (n_cond, n_uncond)
         height, width = params.x.shape[-2] * 8, params.x.shape[-1] * 8
         key = (n_cond, n_uncond, width, height, prompts, negatives)
         if key not in self.plans:
-            plan = self._build_plan(params, n_cond, n_uncond, width, height, prompts, negatives)
+            plan = self._build_plan(params, text_uncond, n_cond, n_uncond, width, height, prompts, negatives)
             self.plans = {key: (*plan, self._vector_changes(step, hires, n_cond, n_uncond))}
         region, rows, weights, levels, cond, uncond, global_weight, passes, bound, vectors = self.plans[key]
         for name, change in zip(("text_cond", "text_uncond"), bound):
@@ -397,12 +408,11 @@ class GenerationJob:
                                            for h, w in self.family.level_sizes(width, height)})
         return self.masks[(width, height)]
 
-    def _build_plan(self, params, n_cond: int, n_uncond: int, width: int, height: int,
+    def _build_plan(self, params, text_uncond: torch.Tensor, n_cond: int, n_uncond: int, width: int, height: int,
                     prompts: tuple[str, ...], negatives: tuple[str, ...]) -> tuple:
         device = params.x.device
         regions = self.spec.regions
         global_weight = None
-        text_uncond = self.family.crossattn(params.text_uncond)
         if regions:
             texts, negs = [r.text for r in regions], [r.negative for r in regions]
             pos, neg = _common_length(self.encode_regions(texts), self.encode_regions(negs, True))  # [K, L, T, D]

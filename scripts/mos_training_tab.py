@@ -554,7 +554,7 @@ def _not_saved(*components) -> None:
 
 
 def on_ui_tabs():
-    if not mos_host.SUPPORTED:
+    if mos_host.TABS_MESSAGE:
         return mos_host.message_tab(TAB_TITLE, "mos_train")
     templates = tuple(TEMPLATES)
     plan = proposal()

@@ -39,6 +39,7 @@ from lib_mos.concepts.files import (
 )
 from lib_mos.concepts.synthetic import random_concept
 from lib_mos.models import sd1
+from lib_mos.models.family import SD1, SDXL
 
 REPO = Path(__file__).resolve().parents[1]
 RANK = 4
@@ -773,3 +774,15 @@ def test_convert_in_process(tiny, tmp_path, capsys):
     assert main(["convert", str(kohya), str(out / "hero.safetensors"), "--embedding", str(emb)]) == 0
     assert "<hero1> <hero2>" in capsys.readouterr().out
     assert read_concept(out / "hero.safetensors").tokens == ("<hero1>", "<hero2>")
+
+
+@pytest.mark.parametrize("family", [SD1, SDXL], ids=["sd1", "sdxl"])
+def test_the_shipped_unet_layer_names_are_ldms(family):
+    """LoRA keys resolve against a shipped list of the UNet's layers (Forge has no ldm to build
+    one from): it must be exactly ldm's, in order, convs marked."""
+    from lib_mos.models.unet_layers import from_ldm, unet_layers
+
+    shipped = unet_layers(family)
+    assert list(shipped.items()) == list(from_ldm(family).items())
+    assert shipped["input_blocks.4.1.transformer_blocks.0.attn2.to_k"] is False
+    assert shipped["input_blocks.0.0"] is True

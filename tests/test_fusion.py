@@ -193,7 +193,6 @@ def test_fused_checkpoint_loads_in_the_host_and_tokens_bind(tmp_path, tiny, inpu
     import mos_host_binding
     from host_harness import HostHarness
 
-    from modules.sd_hijack import model_hijack
 
     base_path = sd1.save_checkpoint(tiny, tmp_path / "base.safetensors")
     ckpt = fused_checkpoint.write_fused_checkpoint(base_path, fused, tmp_path / "fused-cat-dog.safetensors",  # fp16
@@ -206,7 +205,7 @@ def test_fused_checkpoint_loads_in_the_host_and_tokens_bind(tmp_path, tiny, inpu
         concepts = fused_checkpoint.read_fused_concepts(host.model.sd_checkpoint_info.filename)
         model = sd1.load_checkpoint(ckpt)
         binder = binding.PromptBinder(model, concepts)
-        z = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, ["<cat1> <cat2> and <dog1>"])
+        z = mos_host_binding.encode_bound(host.model, binder, ["<cat1> <cat2> and <dog1>"])
         assert z.shape == (1, 16, 77, 32) and not torch.allclose(z[0, 0], z[0, 15])
         res = host.txt2img("a photo of a cat", steps=2)
         assert res.images

@@ -25,18 +25,17 @@ def test_host_binding_equals_lib_binding(host):
     binder = binding.PromptBinder(model, [concept])
     prompts = ["a photo of <cat1> <cat2> on a sofa", "a dog"]
     ours = binder.encode(prompts)
-    theirs = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, prompts)
+    theirs = mos_host_binding.encode_bound(host.model, binder, prompts)
     assert theirs.shape == (2, 16, 77, 32)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert not model_hijack.embedding_db.word_embeddings  # temporary embeddings are gone
 
 
 def test_host_binding_keeps_chunks_emphasis_and_break(host):
-    from modules.sd_hijack import model_hijack
 
     model = sd1.load_checkpoint(host.model.sd_checkpoint_info.filename)
     binder = binding.PromptBinder(model, [make_concept(model)])
-    z = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder,
+    z = mos_host_binding.encode_bound(host.model, binder,
                                       ["a (photo:1.3) of <cat1> <cat2> BREAK on a sofa"])
     assert z.shape == (1, 16, 154, 32)
     assert not torch.allclose(z[0, 0], z[0, 15])
@@ -51,7 +50,6 @@ def test_aliases_are_single_words_the_tokenizer_keeps_apart(host):
 
 
 def test_host_binding_cache_encodes_each_prompt_once(host):
-    from modules.sd_hijack import model_hijack
 
     model = sd1.load_checkpoint(host.model.sd_checkpoint_info.filename)
     binder = binding.PromptBinder(model, [make_concept(model)])
@@ -60,8 +58,8 @@ def test_host_binding_cache_encodes_each_prompt_once(host):
     host.model.get_learned_conditioning = lambda texts: calls.append(len(texts)) or original(texts)
     try:
         cache: dict = {}
-        a = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, ["<cat1> x", "y"], cache)
-        b = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, ["y", "<cat1> x"], cache)
+        a = mos_host_binding.encode_bound(host.model, binder, ["<cat1> x", "y"], cache)
+        b = mos_host_binding.encode_bound(host.model, binder, ["y", "<cat1> x"], cache)
     finally:
         del host.model.get_learned_conditioning
     assert calls == [1, 16] and torch.equal(a[0], b[1])  # a prompt without concept tokens: one pass

@@ -41,23 +41,48 @@ def test_the_double_is_detected_as_the_webui_it_imitates():
 
 
 def test_the_message_names_the_host_and_says_what_works():
-    text = hosts.unsupported_message(hosts.FORGE)
-    assert "Forge" in text and "AUTOMATIC1111" in text and "patcher" in text
+    text = hosts.unsupported_message(hosts.FORGE_CLASSIC)
+    assert "Forge Classic" in text and "AUTOMATIC1111" in text and "ldm_patched" in text
     assert "modules_forge" in hosts.unsupported_message(hosts.UNKNOWN)
+    tabs = hosts.tabs_message(hosts.FORGE)
+    assert "fusion and training tabs" in tabs and "python -m lib_mos fuse" in tabs and "ldm" in tabs
+
+
+def test_every_supported_host_has_a_row_of_host_glue_with_every_function():
+    """A host is one row: a `scripts/mos_host_<name>.py` with the same functions as A1111's."""
+    import ast
+
+    def functions(path: Path) -> set[str]:
+        tree = ast.parse(path.read_text())
+        return {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+
+    reference = functions(ROOT / "scripts" / "mos_host_a1111.py")
+    assert {"unet_of", "alias_embeddings", "call_rows", "text_encoders"} <= reference
+    for host in hosts.HOSTS:
+        if host.supported:
+            row = ROOT / "scripts" / f"mos_host_{host.name}.py"
+            assert functions(row) >= reference, (host.name, reference - functions(row))
 
 
 @pytest.fixture
-def forge_markers(monkeypatch):
-    """The process looks like Forge (its packages importable), and the host layer is detected anew,
-    as in a fresh WebUI process."""
-    for name in ("modules_forge", "backend"):
+def classic_markers(monkeypatch):
+    """The process looks like Forge Classic (its packages importable), and the host layer is
+    detected anew, as in a fresh WebUI process."""
+    for name in ("modules_forge", "ldm_patched"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.delitem(sys.modules, "_mix_of_show_scripts.mos_host", raising=False)
+    _forget_script_modules()
     yield
-    sys.modules.pop("_mix_of_show_scripts.mos_host", None)  # the next test detects its own host
+    _forget_script_modules()  # the next test detects its own host, and no script keeps this one's
 
 
-def test_in_an_unsupported_host_the_extension_says_so_and_hooks_nothing(forge_markers, tmp_path, tiny_checkpoint,
+def _forget_script_modules() -> None:
+    """Drop the scripts' modules cached by `lib_mos.files.import_sibling` (each holds the host
+    layer it was loaded with)."""
+    for key in [k for k in sys.modules if k.startswith("_mix_of_show_scripts.")]:
+        del sys.modules[key]
+
+
+def test_in_an_unsupported_host_the_extension_says_so_and_hooks_nothing(classic_markers, tmp_path, tiny_checkpoint,
                                                                           capfd):
     from host_harness import HostHarness
 
@@ -66,7 +91,7 @@ def test_in_an_unsupported_host_the_extension_says_so_and_hooks_nothing(forge_ma
     harness = HostHarness(tmp_path, tiny_checkpoint, extensions=[str(ROOT)])
     try:
         err = capfd.readouterr().err
-        assert err.count("Mix-of-Show does not run in Forge yet") == 1, err
+        assert err.count("Mix-of-Show does not run in Forge Classic yet") == 1, err
         # no callback of ours: nothing runs inside the host's sampler or adds routes
         ours = [c for cbs in script_callbacks.callback_map.values() for c in cbs if "mix_of_show" in (c.name or "")]
         assert ours == []
@@ -74,7 +99,7 @@ def test_in_an_unsupported_host_the_extension_says_so_and_hooks_nothing(forge_ma
         tabs = {elem_id: block for block, _, elem_id in harness.ui_tabs}
         for elem_id in ("mos_fusion", "mos_train"):
             texts = [getattr(c, "value", "") for c in tabs[elem_id].blocks.values()]
-            assert any("does not run in Forge" in str(t) for t in texts), elem_id
+            assert any("does not run in Forge Classic" in str(t) for t in texts), elem_id
             assert not any(type(c).__name__ in ("Button", "Dropdown") for c in tabs[elem_id].blocks.values())
 
         # concept tokens stay text: no binding, nothing in the infotext
@@ -86,7 +111,7 @@ def test_in_an_unsupported_host_the_extension_says_so_and_hooks_nothing(forge_ma
 
         # the dropdown refuses with the same sentence, the API's script_args layout unchanged
         args = harness.script_args("Mix-of-Show", '{"regions": [{"prompt": "a cat", "box": [0, 0, 1, 1]}]}')
-        with pytest.raises(RuntimeError, match="does not run in Forge yet"):
+        with pytest.raises(RuntimeError, match="does not run in Forge Classic yet"):
             harness.txt2img("a photo", script_args=args, steps=1)
     finally:
         harness.close()

@@ -88,7 +88,6 @@ def test_concept_tokens_bind_on_an_accelerator(host, tiny_checkpoint):
 
     from lib_mos.concepts import binding
     from modules import devices
-    from modules.sd_hijack import model_hijack
 
     spec = importlib.util.spec_from_file_location("mos_host_binding_for_test",
                                                   str(tests_root().parent / "scripts" / "mos_host_binding.py"))
@@ -97,9 +96,9 @@ def test_concept_tokens_bind_on_an_accelerator(host, tiny_checkpoint):
     model = sd1.load_checkpoint(tiny_checkpoint)
     binder = binding.PromptBinder(model, [synthetic.random_concept(model, ("<cat1>", "<cat2>"), seed=5)])
     prompts = ["a photo of <cat1> <cat2>"]
-    on_cpu = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, prompts)
+    on_cpu = mos_host_binding.encode_bound(host.model, binder, prompts)
     with devices.fake_accelerator():
-        on_gpu = mos_host_binding.encode_bound(host.model, model_hijack.embedding_db, binder, prompts)
+        on_gpu = mos_host_binding.encode_bound(host.model, binder, prompts)
     torch.testing.assert_close(on_gpu, on_cpu)
     torch.testing.assert_close(on_cpu[0], binder.encode(prompts)[0], rtol=1e-4, atol=1e-4)
 

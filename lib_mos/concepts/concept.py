@@ -336,20 +336,30 @@ def unet_ldm_to_diffusers(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ live models
-def _layer(root: nn.Module, name: str, what: str) -> nn.Linear | nn.Conv2d:
+def layer_kind(module: nn.Module) -> str | None:
+    """"linear" or "conv" by the module's weight ([out, in] or [out, in, kh, kw]), None for any other
+    module. By the weight, not the class: Forge's Linear and Conv2d are its own modules, not
+    subclasses of torch's."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    return {2: "linear", 4: "conv"}.get(weight.dim())
+
+
+def _layer(root: nn.Module, name: str, what: str) -> nn.Module:
     try:
         module = root.get_submodule(name)
     except AttributeError as e:
         raise ConceptError(f"{what}: no module {name!r} in the model") from e
-    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+    if layer_kind(module) is None:
         raise ConceptError(f"{what}: {name!r} is a {type(module).__name__}, not a Linear or Conv2d")
     return module
 
 
-def _fits(delta: Delta, layer: nn.Linear | nn.Conv2d) -> bool:
+def _fits(delta: Delta, layer: nn.Module) -> bool:
     weight = layer.weight
     if isinstance(delta, LoraFactor):
-        return isinstance(layer, nn.Linear) and tuple(delta.down.shape) == (delta.rank, weight.shape[1]) \
+        return layer_kind(layer) == "linear" and tuple(delta.down.shape) == (delta.rank, weight.shape[1]) \
             and tuple(delta.up.shape) == (weight.shape[0], delta.rank)
     # the factors multiply out to `shape` (checked when the change was made, `ModuleDelta.of`)
     if delta.shape[0] != weight.shape[0] or math.prod(delta.shape) != weight.numel():

@@ -65,6 +65,7 @@ from lib_mos.concepts.concept import (
 from lib_mos.files import atomic_save_safetensors
 from lib_mos.models import sd1
 from lib_mos.models.family import FAMILIES, SD1, ModelFamily, family_named, family_of_lora_metadata
+from lib_mos.models.unet_layers import unet_layers
 
 __all__ = [
     "EMBEDDING_PREFIX",
@@ -149,27 +150,26 @@ def _layer_table(family: ModelFamily = SD1) -> dict[str, tuple[str, str, bool]]:
     (`diffusion_model_input_blocks_1_1_proj_in`, `transformer_text_model_encoder_layers_0_mlp_fc1`;
     SDXL: `0_transformer_text_model_...` for te1); underscores in names are ambiguous, so keys are
     looked up, never split. te2 of SDXL is keyed by kohya's own stem (`lora_te2_text_model_...`),
-    which the host maps onto OpenCLIP's modules. Built from a tiny model on the meta device (the
-    layer names do not depend on the widths, only on the layer counts, which are the full-size
-    model's); text module names are rooted at the model's text root."""
+    which the host maps onto OpenCLIP's modules. The UNet's layers are the shipped list
+    (`models.unet_layers`: no ldm needed, which Forge lacks); the text encoders' are read off
+    transformers models on the meta device (the layer names do not depend on the widths, only on
+    the layer counts, which are the full-size model's); text module names are rooted at the model's
+    text root."""
     from torch import nn
 
     from lib_mos.models import sdxl
 
     if family is SD1:
-        unet = sd1.build_unet(sd1.TINY_SD1, device="meta")
         texts = [("transformer_", "", sd1.build_text_encoder(sd1.TINY_SD1, device="meta"))]
     else:
         # the full-size layer counts (12 and 32 text layers) at the tiny widths: names, not shapes
         names = dataclasses.replace(sdxl.TINY_SDXL, te1_layers=sdxl.SDXL_BASE.te1_layers,
                                     te2_layers=sdxl.SDXL_BASE.te2_layers)
-        unet = sdxl.build_unet(names, device="meta")
         te1, te2 = sdxl.build_text_encoders(names, device="meta")
         texts = [("0_transformer_", "0.", te1), ("lora_te2_", "1.", te2)]
     table: dict[str, tuple[str, str, bool]] = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            table["diffusion_model_" + name.replace(".", "_")] = ("unet", name, isinstance(module, nn.Conv2d))
+    for name, conv in unet_layers(family).items():
+        table["diffusion_model_" + name.replace(".", "_")] = ("unet", name, conv)
     for key_prefix, root, encoder in texts:
         for name, module in encoder.named_modules():
             if isinstance(module, nn.Linear) and (key_prefix != "lora_te2_" or _TE2_LAYER.fullmatch(name)):

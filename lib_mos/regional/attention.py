@@ -147,6 +147,13 @@ def global_keys_values(module: nn.Module, context: torch.Tensor, regions: int, c
                  for projection, c in zip((module.to_k, module.to_v), changes))
 
 
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version; 0 for an inference tensor (Forge loads its weights in inference
+    mode), which keeps no counter: its LoRA patching puts new tensors in place, so the address
+    tells the change."""
+    return 0 if t.is_inference() else t._version
+
+
 class RegionalContext:
     """attn2 processor for regional sampling: global attention plus per-region attention, blended.
 
@@ -244,7 +251,7 @@ class RegionalContext:
         source = getattr(self.context_delta, "__self__", self.context_delta)  # a bound method's object
         key = (region_context.data_ptr(), tuple(region_context.shape), region_context.stride(), like.dtype,
                like.device, self.context_delta.__func__ if hasattr(self.context_delta, "__func__") else None,
-               *((w.data_ptr(), w._version) for w in (module.to_k.weight, module.to_v.weight)))
+               *((w.data_ptr(), _version(w)) for w in (module.to_k.weight, module.to_v.weight)))
         kept = self._kv.get((layer, id(source)))
         if kept is None or kept[0] != key:
             kk, vv = region_keys_values(module, region_context.to(like.device, like.dtype), self.context_delta)
@@ -288,12 +295,14 @@ class RegionalContext:
 class SteppedRegionalContext:
     """`RegionalContext` for hosts that spread one denoising step's rows over several UNet calls.
 
-    The caller gives the plan for ALL rows of a step, in the host's order (A1111: every cond row,
-    then every uncond row); each UNet call takes the next rows of the step, as many as it has.
-    This holds in every batching mode of the host (one call; chunks of batch_size; cond chunks
-    then an uncond call when token lengths differ; uncond rows dropped by NGMS or skip-early-CFG),
-    because all of them process the rows as contiguous slices in that order. A new call is
-    recognised at attn2 layer 0, which every UNet call passes exactly once, or earlier by
+    The caller gives the plan for ALL rows of a step, in A1111's order (every cond row, then every
+    uncond row). By default each UNet call takes the next rows of the step, as many as it has.
+    This holds in every batching mode of A1111 (one call; chunks of batch_size; cond chunks then
+    an uncond call when token lengths differ; uncond rows dropped by NGMS or skip-early-CFG),
+    because all of them process the rows as contiguous slices in that order. A host that orders a
+    call's rows otherwise (Forge: uncond chunks first, each call saying which chunk is which) names
+    the call's rows itself with `begin_call` before the call. A new call is recognised at attn2
+    layer 0, which every UNet call passes exactly once, or earlier by `begin_call` or by
     `vector_changes`, called from the UNet's vector embedding before any attention.
     """
 
@@ -304,8 +313,8 @@ class SteppedRegionalContext:
         self._global_weight: torch.Tensor | None = None
         self._vectors: torch.Tensor | None = None
         self._cursor = 0
-        self._begun: tuple[int, int] | None = None  # rows taken by this call before its layer 0
-        self._held: tuple[int, int] | None = None  # rows every UNet call uses while held (region passes)
+        self._begun: torch.Tensor | None = None  # the step rows of the call begun, before its layer 0
+        self._held: torch.Tensor | None = None  # rows every UNet call uses while held (region passes)
         self._pass_weights: list[torch.Tensor] | None = None  # a pass's masks per layer, replacing the step's
         self.error: BaseException | None = None  # raised at the next call (hosts swallow callback errors)
 
@@ -336,9 +345,10 @@ class SteppedRegionalContext:
 
     @contextlib.contextmanager
     def same_rows(self, n: int) -> Iterator[None]:
-        """Take the next n rows of the step once and give them to every UNet call in the block: the
-        region passes of one host call run the UNet on the same rows once per pass."""
-        self._held = self._take(n)
+        """Take the next n rows of the step (or the rows `begin_call` named) once and give them to
+        every UNet call in the block: the region passes of one host call run the UNet on the same
+        rows once per pass."""
+        self._held = self._begun if self._begun is not None else self._take(n)
         try:
             yield
         finally:
@@ -351,39 +361,59 @@ class SteppedRegionalContext:
         self._pass_weights = None if weights is None else list(weights)
         self.inner.context_delta = context_delta
 
-    def _take(self, n: int) -> tuple[int, int]:
-        """The next n rows of the step, for the UNet call that starts now."""
+    def _total(self) -> int:
         if self.error is not None:
             raise self.error
         if self._step is None:
             raise RuntimeError("SteppedRegionalContext: no plan for this denoising step")
-        total = len(self._rows) if self._rows is not None else self._step[0].shape[0]
+        return len(self._rows) if self._rows is not None else self._step[0].shape[0]
+
+    def _take(self, n: int) -> torch.Tensor:
+        """The next n rows of the step, for the UNet call that starts now."""
+        total = self._total()
         a, b = self._cursor, self._cursor + n
         if b > total:
             raise RuntimeError(f"the UNet call needs rows {a}:{b} but the step has {total}")
         self._cursor = b
-        return a, b
+        return torch.arange(a, b)
+
+    def begin_call(self, rows: torch.Tensor) -> None:
+        """Begin a UNet call whose rows are the step's rows `rows` ([n] indices, in the call's order),
+        for hosts whose calls do not take the step's rows in order (see the class docstring)."""
+        total = self._total()
+        if rows.dim() != 1 or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < total):
+            raise RuntimeError(f"the UNet call names rows {rows.tolist()} but the step has {total}")
+        self._begun = rows
 
     def vector_changes(self, n: int) -> torch.Tensor | None:
         """Begin a UNet call of n rows (before its attention) and give its rows' [n, K, V] vector
         changes (None when the step has none); attn2 layer 0 of the same call then takes no rows."""
-        self._begun = a, b = self._held or self._take(n)
-        return None if self._vectors is None else self._vectors[a:b]
+        if self._begun is None:
+            self._begun = self._held if self._held is not None else self._take(n)
+        rows = self._begun
+        return None if self._vectors is None else self._vectors.index_select(0, rows.to(self._vectors.device))
 
     def __call__(self, module: nn.Module, layer: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         if self.error is not None:
             raise self.error
         if layer == 0:
             begun, self._begun = self._begun, None
-            a, b = begun or self._held or self._take(x.shape[0])
-            if b - a != x.shape[0]:
-                raise RuntimeError(f"the UNet call began with {b - a} rows but its attention has {x.shape[0]}")
+            taken = begun if begun is not None else self._held if self._held is not None else self._take(x.shape[0])
+            if len(taken) != x.shape[0]:
+                raise RuntimeError(f"the UNet call began with {len(taken)} rows but its attention has {x.shape[0]}")
             region_context, weights, override = self._step
             weights = self._pass_weights or weights
+
+            def pick(t: torch.Tensor) -> torch.Tensor:  # a slice (a view) when the rows are contiguous
+                a = int(taken[0]) if len(taken) else 0
+                if torch.equal(taken, torch.arange(a, a + len(taken))):
+                    return t[a:a + len(taken)]
+                return t.index_select(0, taken.to(t.device))
+
             if self._rows is None:
-                region_context, rows = region_context[a:b], None
+                region_context, rows = pick(region_context), None
             else:
-                rows = self._rows[a:b]
-            self.inner.set_rows(region_context, [w[a:b] if w.dim() == 3 else w for w in weights],
-                                None if override is None else override[a:b], self._global_weight, rows)
+                rows = pick(self._rows)
+            self.inner.set_rows(region_context, [pick(w) if w.dim() == 3 else w for w in weights],
+                                None if override is None else pick(override), self._global_weight, rows)
         return self.inner(module, layer, x, context)

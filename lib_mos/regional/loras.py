@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib_mos.concepts.concept import Concept, ConceptError, Delta, LoraFactor
+from lib_mos.concepts.concept import Concept, ConceptError, Delta, LoraFactor, layer_kind
 from lib_mos.prompt_tags import extra_network_tags
 from lib_mos.regional.attention import region_blend_weights
 from lib_mos.regional.regions import RegionError, RegionSpec
@@ -167,7 +167,7 @@ class _Plan:
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name, self.module = name, module
-        self.is_conv = isinstance(module, nn.Conv2d)
+        self.is_conv = layer_kind(module) == "conv"
         self.downs: list[torch.Tensor] = []
         self.ups: list[torch.Tensor] = []
         self.cols: list[int] = []

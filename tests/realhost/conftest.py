@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from webui_process import RealForge, RealHost
 
-FORGE_MODULE = "test_realforge.py"
+FORGE_MODULES = ("test_realforge.py", "test_realforge_sdxl.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
         path = Path(str(item.fspath))
         if not path.is_relative_to(Path(__file__).parent):
             continue
-        forge = path.name == FORGE_MODULE
+        forge = path.name in FORGE_MODULES
         if not os.environ.get("MOS_FORGE" if forge else "MOS_WEBUI"):
             item.add_marker(skip_forge if forge else skip_webui)
 
@@ -93,3 +93,10 @@ def realhost_xl(tmp_path_factory, sdxl_checkpoint_file):
 def realforge(tmp_path_factory, checkpoint_file):
     """Forge (MOS_FORGE) with the random SD1.5 (about 7 GB on the CPU once loaded)."""
     yield from _running_host(tmp_path_factory, checkpoint_file, "sd15-random.safetensors", RealForge, "MOS_FORGE")
+
+
+@pytest.fixture(scope="module")
+def realforge_xl(tmp_path_factory, sdxl_checkpoint_file):
+    """Forge (MOS_FORGE) with the random SDXL base (about 18 GB on the CPU once loaded)."""
+    yield from _running_host(tmp_path_factory, sdxl_checkpoint_file, "sdxl-random.safetensors", RealForge,
+                             "MOS_FORGE")

@@ -171,9 +171,15 @@ class RealForge(RealHost):
     (A1111's `--use-cpu`, `--no-half` and `--precision` are accepted and ignored by its backend). It
     loads the checkpoint at the first generation, so it is ready once the API answers."""
 
-    flags = ("--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
-             "--always-cpu", "--api", "--server-name", "127.0.0.1", "--no-download-sd-model")
     ready_line = None
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Forge's gradio 4 serves page files only from allowed paths, by default the data folder:
+        with `--data-dir` elsewhere, Forge's own javascript/ must be allowed too (403 otherwise)."""
+        return ("--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+                "--always-cpu", "--api", "--server-name", "127.0.0.1", "--no-download-sd-model",
+                "--gradio-allowed-path", str(self.webui))
 
 
 def images(result: dict) -> list:

@@ -1,0 +1,1 @@
+"""Forge's `backend` package (the double: text processing and a model engine)."""

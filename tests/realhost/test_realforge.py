@@ -168,6 +168,51 @@ def test_batches_hires_and_cfg_1_keep_forges_rows_apart(realforge):
     assert "no LoRA named 'heroo'" in exc.value.body
 
 
+def _png_base64(array: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_img2img_binds_and_a_painted_mask_with_the_global_weight_round_trips(realforge):
+    """img2img binds concept tokens; a painted mask (left red, right blue) with a share of the
+    global prompt inside the regions places its regions like the same boxes do, and its infotext,
+    read back by Forge's PNG Info, regenerates the same picture."""
+    init = "data:image/png;base64," + _png_base64(STATE["plain"])
+    result = realforge.post("/sdapi/v1/img2img", dict(init_images=[init], prompt="<cat1> <cat2> in the rain", steps=2,
+                                                      width=128, height=128, seed=5, denoising_strength=0.6,
+                                                      sampler_name="Euler"))
+    print("img2img infotext:", infotexts(result)[0])
+    assert "cat.safetensors@" in infotexts(result)[0]
+
+    mask = np.zeros((32, 32, 3))
+    mask[:, :16] = (255, 0, 0)
+    mask[:, 16:] = (0, 0, 255)
+    painted = {"mask_image": _png_base64(mask), "global_weight": 0.3, "regions": [
+        {"prompt": "a photo of ohwx man", "color": "#ff0000", "loras": [{"name": "hero"}]},
+        {"prompt": "a red bird", "color": "#0000ff"}]}
+    boxes = {"global_weight": 0.3, "regions": [
+        {"prompt": "a photo of ohwx man", "box": [0, 0, 1, 0.5], "units": "fraction", "loras": [{"name": "hero"}]},
+        {"prompt": "a red bird", "box": [0, 0.5, 1, 1], "units": "fraction"}]}
+    by_mask = realforge.txt2img("two friends", script_args=[json.dumps(painted)], **COMMON)
+    by_boxes = realforge.txt2img("two friends", script_args=[json.dumps(boxes)], **COMMON)
+    difference = np.abs(pixels(by_mask) - pixels(by_boxes)).max()
+    print(f"painted halves vs boxes: max pixel difference {difference}")
+    assert difference <= 2
+    parsed = realforge.post("/sdapi/v1/png-info", {"image": "data:image/png;base64," + by_mask["images"][0]})
+    parameters = parsed["parameters"]
+    print("PNG Info:", {k: v for k, v in parameters.items() if "Mix-of-Show" in k or k == "Script"})
+    assert parameters["Script"] == "Mix-of-Show" and "mask_image" in parameters["Mix-of-Show regions"]
+    again = realforge.txt2img("two friends", script_args=[parameters["Mix-of-Show regions"]], **COMMON)
+    assert np.array_equal(pixels(again), pixels(by_mask))
+    STATE["infotext"] = infotexts(by_mask)[0]
+
+
 def test_per_step_cost_of_four_regions_with_four_loras(realforge):
     """The README's figure: seconds per denoising step, plain Forge against 4 regions each with its
     own LoRA (one pass), 256x256, from the difference between 6 and 2 steps (load and VAE cancel)."""
@@ -210,6 +255,21 @@ def test_the_canvas_in_forges_page_and_the_tabs_message(realforge):
         print("canvas JSON:", spec)
         assert len(spec["regions"]) == 1
         page.screenshot(path=str(realforge.data / "forge-canvas.png"))
+        # PNG Info -> Send to txt2img puts the painted spec back into the script's JSON
+        page.click("#tabs > .tab-nav > button:has-text('PNG Info')", timeout=60_000)
+        page.evaluate("""text => {
+            const box = gradioApp().querySelector('#pnginfo_generation_info textarea');
+            box.value = text;
+            updateInput(box);
+        }""", STATE["infotext"])
+        page.click("#txt2img_tab", timeout=60_000)
+        page.wait_for_function("() => document.querySelector('#script_mixofshow_regions textarea').value"
+                               ".includes('mask_image')", timeout=60_000)
+        pasted = json.loads(page.evaluate("() => document.querySelector('#script_mixofshow_regions textarea').value"))
+        print("pasted regions:", [r.get("prompt") for r in pasted["regions"]], "global_weight", pasted.get("global_weight"))
+        assert [r["prompt"] for r in pasted["regions"]] == ["a photo of ohwx man", "a red bird"]
+        assert page.locator(".mos-canvas .mos-region").count() >= 2
+        page.screenshot(path=str(realforge.data / "forge-pasted.png"))
         for title, elem in (("Mix-of-Show fusion", "mos_fusion"), ("Mix-of-Show training", "mos_train")):
             page.click(f"#tabs > .tab-nav > button:has-text('{title}')", timeout=120_000)
             text = page.inner_text(f"#{elem}_unsupported", timeout=60_000)

@@ -53,3 +53,25 @@ def test_mos_webui_names_the_install(tmp_path):
                           env={"MOS_WEBUI": str(webui), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == str(repo)
+
+
+def test_without_ldm_the_model_commands_say_why_and_convert_still_runs(tmp_path, monkeypatch, capsys):
+    """Forge's Python has no `ldm` and no repositories/ folder: fuse, train and demo refuse at once
+    with what to do (exit 2, nothing written); convert, which needs no model, is not refused."""
+    import importlib.util
+
+    from lib_mos.cli import main as cli
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, package=None: None if name == "ldm" else find_spec(name, package))
+    monkeypatch.setattr(cli, "webui_candidates", lambda: [tmp_path / "forge"])
+    out = tmp_path / "fused.safetensors"
+    assert cli.main(["fuse", "--base", str(tmp_path / "base.safetensors"), "--out", str(out),
+                     "--concept", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "`fuse` builds the model with the `ldm` package" in err and "Forge has no `ldm`" in err
+    assert str(tmp_path / "forge") in err and not out.exists()
+    assert cli.main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) != 0
+    err = capsys.readouterr().err  # refused for its own reason (the missing file), not for ldm
+    assert "concept file not found" in err and "`ldm` package" not in err

@@ -42,6 +42,20 @@ def use_webui_packages() -> Path | None:
     return None
 
 
+def missing_ldm() -> str | None:
+    """Why the model-building commands cannot run with this Python, or None: they build the UNet with
+    the `ldm` package, which A1111's WebUI keeps in `repositories/` and Forge does not have."""
+    import importlib.util
+
+    if importlib.util.find_spec("ldm") is not None:
+        return None
+    return (f"builds the model with the `ldm` package, which this Python cannot import ({sys.executable}; looked "
+            f"for {LDM_REPOSITORY} in {', '.join(dict.fromkeys(str(p) for p in webui_candidates())) or 'no WebUI folder'}). "
+            "Forge has no `ldm`: run it with an AUTOMATIC1111 WebUI's Python (set MOS_WEBUI=<webui folder> if "
+            "the extension is not inside it), or in this extension's own environment (`make setup`). `convert` "
+            "runs with any of them.")
+
+
 def main(argv: list[str] | None = None) -> int:
     use_webui_packages()
     parser = argparse.ArgumentParser(prog="python -m lib_mos", description="Mix-of-Show tools outside the WebUI.")
@@ -126,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     training_cli.add_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.command in ("demo", "fuse", "train") and (missing := missing_ldm()):
+        print(f"error: `{args.command}` {missing}", file=sys.stderr)
+        return 2
     if args.command == "demo":
         from lib_mos.cli.demo import run_demo
 

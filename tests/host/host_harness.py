@@ -24,6 +24,16 @@ from modules.sd_hijack import model_hijack
 
 BUILTIN_EXTENSIONS = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "extensions-builtin", "Lora")]
 """The host's built-in extensions the double has (only Lora), loaded before any other extension."""
+FORGE_DOUBLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "host_forge")
+"""Forge's packages (tests/host_forge): on sys.path for a `HostHarness(forge=True)`."""
+
+
+def _forget_forge_and_script_modules() -> None:
+    """Forge's double packages and the extension's cached script modules (each holds the host layer
+    it was loaded with) are imported afresh by the next harness, as in a fresh process."""
+    for name in [k for k in sys.modules if k.startswith("_mix_of_show_scripts.")
+                 or k.split(".")[0] in ("backend", "modules_forge", "forge_mode")]:
+        del sys.modules[name]
 
 
 class HostHarness:
@@ -32,7 +42,12 @@ class HostHarness:
     component defaults are read from it and new ones written back as the host does."""
 
     def __init__(self, root: Path, checkpoint: Path, extensions: list[str] | None = None,
-                 ui_config_file: Path | str | None = None) -> None:
+                 ui_config_file: Path | str | None = None, forge: bool = False) -> None:
+        """`forge`: the Forge double (tests/host_forge/forge_mode.py) instead of A1111's."""
+        self.forge = None
+        if forge:
+            sys.path.insert(0, FORGE_DOUBLE)
+            _forget_forge_and_script_modules()
         paths.set_data_path(str(root))
         if ui_config_file is not None:
             shared.cmd_opts.ui_config_file = str(ui_config_file)
@@ -60,6 +75,10 @@ class HostHarness:
         scripts.load_scripts([*BUILTIN_EXTENSIONS, *self.extensions])
         sd_models.list_models()
         self.model = sd_models.load_model()
+        if forge:
+            from forge_mode import ForgeMode
+
+            self.forge = ForgeMode(self.model)
         extra_networks.initialize()
         extra_networks.register_default_extra_networks()
         script_callbacks.before_ui_callback()
@@ -196,6 +215,11 @@ class HostHarness:
         shared.sd_model = None
         sd_hijack_optimizations.undo()
         sd_hijack_unet.undo()
+        if self.forge is not None:
+            self.forge.remove()
+            self.forge = None
+            sys.path.remove(FORGE_DOUBLE)
+            _forget_forge_and_script_modules()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

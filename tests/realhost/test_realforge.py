@@ -128,6 +128,25 @@ def test_a_whole_image_region_lora_matches_forges_own_lora(realforge):
     assert np.array_equal(pixels(zero), pixels(plain))
 
 
+def test_forges_own_lora_alongside_a_region_lora_and_never_twice(realforge):
+    """Forge's Lora merges <lora:hero:1> into the weights for the whole image while the region adds
+    the LoHa by hooks: the same picture as both LoRAs in the region; the same LoRA in both places
+    is refused, naming it."""
+    alongside = realforge.txt2img("<lora:hero:1> a photo of ohwx man", script_args=whole(loras=[{"name": "bird"}]),
+                                  **COMMON)
+    both = realforge.txt2img("a photo of ohwx man", script_args=whole(loras=[{"name": "hero"}, {"name": "bird"}]),
+                             **COMMON)
+    only_bird = realforge.txt2img("a photo of ohwx man", script_args=whole(loras=[{"name": "bird"}]), **COMMON)
+    diff = np.abs(pixels(alongside) - pixels(both)).max()
+    print(f"Forge's <lora:hero:1> with the LoHa in the region vs both in the region: max pixel difference {diff}; "
+          f"vs the LoHa alone {np.abs(pixels(alongside) - pixels(only_bird)).max()}")
+    assert diff <= 2 and not np.array_equal(pixels(alongside), pixels(only_bird))
+    with pytest.raises(HostError) as twice:
+        realforge.txt2img("<lora:hero:1> a photo of ohwx man", script_args=whole(loras=[{"name": "hero"}]), **COMMON)
+    print("the same LoRA twice:", twice.value.body[:300])
+    assert "already applied to the whole image" in twice.value.body
+
+
 def _sides(passes: bool, left: list, right: list) -> list[str]:
     return [json.dumps({"regions": [
         {"prompt": "a photo of ohwx man", "box": [0, 0, 1, 0.5], "units": "fraction", "loras": left},

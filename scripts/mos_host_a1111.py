@@ -12,6 +12,10 @@ from torch import nn
 
 from lib_mos.models.family import SD1, ModelFamily
 
+AND_PARTS_APART = True
+"""Whether a UNet call tells the rows of each AND part of the prompt apart: here every part has
+its own cond rows, in order."""
+
 
 def unet_of(sd_model) -> nn.Module:
     """ldm's `UNetModel` inside the model's wrapper."""

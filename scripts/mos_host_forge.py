@@ -16,6 +16,10 @@ from torch import nn
 
 from lib_mos.models.family import SD1, ModelFamily
 
+AND_PARTS_APART = False
+"""Whether a UNet call tells the rows of each AND part of the prompt apart: not here, a call's cond
+chunks do not say which part they are (`rows_of_call`)."""
+
 
 def unet_of(sd_model) -> nn.Module:
     """Forge's UNet module, behind its UNet patcher (ldm's module names, Forge's classes)."""
@@ -98,22 +102,16 @@ def alias_embeddings(sd_model, vectors: dict[str, torch.Tensor | dict[str, torch
         classic_engine.last_extra_generation_params.update(collected)
 
 
-_EMPTY: dict[int, torch.Tensor] = {}
-
-
 def empty_prompt(sd_model) -> torch.Tensor:
-    """[77, D]: the empty prompt's cross-attention context, encoded once per model object. (Forge
-    itself tiles a shorter prompt's conditioning to a longer one's; padding with the empty prompt,
-    as A1111 does, keeps the extension's rows the same in both hosts.)"""
-    cached = _EMPTY.get(id(sd_model))
-    if cached is None:
-        _EMPTY.clear()
-        from modules import prompt_parser
+    """[77, D]: the empty prompt's cross-attention context, encoded now (a few padding calls per
+    generation; the text encoder as this generation's LoRAs left it). Forge itself tiles a shorter
+    prompt's conditioning to a longer one's; padding with the empty prompt, as A1111 does, keeps the
+    extension's rows the same in both hosts."""
+    from modules import prompt_parser
 
-        with torch.no_grad():
-            cond = sd_model.get_learned_conditioning(prompt_parser.SdConditioning([""]))
-        cached = _EMPTY[id(sd_model)] = (cond["crossattn"] if isinstance(cond, dict) else cond)[0].clone()
-    return cached
+    with torch.no_grad():
+        cond = sd_model.get_learned_conditioning(prompt_parser.SdConditioning([""]))
+    return (cond["crossattn"] if isinstance(cond, dict) else cond)[0].clone()
 
 
 def text_encoders(sd_model, family: ModelFamily) -> tuple[dict[str, nn.Module], nn.Module | None]:

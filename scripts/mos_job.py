@@ -348,6 +348,9 @@ class GenerationJob:
         if len(rows) != n_cond or len(negatives) != n_uncond:
             raise RuntimeError(f"Mix-of-Show: the step has {n_cond} cond and {n_uncond} uncond rows, the prompts "
                                f"give {len(rows)} and {len(negatives)}")
+        if len(rows) != len(prompts) and not mos_host.ROW.AND_PARTS_APART:
+            raise ConceptError(f"AND in the prompt cannot be combined with a region LoRA that changes the pooled text "
+                               f"encoder in {mos_host.HOST.title}: its UNet calls do not say which part a row is")
         index = torch.tensor(rows)
         base_cond = self._vectors_now(flat, False, -1, step, hires)
         base_uncond = self._vectors_now(negatives, True, -1, step, hires)

@@ -53,11 +53,14 @@ def test_every_supported_host_has_a_row_of_host_glue_with_every_function():
     import ast
 
     def functions(path: Path) -> set[str]:
+        """Public functions and UPPER_CASE constants."""
         tree = ast.parse(path.read_text())
-        return {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+        return {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")} | {
+            t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+            if isinstance(t, ast.Name) and t.id.isupper()}
 
     reference = functions(ROOT / "scripts" / "mos_host_a1111.py")
-    assert {"unet_of", "alias_embeddings", "call_rows", "text_encoders"} <= reference
+    assert {"unet_of", "alias_embeddings", "call_rows", "text_encoders", "AND_PARTS_APART"} <= reference
     for host in hosts.HOSTS:
         if host.supported:
             row = ROOT / "scripts" / f"mos_host_{host.name}.py"

@@ -23,14 +23,14 @@ class Host:
     markers: tuple[str, ...]  # modules that all import in this host (checked in `HOSTS` order)
     supported: bool  # the generation scripts (concept binding, regions) run here
     why: str = ""  # for an unsupported host: what is missing, said to the user
-    tabs_why: str = ""  # where the fusion and training tabs do not run yet (though generation does): why
+    training_why: str = ""  # where the training tab does not run yet (though generation and fusion do): why
 
 
 A1111 = Host("a1111", "AUTOMATIC1111 WebUI", ("modules.sd_hijack", "modules.textual_inversion.textual_inversion"),
              supported=True)
 FORGE = Host("forge", "Forge", ("modules_forge", "backend"), supported=True,
-             tabs_why="they build the model with A1111's `ldm` package, which Forge does not have, and their Forge "
-                      "path is not written yet")
+             training_why="it trains the model through A1111's model objects, and its Forge path is not written "
+                          "yet")
 FORGE_CLASSIC = Host("forge-classic", "Forge Classic", ("modules_forge", "ldm_patched"), supported=False,
                      why="Forge Classic patches the UNet through `ldm_patched`, and Mix-of-Show's Forge Classic path "
                          "is not written yet")
@@ -65,9 +65,8 @@ def unsupported_message(host: Host) -> str:
             "the rest of the WebUI is unaffected. It works in AUTOMATIC1111's WebUI v1.10.1 and in Forge.")
 
 
-def tabs_message(host: Host) -> str:
-    """What the fusion and training tabs say in a host where generation works but they do not yet."""
-    return (f"Mix-of-Show's fusion and training tabs do not run in {host.title} yet: {host.tabs_why}. Concept "
-            "tokens and the Mix-of-Show script work here. Fuse and train in AUTOMATIC1111's WebUI v1.10.1 (its tabs, "
-            "or `python -m lib_mos fuse` / `train` with its Python, which has the `ldm` package these need); the "
-            "fused checkpoints and concept files it writes work here.")
+def training_message(host: Host) -> str:
+    """What the training tab says in a host where generation and fusion work but training does not yet."""
+    return (f"Mix-of-Show's training tab does not run in {host.title} yet: {host.training_why}. Concept tokens, "
+            "the Mix-of-Show script and the fusion tab work here. Train in AUTOMATIC1111's WebUI v1.10.1 (its tab, "
+            "or `python -m lib_mos train` with its Python); the concept files it writes work here.")

@@ -10,8 +10,8 @@ so every difference between hosts is in those files.
 In a host that is not supported (Forge Classic, or one we do not know) the console says so once,
 every tab and the Script dropdown's panel say so in the UI, no hook is installed on the model, the
 always-on script leaves generations alone, and the dropdown script refuses with the same sentence
-instead of failing somewhere inside the sampler. Where generation works but the tabs do not yet
-(`Host.tabs_why`), the tabs say so.
+instead of failing somewhere inside the sampler. Where generation and fusion work but training
+does not yet (`Host.training_why`), the training tab says so.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import gradio as gr
 from torch import nn
 
 from lib_mos.files import import_sibling
-from lib_mos.hosts import Host, detect, tabs_message, unsupported_message
+from lib_mos.hosts import Host, detect, training_message, unsupported_message
 
 HOST: Host = detect()
 SUPPORTED = HOST.supported
 MESSAGE = "" if SUPPORTED else unsupported_message(HOST)
-TABS_MESSAGE = MESSAGE or (tabs_message(HOST) if HOST.tabs_why else "")
+TRAINING_MESSAGE = MESSAGE or (training_message(HOST) if HOST.training_why else "")
 ROW = import_sibling(__file__, f"mos_host_{HOST.name}") if SUPPORTED else None
 
 
@@ -48,8 +48,8 @@ def require_supported() -> None:
         raise RuntimeError(MESSAGE)
 
 
-def message_tab(title: str, elem_id: str):
+def message_tab(title: str, elem_id: str, message: str):
     """The `on_ui_tabs` entry of a tab in a host where it does not run: the message, nothing else."""
     with gr.Blocks(analytics_enabled=False) as tab:
-        gr.Markdown(TABS_MESSAGE, elem_id=f"{elem_id}_unsupported")
+        gr.Markdown(message, elem_id=f"{elem_id}_unsupported")
     return [(tab, title, elem_id)]

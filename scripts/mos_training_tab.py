@@ -554,8 +554,8 @@ def _not_saved(*components) -> None:
 
 
 def on_ui_tabs():
-    if mos_host.TABS_MESSAGE:
-        return mos_host.message_tab(TAB_TITLE, "mos_train")
+    if mos_host.TRAINING_MESSAGE:
+        return mos_host.message_tab(TAB_TITLE, "mos_train", mos_host.TRAINING_MESSAGE)
     templates = tuple(TEMPLATES)
     plan = proposal()
     first_kind = next(iter(KINDS))

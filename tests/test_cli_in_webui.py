@@ -56,8 +56,9 @@ def test_mos_webui_names_the_install(tmp_path):
 
 
 def test_without_ldm_the_model_commands_say_why_and_convert_still_runs(tmp_path, monkeypatch, capsys):
-    """Forge's Python has no `ldm` and no repositories/ folder: fuse, train and demo refuse at once
-    with what to do (exit 2, nothing written); convert, which needs no model, is not refused."""
+    """Forge's Python has no `ldm` and no repositories/ folder: without the extension's private
+    `ldm` (install.py's), fuse, train and demo refuse at once with what to do (exit 2, nothing
+    written); convert, which needs no model, is not refused."""
     import importlib.util
 
     from lib_mos.cli import main as cli
@@ -66,12 +67,29 @@ def test_without_ldm_the_model_commands_say_why_and_convert_still_runs(tmp_path,
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, package=None: None if name == "ldm" else find_spec(name, package))
     monkeypatch.setattr(cli, "webui_candidates", lambda: [tmp_path / "forge"])
+    monkeypatch.setattr(cli, "PRIVATE_LDM", tmp_path / "forge" / "extensions" / "mos" / ".mos-ldm")
     out = tmp_path / "fused.safetensors"
     assert cli.main(["fuse", "--base", str(tmp_path / "base.safetensors"), "--out", str(out),
                      "--concept", str(tmp_path / "c.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert "`fuse` builds the model with the `ldm` package" in err and "Forge has no `ldm`" in err
+    assert "`fuse` builds the model with the `ldm` package" in err and "In Forge, restart it once" in err
     assert str(tmp_path / "forge") in err and not out.exists()
     assert cli.main(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) != 0
     err = capsys.readouterr().err  # refused for its own reason (the missing file), not for ldm
     assert "concept file not found" in err and "`ldm` package" not in err
+
+
+def test_the_private_ldm_is_found_in_the_extensions_folder(tmp_path, monkeypatch):
+    """In Forge, install.py puts `ldm` into the extension's `.mos-ldm`; the CLI puts it on its path."""
+    import importlib.util
+
+    from lib_mos.cli import main as cli
+
+    private = _fake_webui(tmp_path) / "repositories" / "stable-diffusion-stability-ai"  # any folder with ldm/modules
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, package=None: None if name == "ldm" else find_spec(name, package))
+    monkeypatch.setattr(cli, "webui_candidates", lambda: [tmp_path / "forge"])
+    monkeypatch.setattr(cli, "PRIVATE_LDM", private)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert cli.use_webui_packages() == private and sys.path[0] == str(private)

@@ -44,8 +44,8 @@ def test_the_message_names_the_host_and_says_what_works():
     text = hosts.unsupported_message(hosts.FORGE_CLASSIC)
     assert "Forge Classic" in text and "AUTOMATIC1111" in text and "ldm_patched" in text
     assert "modules_forge" in hosts.unsupported_message(hosts.UNKNOWN)
-    tabs = hosts.tabs_message(hosts.FORGE)
-    assert "fusion and training tabs" in tabs and "python -m lib_mos fuse" in tabs and "ldm" in tabs
+    training = hosts.training_message(hosts.FORGE)
+    assert "training tab does not run in Forge" in training and "python -m lib_mos train" in training
 
 
 def test_every_supported_host_has_a_row_of_host_glue_with_every_function():

@@ -67,3 +67,17 @@ def test_every_requirement_is_in_the_test_stack():
 
     for name, _ in install.required_packages():
         importlib.metadata.distribution(name)  # raises if the pinned stack lacks it
+
+
+def test_in_forge_the_private_ldm_goes_into_the_extensions_folder(tmp_path):
+    """Forge has no `ldm`: install.py installs it with --target into the extension's own folder
+    (never the host's venv), once; in A1111 (above) nothing."""
+    webui = _fake_launch(tmp_path, set())
+    for package in ("modules_forge", "backend"):  # Forge's markers, as the host's PYTHONPATH shows them
+        (webui / package).mkdir()
+        (webui / package / "__init__.py").write_text("")
+    proc = subprocess.run([sys.executable, str(ROOT / "install.py")], env={"PYTHONPATH": str(webui)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    log = (tmp_path / "pip.log").read_text().splitlines()
+    assert log == [f'install --no-deps --target "{ROOT / ".mos-ldm"}" "stable-diffusion-sdkit==2.1.5"']

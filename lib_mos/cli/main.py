@@ -11,6 +11,8 @@ from lib_mos.cli import train as training_cli
 from lib_mos.cli_help import HelpWithDefaults
 
 LDM_REPOSITORY = Path("repositories") / "stable-diffusion-stability-ai"
+PRIVATE_LDM = Path(__file__).absolute().parent.parent.parent / ".mos-ldm"
+"""Where install.py puts `ldm` in a host without it (Forge), for this process only."""
 
 
 def webui_candidates() -> list[Path]:
@@ -28,14 +30,14 @@ def webui_candidates() -> list[Path]:
 
 def use_webui_packages() -> Path | None:
     """Make `ldm` importable when this runs with the WebUI's own Python: the WebUI keeps ldm in
-    `repositories/stable-diffusion-stability-ai` and puts it on sys.path only while it runs.
-    Returns the folder added, if any."""
+    `repositories/stable-diffusion-stability-ai` and puts it on sys.path only while it runs; in
+    Forge, which has none, install.py put it in the extension's `.mos-ldm`. Returns the folder
+    added, if any."""
     import importlib.util
 
     if importlib.util.find_spec("ldm") is not None:
         return None
-    for webui in webui_candidates():
-        repo = webui / LDM_REPOSITORY
+    for repo in [webui / LDM_REPOSITORY for webui in webui_candidates()] + [PRIVATE_LDM]:
         if (repo / "ldm" / "modules").is_dir():
             sys.path.insert(0, str(repo))
             return repo
@@ -50,10 +52,12 @@ def missing_ldm() -> str | None:
     if importlib.util.find_spec("ldm") is not None:
         return None
     return (f"builds the model with the `ldm` package, which this Python cannot import ({sys.executable}; looked "
-            f"for {LDM_REPOSITORY} in {', '.join(dict.fromkeys(str(p) for p in webui_candidates())) or 'no WebUI folder'}). "
-            "Forge has no `ldm`: run it with an AUTOMATIC1111 WebUI's Python (set MOS_WEBUI=<webui folder> if "
-            "the extension is not inside it), or in this extension's own environment (`make setup`). `convert` "
-            "runs with any of them.")
+            f"for {LDM_REPOSITORY} in {', '.join(dict.fromkeys(str(p) for p in webui_candidates())) or 'no WebUI folder'}"
+            f", and in {PRIVATE_LDM}). "
+            "In Forge, restart it once so that the extension's install.py puts `ldm` into the extension's "
+            f"{PRIVATE_LDM.name} folder; elsewhere run it with an AUTOMATIC1111 WebUI's Python (set "
+            "MOS_WEBUI=<webui folder> if the extension is not inside it), or in this extension's own environment "
+            "(`make setup`). `convert` runs with any of them.")
 
 
 def main(argv: list[str] | None = None) -> int:

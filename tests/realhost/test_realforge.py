@@ -1,8 +1,8 @@
 """The extension in a real Forge (lllyasviel's, f2), driven as a user drives it: the HTTP API and the
 page in Chromium (`MOS_FORGE=<forge> make test-realforge`; docs/testing.md says how that Forge is
 built offline). Concept tokens bind in every generation, the Mix-of-Show script places regions with
-their own LoRAs, the fusion and training tabs say they do not run in Forge yet, and the plain image
-is pixel-identical before and after all of it.
+their own LoRAs, the fusion tab fuses, the training tab says it does not run in Forge yet, and the
+plain image is pixel-identical before and after all of it.
 
 The tests run in file order on one Forge process and build on each other (files written first are
 used later).
@@ -20,27 +20,34 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from webui_process import HostError, images, infotexts, pixels
+from webui_process import HostError, encode_png, images, infotexts, pixels
 
 from lib_mos.concepts import synthetic
 from lib_mos.concepts.concept import Concept
 from lib_mos.concepts.files import write_concept
 from lib_mos.models import sd1
 
-TABS_MESSAGE = "fusion and training tabs do not run in Forge yet"
+TRAINING_MESSAGE = "training tab does not run in Forge yet"
 PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
 STATE: dict = {}
 
 
 def test_install_is_clean(realforge):
-    """install.py, run as Forge runs it (its Python, the Forge folder on PYTHONPATH), installs nothing:
-    everything it needs ships with Forge."""
+    """install.py, run as Forge runs it (its Python, the Forge folder on PYTHONPATH): everything the
+    extension needs ships with Forge except `ldm` for fusion, which goes into the extension's own
+    `.mos-ldm` (from PyPI), not Forge's venv; a second run installs nothing."""
     env = {**os.environ, "PYTHONPATH": str(realforge.webui)}
     env.pop("VIRTUAL_ENV", None)
-    done = subprocess.run([str(realforge.python), "install.py"], cwd=realforge.extension, env=env,
-                          capture_output=True, text=True, timeout=600)
-    print("install.py:", done.returncode, done.stdout[-500:], done.stderr[-500:])
-    assert done.returncode == 0 and "Installing" not in done.stdout + done.stderr
+    private = realforge.extension / ".mos-ldm"
+    for run in ("first", "second"):
+        done = subprocess.run([str(realforge.python), "install.py"], cwd=realforge.extension, env=env,
+                              capture_output=True, text=True, timeout=600)
+        print(f"install.py ({run} run):", done.returncode, done.stdout[-500:], done.stderr[-500:])
+        assert done.returncode == 0 and (private / "ldm" / "modules").is_dir()
+    assert "Installing" not in done.stdout + done.stderr
+    probe = subprocess.run([str(realforge.python), "-c", "import importlib.util; print(importlib.util.find_spec('ldm'))"],
+                           cwd=realforge.webui, env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "None"  # Forge's own Python still has no ldm: other extensions see Forge
 
 
 @pytest.fixture(scope="module")
@@ -187,22 +194,11 @@ def test_batches_hires_and_cfg_1_keep_forges_rows_apart(realforge):
     assert "no LoRA named 'heroo'" in exc.value.body
 
 
-def _png_base64(array: np.ndarray) -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_img2img_binds_and_a_painted_mask_with_the_global_weight_round_trips(realforge):
     """img2img binds concept tokens; a painted mask (left red, right blue) with a share of the
     global prompt inside the regions places its regions like the same boxes do, and its infotext,
     read back by Forge's PNG Info, regenerates the same picture."""
-    init = "data:image/png;base64," + _png_base64(STATE["plain"])
+    init = "data:image/png;base64," + encode_png(STATE["plain"])
     result = realforge.post("/sdapi/v1/img2img", dict(init_images=[init], prompt="<cat1> <cat2> in the rain", steps=2,
                                                       width=128, height=128, seed=5, denoising_strength=0.6,
                                                       sampler_name="Euler"))
@@ -212,7 +208,7 @@ def test_img2img_binds_and_a_painted_mask_with_the_global_weight_round_trips(rea
     mask = np.zeros((32, 32, 3))
     mask[:, :16] = (255, 0, 0)
     mask[:, 16:] = (0, 0, 255)
-    painted = {"mask_image": _png_base64(mask), "global_weight": 0.3, "regions": [
+    painted = {"mask_image": encode_png(mask), "global_weight": 0.3, "regions": [
         {"prompt": "a photo of ohwx man", "color": "#ff0000", "loras": [{"name": "hero"}]},
         {"prompt": "a red bird", "color": "#0000ff"}]}
     boxes = {"global_weight": 0.3, "regions": [
@@ -230,6 +226,68 @@ def test_img2img_binds_and_a_painted_mask_with_the_global_weight_round_trips(rea
     again = realforge.txt2img("two friends", script_args=[parameters["Mix-of-Show regions"]], **COMMON)
     assert np.array_equal(pixels(again), pixels(by_mask))
     STATE["infotext"] = infotexts(by_mask)[0]
+
+
+def _pick(page, elem_id: str, text: str) -> None:
+    """Choose `text` in a gradio 4 dropdown (Forge's page), reopening it until the option is listed."""
+    option = page.locator(f"#{elem_id} ul.options li", has_text=re.compile(rf"^\s*{re.escape(text)}\s*$"))
+    for _ in range(60):
+        page.click(f"#{elem_id} input")
+        if option.count():
+            option.first.click()
+            page.mouse.click(2, 2)
+            return
+        page.mouse.click(2, 2)
+        page.wait_for_timeout(500)
+    raise TimeoutError(f"{text!r} never appeared in #{elem_id}")
+
+
+def test_the_fusion_tab_fuses_and_the_checkpoint_loads(realforge):
+    """The fusion tab in Forge's page: two concept files fused into Forge's checkpoint folder by the
+    child process (Forge's Python with the private ldm), the host's progress bar, the new file in
+    the checkpoint list; a generation on it binds the concepts from the checkpoint."""
+    from browser import Browser
+
+    skeleton = sd1.build_sd15_skeleton()
+    write_concept(synthetic.random_concept(skeleton, ("<dog1>", "<dog2>"), seed=6, name="dog"),
+                  realforge.loras / "dog.safetensors", overwrite=True)
+    with Browser() as browser:
+        page = browser.page
+        page.goto(realforge.url, timeout=120_000)
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')", timeout=120_000)
+        page.click("#mos_fusion_refresh")
+        for name in ("cat.safetensors", "dog.safetensors"):
+            _pick(page, "mos_fusion_files", name)
+        page.wait_for_function("() => document.querySelectorAll('#mos_fusion_table tbody tr').length >= 2",
+                               timeout=60_000)
+        table = page.evaluate("() => document.querySelector('#mos_fusion_table tbody').textContent")
+        print("tab table:", table)
+        assert "<cat1>+<cat2>" in table and "<dog1>+<dog2>" in table
+        for elem, value in (("mos_fusion_spatial_steps", "1"), ("mos_fusion_spatial_size", "128")):
+            page.fill(f"#{elem} input[type=number]", value)
+            page.press(f"#{elem} input[type=number]", "Enter")
+        page.fill("#mos_fusion_name textarea, #mos_fusion_name input", "fused-forge.safetensors")
+        print("tab's base:", page.input_value("#mos_fusion_base input"))
+        assert page.input_value("#mos_fusion_base input").startswith("sd15-random")
+        rss_before = realforge.rss_bytes()
+        start = time.perf_counter()
+        page.click("#mos_fusion_run")
+        page.wait_for_function("() => /Saved|rror/.test(document.querySelector('#mos_fusion_status').textContent)",
+                               timeout=1_800_000)
+        status = page.inner_text("#mos_fusion_status")
+        print(f"tab status after {time.perf_counter() - start:.0f} s: {status}\nForge RSS before "
+              f"{rss_before / 2**30:.2f} GiB, after {realforge.rss_bytes() / 2**30:.2f} GiB")
+        page.screenshot(path=str(realforge.data / "forge-fusion.png"))
+        assert "Saved" in status
+        ours = [e for e in browser.errors if "mix_of_show" in e.lower() or "mos" in e.lower()]
+        assert not ours, ours
+    assert (realforge.checkpoints / "fused-forge.safetensors").is_file()
+    assert "fused-forge" in {m["model_name"] for m in realforge.get("/sdapi/v1/sd-models")}
+    result = realforge.txt2img("a photo of <cat1> <cat2> and <dog1> <dog2>", seed=4,
+                               override_settings={"sd_model_checkpoint": "fused-forge"})
+    info = infotexts(result)[0]
+    print("on the fused checkpoint:", info)
+    assert "fused-forge" in info and "<cat1> <cat2> from the checkpoint" in info
 
 
 def test_per_step_cost_of_four_regions_with_four_loras(realforge):
@@ -251,9 +309,10 @@ def test_per_step_cost_of_four_regions_with_four_loras(realforge):
           f"ratio {per_step['4 regions, 4 LoRAs'] / per_step['plain Forge']:.2f}")
 
 
-def test_the_canvas_in_forges_page_and_the_tabs_message(realforge):
+def test_the_canvas_in_forges_page_and_the_training_tabs_message(realforge):
     """Forge's page is gradio 4's: the Script dropdown's options are picked by their text. The canvas
-    adds a region and writes it to the JSON; the fusion and training tabs say they do not run here."""
+    adds a region and writes it to the JSON; PNG Info's Send to txt2img puts a painted spec back; the
+    training tab says it does not run here."""
     from browser import Browser
 
     with Browser() as browser:
@@ -289,11 +348,10 @@ def test_the_canvas_in_forges_page_and_the_tabs_message(realforge):
         assert [r["prompt"] for r in pasted["regions"]] == ["a photo of ohwx man", "a red bird"]
         assert page.locator(".mos-canvas .mos-region").count() >= 2
         page.screenshot(path=str(realforge.data / "forge-pasted.png"))
-        for title, elem in (("Mix-of-Show fusion", "mos_fusion"), ("Mix-of-Show training", "mos_train")):
-            page.click(f"#tabs > .tab-nav > button:has-text('{title}')", timeout=120_000)
-            text = page.inner_text(f"#{elem}_unsupported", timeout=60_000)
-            print(f"{title} tab:", text)
-            assert TABS_MESSAGE in text
+        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show training')", timeout=120_000)
+        text = page.inner_text("#mos_train_unsupported", timeout=60_000)
+        print("training tab:", text)
+        assert TRAINING_MESSAGE in text
         ours = [e for e in browser.errors if "mix_of_show" in e.lower() or "mos" in e.lower()]
         print("console errors:", browser.errors[:5])
         assert not ours, ours

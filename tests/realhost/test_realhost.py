@@ -9,8 +9,6 @@ pixel-identical.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from webui_process import HostError, images, infotexts, pixels
+from webui_process import HostError, encode_png, images, infotexts, pixels
 
 from lib_mos.concepts import synthetic
 from lib_mos.models import sd1
@@ -114,21 +112,13 @@ def test_regions_with_batching_hires_and_ngms_then_png_info_round_trip(realhost)
 
 
 def test_img2img_binds_concept_tokens(realhost):
-    init = "data:image/png;base64," + base64.b64encode(_png(STATE["plain"])).decode()
+    init = "data:image/png;base64," + encode_png(STATE["plain"])
     result = realhost.post("/sdapi/v1/img2img", dict(init_images=[init], prompt="<ginny1> <ginny2> in the rain", steps=2,
                                                      width=128, height=128, seed=5, denoising_strength=0.6,
                                                      sampler_name="Euler"))
     info = infotexts(result)[0]
     print("img2img infotext:", info)
     assert "ginny.safetensors@" in info
-
-
-def _png(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_fuse_authors_files_with_the_cli_and_load_the_result(realhost, authors):

@@ -195,5 +195,15 @@ def pixels(result: dict, index: int = 0):
     return np.asarray(images(result)[index].convert("RGB")).astype(int)
 
 
+def encode_png(array) -> str:
+    """An image array [H, W, 3] (any int dtype, values 0-255) as base64 PNG, as the API takes images."""
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(array).astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def infotexts(result: dict) -> list[str]:
     return json.loads(result["info"])["infotexts"]

@@ -61,6 +61,10 @@ test-realforge: setup
 test-realforge-sdxl: setup
 	$(VPY) -m pytest -v -rA -s tests/realhost/test_realforge_sdxl.py
 
+.PHONY: test-realforge-classic
+test-realforge-classic: setup
+	$(VPY) -m pytest -v -rA -s tests/realhost/test_realforge_classic.py
+
 lint: setup
 	$(VPY) -m ruff check .
 

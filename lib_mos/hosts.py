@@ -31,9 +31,9 @@ A1111 = Host("a1111", "AUTOMATIC1111 WebUI", ("modules.sd_hijack", "modules.text
 FORGE = Host("forge", "Forge", ("modules_forge", "backend"), supported=True,
              training_why="it trains the model through A1111's model objects, and its Forge path is not written "
                           "yet")
-FORGE_CLASSIC = Host("forge-classic", "Forge Classic", ("modules_forge", "ldm_patched"), supported=False,
-                     why="Forge Classic patches the UNet through `ldm_patched`, and Mix-of-Show's Forge Classic path "
-                         "is not written yet")
+FORGE_CLASSIC = Host("forge-classic", "Forge Classic", ("modules_forge", "ldm_patched"), supported=True,
+                     training_why="its UNet is `ldm_patched`'s, which the training tab has not been checked with "
+                                  "yet")
 UNKNOWN = Host("unknown", "an unknown WebUI", (), supported=False,
                why="it has neither AUTOMATIC1111's `modules.sd_hijack` nor Forge's `modules_forge`")
 

@@ -2,12 +2,13 @@
 what every script does where it cannot work.
 
 `lib_mos.hosts` has one row per host. Each supported host has a row module here,
-`mos_host_<name>.py` (A1111: `mos_host_a1111`, Forge: `mos_host_forge`), with the same functions:
+`mos_host_<name>.py` (A1111: `mos_host_a1111`, Forge: `mos_host_forge`, Forge Classic:
+`mos_host_forge_classic`), with the same functions:
 `unet_of`, `embedding_names`, `embedding_widths`, `alias_embeddings`, `empty_prompt`,
 `text_encoders` and `call_rows`. The other scripts reach the host's internals only through `ROW`,
 so every difference between hosts is in those files.
 
-In a host that is not supported (Forge Classic, or one we do not know) the console says so once,
+In a host that is not supported (one we do not know) the console says so once,
 every tab and the Script dropdown's panel say so in the UI, no hook is installed on the model, the
 always-on script leaves generations alone, and the dropdown script refuses with the same sentence
 instead of failing somewhere inside the sampler. Where generation and fusion work but training
@@ -28,7 +29,7 @@ HOST: Host = detect()
 SUPPORTED = HOST.supported
 MESSAGE = "" if SUPPORTED else unsupported_message(HOST)
 TRAINING_MESSAGE = MESSAGE or (training_message(HOST) if HOST.training_why else "")
-ROW = import_sibling(__file__, f"mos_host_{HOST.name}") if SUPPORTED else None
+ROW = import_sibling(__file__, f"mos_host_{HOST.name.replace('-', '_')}") if SUPPORTED else None
 
 
 def unet_of(sd_model) -> nn.Module:

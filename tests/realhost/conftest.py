@@ -16,9 +16,10 @@ import os
 from pathlib import Path
 
 import pytest
-from webui_process import RealForge, RealHost
+from webui_process import RealForge, RealForgeClassic, RealHost
 
 FORGE_MODULES = ("test_realforge.py", "test_realforge_sdxl.py")
+CLASSIC_MODULES = ("test_realforge_classic.py",)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,13 +27,16 @@ def pytest_collection_modifyitems(config, items):
                                          "v1.10.1 (MOS_WEBUI=<webui folder> make test-realhost)")
     skip_forge = pytest.mark.skip(reason="MOS_FORGE is not set: the real-Forge suite needs a built Forge "
                                          "(MOS_FORGE=<forge folder> make test-realforge; docs/testing.md)")
+    skip_classic = pytest.mark.skip(reason="MOS_FORGE_CLASSIC is not set: the real-Forge-Classic suite needs a "
+                                           "built Forge Classic (MOS_FORGE_CLASSIC=<folder> make test-realforge-classic)")
     for item in items:
         path = Path(str(item.fspath))
         if not path.is_relative_to(Path(__file__).parent):
             continue
-        forge = path.name in FORGE_MODULES
-        if not os.environ.get("MOS_FORGE" if forge else "MOS_WEBUI"):
-            item.add_marker(skip_forge if forge else skip_webui)
+        variable, skip = ("MOS_FORGE", skip_forge) if path.name in FORGE_MODULES else \
+            ("MOS_FORGE_CLASSIC", skip_classic) if path.name in CLASSIC_MODULES else ("MOS_WEBUI", skip_webui)
+        if not os.environ.get(variable):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +104,10 @@ def realforge_xl(tmp_path_factory, sdxl_checkpoint_file):
     """Forge (MOS_FORGE) with the random SDXL base (about 18 GB on the CPU once loaded)."""
     yield from _running_host(tmp_path_factory, sdxl_checkpoint_file, "sdxl-random.safetensors", RealForge,
                              "MOS_FORGE")
+
+
+@pytest.fixture(scope="module")
+def realforge_classic(tmp_path_factory, checkpoint_file):
+    """Forge Classic (MOS_FORGE_CLASSIC) with the random SD1.5."""
+    yield from _running_host(tmp_path_factory, checkpoint_file, "sd15-random.safetensors", RealForgeClassic,
+                             "MOS_FORGE_CLASSIC")

@@ -50,27 +50,31 @@ def test_install_is_clean(realforge):
     assert probe.stdout.strip() == "None"  # Forge's own Python still has no ldm: other extensions see Forge
 
 
-@pytest.fixture(scope="module")
-def files(realforge):
-    """What a user puts in Forge's folders (random values): a kohya LoCon with trigger words and a
+def write_user_files(host) -> None:
+    """What a user puts in the host's folders (random values): a kohya LoCon with trigger words and a
     LyCORIS LoHa (both on a sample of every layer type), an ED-LoRA concept file, and a concept whose
     embedding rows are equal at every layer beside a textual-inversion embedding of the same two
     vectors (which Forge loads with the model, so it is written before the first generation)."""
     import lora_layouts as layouts
 
     skeleton = sd1.build_sd15_skeleton()
-    hero = layouts.kohya_locon(skeleton, few=True).save(realforge.loras, "hero")
+    hero = layouts.kohya_locon(skeleton, few=True).save(host.loras, "hero")
     layouts.write_sidecar(hero, "ohwx man")
-    layouts.loha(skeleton, few=True).save(realforge.loras, "bird")
+    layouts.loha(skeleton, few=True).save(host.loras, "bird")
     write_concept(synthetic.random_concept(skeleton, ("<cat1>", "<cat2>"), seed=4, name="cat"),
-                  realforge.loras / "cat.safetensors", overwrite=True)
+                  host.loras / "cat.safetensors", overwrite=True)
     vectors = torch.randn(2, 768, generator=torch.Generator().manual_seed(8)) * 0.3
     twin = Concept(name="twin", tokens=("<twin1>", "<twin2>"),
                    embeddings=vectors.unsqueeze(1).expand(-1, 16, -1).contiguous())
-    write_concept(twin, realforge.loras / "twin.safetensors", overwrite=True)
-    embeddings = realforge.data / "embeddings"
+    write_concept(twin, host.loras / "twin.safetensors", overwrite=True)
+    embeddings = host.data / "embeddings"
     embeddings.mkdir(exist_ok=True)
     save_file({"emb_params": vectors.clone()}, str(embeddings / "twincat.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def files(realforge):
+    write_user_files(realforge)
     return realforge.loras
 
 

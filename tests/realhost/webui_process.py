@@ -182,6 +182,15 @@ class RealForge(RealHost):
                 "--gradio-allowed-path", str(self.webui))
 
 
+class RealForgeClassic(RealHost):
+    """Haoming02's Forge Classic started as a CPU user starts it: `--always-cpu` (everything in
+    float32). It loads the checkpoint at start, as A1111 does. Its gradio 3 refuses to serve files
+    under a folder whose name starts with a dot, so data folders must not have one in their path."""
+
+    flags = ("--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
+             "--always-cpu", "--api", "--server-name", "127.0.0.1", "--no-download-sd-model")
+
+
 def images(result: dict) -> list:
     from PIL import Image
 

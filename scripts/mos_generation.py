@@ -57,8 +57,8 @@ def _add_routes(demo, app) -> None:
 
 mos_host.announce()
 if mos_host.SUPPORTED:  # elsewhere nothing is hooked: the host's own generation runs untouched
-    script_callbacks.on_cfg_denoiser(mos_job.on_cfg_denoiser, name="mix_of_show")
-    script_callbacks.on_app_started(_add_routes, name="mix_of_show_loras")
+    mos_host.register(script_callbacks.on_cfg_denoiser, mos_job.on_cfg_denoiser, "mix_of_show")
+    mos_host.register(script_callbacks.on_app_started, _add_routes, "mix_of_show_loras")
 
 
 def canvas_html(regions_id: str, tab: str) -> str:

@@ -17,6 +17,7 @@ does not yet (`Host.training_why`), the training tab says so.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import gradio as gr
@@ -35,6 +36,15 @@ ROW = import_sibling(__file__, f"mos_host_{HOST.name.replace('-', '_')}") if SUP
 def unet_of(sd_model) -> nn.Module:
     """The live model's UNet module (ldm's module names in every supported host)."""
     return ROW.unet_of(sd_model)
+
+
+def register(on, callback, name: str) -> None:
+    """`script_callbacks.on_…(callback, name=name)` where the host names callbacks (A1111 v1.10.1 and
+    Forge: for their order and error reports); Forge Classic's older `on_…` take no name."""
+    if "name" in inspect.signature(on).parameters:
+        on(callback, name=name)
+    else:
+        on(callback)
 
 
 def announce() -> None:

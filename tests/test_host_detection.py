@@ -115,3 +115,15 @@ def test_in_an_unsupported_host_the_extension_says_so_and_hooks_nothing(unknown_
             harness.txt2img("a photo", script_args=args, steps=1)
     finally:
         harness.close()
+
+
+def test_callbacks_are_registered_with_a_name_only_where_the_host_takes_one():
+    """A1111 v1.10.1's `script_callbacks.on_…(callback, name=None)`; Forge Classic's older ones take
+    the callback alone, and a name there fails the script's import (seen in the real one)."""
+    from lib_mos.files import import_sibling
+
+    mos_host = import_sibling(str(ROOT / "scripts" / "mos_generation.py"), "mos_host")
+    seen = []
+    mos_host.register(lambda callback, name=None: seen.append((callback, name)), print, "mix_of_show")
+    mos_host.register(lambda callback: seen.append((callback, None)), len, "mix_of_show")
+    assert seen == [(print, "mix_of_show"), (len, None)]

@@ -67,9 +67,8 @@ def write_user_files(host) -> None:
     twin = Concept(name="twin", tokens=("<twin1>", "<twin2>"),
                    embeddings=vectors.unsqueeze(1).expand(-1, 16, -1).contiguous())
     write_concept(twin, host.loras / "twin.safetensors", overwrite=True)
-    embeddings = host.data / "embeddings"
-    embeddings.mkdir(exist_ok=True)
-    save_file({"emb_params": vectors.clone()}, str(embeddings / "twincat.safetensors"))
+    host.embeddings.mkdir(parents=True, exist_ok=True)
+    save_file({"emb_params": vectors.clone()}, str(host.embeddings / "twincat.safetensors"))
 
 
 @pytest.fixture(scope="module")

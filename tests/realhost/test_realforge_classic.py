@@ -43,7 +43,7 @@ def test_the_console_has_no_traceback_of_the_extension(realforge_classic):
     assert not ours, ours
 
 
-def test_concept_tokens_bind_and_equal_rows_give_the_embeddings_picture(realforge_classic):
+def test_concept_tokens_bind_and_equal_rows_give_the_embeddings_picture(realforge_classic, files):
     res = realforge_classic.txt2img("a photo of <cat1> <cat2>", seed=3)
     info = infotexts(res)[0]
     print("infotext:", info)
@@ -53,6 +53,7 @@ def test_concept_tokens_bind_and_equal_rows_give_the_embeddings_picture(realforg
     difference = np.abs(ours - pixels(theirs)).max()
     print(f"equal-row concept vs Forge Classic's textual inversion: max pixel difference {difference}; "
           f"{infotexts(theirs)[0][-160:]}")
+    assert "twincat" in infotexts(theirs)[0]  # the host's own embedding was used
     assert difference <= 2 and "mosbind" not in info + infotexts(theirs)[0]
 
 

@@ -51,10 +51,9 @@ def files(realforge_xl):
     twin = Concept(name="twin-xl", tokens=("<twinxl1>", "<twinxl2>"),
                    embeddings=vectors.unsqueeze(1).expand(-1, SDXL.layers, -1).contiguous(), family=SDXL)
     write_concept(twin, loras / "twin-xl.safetensors", overwrite=True)
-    embeddings = realforge_xl.data / "embeddings"
-    embeddings.mkdir(exist_ok=True)
+    realforge_xl.embeddings.mkdir(parents=True, exist_ok=True)
     save_file({"clip_l": vectors[:, :768].clone(), "clip_g": vectors[:, 768:].clone()},
-              str(embeddings / "twinxl.safetensors"))
+              str(realforge_xl.embeddings / "twinxl.safetensors"))
     return loras
 
 

@@ -69,6 +69,11 @@ class RealHost:
     def loras(self) -> Path:
         return self.data / "models" / "Lora"
 
+    @property
+    def embeddings(self) -> Path:
+        """The textual-inversion folder (`--embeddings-dir`'s default)."""
+        return self.data / "embeddings"
+
     def prepare(self, checkpoint: Path, name: str = CHECKPOINT) -> None:
         for folder in (self.checkpoints, self.loras, self.extension.parent):
             folder.mkdir(parents=True, exist_ok=True)
@@ -189,6 +194,11 @@ class RealForgeClassic(RealHost):
 
     flags = ("--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test", "--skip-version-check",
              "--always-cpu", "--api", "--server-name", "127.0.0.1", "--no-download-sd-model")
+
+    @property
+    def embeddings(self) -> Path:
+        """Forge Classic's `--embeddings-dir` defaults to models/embeddings (A1111: embeddings/)."""
+        return self.data / "models" / "embeddings"
 
 
 def images(result: dict) -> list:

@@ -300,7 +300,8 @@ def on_ui_tabs():
         # the value names the headers: with no rows a list value would lose them (`with_headers`)
         table = gr.Dataframe(value=with_headers(TABLE_HEADERS, []), headers=TABLE_HEADERS,
                              datatype=["str", "str", "str", "number", "number"],
-                             row_count=(0, "dynamic"), col_count=(len(TABLE_HEADERS), "fixed"), interactive=True,
+                             row_count=(mos_host.table_rows_at_least(), "dynamic"),
+                             col_count=(len(TABLE_HEADERS), "fixed"), interactive=True,
                              elem_id="mos_fusion_table")
         with gr.Row():
             stages = gr.CheckboxGroup(label="Stages", choices=list(STAGE_LABELS), value=list(STAGE_LABELS))

@@ -47,6 +47,13 @@ def register(on, callback, name: str) -> None:
         on(callback)
 
 
+def table_rows_at_least() -> int:
+    """The fewest rows a table may be built with: gradio 3.41 (A1111, Forge Classic) shows an empty
+    table as none; gradio 4 (Forge) fails the whole page on a table built with none ("Cannot read
+    properties of undefined (reading 'slice')", seen in the real Forge), so one empty row there."""
+    return 0 if int(gr.__version__.split(".")[0]) < 4 else 1
+
+
 def announce() -> None:
     """Say in the console, once per load of the scripts, that the extension is inactive here."""
     if MESSAGE:

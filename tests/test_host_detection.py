@@ -127,3 +127,15 @@ def test_callbacks_are_registered_with_a_name_only_where_the_host_takes_one():
     mos_host.register(lambda callback, name=None: seen.append((callback, name)), print, "mix_of_show")
     mos_host.register(lambda callback: seen.append((callback, None)), len, "mix_of_show")
     assert seen == [(print, "mix_of_show"), (len, None)]
+
+
+def test_tables_start_with_one_empty_row_only_under_gradio_4(monkeypatch):
+    """Forge's gradio 4 fails the whole page on a table built with no row (seen in the real Forge);
+    A1111's gradio 3.41 shows such a table as empty, which the fusion tab's browser test expects."""
+    from lib_mos.files import import_sibling
+
+    mos_host = import_sibling(str(ROOT / "scripts" / "mos_generation.py"), "mos_host")
+    monkeypatch.setattr(mos_host.gr, "__version__", "4.40.0")
+    assert mos_host.table_rows_at_least() == 1
+    monkeypatch.setattr(mos_host.gr, "__version__", "3.41.2")
+    assert mos_host.table_rows_at_least() == 0

@@ -233,7 +233,7 @@ def test_img2img_binds_and_a_painted_mask_with_the_global_weight_round_trips(rea
 
 def _pick(page, elem_id: str, text: str) -> None:
     """Choose `text` in a gradio 4 dropdown (Forge's page), reopening it until the option is listed."""
-    option = page.locator(f"#{elem_id} ul.options li", has_text=re.compile(rf"^\s*{re.escape(text)}\s*$"))
+    option = page.locator(f"#{elem_id} ul.options li[aria-label='{text}']")  # its text has a check mark too
     for _ in range(60):
         page.click(f"#{elem_id} input")
         if option.count():

@@ -23,17 +23,20 @@ class Host:
     markers: tuple[str, ...]  # modules that all import in this host (checked in `HOSTS` order)
     supported: bool  # the generation scripts (concept binding, regions) run here
     why: str = ""  # for an unsupported host: what is missing, said to the user
-    training_why: str = ""  # where the training tab does not run yet (though generation and fusion do): why
+    training_why: str = ""  # where the training tab does not run yet (though generation does): why
+    fusion_why: str = ""  # where the fusion tab does not run yet (though generation does): why
 
 
 A1111 = Host("a1111", "AUTOMATIC1111 WebUI", ("modules.sd_hijack", "modules.textual_inversion.textual_inversion"),
              supported=True)
 FORGE = Host("forge", "Forge", ("modules_forge", "backend"), supported=True,
              training_why="it trains the model through A1111's model objects, and its Forge path is not written "
-                          "yet")
+                          "yet",
+             fusion_why="its concept table does not follow a selection of several files in Forge's gradio 4 yet")
 FORGE_CLASSIC = Host("forge-classic", "Forge Classic", ("modules_forge", "ldm_patched"), supported=True,
                      training_why="its UNet is `ldm_patched`'s, which the training tab has not been checked with "
-                                  "yet")
+                                  "yet",
+                     fusion_why="the tab has not been checked in Forge Classic yet")
 UNKNOWN = Host("unknown", "an unknown WebUI", (), supported=False,
                why="it has neither AUTOMATIC1111's `modules.sd_hijack` nor Forge's `modules_forge`")
 
@@ -65,8 +68,10 @@ def unsupported_message(host: Host) -> str:
             "the rest of the WebUI is unaffected. It works in AUTOMATIC1111's WebUI v1.10.1 and in Forge.")
 
 
-def training_message(host: Host) -> str:
-    """What the training tab says in a host where generation and fusion work but training does not yet."""
-    return (f"Mix-of-Show's training tab does not run in {host.title} yet: {host.training_why}. Concept tokens, "
-            "the Mix-of-Show script and the fusion tab work here. Train in AUTOMATIC1111's WebUI v1.10.1 (its tab, "
-            "or `python -m lib_mos train` with its Python); the concept files it writes work here.")
+def tab_message(host: Host, tab: str) -> str:
+    """What the fusion or training tab (`tab`) says in a host where generation works but it does not yet."""
+    why, verb = (host.fusion_why, "fuse") if tab == "fusion" else (host.training_why, "train")
+    own = ", or with this host's Python from the extension's folder" if tab == "fusion" else ""
+    return (f"Mix-of-Show's {tab} tab does not run in {host.title} yet: {why}. Concept tokens and the Mix-of-Show "
+            f"script work here. To {verb}, use AUTOMATIC1111's WebUI v1.10.1 (its tab, or `python -m lib_mos {verb}` "
+            f"with its Python{own}); the files it writes work here.")

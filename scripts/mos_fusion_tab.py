@@ -283,8 +283,8 @@ def interrupt() -> None:
 
 
 def on_ui_tabs():
-    if mos_host.MESSAGE:
-        return mos_host.message_tab(TAB_TITLE, "mos_fusion", mos_host.MESSAGE)
+    if mos_host.FUSION_MESSAGE:
+        return mos_host.message_tab(TAB_TITLE, "mos_fusion", mos_host.FUSION_MESSAGE)
     with gr.Blocks(analytics_enabled=False) as tab:
         gr.Markdown("Merge several Mix-of-Show concepts into one checkpoint (gradient fusion). Each layer is "
                     "solved exactly for the weight that reproduces every concept's own outputs.")

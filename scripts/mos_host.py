@@ -11,8 +11,8 @@ so every difference between hosts is in those files.
 In a host that is not supported (one we do not know) the console says so once,
 every tab and the Script dropdown's panel say so in the UI, no hook is installed on the model, the
 always-on script leaves generations alone, and the dropdown script refuses with the same sentence
-instead of failing somewhere inside the sampler. Where generation and fusion work but training
-does not yet (`Host.training_why`), the training tab says so.
+instead of failing somewhere inside the sampler. Where generation works but a tab does not yet
+(`Host.fusion_why`, `Host.training_why`), that tab says so.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import gradio as gr
 from torch import nn
 
 from lib_mos.files import import_sibling
-from lib_mos.hosts import Host, detect, training_message, unsupported_message
+from lib_mos.hosts import Host, detect, tab_message, unsupported_message
 
 HOST: Host = detect()
 SUPPORTED = HOST.supported
 MESSAGE = "" if SUPPORTED else unsupported_message(HOST)
-TRAINING_MESSAGE = MESSAGE or (training_message(HOST) if HOST.training_why else "")
+TRAINING_MESSAGE = MESSAGE or (tab_message(HOST, "training") if HOST.training_why else "")
+FUSION_MESSAGE = MESSAGE or (tab_message(HOST, "fusion") if HOST.fusion_why else "")
 ROW = import_sibling(__file__, f"mos_host_{HOST.name.replace('-', '_')}") if SUPPORTED else None
 
 

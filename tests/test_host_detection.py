@@ -42,8 +42,10 @@ def test_the_double_is_detected_as_the_webui_it_imitates():
 def test_the_message_names_the_host_and_says_what_works():
     text = hosts.unsupported_message(hosts.UNKNOWN)
     assert "an unknown WebUI" in text and "AUTOMATIC1111" in text and "modules_forge" in text
-    training = hosts.training_message(hosts.FORGE)
+    training = hosts.tab_message(hosts.FORGE, "training")
     assert "training tab does not run in Forge" in training and "python -m lib_mos train" in training
+    fusion = hosts.tab_message(hosts.FORGE, "fusion")
+    assert "fusion tab does not run in Forge" in fusion and "gradio 4" in fusion and "python -m lib_mos fuse" in fusion
 
 
 def test_every_supported_host_has_a_row_of_host_glue_with_every_function():

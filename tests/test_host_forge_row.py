@@ -50,7 +50,7 @@ def engine_of(seed: int = 0):
 
 def test_the_forge_double_is_detected_as_forge_and_its_row_is_picked(forge):
     mos_host = forge.mos_host
-    assert hosts.detect() is hosts.FORGE and mos_host.SUPPORTED and mos_host.TRAINING_MESSAGE and not mos_host.MESSAGE
+    assert hosts.detect() is hosts.FORGE and mos_host.SUPPORTED and mos_host.TRAINING_MESSAGE and mos_host.FUSION_MESSAGE and not mos_host.MESSAGE
     assert mos_host.ROW.__name__.endswith("mos_host_forge")
     engine = engine_of()
     assert mos_host.unet_of(engine) is engine.forge_objects.unet.model.diffusion_model

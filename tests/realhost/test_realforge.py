@@ -1,8 +1,8 @@
 """The extension in a real Forge (lllyasviel's, f2), driven as a user drives it: the HTTP API and the
 page in Chromium (`MOS_FORGE=<forge> make test-realforge`; docs/testing.md says how that Forge is
 built offline). Concept tokens bind in every generation, the Mix-of-Show script places regions with
-their own LoRAs, the fusion tab fuses, the training tab says it does not run in Forge yet, and the
-plain image is pixel-identical before and after all of it.
+their own LoRAs, fusion runs with Forge's Python, the fusion and training tabs say they do not run
+in Forge yet, and the plain image is pixel-identical before and after all of it.
 
 The tests run in file order on one Forge process and build on each other (files written first are
 used later).
@@ -27,7 +27,7 @@ from lib_mos.concepts.concept import Concept
 from lib_mos.concepts.files import write_concept
 from lib_mos.models import sd1
 
-TRAINING_MESSAGE = "training tab does not run in Forge yet"
+TAB_MESSAGE = "{} tab does not run in Forge yet"
 PLAIN = dict(prompt="a photo of a house by a lake", seed=7)
 STATE: dict = {}
 
@@ -231,61 +231,23 @@ def test_img2img_binds_and_a_painted_mask_with_the_global_weight_round_trips(rea
     STATE["infotext"] = infotexts(by_mask)[0]
 
 
-def _pick(page, elem_id: str, text: str) -> None:
-    """Choose `text` in a gradio 4 dropdown (Forge's page), reopening it until the option is listed."""
-    option = page.locator(f"#{elem_id} ul.options li[aria-label='{text}']")  # its text has a check mark too
-    for _ in range(60):
-        page.click(f"#{elem_id} input")
-        if option.count():
-            option.first.click()
-            page.mouse.click(2, 2)
-            return
-        page.mouse.click(2, 2)
-        page.wait_for_timeout(500)
-    raise TimeoutError(f"{text!r} never appeared in #{elem_id}")
-
-
-def test_the_fusion_tab_fuses_and_the_checkpoint_loads(realforge):
-    """The fusion tab in Forge's page: two concept files fused into Forge's checkpoint folder by the
-    child process (Forge's Python with the private ldm), the host's progress bar, the new file in
-    the checkpoint list; a generation on it binds the concepts from the checkpoint."""
-    from browser import Browser
-
+def test_fusion_with_forges_python_and_the_checkpoint_loads(realforge):
+    """Fusion with Forge's own Python from the extension's folder (the private `ldm` on its path), as
+    the tab's child process runs it: two concept files into Forge's checkpoint folder; a generation on
+    the result binds the concepts from the checkpoint. (The tab itself says it does not run in Forge
+    yet: its concept table does not follow a selection of several files in gradio 4.)"""
     skeleton = sd1.build_sd15_skeleton()
     write_concept(synthetic.random_concept(skeleton, ("<dog1>", "<dog2>"), seed=6, name="dog"),
                   realforge.loras / "dog.safetensors", overwrite=True)
-    with Browser() as browser:
-        page = browser.page
-        page.goto(realforge.url, timeout=120_000)
-        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show fusion')", timeout=120_000)
-        page.click("#mos_fusion_refresh")
-        for name in ("cat.safetensors", "dog.safetensors"):
-            _pick(page, "mos_fusion_files", name)
-        page.wait_for_function("() => document.querySelectorAll('#mos_fusion_table tbody tr').length >= 2",
-                               timeout=60_000)
-        table = page.evaluate("() => document.querySelector('#mos_fusion_table tbody').textContent")
-        print("tab table:", table)
-        assert "<cat1>+<cat2>" in table and "<dog1>+<dog2>" in table
-        for elem, value in (("mos_fusion_spatial_steps", "1"), ("mos_fusion_spatial_size", "128")):
-            page.fill(f"#{elem} input[type=number]", value)
-            page.press(f"#{elem} input[type=number]", "Enter")
-        page.fill("#mos_fusion_name textarea, #mos_fusion_name input", "fused-forge.safetensors")
-        print("tab's base:", page.input_value("#mos_fusion_base input"))
-        assert page.input_value("#mos_fusion_base input").startswith("sd15-random")
-        rss_before = realforge.rss_bytes()
-        start = time.perf_counter()
-        page.click("#mos_fusion_run")
-        page.wait_for_function("() => /Saved|rror/.test(document.querySelector('#mos_fusion_status').textContent)",
-                               timeout=1_800_000)
-        status = page.inner_text("#mos_fusion_status")
-        print(f"tab status after {time.perf_counter() - start:.0f} s: {status}\nForge RSS before "
-              f"{rss_before / 2**30:.2f} GiB, after {realforge.rss_bytes() / 2**30:.2f} GiB")
-        page.screenshot(path=str(realforge.data / "forge-fusion.png"))
-        assert "Saved" in status
-        ours = [e for e in browser.errors if "mix_of_show" in e.lower() or "mos" in e.lower()]
-        assert not ours, ours
-    assert (realforge.checkpoints / "fused-forge.safetensors").is_file()
-    assert "fused-forge" in {m["model_name"] for m in realforge.get("/sdapi/v1/sd-models")}
+    out = realforge.checkpoints / "fused-forge.safetensors"
+    start = time.perf_counter()
+    proc = realforge.run_python("-m", "lib_mos", "fuse", "--base", str(realforge.checkpoints / "sd15-random.safetensors"),
+                                "--out", str(out), "--spatial-steps", "1", "--spatial-size", "128", "--memory-gb", "6",
+                                "--concept", str(realforge.loras / "cat.safetensors"),
+                                "--concept", str(realforge.loras / "dog.safetensors"))
+    print(f"fuse with Forge's Python ({time.perf_counter() - start:.0f} s):", proc.stdout[-1200:], proc.stderr[-800:])
+    assert proc.returncode == 0 and out.is_file(), proc.stderr[-2000:]
+    realforge.post("/sdapi/v1/refresh-checkpoints")
     result = realforge.txt2img("a photo of <cat1> <cat2> and <dog1> <dog2>", seed=4,
                                override_settings={"sd_model_checkpoint": "fused-forge"})
     info = infotexts(result)[0]
@@ -312,10 +274,10 @@ def test_per_step_cost_of_four_regions_with_four_loras(realforge):
           f"ratio {per_step['4 regions, 4 LoRAs'] / per_step['plain Forge']:.2f}")
 
 
-def test_the_canvas_in_forges_page_and_the_training_tabs_message(realforge):
+def test_the_canvas_in_forges_page_and_the_tabs_messages(realforge):
     """Forge's page is gradio 4's: the Script dropdown's options are picked by their text. The canvas
     adds a region and writes it to the JSON; PNG Info's Send to txt2img puts a painted spec back; the
-    training tab says it does not run here."""
+    fusion and training tabs say they do not run here yet."""
     from browser import Browser
 
     with Browser() as browser:
@@ -351,10 +313,11 @@ def test_the_canvas_in_forges_page_and_the_training_tabs_message(realforge):
         assert [r["prompt"] for r in pasted["regions"]] == ["a photo of ohwx man", "a red bird"]
         assert page.locator(".mos-canvas .mos-region").count() >= 2
         page.screenshot(path=str(realforge.data / "forge-pasted.png"))
-        page.click("#tabs > .tab-nav > button:has-text('Mix-of-Show training')", timeout=120_000)
-        text = page.inner_text("#mos_train_unsupported", timeout=60_000)
-        print("training tab:", text)
-        assert TRAINING_MESSAGE in text
+        for title, elem in (("Mix-of-Show fusion", "mos_fusion"), ("Mix-of-Show training", "mos_train")):
+            page.click(f"#tabs > .tab-nav > button:has-text('{title}')", timeout=120_000)
+            text = page.inner_text(f"#{elem}_unsupported", timeout=60_000)
+            print(f"{title} tab:", text)
+            assert TAB_MESSAGE.format(elem.split("_")[1].replace("train", "training")) in text
         ours = [e for e in browser.errors if "mix_of_show" in e.lower() or "mos" in e.lower()]
         print("console errors:", browser.errors[:5])
         assert not ours, ours

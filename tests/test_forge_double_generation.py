@@ -70,6 +70,7 @@ RUNS = [
     dict(spec=SPEC | {"passes": True}),  # a pass per region
     dict(spec=SPEC, cfg_scale=1),  # Forge: no negatives at all
     dict(spec=SPEC, prompt="two friends AND a sofa"),  # AND: one cond chunk per part
+    dict(prompt="a photo of a sofa"),  # plain, after the bound ones: nothing of theirs left
 ]
 
 
@@ -79,7 +80,7 @@ def both(tmp_path_factory, tiny_checkpoint):
     return _generate(tmp, tiny_checkpoint, False, RUNS), _generate(tmp, tiny_checkpoint, True, RUNS)
 
 
-@pytest.mark.parametrize("index", range(len(RUNS)), ids=["binding", "regions", "passes", "cfg1", "and"])
+@pytest.mark.parametrize("index", range(len(RUNS)), ids=["binding", "regions", "passes", "cfg1", "and", "plain"])
 def test_forge_draws_what_a1111_draws(both, index):
     a1111, forge = both[0][index], both[1][index]
     assert relative(latents(forge), latents(a1111)) < 1e-5
@@ -87,9 +88,9 @@ def test_forge_draws_what_a1111_draws(both, index):
         assert "Mix-of-Show concepts: <cat1> <cat2> from cat.safetensors@" in forge.info
 
 
-def test_a_step_split_by_memory_draws_the_same(tmp_path, tiny_checkpoint):
+def test_a_step_split_by_memory_draws_the_same(both, tmp_path, tiny_checkpoint):
     """Forge batches fewer chunks when memory is short: uncond and cond in calls of their own."""
-    whole = _generate(tmp_path / "whole", tiny_checkpoint, True, [dict(spec=SPEC)])[0]
+    whole = both[1][1]  # the same regions in one call per step
     calls = []
 
     def short_of_memory():
@@ -109,6 +110,6 @@ def test_a_step_split_by_memory_draws_the_same(tmp_path, tiny_checkpoint):
     assert relative(latents(split), latents(whole)) < 1e-5
 
 
-def test_binding_leaves_nothing_in_the_next_infotext(tmp_path, tiny_checkpoint):
-    bound, plain = _generate(tmp_path, tiny_checkpoint, True, [dict(), dict(prompt="a photo of a sofa")])
+def test_binding_leaves_nothing_in_the_next_infotext(both):
+    bound, plain = both[1][0], both[1][-1]
     assert "mosbind" not in bound.info and "mosbind" not in plain.info and "TI:" not in plain.info

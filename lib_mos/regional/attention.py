@@ -404,11 +404,12 @@ class SteppedRegionalContext:
             region_context, weights, override = self._step
             weights = self._pass_weights or weights
 
-            def pick(t: torch.Tensor) -> torch.Tensor:  # a slice (a view) when the rows are contiguous
-                a = int(taken[0]) if len(taken) else 0
-                if torch.equal(taken, torch.arange(a, a + len(taken))):
-                    return t[a:a + len(taken)]
-                return t.index_select(0, taken.to(t.device))
+            # a slice (a view) when the rows are contiguous, as in A1111; decided once per call, not per layer
+            a = int(taken[0]) if len(taken) else 0
+            contiguous = torch.equal(taken, torch.arange(a, a + len(taken)))
+
+            def pick(t: torch.Tensor) -> torch.Tensor:
+                return t[a:a + len(taken)] if contiguous else t.index_select(0, taken.to(t.device))
 
             if self._rows is None:
                 region_context, rows = pick(region_context), None
